@@ -1,0 +1,1 @@
+"""bbswap: backbone surgery for PyTorch."""

@@ -1,0 +1,5 @@
+"""``python -m bbswap``."""
+
+from bbswap.cli import main
+
+main()

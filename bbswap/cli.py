@@ -1,0 +1,144 @@
+"""The ``bbswap`` command line: parse options, call the library, render.
+
+Every user mistake is a :class:`bbswap.errors.BBSwapError`; it is printed as one
+line on stderr with exit status 2. ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from bbswap.errors import BBSwapError
+
+app = typer.Typer(
+    name="bbswap",
+    help="Backbone surgery for PyTorch: inspect a CNN backbone, patch it to a target "
+    "downsample and channel count, emit it as Python source.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_state = {"debug": False}
+
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")]
+InputOpt = Annotated[str, typer.Option("--input", "-i", help="Dummy input as NxCxHxW or HxW.")]
+KwOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--kw",
+        help="Constructor argument key=value (a Python literal or a bare word), "
+        "or key=@file.yaml / @file.json; repeatable.",
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON.")]
+
+
+def _console() -> Console:
+    # Piped output is not wrapped to 80 columns: tables stay one row per line.
+    piped = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    return Console(highlight=False, width=160 if piped else None)
+
+
+@contextmanager
+def _guard(debug: bool) -> Iterator[None]:
+    """Turn user errors into one line on stderr and exit status 2."""
+    try:
+        yield
+    except BBSwapError as error:
+        if debug or _state["debug"] or os.environ.get("BBSWAP_DEBUG"):
+            raise
+        message = " ".join(str(error).split())
+        sys.stderr.write(f"bbswap: error: {message}\n")
+        raise typer.Exit(error.exit_code) from None
+
+
+def _print_json(data: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+@app.callback()
+def _main(debug: Debug = False) -> None:
+    _state["debug"] = debug
+
+
+@app.command("list")
+def list_cmd(
+    pattern: Annotated[
+        str, typer.Argument(help="fnmatch pattern; 'tv:*' or 'timm:*' lists those packages.")
+    ] = "*",
+    json_out: JsonOpt = False,
+    debug: Debug = False,
+) -> None:
+    """List the registered backbones."""
+    from bbswap.registry import list_backbones
+    from bbswap.render import render_list
+
+    with _guard(debug):
+        rows = list_backbones(pattern)
+        if json_out:
+            _print_json(
+                {
+                    "schema": "bbswap.list/1",
+                    "backbones": [
+                        {
+                            "spec": r.spec,
+                            "family": r.family,
+                            "in_chans": r.in_chans,
+                            "description": r.description,
+                        }
+                        for r in rows
+                    ],
+                }
+            )
+            return
+        render_list(rows, _console())
+
+
+@app.command("inspect")
+def inspect_cmd(
+    backbone: Annotated[str, typer.Argument(help="Backbone spec (see `bbswap list`).")],
+    input_shape: InputOpt = "1x3x224x224",
+    depth: Annotated[int, typer.Option(help="Module depth of the stage rows.")] = 1,
+    sizes: Annotated[
+        str | None,
+        typer.Option(help="Input sizes to check the size rule at, e.g. 33x97,117x293."),
+    ] = None,
+    kw: KwOpt = None,
+    json_out: JsonOpt = False,
+    debug: Debug = False,
+) -> None:
+    """Trace a backbone and show its stages, costs and reduction points."""
+    from bbswap.inspection import inspect_backbone, report_dict
+    from bbswap.parsing import parse_kw, parse_sizes
+    from bbswap.render import render_inspect
+
+    with _guard(debug):
+        report = inspect_backbone(
+            backbone,
+            input_shape,
+            depth=depth,
+            sizes=parse_sizes(sizes) if sizes is not None else (),
+            kwargs=parse_kw(kw),
+        )
+        if json_out:
+            _print_json(report_dict(report))
+        else:
+            render_inspect(report, _console())
+
+
+def main(argv: list[str] | None = None) -> Callable[..., Any] | None:
+    """Console-script entry point."""
+    return app(args=argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,103 @@
+"""Parsing of command-line values: input shapes, size lists, ``--kw`` arguments."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from bbswap.errors import InvalidArgument
+
+_WORD = re.compile(r"^[A-Za-z_][\w.\-/]*$")
+_IDENT = re.compile(r"^[A-Za-z_]\w*$")
+
+
+def parse_dims(text: str, what: str) -> tuple[int, ...]:
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        raise InvalidArgument(
+            f"malformed {what} '{text}': expected integers joined by 'x'"
+        ) from None
+    if any(d <= 0 for d in dims):
+        raise InvalidArgument(f"malformed {what} '{text}': every dimension must be positive")
+    return dims
+
+
+def parse_input(text: str, in_chans: int | None) -> tuple[int, int, int, int]:
+    """``NxCxHxW`` or ``HxW`` (N=1, C = the model's input channels)."""
+    dims = parse_dims(text, "--input")
+    if len(dims) == 4:
+        return (dims[0], dims[1], dims[2], dims[3])
+    if len(dims) == 2:
+        if in_chans is None:
+            raise InvalidArgument(
+                f"--input '{text}' gives no channel count and the model's input channels "
+                "are unknown; give it as NxCxHxW"
+            )
+        return (1, in_chans, dims[0], dims[1])
+    raise InvalidArgument(f"malformed --input '{text}': expected NxCxHxW or HxW, e.g. 1x3x224x224")
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """A comma-separated list of ``HxW`` sizes."""
+    sizes = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        dims = parse_dims(item, "--sizes entry")
+        if len(dims) != 2:
+            raise InvalidArgument(f"malformed --sizes entry '{item}': expected HxW, e.g. 33x97")
+        sizes.append((dims[0], dims[1]))
+    if not sizes:
+        raise InvalidArgument("--sizes is empty: give sizes like 33x97,117x293")
+    return sizes
+
+
+def load_data_file(path_text: str, what: str) -> Any:
+    """The content of a YAML or JSON file."""
+    path = Path(path_text)
+    if not path.is_file():
+        raise InvalidArgument(f"{what}: file not found: {path_text}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            return json.loads(text)
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            return yaml.safe_load(text)
+    except Exception as error:  # yaml and json raise their own error types
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InvalidArgument(f"{what}: cannot parse {path_text}: {first}") from error
+    raise InvalidArgument(f"{what}: {path_text} is neither .yaml, .yml nor .json")
+
+
+def parse_kw(items: list[str] | None) -> dict[str, Any]:
+    """``key=value`` pairs: a Python literal, a bare word (a string), or ``@file.yaml``."""
+    kwargs: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not _IDENT.match(key):
+            raise InvalidArgument(
+                f"malformed --kw '{item}': expected key=value with key a Python name, "
+                "e.g. --kw growth_rate=24 or --kw params=@config.yaml"
+            )
+        kwargs[key] = parse_kw_value(key, value.strip())
+    return kwargs
+
+
+def parse_kw_value(key: str, value: str) -> Any:
+    if value.startswith("@"):
+        return load_data_file(value[1:], f"--kw {key}")
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        if _WORD.match(value):
+            return value
+        raise InvalidArgument(
+            f"malformed --kw value for '{key}': {value!r} is neither a Python literal, "
+            "a bare word nor @file"
+        ) from None

@@ -1,0 +1,286 @@
+"""One resolver for every backbone spec.
+
+A spec is one of:
+
+- a zoo name (``resnet50``, ``densenet100``; ``bbswap list`` shows them),
+- ``tv:NAME``: a torchvision.models builder, built without weights,
+- ``timm:NAME``: ``timm.create_model(NAME, pretrained=False)``,
+- ``path/to/file.py:Name`` or ``package.module:Name``: an ``nn.Module`` class or a
+  factory function of the user's, called with the ``--kw`` arguments.
+
+:func:`resolve` turns a spec into a :class:`Backbone`, which knows how to build the
+model and where its code comes from; it builds nothing itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fnmatch
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from torch import nn
+
+from bbswap.errors import BackboneNotFound, MissingDependency, ModelError, choices
+from bbswap.zoo import ZOO
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A resolved backbone spec: how to build it and what is known about it."""
+
+    spec: str
+    kind: str  # "zoo", "tv", "timm", "file" or "module"
+    name: str
+    factory: Callable[..., nn.Module] = field(repr=False, compare=False)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    in_chans: int | None = None  # default input channels, when known without building
+    takes_in_chans: bool = False  # whether the factory accepts ``in_chans``
+    head: tuple[str, ...] = ()  # top-level stages that form a classifier head
+    source: str = ""  # module name or file path the code comes from
+    attr: str = ""  # class or function name in ``source``
+
+    def build(self, in_chans: int | None = None) -> nn.Module:
+        """Call the factory; ``in_chans`` is passed on when the factory takes it."""
+        kwargs = dict(self.kwargs)
+        if in_chans is not None and self.takes_in_chans and "in_chans" not in kwargs:
+            kwargs["in_chans"] = in_chans
+        try:
+            model = self.factory(**kwargs)
+        except TypeError as error:
+            raise ModelError(f"cannot build {self.spec}: {error}") from error
+        if not isinstance(model, nn.Module):
+            raise ModelError(f"{self.spec} returned {type(model).__name__}, not a torch.nn.Module")
+        return model
+
+    @property
+    def default_in_chans(self) -> int | None:
+        return self.kwargs.get("in_chans", self.in_chans)
+
+
+@dataclass(frozen=True)
+class ListedBackbone:
+    spec: str
+    family: str
+    in_chans: int | None
+    description: str
+
+
+def resolve(spec: str, kwargs: dict[str, Any] | None = None) -> Backbone:
+    """Resolve a backbone spec; raise :class:`BackboneNotFound` with near matches."""
+    kwargs = dict(kwargs or {})
+    spec = spec.strip()
+    if spec.startswith("tv:"):
+        return _torchvision(spec, kwargs)
+    if spec.startswith("timm:"):
+        return _timm(spec, kwargs)
+    if ":" in spec:
+        return _user(spec, kwargs)
+    if spec in ZOO:
+        entry = ZOO[spec]
+        module_name, func = entry.builder.split(":")
+        module = importlib.import_module(f"bbswap.zoo.{module_name}")
+        return Backbone(
+            spec=spec,
+            kind="zoo",
+            name=spec,
+            factory=getattr(module, func),
+            kwargs=kwargs,
+            in_chans=entry.in_chans,
+            takes_in_chans=True,
+            head=entry.head,
+            source=module.__name__,
+            attr=func,
+        )
+    near = difflib.get_close_matches(spec, list(ZOO), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(near)}?" if near else ""
+    raise BackboneNotFound(
+        f"unknown backbone '{spec}'{hint} (zoo: {choices(sorted(ZOO))}; run `bbswap list`, "
+        "or use tv:NAME, timm:NAME, path/to/file.py:Class or package.module:Class)"
+    )
+
+
+def list_backbones(pattern: str = "*") -> list[ListedBackbone]:
+    """Zoo entries matching an fnmatch pattern; ``tv:*`` / ``timm:*`` list those packages."""
+    rows = [
+        ListedBackbone(e.name, e.family, e.in_chans, e.description)
+        for e in ZOO.values()
+        if fnmatch.fnmatch(e.name, pattern)
+    ]
+    if pattern.startswith("tv:"):
+        tv = _require("torchvision", "tv:")
+        rows += [
+            ListedBackbone(f"tv:{n}", "torchvision", 3, "torchvision.models builder")
+            for n in tv.models.list_models(module=tv.models)
+            if fnmatch.fnmatch(f"tv:{n}", pattern)
+        ]
+    elif pattern.startswith("timm:"):
+        timm = _require("timm", "timm:")
+        rows += [
+            ListedBackbone(f"timm:{n}", "timm", 3, "timm.create_model")
+            for n in timm.list_models(pattern[5:])
+        ]
+    return rows
+
+
+def _require(package: str, prefix: str) -> ModuleType:
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise MissingDependency(
+            f"'{prefix}' specs need {package}: pip install 'bbswap[{package}]' "
+            f"(or pip install {package})"
+        ) from None
+
+
+def _torchvision(spec: str, kwargs: dict[str, Any]) -> Backbone:
+    tv = _require("torchvision", "tv:")
+    name = spec[3:]
+    names = tv.models.list_models(module=tv.models)
+    if name not in names:
+        near = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join('tv:' + n for n in near)}?" if near else ""
+        raise BackboneNotFound(
+            f"unknown torchvision model '{name}'{hint} (run `bbswap list 'tv:*'`)"
+        )
+    builder = tv.models.get_model_builder(name)
+
+    def factory(**kw: Any) -> nn.Module:
+        return builder(weights=None, **kw)
+
+    return Backbone(
+        spec=spec,
+        kind="tv",
+        name=name,
+        factory=factory,
+        kwargs=kwargs,
+        in_chans=3,
+        source=builder.__module__,
+        attr=name,
+    )
+
+
+def _timm(spec: str, kwargs: dict[str, Any]) -> Backbone:
+    timm = _require("timm", "timm:")
+    name = spec[5:]
+    if not timm.is_model(name):
+        near = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join('timm:' + n for n in near)}?" if near else ""
+        raise BackboneNotFound(f"unknown timm model '{name}'{hint} (run `bbswap list 'timm:*'`)")
+
+    def factory(**kw: Any) -> nn.Module:
+        return timm.create_model(name, pretrained=False, **kw)
+
+    return Backbone(
+        spec=spec,
+        kind="timm",
+        name=name,
+        factory=factory,
+        kwargs=kwargs,
+        in_chans=3,
+        takes_in_chans=True,
+        source="timm",
+        attr=name,
+    )
+
+
+def _user(spec: str, kwargs: dict[str, Any]) -> Backbone:
+    where, _, attr = spec.rpartition(":")
+    if not attr or not where:
+        raise BackboneNotFound(
+            f"malformed backbone spec '{spec}': expected path/to/file.py:Name or "
+            "package.module:Name"
+        )
+    if where.endswith(".py") or "/" in where or "\\" in where:
+        module = _import_file(Path(where))
+        kind, source = "file", where
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as error:
+            raise BackboneNotFound(f"cannot import module '{where}': {error}") from error
+        except Exception as error:
+            raise ModelError(
+                f"importing module '{where}' raised {type(error).__name__}: {error}"
+            ) from error
+        kind, source = "module", where
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        found = _buildable_names(module)
+        near = difflib.get_close_matches(attr, found, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(near)}?" if near else ""
+        raise BackboneNotFound(
+            f"'{attr}' is not in {where}{hint} (nn.Module classes and functions there: "
+            f"{choices(found) or 'none'})"
+        )
+    takes = _accepts(factory, "in_chans")
+    return Backbone(
+        spec=spec,
+        kind=kind,
+        name=attr,
+        factory=factory,
+        kwargs=kwargs,
+        in_chans=None,
+        takes_in_chans=takes,
+        source=source,
+        attr=attr,
+    )
+
+
+@contextlib.contextmanager
+def _on_path(folder: Path) -> Iterator[None]:
+    sys.path.insert(0, str(folder))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(str(folder))
+
+
+def _import_file(path: Path) -> ModuleType:
+    if not path.is_file():
+        raise BackboneNotFound(f"backbone file not found: {path}")
+    resolved = path.resolve()
+    name = f"bbswap_user_{abs(hash(str(resolved))):x}_{resolved.stem}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, resolved)
+    if spec is None or spec.loader is None:
+        raise BackboneNotFound(f"cannot import {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        with _on_path(resolved.parent):
+            spec.loader.exec_module(module)
+    except Exception as error:
+        del sys.modules[name]
+        raise ModelError(f"importing {path} raised {type(error).__name__}: {error}") from error
+    return module
+
+
+def _buildable_names(module: ModuleType) -> list[str]:
+    names = []
+    for key, value in vars(module).items():
+        if key.startswith("_"):
+            continue
+        is_module_class = inspect.isclass(value) and issubclass(value, nn.Module)
+        is_local_function = inspect.isfunction(value) and value.__module__ == module.__name__
+        if is_module_class or is_local_function:
+            names.append(key)
+    return sorted(names)
+
+
+def _accepts(func: Callable[..., Any], name: str) -> bool:
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params

@@ -1,0 +1,170 @@
+"""Rich renderings of bbswap's reports. Nothing here computes; it only formats."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from bbswap.inspection import InspectReport
+from bbswap.registry import ListedBackbone
+from bbswap.trace import SpatialOp, Stage, Trace, describe_factor
+
+
+def shape(dims: Sequence[int]) -> str:
+    return "x".join(str(d) for d in dims)
+
+
+def count(n: int) -> str:
+    return f"{n:,}"
+
+
+def si(n: float, unit: str = "") -> str:
+    """1234567 -> '1.23 M'."""
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= factor:
+            return f"{n / factor:.2f} {prefix}{unit}"
+    return f"{n:.0f} {unit}".strip()
+
+
+def size_bytes(n: int) -> str:
+    for factor, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= factor:
+            return f"{n / factor:.1f} {suffix}"
+    return f"{n} B"
+
+
+def pair(p: tuple[int, int] | str) -> str:
+    if isinstance(p, str):
+        return p
+    return str(p[0]) if p[0] == p[1] else f"{p[0]},{p[1]}"
+
+
+def rf(value: tuple[int, int]) -> str:
+    return str(value[0]) if value[0] == value[1] else f"{value[0]}x{value[1]}"
+
+
+def stage_table(trace: Trace, title: str | None = None) -> Table:
+    table = Table(
+        title=title,
+        title_justify="left",
+        show_footer=True,
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+    )
+    table.add_column("stage", footer="total")
+    table.add_column("type")
+    table.add_column("output", footer=shape(trace.output_shape))
+    table.add_column("ch", justify="right")
+    table.add_column("down", justify="right", footer=describe_factor(trace.downsample))
+    table.add_column("RF", justify="right", footer=rf(trace.receptive_field))
+    table.add_column("params", justify="right", footer=count(trace.params))
+    table.add_column("MACs", justify="right", footer=count(trace.macs))
+    table.add_column("act.", justify="right", footer=size_bytes(trace.activation_bytes))
+    for stage in trace.stages:
+        table.add_row(*_stage_cells(stage))
+    return table
+
+
+def _stage_cells(stage: Stage) -> list[str | Text]:
+    path = Text(stage.path, style="italic" if stage.functional else "")
+    return [
+        path,
+        stage.type,
+        shape(stage.out_shape),
+        str(stage.channels),
+        describe_factor(stage.downsample),
+        rf(stage.receptive_field),
+        count(stage.params) if stage.params else "-",
+        si(stage.macs) if stage.macs else "-",
+        size_bytes(stage.activation_bytes),
+    ]
+
+
+def reduction_table(ops: Sequence[SpatialOp], title: str = "reduction points") -> Table:
+    table = Table(title=title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD)
+    for name, justify in (
+        ("point", "left"),
+        ("call", "left"),
+        ("op", "left"),
+        ("kernel", "right"),
+        ("stride", "right"),
+        ("padding", "right"),
+        ("dilation", "right"),
+        ("rounding", "left"),
+        ("in -> out", "right"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]  # literal values
+    for op in ops:
+        adaptive = op.op.startswith("adaptive") or op.op == "interpolate"
+        table.add_row(
+            op.id,
+            "module" if op.kind == "module" else f"F.{op.func}",
+            op.op,
+            "-" if adaptive else pair(op.kernel),
+            "-" if adaptive else pair(op.stride),
+            "-" if adaptive else pair(op.padding),
+            "-" if adaptive else pair(op.dilation),
+            "ceil" if op.ceil_mode else "floor",
+            f"{shape(op.in_hw)} -> {shape(op.out_hw)}",
+        )
+    return table
+
+
+def render_inspect(report: InspectReport, console: Console) -> None:
+    t = report.trace
+    where = {"meta": "meta device", "fake": "fake tensors", "cpu": "real CPU tensors"}[t.device]
+    console.print(
+        f"[bold]{report.backbone}[/bold]  input {shape(t.input_shape)}  (traced on {where})"
+    )
+    if t.note:
+        console.print(f"[yellow]note:[/yellow] {t.note}")
+    console.print(stage_table(t))
+    console.print(
+        f"output {shape(t.output_shape)}  downsample {describe_factor(t.downsample)}  "
+        f"params {count(t.params)}  MACs {count(t.macs)} ({si(t.macs)})"
+    )
+    console.print()
+    console.print(reduction_table(t.reductions))
+    h, w = report.rules
+    f = report.features
+    if f is not None:
+        console.print(
+            f"features: {f.path} {shape(f.out_shape)} at downsample "
+            f"{describe_factor(f.downsample)}; the stages after it form the head"
+        )
+    console.print(
+        f"size rule{' of ' + f.path if f else ''}: {h.format('H')}, {w.format('W')}  "
+        f"(smallest input {h.minimum}x{w.minimum})"
+    )
+    if report.sizes:
+        table = Table(
+            title="output size by input size",
+            title_justify="left",
+            header_style="bold",
+            box=box.SIMPLE_HEAD,
+        )
+        for name in ("input", "predicted", "traced", "check"):
+            table.add_column(name, justify="right")
+        for c in report.sizes:
+            table.add_row(
+                shape(c.input_hw),
+                shape(c.predicted_hw),
+                shape(c.traced_hw) if c.traced_hw else "not spatial",
+                "ok" if c.ok else Text("MISMATCH", style="bold red"),
+            )
+        console.print(table)
+
+
+def render_list(rows: Sequence[ListedBackbone], console: Console) -> None:
+    table = Table(header_style="bold", box=box.SIMPLE_HEAD)
+    table.add_column("backbone")
+    table.add_column("family")
+    table.add_column("in", justify="right")
+    table.add_column("description")
+    for row in rows:
+        table.add_row(row.spec, row.family, str(row.in_chans or "-"), row.description)
+    console.print(table)

@@ -1,0 +1,156 @@
+"""Exact spatial size arithmetic along a chain of reductions.
+
+A :class:`SizeStep` is one axis of one spatial op (a strided conv, a pooling, a
+fixed-size adaptive pooling, a padding). ``out_size`` reproduces PyTorch's own
+formulas, including ``ceil_mode``'s rule that the last window must start inside the
+input, so a chain of steps predicts a network's output size for any input size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SizeStep:
+    """One axis of a size-changing op.
+
+    kind ``window``: sliding window (conv or pool) with kernel, stride, padding,
+    dilation and rounding; ``fixed``: output size independent of the input
+    (adaptive pooling, interpolate to a size); ``scale``: ``floor(in * factor)``;
+    ``pad``: ``in + padding`` (``padding`` is the total of both sides); ``transpose``:
+    a transposed conv, ``value`` holding its output padding.
+    """
+
+    kind: str
+    kernel: int = 1
+    stride: int = 1
+    padding: int = 0
+    dilation: int = 1
+    ceil: bool = False
+    pool: bool = False
+    value: float = 0.0
+
+    def out_size(self, size: int) -> int:
+        if self.kind == "fixed":
+            return int(self.value)
+        if self.kind == "scale":
+            return math.floor(size * self.value)
+        if self.kind == "pad":
+            return size + self.padding
+        if self.kind == "transpose":
+            extra = int(self.value)
+            return (
+                (size - 1) * self.stride
+                - 2 * self.padding
+                + self.dilation * (self.kernel - 1)
+                + extra
+                + 1
+            )
+        span = size + 2 * self.padding - self.dilation * (self.kernel - 1) - 1
+        if self.ceil:
+            out = -(-span // self.stride) + 1
+            # PyTorch pooling: the last window must start inside the input or left padding.
+            if self.pool and (out - 1) * self.stride >= size + self.padding:
+                out -= 1
+        else:
+            out = span // self.stride + 1
+        return out
+
+    def describe(self) -> str:
+        if self.kind == "fixed":
+            return f"-> {int(self.value)}"
+        if self.kind == "scale":
+            return f"x{self.value:g}"
+        if self.kind == "pad":
+            return f"+{self.padding}"
+        if self.kind == "transpose":
+            return f"up k{self.kernel} s{self.stride} p{self.padding}"
+        rounding = "ceil" if self.ceil else "floor"
+        return f"k{self.kernel} s{self.stride} p{self.padding} d{self.dilation} {rounding}"
+
+
+def chain_size(steps: Sequence[SizeStep], size: int) -> int:
+    """The output size of ``steps`` applied in order; 0 or less when too small."""
+    for step in steps:
+        size = step.out_size(size)
+        if size <= 0:
+            return 0
+    return size
+
+
+def min_size(steps: Sequence[SizeStep], limit: int = 4096) -> int:
+    """The smallest input size that passes every step with at least one pixel."""
+    for size in range(1, limit + 1):
+        if chain_size(steps, size) > 0 and all(
+            chain_size(steps[: i + 1], size) > 0 for i in range(len(steps))
+        ):
+            return size
+    return limit
+
+
+def total_stride(steps: Sequence[SizeStep]) -> float:
+    factor = 1.0
+    for step in steps:
+        if step.kind == "window":
+            factor *= step.stride
+        elif step.kind == "transpose":
+            factor /= step.stride
+        elif step.kind == "scale":
+            factor /= step.value
+    return factor
+
+
+@dataclass(frozen=True)
+class SizeRule:
+    """The closed form a chain follows, e.g. ``ceil(H/16)``, found by checking a range."""
+
+    expression: str  # with "{x}" for the axis name
+    factor: float  # overall downsample factor along the chain
+    rounding: str  # "ceil", "floor", "fixed" or "other"
+    minimum: int  # smallest input size that yields an output
+
+    def format(self, axis: str) -> str:
+        return f"{axis} -> " + self.expression.format(x=axis)
+
+
+def size_rule(steps: Sequence[SizeStep], span: int = 1024) -> SizeRule:
+    """Find the closed form of ``steps`` over every size from the minimum to ``span``."""
+    lo = min_size(steps)
+    sizes = range(lo, lo + span)
+    outs = [chain_size(steps, n) for n in sizes]
+    factor = total_stride(steps)
+    if any(s.kind == "fixed" for s in steps) and len(set(outs)) == 1:
+        return SizeRule(str(outs[0]), factor, "fixed", lo)
+    stride = round(factor)
+    if stride >= 1 and abs(stride - factor) < 1e-9:
+        for rounding, a, b in _closed_forms(stride):
+            op = math.ceil if rounding == "ceil" else math.floor
+            if all(op((n + a) / stride) + b == o for n, o in zip(sizes, outs)):
+                return SizeRule(_format_form(rounding, stride, a, b), factor, rounding, lo)
+    return SizeRule(_composed(steps), factor, "other", lo)
+
+
+def _closed_forms(s: int) -> list[tuple[str, int, int]]:
+    """Forms ``ceil((x + a)/s) + b`` and ``floor(...)``, simplest first."""
+    forms = []
+    for a in sorted(range(-2 * s, 2 * s + 1), key=abs):
+        for b in (0, 1, -1, 2, -2):
+            forms += [("ceil", a, b), ("floor", a, b)]
+    return forms
+
+
+def _format_form(rounding: str, s: int, a: int, b: int) -> str:
+    def signed(v: int) -> str:
+        return f" + {v}" if v > 0 else f" - {-v}" if v < 0 else ""
+
+    if s == 1:
+        return "{x}" + signed(a + b)
+    num = "{x}" if a == 0 else "({x}" + signed(a) + ")"
+    return f"{rounding}({num}/{s})" + signed(b)
+
+
+def _composed(steps: Sequence[SizeStep]) -> str:
+    return " | ".join(step.describe() for step in steps) or "{x}"

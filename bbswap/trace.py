@@ -1,0 +1,640 @@
+"""Trace a backbone with a dummy input and record its stages and spatial ops.
+
+The model runs once on the meta device (or, for a model that already holds real
+weights, under ``FakeTensorMode``), so no activation is ever allocated: a 4096x4096
+input costs what a 224x224 one does. A ``TorchFunctionMode`` sees every torch call,
+module-based or functional, including a functional pooling inside a child's forward;
+module hooks keep the stack of module paths so every call knows its owner.
+
+From that one run the trace derives, per tensor, the receptive field, the cumulative
+stride along each axis and the chain of size-changing ops that produced it, and, per
+module, params, MACs and activation bytes. Only when a model cannot run without real
+data does the trace fall back to real CPU tensors, and it says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from bbswap.errors import ModelError
+from bbswap.ops_table import SPATIAL, Pair, SpatialArgs, is_module_call, macs, meta_result
+from bbswap.sizes import SizeRule, SizeStep, chain_size, size_rule
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SpatialOp:
+    """One call of a conv, pooling, padding or resampling function.
+
+    ``id`` is how recipes name it: the module path for a spatial module
+    (``layer2.0.conv2``), or ``owner.func()`` for a functional call made in a
+    module's forward (``trans1.avg_pool2d()``; ``max_pool2d()`` in the model's own
+    forward; ``#k`` is appended for the k-th further call of the same function).
+    """
+
+    id: str
+    owner: str
+    kind: str  # "module" or "functional"
+    op: str
+    func: str
+    call: int
+    kernel: Pair
+    stride: Pair
+    padding: Pair | str
+    dilation: Pair
+    ceil_mode: bool
+    in_shape: Shape
+    out_shape: Shape
+    stage: str
+    steps_h: tuple[SizeStep, ...]
+    steps_w: tuple[SizeStep, ...]
+    order: int
+
+    @property
+    def in_hw(self) -> Pair:
+        return (self.in_shape[-2], self.in_shape[-1])
+
+    @property
+    def out_hw(self) -> Pair:
+        return (self.out_shape[-2], self.out_shape[-1])
+
+    @property
+    def reduces(self) -> bool:
+        """Whether this op shrinks H or W at the traced size."""
+        return self.out_hw[0] < self.in_hw[0] or self.out_hw[1] < self.in_hw[1]
+
+    @property
+    def changes_size(self) -> bool:
+        """Whether this op changes H or W for some input size (not just this one)."""
+        strided = any(s.kind != "window" or s.stride != 1 for s in self.steps_h + self.steps_w)
+        return strided or self.out_hw != self.in_hw
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of the stage table: a module (or a functional call) and what it costs."""
+
+    path: str
+    type: str
+    out_shape: Shape
+    downsample: tuple[float, float]
+    receptive_field: tuple[int, int]
+    params: int
+    macs: int
+    activation_bytes: int
+    chain: tuple[str, ...] = ()  # ids of the size-changing ops that led to this output
+    functional: bool = False
+
+    @property
+    def spatial(self) -> bool:
+        return len(self.out_shape) == 4
+
+    @property
+    def channels(self) -> int:
+        return self.out_shape[1] if len(self.out_shape) >= 2 else self.out_shape[-1]
+
+
+@dataclass(frozen=True)
+class Trace:
+    """Everything one traced forward pass tells about a backbone."""
+
+    input_shape: Shape
+    output_shape: Shape
+    stages: tuple[Stage, ...]
+    ops: tuple[SpatialOp, ...]
+    chain: tuple[str, ...]  # ids of the size-changing ops on the path to the output
+    downsample: tuple[float, float]
+    receptive_field: tuple[int, int]
+    params: int
+    macs: int
+    activation_bytes: int
+    device: str  # "meta", "fake" or "cpu"
+    note: str  # why the trace fell back to real tensors, or ""
+    children: tuple[str, ...]  # top-level children in execution order
+    modules: tuple[str, ...]  # every module path in execution order
+    depth: int
+
+    @property
+    def reductions(self) -> tuple[SpatialOp, ...]:
+        return tuple(op for op in self.ops if op.reduces)
+
+    def op(self, op_id: str) -> SpatialOp:
+        for op in self.ops:
+            if op.id == op_id:
+                return op
+        raise KeyError(op_id)
+
+    def steps(self, axis: int, chain: tuple[str, ...] | None = None) -> tuple[SizeStep, ...]:
+        """The size steps along a chain (default: the output's) for axis 0 (H) or 1 (W)."""
+        by_id = {op.id: op for op in self.ops}
+        ids = self.chain if chain is None else chain
+        return tuple(s for i in ids for s in (by_id[i].steps_h if axis == 0 else by_id[i].steps_w))
+
+    def output_size(self, h: int, w: int, chain: tuple[str, ...] | None = None) -> Pair:
+        """The output H, W predicted from the reduction chain for another input size."""
+        return (chain_size(self.steps(0, chain), h), chain_size(self.steps(1, chain), w))
+
+    def size_rules(self, chain: tuple[str, ...] | None = None) -> tuple[SizeRule, SizeRule]:
+        return (size_rule(self.steps(0, chain)), size_rule(self.steps(1, chain)))
+
+    @property
+    def features(self) -> Stage | None:
+        """The last spatial stage when the output itself is not spatial (a classifier)."""
+        if len(self.output_shape) == 4:
+            return None
+        by_id = {op.id: op for op in self.ops}
+        spatial = [
+            s
+            for s in self.stages
+            if s.spatial and not any(by_id[i].op.startswith("adaptive") for i in s.chain)
+        ]
+        return spatial[-1] if spatial else None
+
+
+@dataclass
+class _TensorInfo:
+    rf: tuple[float, float] = (1.0, 1.0)
+    jump: tuple[float, float] = (1.0, 1.0)
+    chain: tuple[str, ...] = ()
+
+
+@dataclass
+class _Call:
+    owner: str
+    name: str
+    call: int
+    out: torch.Tensor
+    info: _TensorInfo
+    macs: int
+    act_bytes: int
+    order: int
+
+
+@dataclass
+class _ModuleStats:
+    path: str
+    type: str
+    order: int
+    macs: int = 0
+    act_bytes: int = 0
+    out: Any = None
+    calls: int = 0
+
+
+@dataclass
+class _Recorder:
+    """Mutable state of one traced run."""
+
+    model: nn.Module
+    stack: list[str] = field(default_factory=list)
+    modules: dict[str, _ModuleStats] = field(default_factory=dict)
+    counts: dict[tuple[str, str], int] = field(default_factory=dict)
+    info: dict[int, _TensorInfo] = field(default_factory=dict)
+    keep: list[torch.Tensor] = field(default_factory=list)  # ids stay unique while alive
+    ops: dict[str, SpatialOp] = field(default_factory=dict)
+    calls: list[_Call] = field(default_factory=list)  # shape-changing functional calls
+    clock: int = 0
+    by_path: dict[str, nn.Module] = field(default_factory=dict)
+    total_macs: int = 0
+    total_act: int = 0
+
+    def tick(self) -> int:
+        self.clock += 1
+        return self.clock
+
+    def tensor_info(self, t: torch.Tensor) -> _TensorInfo:
+        return self.info.get(id(t), _TensorInfo())
+
+    def register(self, t: torch.Tensor, info: _TensorInfo) -> None:
+        self.info[id(t)] = info
+        self.keep.append(t)
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    leaves, _ = tree_flatten(obj)
+    return [x for x in leaves if isinstance(x, torch.Tensor)]
+
+
+def _func_name(func: Callable) -> str:
+    return getattr(func, "__name__", type(func).__name__)
+
+
+_QUERIES = frozenset({"__get__", "size", "dim", "numel", "stride", "is_contiguous", "__len__"})
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, rec: _Recorder) -> None:
+        super().__init__()
+        self.rec = rec
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # torch's protocol
+        kwargs = kwargs or {}
+        name = _func_name(func)
+        if name in _QUERIES:
+            return func(*args, **kwargs)
+        spatial = None
+        parse = SPATIAL.get(name)
+        x = args[0] if args else kwargs.get("input")
+        if parse is not None and isinstance(x, torch.Tensor) and x.dim() >= 3:
+            spatial = parse(args, kwargs)
+        out = meta_result(name, args, kwargs, spatial)
+        if out is None:
+            out = func(*args, **kwargs)
+        try:
+            self._record(name, args, kwargs, out, spatial)
+        except Exception as error:  # a bug in the tracer, not in the user's model
+            raise _TracerBug(f"while recording {name}") from error
+        return out
+
+    def _record(
+        self, name: str, args: tuple, kwargs: dict, out: Any, spatial: SpatialArgs | None
+    ) -> None:
+        rec = self.rec
+        ins = _tensors((args, kwargs))
+        outs = _tensors(out)
+        if not outs:
+            return
+        owner = rec.stack[-1] if rec.stack else ""
+        key = (owner, name)
+        call = rec.counts.get(key, 0)
+        rec.counts[key] = call + 1
+        infos = [rec.tensor_info(t) for t in ins] or [_TensorInfo()]
+        base = max(infos, key=lambda i: (i.rf, len(i.chain)))
+        info = _TensorInfo(
+            (max(i.rf[0] for i in infos), max(i.rf[1] for i in infos)),
+            (max(i.jump[0] for i in infos), max(i.jump[1] for i in infos)),
+            base.chain,
+        )
+        if spatial is not None and outs[0].dim() >= 3:
+            info = self._spatial(name, spatial, owner, call, ins[0], outs[0], info)
+        n_macs = macs(name, args, kwargs, out)
+        new_bytes = sum(
+            t.numel() * t.element_size()
+            for t in outs
+            if id(t) not in rec.info and all(t is not i for i in ins)
+        )
+        for t in outs:
+            rec.register(t, info)
+        rec.total_macs += n_macs
+        rec.total_act += new_bytes
+        for path in rec.stack:
+            stats = rec.modules[path]
+            stats.macs += n_macs
+            stats.act_bytes += new_bytes
+        owner_module = rec.by_path.get(owner, rec.model)
+        if not is_module_call(owner_module, name) and _changes_shape(ins, outs[0]):
+            rec.calls.append(_Call(owner, name, call, outs[0], info, n_macs, new_bytes, rec.tick()))
+
+    def _spatial(
+        self,
+        name: str,
+        sa: SpatialArgs,
+        owner: str,
+        call: int,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        info: _TensorInfo,
+    ) -> _TensorInfo:
+        rec = self.rec
+        module_kind = is_module_call(rec.by_path.get(owner, rec.model), name)
+        if module_kind:
+            op_id, kind = owner, "module"
+        else:
+            prefix = f"{owner}." if owner else ""
+            op_id, kind = f"{prefix}{name}()" + (f"#{call}" if call else ""), "functional"
+        in_hw, out_hw = tuple(x.shape[-2:]), tuple(y.shape[-2:])
+        rf, jump = list(info.rf), list(info.jump)
+        for axis in range(2):
+            steps = sa.steps[axis]
+            if sa.op.startswith("adaptive") and steps:
+                rf[axis] += (in_hw[axis] - 1) * jump[axis]
+                jump[axis] *= in_hw[axis] / max(out_hw[axis], 1)
+            elif sa.op in ("interpolate", "pixel-shuffle", "conv-transpose") and steps:
+                jump[axis] *= in_hw[axis] / max(out_hw[axis], 1)
+            elif sa.op != "pad":
+                rf[axis] += (sa.kernel[axis] - 1) * sa.dilation[axis] * jump[axis]
+                jump[axis] *= sa.stride[axis]
+        op = SpatialOp(
+            id=op_id,
+            owner=owner,
+            kind=kind,
+            op=sa.op,
+            func=name,
+            call=call,
+            kernel=sa.kernel,
+            stride=sa.stride,
+            padding=sa.padding,
+            dilation=sa.dilation,
+            ceil_mode=sa.ceil_mode,
+            in_shape=tuple(x.shape),
+            out_shape=tuple(y.shape),
+            stage=_stage_of(owner if kind == "module" else op_id),
+            steps_h=sa.steps[0],
+            steps_w=sa.steps[1],
+            order=rec.tick(),
+        )
+        rec.ops.setdefault(op_id, op)
+        chain = info.chain + ((op_id,) if op.changes_size else ())
+        return _TensorInfo((rf[0], rf[1]), (jump[0], jump[1]), chain)
+
+
+def _changes_shape(ins: list[torch.Tensor], out: torch.Tensor) -> bool:
+    return bool(ins) and tuple(ins[0].shape) != tuple(out.shape)
+
+
+def _stage_of(path: str) -> str:
+    return path.split(".")[0] if path else ""
+
+
+@contextlib.contextmanager
+def _hooked(rec: _Recorder) -> Iterator[None]:
+    """Module hooks that keep the stack of module paths; always removed."""
+    handles = []
+
+    def pre(path: str) -> Callable:
+        def hook(module: nn.Module, args: Any) -> None:
+            stats = rec.modules.get(path)
+            if stats is None:
+                stats = _ModuleStats(path, type(module).__name__, rec.tick())
+                rec.modules[path] = stats
+            stats.calls += 1
+            for key in [k for k in rec.counts if k[0] == path]:
+                del rec.counts[key]
+            rec.stack.append(path)
+
+        return hook
+
+    def post(path: str) -> Callable:
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            if rec.stack and rec.stack[-1] == path:
+                rec.stack.pop()
+            rec.modules[path].out = out
+
+        return hook
+
+    try:
+        for path, module in rec.model.named_modules():
+            if not path:
+                continue
+            rec.by_path[path] = module
+            handles.append(module.register_forward_pre_hook(pre(path)))
+            handles.append(module.register_forward_hook(post(path)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put the model in eval mode for the trace and restore every flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+class _TracerBug(RuntimeError):
+    """Raised through the user's forward when recording a call fails; never wrapped."""
+
+
+class _ForwardFailed(Exception):
+    def __init__(self, stage: str, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.stage = stage
+        self.error = error
+
+
+def _run(model: nn.Module, x: torch.Tensor) -> tuple[_Recorder, Any]:
+    rec = _Recorder(model)
+    rec.register(x, _TensorInfo())
+    with _hooked(rec), _eval_mode(model), torch.no_grad():
+        try:
+            with _Mode(rec):
+                out = model(x)
+        except _TracerBug:
+            raise
+        except Exception as error:  # any failure of the user's forward
+            raise _ForwardFailed(rec.stack[-1] if rec.stack else "", error) from error
+    return rec, out
+
+
+def _summarise(
+    rec: _Recorder, x: torch.Tensor, out: Any, depth: int, device: str, note: str
+) -> Trace:
+    outs = _tensors(out)
+    if not outs:
+        raise ModelError("the model's forward returned no tensor")
+    y = outs[0]
+    y_info = rec.tensor_info(y)
+    ops = tuple(sorted(rec.ops.values(), key=lambda o: o.order))
+    params = sum(p.numel() for p in rec.model.parameters())
+    stages = _stages(rec, depth)
+    order = sorted(rec.modules.values(), key=lambda s: s.order)
+    return Trace(
+        input_shape=tuple(x.shape),
+        output_shape=tuple(y.shape),
+        stages=stages,
+        ops=ops,
+        chain=y_info.chain,
+        downsample=y_info.jump,
+        receptive_field=(int(y_info.rf[0]), int(y_info.rf[1])),
+        params=params,
+        macs=rec.total_macs,
+        activation_bytes=rec.total_act,
+        device=device,
+        note=note,
+        children=tuple(s.path for s in order if "." not in s.path),
+        modules=tuple(s.path for s in order),
+        depth=depth,
+    )
+
+
+def _expanded(rec: _Recorder, path: str, depth: int) -> bool:
+    """Whether the stage table at ``depth`` shows this module's insides instead of it."""
+    if path == "":
+        return True
+    module = rec.by_path[path]
+    return path.count(".") + 1 < depth and any(True for _ in module.children())
+
+
+def _stages(rec: _Recorder, depth: int) -> tuple[Stage, ...]:
+    rows: list[tuple[int, Stage]] = []
+    for stats in rec.modules.values():
+        parent = stats.path.rsplit(".", 1)[0] if "." in stats.path else ""
+        if _expanded(rec, stats.path, depth) or not _expanded(rec, parent, depth):
+            continue
+        outs = _tensors(stats.out)
+        if not outs:
+            continue
+        info = rec.tensor_info(outs[0])
+        module = rec.by_path[stats.path]
+        rows.append(
+            (
+                stats.order,
+                Stage(
+                    path=stats.path,
+                    type=stats.type,
+                    out_shape=tuple(outs[0].shape),
+                    downsample=info.jump,
+                    receptive_field=(int(info.rf[0]), int(info.rf[1])),
+                    params=sum(p.numel() for p in module.parameters()),
+                    macs=stats.macs,
+                    activation_bytes=stats.act_bytes,
+                    chain=info.chain,
+                ),
+            )
+        )
+    seen: set[str] = set()
+    for c in rec.calls:
+        if not _expanded(rec, c.owner, depth):
+            continue
+        prefix = f"{c.owner}." if c.owner else ""
+        path = f"{prefix}{c.name}()" + (f"#{c.call}" if c.call else "")
+        if path in seen:
+            continue
+        seen.add(path)
+        rows.append(
+            (
+                c.order,
+                Stage(
+                    path=path,
+                    type=f"F.{c.name}",
+                    out_shape=tuple(c.out.shape),
+                    downsample=c.info.jump,
+                    receptive_field=(int(c.info.rf[0]), int(c.info.rf[1])),
+                    params=0,
+                    macs=c.macs,
+                    activation_bytes=c.act_bytes,
+                    chain=c.info.chain,
+                    functional=True,
+                ),
+            )
+        )
+    return tuple(stage for _, stage in sorted(rows, key=lambda r: r[0]))
+
+
+def trace_module(
+    model: nn.Module,
+    input_shape: Shape,
+    depth: int = 1,
+    device: str = "meta",
+    note: str = "",
+) -> Trace:
+    """Trace a model that already exists: on the meta device if its parameters are
+    there, else under FakeTensorMode so its real weights are neither copied nor used."""
+    if device == "meta":
+        with torch.device("meta"):
+            x = torch.empty(input_shape)
+            rec, out = _run(model, x)
+        return _summarise(rec, x, out, depth, "meta", note)
+    if device == "fake":
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            x = torch.empty(input_shape)
+            rec, out = _run(model, x)
+        return _summarise(rec, x, out, depth, "fake", note)
+    x = torch.zeros(input_shape)
+    rec, out = _run(model, x)
+    return _summarise(rec, x, out, depth, "cpu", note)
+
+
+class _SkipMetaInit(TorchFunctionMode):
+    """Skip in-place ops on meta tensors while a model is built there.
+
+    Such ops have no effect on meta tensors beyond returning them, but torch's meta
+    kernel for ``normal_`` alone imports torch's compiler stack, which costs seconds.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # torch's protocol
+        name = _func_name(func)
+        kwargs = kwargs or {}
+        first = args[0] if args else kwargs.get("tensor")
+        if (
+            name.endswith("_")
+            and not name.startswith(("resize", "set_", "__"))
+            and isinstance(first, torch.Tensor)
+            and first.is_meta
+        ):
+            return first
+        out = meta_result(name, args, kwargs, None)
+        return func(*args, **kwargs) if out is None else out
+
+
+def build_on_meta(build: Callable[[], nn.Module]) -> nn.Module:
+    """Build a model on the meta device without running its weight initialisation."""
+    with torch.device("meta"), _SkipMetaInit():
+        return build()
+
+
+def trace(
+    build: Callable[[], nn.Module],
+    input_shape: Shape,
+    depth: int = 1,
+) -> tuple[Trace, nn.Module]:
+    """Build a model with ``build`` on the meta device and trace it there; fall back to
+    real CPU tensors when the model cannot run without data. Returns the trace and the
+    model it traced (on the device it ran on)."""
+    try:
+        model = build_on_meta(build)
+    except ModelError:
+        raise
+    except Exception as error:  # any failure of a user's constructor
+        meta_error: BaseException | None = error
+    else:
+        try:
+            return trace_module(model, input_shape, depth, "meta"), model
+        except _ForwardFailed as failed:
+            meta_error = failed.error
+    note = (
+        "traced on real CPU tensors: the model cannot run on the meta device "
+        f"({_one_line(meta_error)})"
+    )
+    try:
+        model = build()
+    except ModelError:
+        raise
+    except Exception as error:  # any failure of a user's constructor
+        raise ModelError(
+            f"the model's constructor raised {type(error).__name__}: {_one_line(error)}"
+        ) from error
+    try:
+        return trace_module(model, input_shape, depth, "cpu", note), model
+    except _ForwardFailed as failed:
+        where = f" in stage '{failed.stage}'" if failed.stage else ""
+        raise ModelError(
+            f"the model's forward raised {type(failed.error).__name__}{where} "
+            f"at input {'x'.join(map(str, input_shape))}: {_one_line(failed.error)}"
+        ) from failed.error
+
+
+def _one_line(error: BaseException | None) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def describe_factor(factor: tuple[float, float]) -> str:
+    """A downsample factor as printed: ``16``, ``32x4`` (H x W), or ``1/2`` when upsampled."""
+
+    def one(v: float) -> str:
+        if v >= 1:
+            return str(round(v)) if math.isclose(v, round(v)) else f"{v:.3g}"
+        inv = 1 / v
+        return f"1/{round(inv)}" if math.isclose(inv, round(inv)) else f"{v:.3g}"
+
+    h, w = one(factor[0]), one(factor[1])
+    return h if h == w else f"{h}x{w}"
