@@ -135,6 +135,44 @@ def inspect_cmd(
             render_inspect(report, _console())
 
 
+@app.command("apply")
+def apply_cmd(
+    backbone: Annotated[str, typer.Argument(help="Backbone spec (see `bbswap list`).")],
+    recipe: Annotated[str, typer.Argument(help="Recipe TOML file.")],
+    input_shape: Annotated[
+        str | None,
+        typer.Option(
+            "--input", "-i", help="Dummy input as NxCxHxW or HxW (default: the recipe's)."
+        ),
+    ] = None,
+    kw: KwOpt = None,
+    json_out: JsonOpt = False,
+    debug: Debug = False,
+) -> None:
+    """Apply a surgery recipe and show the stages before and after, and every edit."""
+    from bbswap.applying import apply_dict, apply_recipe
+    from bbswap.parsing import parse_kw
+    from bbswap.recipe import load_recipe
+    from bbswap.render import render_apply
+
+    with _guard(debug):
+        result = apply_recipe(backbone, load_recipe(recipe), input_shape, kwargs=parse_kw(kw))
+        if json_out:
+            _print_json(apply_dict(result))
+        else:
+            render_apply(result, _console())
+
+
+@app.command("ops")
+def ops_cmd(debug: Debug = False) -> None:
+    """List the recipe ops and their fields."""
+    from bbswap.recipe_ops import describe_ops
+    from bbswap.render import render_ops
+
+    with _guard(debug):
+        render_ops(describe_ops(), _console())
+
+
 def main(argv: list[str] | None = None) -> Callable[..., Any] | None:
     """Console-script entry point."""
     return app(args=argv)

@@ -6,9 +6,11 @@ from collections.abc import Sequence
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from bbswap.applying import ApplyResult, stage_diff
 from bbswap.inspection import InspectReport
 from bbswap.registry import ListedBackbone
 from bbswap.trace import SpatialOp, Stage, Trace, describe_factor
@@ -118,10 +120,10 @@ def render_inspect(report: InspectReport, console: Console) -> None:
     t = report.trace
     where = {"meta": "meta device", "fake": "fake tensors", "cpu": "real CPU tensors"}[t.device]
     console.print(
-        f"[bold]{report.backbone}[/bold]  input {shape(t.input_shape)}  (traced on {where})"
+        f"[bold]{escape(report.backbone)}[/bold]  input {shape(t.input_shape)}  (traced on {where})"
     )
     if t.note:
-        console.print(f"[yellow]note:[/yellow] {t.note}")
+        console.print(f"[yellow]note:[/yellow] {escape(t.note)}")
     console.print(stage_table(t))
     console.print(
         f"output {shape(t.output_shape)}  downsample {describe_factor(t.downsample)}  "
@@ -168,3 +170,76 @@ def render_list(rows: Sequence[ListedBackbone], console: Console) -> None:
     for row in rows:
         table.add_row(row.spec, row.family, str(row.in_chans or "-"), row.description)
     console.print(table)
+
+
+def _arrow(a: str, b: str) -> str:
+    return a if a == b else f"{a} -> {b}"
+
+
+def _ratio(a: int, b: int) -> str:
+    return f"x{b / a:.2f}" if a else "-"
+
+
+def render_apply(result: ApplyResult, console: Console) -> None:
+    before, after = result.before, result.after
+    console.print(
+        f"[bold]{escape(result.backbone.spec)}[/bold] + recipe "
+        f"[bold]{escape(result.recipe.name)}[/bold]  "
+        f"input {shape(before.input_shape)} -> {shape(after.input_shape)}"
+    )
+    table = Table(header_style="bold", box=box.SIMPLE_HEAD, show_footer=True)
+    table.add_column("stage", footer="total")
+    table.add_column("output", footer=_arrow(shape(before.output_shape), shape(after.output_shape)))
+    table.add_column(
+        "down",
+        justify="right",
+        footer=_arrow(describe_factor(before.downsample), describe_factor(after.downsample)),
+    )
+    table.add_column(
+        "RF", justify="right", footer=_arrow(rf(before.receptive_field), rf(after.receptive_field))
+    )
+    table.add_column(
+        "params", justify="right", footer=_arrow(count(before.params), count(after.params))
+    )
+    table.add_column(
+        "MACs",
+        justify="right",
+        footer=f"{_arrow(count(before.macs), count(after.macs))} "
+        f"({_ratio(before.macs, after.macs)})",
+    )
+    for d in stage_diff(before, after):
+        b, a = d.before, d.after
+        table.add_row(
+            Text(d.path, style="" if a else "strike dim"),
+            _arrow(shape(b.out_shape) if b else "-", shape(a.out_shape) if a else "-"),
+            _arrow(
+                describe_factor(b.downsample) if b else "-",
+                describe_factor(a.downsample) if a else "-",
+            ),
+            _arrow(rf(b.receptive_field) if b else "-", rf(a.receptive_field) if a else "-"),
+            _arrow(count(b.params) if b else "-", count(a.params) if a else "-"),
+            _arrow(si(b.macs) if b else "-", si(a.macs) if a else "-"),
+        )
+    console.print(table)
+    h, w = after.size_rules()
+    console.print(
+        f"output {shape(after.output_shape)}  downsample {describe_factor(after.downsample)}  "
+        f"params {count(after.params)}  MACs {count(after.macs)} ({si(after.macs)})  "
+        f"size rule {h.format('H')}, {w.format('W')}"
+    )
+    console.print()
+    edits = Table(title="edits", title_justify="left", header_style="bold", box=box.SIMPLE_HEAD)
+    for name in ("#", "op", "path", "attribute", "old -> new"):
+        edits.add_column(name)
+    for e in result.edits:
+        edits.add_row(
+            str(e.op_index), e.op, e.path or "(model)", e.attribute, f"{e.old} -> {e.new}"
+        )
+    console.print(edits)
+
+
+def render_ops(rows: Sequence[tuple[str, str, list[str]]], console: Console) -> None:
+    for name, summary, fields in rows:
+        console.print(f"[bold]{name}[/bold]: {escape(summary)}")
+        for f in fields:
+            console.print(f"    {escape(f)}")

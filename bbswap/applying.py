@@ -1,0 +1,157 @@
+"""``bbswap apply``: trace a backbone, apply a recipe to a copy, trace the result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from bbswap.errors import InvalidArgument, SurgeryError
+from bbswap.inspection import first_conv_in_channels
+from bbswap.parsing import parse_dims
+from bbswap.recipe import Recipe
+from bbswap.recipe_ops import OPS
+from bbswap.registry import Backbone, resolve
+from bbswap.surgery import Edit, Surgery
+from bbswap.trace import Stage, Trace, _ForwardFailed, build_on_meta, trace, trace_module
+
+Shape4 = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """A patched backbone and the record of how it was made."""
+
+    backbone: Backbone
+    recipe: Recipe
+    before: Trace
+    after: Trace
+    edits: tuple[Edit, ...]
+    model: nn.Module  # the patched model (meta unless built from real weights)
+    surgery: Surgery
+
+
+def source_input(backbone: Backbone, recipe: Recipe, input_text: str | None) -> tuple[Shape4, int]:
+    """The source model's input and the input channels it is built with.
+
+    With an ``in_channels`` op the source keeps its own channels and the op changes
+    them; without one a backbone that takes ``in_chans`` is built for the input's.
+    """
+    text = input_text or recipe.input or ""
+    changes_chans = any(op.op == "in_channels" for op in recipe.ops)
+    own = backbone.default_in_chans
+    if own is None:
+        own = first_conv_in_channels(build_on_meta(backbone.build)) or 3
+    if not text:
+        return (1, own, 224, 224), own
+    dims = parse_dims(text, "--input")
+    if len(dims) == 2:
+        return (1, own, dims[0], dims[1]), own
+    if len(dims) != 4:
+        raise InvalidArgument(f"malformed --input '{text}': expected NxCxHxW or HxW")
+    n, c, h, w = dims
+    if changes_chans:
+        return (n, own, h, w), own
+    return (n, c, h, w), c
+
+
+def apply_recipe(
+    spec: str | Backbone,
+    recipe: Recipe,
+    input_shape: str | None = None,
+    *,
+    kwargs: dict[str, Any] | None = None,
+    model: nn.Module | None = None,
+) -> ApplyResult:
+    """Apply ``recipe`` to a backbone; ``model`` (real weights) replaces a meta build."""
+    backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
+    shape, chans = source_input(backbone, recipe, input_shape)
+    if model is None:
+        before, source = trace(lambda: backbone.build(in_chans=chans), shape)
+    else:
+        before, source = trace_module(model, shape, device="fake"), model
+    for index, op in enumerate(recipe.ops):
+        OPS[op.op].validate(before, op, recipe.where(index))
+    surgery = Surgery(source, before)
+    for index, op in enumerate(recipe.ops):
+        surgery.op_index, surgery.op_name = index, op.op
+        OPS[op.op].apply(surgery, op, recipe.where(index))
+    patched = surgery.finish()
+    n, _, h, w = shape
+    if input_shape and len(parse_dims(input_shape, "--input")) == 4:
+        wanted = parse_dims(input_shape, "--input")[1]
+        if wanted != surgery.in_chans:
+            raise InvalidArgument(
+                f"--input has {wanted} channels but the patched model takes {surgery.in_chans}"
+            )
+    device = "meta" if before.device == "meta" else "fake" if model is not None else "cpu"
+    try:
+        after = trace_module(patched, (n, surgery.in_chans, h, w), device=device)
+    except _ForwardFailed as failed:
+        where = f" in '{failed.stage}'" if failed.stage else ""
+        raise SurgeryError(
+            f"the patched model fails{where}: {type(failed.error).__name__}: "
+            f"{str(failed.error).splitlines()[0]}"
+        ) from failed.error
+    return ApplyResult(backbone, recipe, before, after, tuple(surgery.edits), patched, surgery)
+
+
+@dataclass(frozen=True)
+class StageDiff:
+    """One stage before and after the surgery (None where it does not exist)."""
+
+    path: str
+    before: Stage | None
+    after: Stage | None
+
+
+def stage_diff(before: Trace, after: Trace) -> tuple[StageDiff, ...]:
+    after_by_path = {s.path: s for s in after.stages}
+    rows = [StageDiff(s.path, s, after_by_path.pop(s.path, None)) for s in before.stages]
+    rows += [StageDiff(path, None, s) for path, s in after_by_path.items()]
+    return tuple(rows)
+
+
+def _summary(t: Trace) -> dict[str, Any]:
+    return {
+        "input": list(t.input_shape),
+        "output": list(t.output_shape),
+        "downsample": list(t.downsample),
+        "receptive_field": list(t.receptive_field),
+        "params": t.params,
+        "macs": t.macs,
+        "activation_bytes": t.activation_bytes,
+    }
+
+
+def apply_dict(result: ApplyResult) -> dict[str, Any]:
+    """The JSON form of an apply result (schema ``bbswap.apply/1``)."""
+    rules = result.after.size_rules()
+    return {
+        "schema": "bbswap.apply/1",
+        "backbone": result.backbone.spec,
+        "recipe": result.recipe.name,
+        "before": _summary(result.before),
+        "after": _summary(result.after),
+        "size_rule": {"h": rules[0].format("H"), "w": rules[1].format("W")},
+        "stages": [
+            {
+                "path": d.path,
+                "before": None if d.before is None else list(d.before.out_shape),
+                "after": None if d.after is None else list(d.after.out_shape),
+            }
+            for d in stage_diff(result.before, result.after)
+        ],
+        "edits": [
+            {
+                "op_index": e.op_index,
+                "op": e.op,
+                "path": e.path,
+                "attribute": e.attribute,
+                "old": e.old,
+                "new": e.new,
+            }
+            for e in result.edits
+        ],
+    }

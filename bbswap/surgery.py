@@ -1,0 +1,328 @@
+"""The surgery engine: apply a recipe's ops to a copy of a backbone.
+
+Ops never touch the caller's model: a :class:`Surgery` works on a deep copy and
+records every change as an :class:`Edit`. Changes come in three forms:
+
+- attribute edits on modules (a conv's ``stride``, ``padding``, ``dilation``) and
+  module replacements (a stem conv with other input channels), made on the copy;
+- edits of functional calls (``F.avg_pool2d(x, 2)`` in a block's forward) and
+  modules appended to a module's output (a Dropout after each block, a 1x1
+  projection after the body) or a truncated output: these rewrite the forward of
+  the module that owns them, which is traced with ``torch.fx`` (its children kept as
+  calls) and replaced by a ``GraphModule`` with the same children, so state_dict
+  keys do not change.
+
+The graph rewrites are kept as data (:class:`OwnerRewrite`) until :meth:`finish`,
+so the emitter can write them out as code.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from bbswap.errors import SurgeryError
+from bbswap.trace import SpatialOp, Trace
+
+# fx records F.max_pool2d and friends under their boolean-dispatch wrapper's name.
+_FX_NAMES: dict[Any, str] = {
+    F.max_pool2d: "max_pool2d",
+    F.adaptive_max_pool2d: "adaptive_max_pool2d",
+}
+_CALL_PARAMS: dict[str, list[str]] = {
+    "conv2d": ["input", "weight", "bias", "stride", "padding", "dilation", "groups"],
+    "max_pool2d": [
+        "input",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "ceil_mode",
+        "return_indices",
+    ],
+    "avg_pool2d": [
+        "input",
+        "kernel_size",
+        "stride",
+        "padding",
+        "ceil_mode",
+        "count_include_pad",
+        "divisor_override",
+    ],
+    "lp_pool2d": ["input", "norm_type", "kernel_size", "stride", "ceil_mode"],
+}
+
+
+def fx_name(target: Any) -> str:
+    return _FX_NAMES.get(target) or str(getattr(target, "__name__", target))
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One change, as the apply table and the emitted file show it."""
+
+    op_index: int
+    op: str
+    path: str  # module path, functional call id, or "" for the model itself
+    attribute: str
+    old: str
+    new: str
+
+
+@dataclass
+class CallEdit:
+    """Set keyword arguments of the ``call``-th call of ``func`` in an owner's forward."""
+
+    func: str
+    call: int
+    values: dict[str, Any]
+    op_index: int
+
+
+@dataclass
+class OwnerRewrite:
+    """Everything that rewrites one module's forward."""
+
+    owner: str
+    calls: list[CallEdit] = field(default_factory=list)
+    append: list[tuple[str, int]] = field(default_factory=list)  # (child name, op index)
+    truncate_after: str | None = None
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, tuple) and len(value) == 2 and value[0] == value[1]:
+        return str(value[0])
+    if isinstance(value, tuple):
+        return "x".join(str(v) for v in value)
+    return str(value)
+
+
+def module_at(root: nn.Module, path: str) -> nn.Module:
+    return root if path == "" else root.get_submodule(path)
+
+
+def parent_path(path: str) -> str:
+    return path.rsplit(".", 1)[0] if "." in path else ""
+
+
+def child_name(path: str) -> str:
+    return path.rsplit(".", 1)[-1]
+
+
+class Surgery:
+    """A copy of a backbone being patched, and the record of what was done."""
+
+    def __init__(self, model: nn.Module, trace: Trace) -> None:
+        self.model = copy.deepcopy(model)
+        self.trace = trace
+        self.edits: list[Edit] = []
+        self.rewrites: dict[str, OwnerRewrite] = {}
+        self.op_index = 0
+        self.op_name = ""
+        out = trace.output_shape
+        self.out_channels = out[1] if len(out) >= 2 else out[-1]
+        self.out_spatial = len(out) == 4
+        self.in_chans = trace.input_shape[1]
+        self.new_modules: dict[str, str] = {}  # path -> constructor source, for the emitter
+
+    # -- recording ------------------------------------------------------------------
+    def record(self, path: str, attribute: str, old: Any, new: Any) -> None:
+        self.edits.append(Edit(self.op_index, self.op_name, path, attribute, fmt(old), fmt(new)))
+
+    def rewrite(self, owner: str) -> OwnerRewrite:
+        return self.rewrites.setdefault(owner, OwnerRewrite(owner))
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.model.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    # -- edits ------------------------------------------------------------------------
+    def set_attr(self, path: str, attribute: str, value: Any) -> None:
+        module = module_at(self.model, path)
+        old = getattr(module, attribute)
+        if _same(old, value):
+            return
+        setattr(module, attribute, value)
+        self.record(path, attribute, old, value)
+
+    def replace(
+        self, path: str, module: nn.Module, source: str, old: Any, new: Any, what: str
+    ) -> None:
+        parent = module_at(self.model, parent_path(path))
+        setattr(parent, child_name(path), module)
+        self.new_modules[path] = source
+        self.record(path, what, old, new)
+
+    def edit_call(self, op: SpatialOp, values: dict[str, Any]) -> None:
+        changed = {}
+        current = _call_values(op)
+        for key, value in values.items():
+            if not _same(current.get(key), value):
+                changed[key] = value
+                self.record(op.id, key, current.get(key), value)
+        if changed:
+            self.rewrite(op.owner).calls.append(CallEdit(op.func, op.call, changed, self.op_index))
+
+    def add_child(self, owner: str, name: str, module: nn.Module, source: str) -> str:
+        """Register a new module under ``owner``; returns the name actually used."""
+        parent = module_at(self.model, owner)
+        base, n = name, 1
+        while hasattr(parent, name):
+            name = f"{base}_{n}"
+            n += 1
+        parent.add_module(name, module.to(self.device))
+        path = f"{owner}.{name}" if owner else name
+        self.new_modules[path] = source
+        return name
+
+    def append_output(self, owner: str, name: str, module: nn.Module, source: str) -> str:
+        used = self.add_child(owner, name, module, source)
+        self.rewrite(owner).append.append((used, self.op_index))
+        path = f"{owner}.{used}" if owner else used
+        self.record(path, "(appended)", "-", source)
+        return used
+
+    def truncate(self, after: str, dropped: list[str]) -> None:
+        self.rewrite("").truncate_after = after
+        for path in dropped:
+            self.record(path, "(removed)", type(module_at(self.model, path)).__name__, "-")
+
+    # -- finishing ----------------------------------------------------------------------
+    def finish(self) -> nn.Module:
+        """Materialise the graph rewrites, deepest owner first; return the patched model."""
+        model = self.model
+        for owner in sorted(self.rewrites, key=lambda p: -(p.count(".") + (p != ""))):
+            module = module_at(model, owner)
+            gm = rewrite_forward(module, self.rewrites[owner], owner)
+            if owner == "":
+                model = gm
+            else:
+                setattr(module_at(model, parent_path(owner)), child_name(owner), gm)
+        return model
+
+
+def _same(a: Any, b: Any) -> bool:
+    def norm(v: Any) -> Any:
+        return tuple(v) if isinstance(v, (list, tuple)) else v
+
+    return bool(norm(a) == norm(b))
+
+
+def _call_values(op: SpatialOp) -> dict[str, Any]:
+    return {
+        "kernel_size": op.kernel,
+        "stride": op.stride,
+        "padding": op.padding,
+        "dilation": op.dilation,
+        "ceil_mode": op.ceil_mode,
+    }
+
+
+class _ChildrenAsLeaves(fx.Tracer):
+    """Trace one module's own forward; every submodule call stays a call."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name != ""
+
+
+def trace_forward(module: nn.Module, owner: str) -> fx.Graph:
+    try:
+        return _ChildrenAsLeaves().trace(module)
+    except Exception as error:  # fx raises many kinds of errors on dynamic code
+        name = owner or "the model"
+        raise SurgeryError(
+            f"cannot rewrite the forward of {name} ({type(module).__name__}): it is not "
+            f"traceable with torch.fx ({type(error).__name__}: {str(error).splitlines()[0]})"
+        ) from error
+
+
+def rewrite_forward(module: nn.Module, rw: OwnerRewrite, owner: str) -> fx.GraphModule:
+    """Trace ``module``'s forward, apply the rewrite, return an equivalent GraphModule."""
+    graph = trace_forward(module, owner)
+    for edit in rw.calls:
+        node = _nth_call(graph, edit.func, edit.call, owner)
+        names = _CALL_PARAMS.get(edit.func)
+        if names is None:
+            raise SurgeryError(f"cannot edit calls of {edit.func} in {owner or 'the model'}")
+        bound = dict(zip(names, node.args))
+        bound.update(node.kwargs)
+        bound.update(edit.values)
+        node.args = (bound.pop("input"),)
+        node.kwargs = bound
+    output = next(n for n in graph.nodes if n.op == "output")
+    if rw.truncate_after is not None:
+        target = _stage_node(graph, rw.truncate_after)
+        output.args = (target,)
+    if rw.append:
+        value = output.args[0]
+        if not isinstance(value, fx.Node):
+            raise SurgeryError(
+                f"cannot append to the output of {owner or 'the model'}: it returns "
+                f"{type(value).__name__}, not one tensor"
+            )
+        with graph.inserting_before(output):
+            for name, _ in rw.append:
+                value = graph.call_module(name, (value,))
+        output.args = (value,)
+    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    _keep_child_order(gm, module)
+    return gm
+
+
+def _nth_call(graph: fx.Graph, func: str, call: int, owner: str) -> fx.Node:
+    calls = [n for n in graph.nodes if n.op == "call_function" and fx_name(n.target) == func]
+    if call >= len(calls):
+        raise SurgeryError(
+            f"{owner or 'the model'}: the fx trace has {len(calls)} calls of {func}, "
+            f"the stage trace saw at least {call + 1}"
+        )
+    return calls[call]
+
+
+def _stage_node(graph: fx.Graph, stage: str) -> fx.Node:
+    """The node that produces a top-level stage's output (its last call)."""
+    found = None
+    if stage.endswith(")") or ")#" in stage:
+        func, _, index = stage.partition("()")
+        call = int(index[1:]) if index.startswith("#") else 0
+        return _nth_call(graph, func, call, "")
+    for node in graph.nodes:
+        if node.op == "call_module" and (
+            node.target == stage or node.target.startswith(stage + ".")
+        ):
+            found = node
+    if found is None:
+        raise SurgeryError(f"stage '{stage}' is not called in the model's forward")
+    return found
+
+
+def _keep_child_order(gm: fx.GraphModule, original: nn.Module) -> None:
+    """Order the GraphModule's children as the original registered them (state_dict order)."""
+    order = list(original._modules)
+    children = gm._modules
+    ranked = sorted(children, key=lambda k: order.index(k) if k in order else len(order))
+    gm._modules = type(children)((k, children[k]) for k in ranked)
+
+
+# -- module construction helpers used by ops --------------------------------------------------
+
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def new_module(factory: Callable[[], M], device: torch.device) -> M:
+    """Build a module on ``device`` (meta models get meta modules)."""
+    with torch.device(device):
+        return factory()
