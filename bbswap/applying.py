@@ -28,8 +28,8 @@ class ApplyResult:
     before: Trace
     after: Trace
     edits: tuple[Edit, ...]
-    model: nn.Module  # the patched model (meta unless built from real weights)
-    surgery: Surgery
+    model: nn.Module  # the patched model: from ``model=`` when given, else on the meta device
+    surgery: Surgery  # the plan, made on the meta device
 
 
 def source_input(backbone: Backbone, recipe: Recipe, input_text: str | None) -> tuple[Shape4, int]:
@@ -64,20 +64,20 @@ def apply_recipe(
     kwargs: dict[str, Any] | None = None,
     model: nn.Module | None = None,
 ) -> ApplyResult:
-    """Apply ``recipe`` to a backbone; ``model`` (real weights) replaces a meta build."""
+    """Apply ``recipe`` to a backbone.
+
+    The surgery is planned and traced on the meta device; when ``model`` (the same
+    backbone with real weights) is given, the same ops are applied to a copy of it too,
+    and ``result.model`` is that patched copy. ``model`` itself is never changed.
+    """
     backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
     shape, chans = source_input(backbone, recipe, input_shape)
-    if model is None:
-        before, source = trace(lambda: backbone.build(in_chans=chans), shape)
-    else:
-        before, source = trace_module(model, shape, device="fake"), model
+    before, source = trace(lambda: backbone.build(in_chans=chans), shape)
     for index, op in enumerate(recipe.ops):
         OPS[op.op].validate(before, op, recipe.where(index))
-    surgery = Surgery(source, before)
-    for index, op in enumerate(recipe.ops):
-        surgery.op_index, surgery.op_name = index, op.op
-        OPS[op.op].apply(surgery, op, recipe.where(index))
+    surgery = run_ops(source, before, recipe)
     patched = surgery.finish()
+    weighted = run_ops(model, before, recipe).finish() if model is not None else None
     n, _, h, w = shape
     if input_shape and len(parse_dims(input_shape, "--input")) == 4:
         wanted = parse_dims(input_shape, "--input")[1]
@@ -85,16 +85,26 @@ def apply_recipe(
             raise InvalidArgument(
                 f"--input has {wanted} channels but the patched model takes {surgery.in_chans}"
             )
-    device = "meta" if before.device == "meta" else "fake" if model is not None else "cpu"
     try:
-        after = trace_module(patched, (n, surgery.in_chans, h, w), device=device)
+        after = trace_module(patched, (n, surgery.in_chans, h, w), device=before.device)
     except _ForwardFailed as failed:
         where = f" in '{failed.stage}'" if failed.stage else ""
         raise SurgeryError(
             f"the patched model fails{where}: {type(failed.error).__name__}: "
             f"{str(failed.error).splitlines()[0]}"
         ) from failed.error
-    return ApplyResult(backbone, recipe, before, after, tuple(surgery.edits), patched, surgery)
+    return ApplyResult(
+        backbone, recipe, before, after, tuple(surgery.edits), weighted or patched, surgery
+    )
+
+
+def run_ops(model: nn.Module, before: Trace, recipe: Recipe) -> Surgery:
+    """Apply every op of ``recipe`` to a copy of ``model``."""
+    surgery = Surgery(model, before)
+    for index, op in enumerate(recipe.ops):
+        surgery.op_index, surgery.op_name = index, op.op
+        OPS[op.op].apply(surgery, op, recipe.where(index))
+    return surgery
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from bbswap.errors import BBSwapError
+from bbswap.errors import BBSwapError, InvalidArgument
 
 app = typer.Typer(
     name="bbswap",
@@ -40,6 +40,28 @@ KwOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON.")]
+OutOpt = Annotated[
+    str | None, typer.Option("--output", "-o", help="Write the patched backbone to FILE.py.")
+]
+ClassNameOpt = Annotated[
+    str | None, typer.Option(help="Class name in the written file (default from the target).")
+]
+DropinOpt = Annotated[
+    bool, typer.Option(help="The class accepts and ignores the host's constructor arguments.")
+]
+ImportOpt = Annotated[
+    bool, typer.Option("--import", help="Import the source backbone instead of bundling it.")
+]
+WeightsOpt = Annotated[
+    str | None, typer.Option(help="Checkpoint (.pth, .pt or .safetensors) of the source backbone.")
+]
+PartialOpt = Annotated[
+    bool, typer.Option(help="Load the checkpoint tensors that fit; report the rest.")
+]
+SafetensorsOpt = Annotated[
+    bool, typer.Option(help="Write the carried weights as .safetensors instead of .pth.")
+]
+ForceOpt = Annotated[bool, typer.Option(help="Overwrite existing output files.")]
 
 
 def _console() -> Console:
@@ -146,21 +168,129 @@ def apply_cmd(
         ),
     ] = None,
     kw: KwOpt = None,
+    output: OutOpt = None,
+    class_name: ClassNameOpt = None,
+    dropin: DropinOpt = False,
+    import_mode: ImportOpt = False,
+    weights: WeightsOpt = None,
+    partial: PartialOpt = False,
+    safetensors: SafetensorsOpt = False,
+    force: ForceOpt = False,
     json_out: JsonOpt = False,
     debug: Debug = False,
 ) -> None:
-    """Apply a surgery recipe and show the stages before and after, and every edit."""
+    """Apply a surgery recipe and show the stages before and after, and every edit.
+
+    With -o, write the patched backbone as a standalone Python file (verified first)."""
     from bbswap.applying import apply_dict, apply_recipe
     from bbswap.parsing import parse_kw
     from bbswap.recipe import load_recipe
-    from bbswap.render import render_apply
+    from bbswap.render import render_apply, render_export
 
     with _guard(debug):
-        result = apply_recipe(backbone, load_recipe(recipe), input_shape, kwargs=parse_kw(kw))
-        if json_out:
-            _print_json(apply_dict(result))
+        loaded = load_recipe(recipe)
+        if output is None:
+            _no_emit_options(class_name, dropin, import_mode, weights, partial, safetensors)
+            result = apply_recipe(backbone, loaded, input_shape, kwargs=parse_kw(kw))
         else:
-            render_apply(result, _console())
+            from bbswap.export import export
+
+            exported = export(
+                backbone,
+                loaded,
+                output,
+                input_shape=input_shape,
+                kwargs=parse_kw(kw),
+                weights=weights,
+                partial=partial,
+                class_name=class_name,
+                dropin=dropin,
+                import_mode=import_mode,
+                force=force,
+                safetensors=safetensors,
+            )
+            result = exported.result
+        if json_out:
+            data = apply_dict(result)
+            if output is not None:
+                data["written"] = export_dict(exported)
+            _print_json(data)
+            return
+        console = _console()
+        render_apply(result, console)
+        if output is not None:
+            render_export(exported, console)
+
+
+def _no_emit_options(*values: object) -> None:
+    if any(values):
+        raise InvalidArgument(
+            "--class-name, --dropin, --import, --weights, --partial and --safetensors "
+            "go with -o FILE.py"
+        )
+
+
+def export_dict(exported: Any) -> dict[str, Any]:
+    return {
+        "path": str(exported.path),
+        "class_name": exported.emitted.class_name,
+        "weights": str(exported.weights_path) if exported.weights_path else None,
+        "checks": [
+            {"name": c.name, "ok": c.ok, "detail": c.detail} for c in exported.report.checks
+        ],
+    }
+
+
+@app.command("verify")
+def verify_cmd(
+    target: Annotated[str, typer.Argument(help="FILE.py:Class to check.")],
+    weights: WeightsOpt = None,
+    channels: Annotated[int | None, typer.Option(help="Expected output channels.")] = None,
+    stride: Annotated[
+        str | None, typer.Option(help="Expected downsample: 16, or 32x4 (H x W), ceil rounding.")
+    ] = None,
+    like: Annotated[
+        str | None, typer.Option(help="Backbone spec whose output size must be matched.")
+    ] = None,
+    sizes: Annotated[
+        str | None, typer.Option(help="Input sizes to check, e.g. 33x97,117x293.")
+    ] = None,
+    in_chans: Annotated[
+        int | None, typer.Option("--in-chans", help="Input channels (default: first conv's).")
+    ] = None,
+    json_out: JsonOpt = False,
+    debug: Debug = False,
+) -> None:
+    """Check a generated or hand-edited backbone file: its output_size, channels, stride."""
+    from bbswap.checking import check_file
+    from bbswap.render import render_verify
+
+    with _guard(debug):
+        report = check_file(
+            target,
+            weights=weights,
+            channels=channels,
+            stride=stride,
+            like=like,
+            sizes=sizes,
+            in_chans=in_chans,
+        )
+        if json_out:
+            _print_json(
+                {
+                    "schema": "bbswap.verify/1",
+                    "target": report.target,
+                    "ok": report.ok,
+                    "checks": [
+                        {"name": c.name, "ok": c.ok, "detail": c.detail} for c in report.checks
+                    ],
+                }
+            )
+        else:
+            render_verify(report, _console())
+        from bbswap.verify import require
+
+        require(report)
 
 
 @app.command("ops")

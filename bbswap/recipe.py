@@ -19,6 +19,7 @@ happens in :mod:`bbswap.surgery` before the model is touched.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -62,7 +63,9 @@ class Op:
         for key, value in self.params.items():
             if value is None:
                 continue
-            out[key] = list(value) if isinstance(value, tuple) else value
+            if isinstance(value, tuple):
+                value = value[0] if len(value) == 2 and value[0] == value[1] else list(value)
+            out[key] = value
         return out
 
 
@@ -209,16 +212,30 @@ def _check_range(f: Field, value: float, where: str) -> None:
 
 
 def recipe_to_toml(recipe: Recipe, header: str = "") -> str:
-    """Serialise a recipe; ``header`` becomes a leading comment block."""
+    """Serialise a recipe as its files are written: top-level fields, then one
+    ``[[ops]]`` table per op; ``header`` becomes a leading comment block."""
+    top: dict[str, Any] = {"name": recipe.name}
+    for key in ("description", "backbone", "input"):
+        if getattr(recipe, key):
+            top[key] = getattr(recipe, key)
+    parts = ["".join(f"# {line}".rstrip() + "\n" for line in header.splitlines()) + _toml(top)]
+    parts += ["[[ops]]\n" + _toml(op.to_toml()) for op in recipe.ops]
+    return "\n".join(parts)
+
+
+def _toml(table: dict[str, Any]) -> str:
+    """Flat ``key = value`` lines, each value written by tomli-w."""
     import tomli_w
 
-    data: dict[str, Any] = {"name": recipe.name}
-    if recipe.description:
-        data["description"] = recipe.description
-    if recipe.backbone:
-        data["backbone"] = recipe.backbone
-    if recipe.input:
-        data["input"] = recipe.input
-    data["ops"] = [op.to_toml() for op in recipe.ops]
-    comment = "".join(f"# {line}".rstrip() + "\n" for line in header.splitlines())
-    return comment + tomli_w.dumps(data)
+    return "".join(_one_line_arrays(tomli_w.dumps({k: v})) for k, v in table.items())
+
+
+def _one_line_arrays(text: str) -> str:
+    """tomli-w writes every array one item per line; short arrays of numbers read better
+    on one line."""
+
+    def join(match: re.Match[str]) -> str:
+        items = [item.strip().rstrip(",") for item in match.group(1).splitlines()]
+        return "[" + ", ".join(items) + "]"
+
+    return re.sub(r"\[\n((?:[ ]+-?[0-9.]+,\n)+)\]", join, text)

@@ -18,7 +18,7 @@ from torch import nn
 from bbswap.errors import RecipeError, SurgeryError, choices
 from bbswap.ops_table import pair
 from bbswap.recipe import Field, Op
-from bbswap.surgery import Surgery, module_at, new_module, parent_path
+from bbswap.surgery import Surgery, module_at, new_module
 from bbswap.trace import SpatialOp, Trace
 
 Validate = Callable[[Trace, Op, str], None]
@@ -275,10 +275,6 @@ def restride(
     }
 
 
-def _block_of(o: SpatialOp) -> str:
-    return parent_path(o.id) if o.kind == "module" else o.owner
-
-
 @register(
     "stride",
     "change the stride of a reduction point or of every one in a stage, per axis",
@@ -298,23 +294,26 @@ def _block_of(o: SpatialOp) -> str:
 def stride(s: Surgery, op: Op, where: str) -> None:
     targets = stride_targets(s.trace, op["at"])
     new_stride: tuple[int, int] = op["stride"]
-    factors = [1, 1]
+    removed: dict[str, tuple[int, int]] = {}  # target id -> the stride factor it loses
     for o in targets:
         now = current(s, o)
-        for axis in range(2):
-            factors[axis] = max(factors[axis], now["stride"][axis] // new_stride[axis])
+        removed[o.id] = (
+            max(1, now["stride"][0] // new_stride[0]),
+            max(1, now["stride"][1] // new_stride[1]),
+        )
         _set(s, o, restride(o, now, new_stride, where))
-    if op["mode"] != "dilate" or factors == [1, 1]:
+    if op["mode"] != "dilate":
         return
-    first = min(o.order for o in targets)
-    block = _block_of(targets[0])
-    group = {o.id for o in targets}
+    # Every window op fed (through the traced chain of reductions) by a target is
+    # dilated by the stride removed before it, as torchvision's replace_stride_with_dilation
+    # does: the strided conv itself and parallel branches (a shortcut) keep theirs.
     for o in s.trace.ops:
-        if o.order <= first or o.id in group or o.op not in _WINDOW_OPS:
-            continue
-        if block and (o.id.startswith(block + ".") or o.owner == block):
-            continue  # the first block keeps the previous dilation
-        _dilate(s, o, factors, where)
+        factors = [1, 1]
+        for upstream in o.in_chain:
+            if upstream in removed:
+                factors = [factors[axis] * removed[upstream][axis] for axis in range(2)]
+        if o.op in _WINDOW_OPS and factors != [1, 1]:
+            _dilate(s, o, factors, where)
 
 
 def _dilate(s: Surgery, o: SpatialOp, factors: list[int], where: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from rich import box
 from rich.console import Console
@@ -10,10 +11,14 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from bbswap.applying import ApplyResult, stage_diff
-from bbswap.inspection import InspectReport
-from bbswap.registry import ListedBackbone
 from bbswap.trace import SpatialOp, Stage, Trace, describe_factor
+
+if TYPE_CHECKING:
+    from bbswap.applying import ApplyResult
+    from bbswap.export import Exported
+    from bbswap.inspection import InspectReport
+    from bbswap.registry import ListedBackbone
+    from bbswap.verify import VerifyReport
 
 
 def shape(dims: Sequence[int]) -> str:
@@ -181,6 +186,8 @@ def _ratio(a: int, b: int) -> str:
 
 
 def render_apply(result: ApplyResult, console: Console) -> None:
+    from bbswap.applying import stage_diff
+
     before, after = result.before, result.after
     console.print(
         f"[bold]{escape(result.backbone.spec)}[/bold] + recipe "
@@ -243,3 +250,37 @@ def render_ops(rows: Sequence[tuple[str, str, list[str]]], console: Console) -> 
         console.print(f"[bold]{name}[/bold]: {escape(summary)}")
         for f in fields:
             console.print(f"    {escape(f)}")
+
+
+def render_verify(report: VerifyReport, console: Console) -> None:
+    table = Table(
+        title=f"verify {escape(report.target)}",
+        title_justify="left",
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+    )
+    table.add_column("check")
+    table.add_column("result")
+    table.add_column("detail")
+    for c in report.checks:
+        table.add_row(
+            c.name,
+            Text("ok", style="green") if c.ok else Text("FAILED", style="bold red"),
+            escape(c.detail),
+        )
+    console.print(table)
+
+
+def render_export(exported: Exported, console: Console) -> None:
+    render_verify(exported.report, console)
+    if exported.load is not None:
+        load = exported.load
+        console.print(
+            f"loaded {load.loaded} tensors from the checkpoint"
+            + (f"; {len(load.missing)} missing" if load.missing else "")
+            + (f"; {len(load.unexpected)} unexpected" if load.unexpected else "")
+            + (f" ({escape(load.note)})" if load.note else "")
+        )
+    console.print(f"wrote {escape(str(exported.path))} (class {exported.emitted.class_name})")
+    if exported.weights_path is not None:
+        console.print(f"wrote {escape(str(exported.weights_path))} (its state_dict)")

@@ -73,6 +73,7 @@ class Edit:
     attribute: str
     old: str
     new: str
+    value: Any = field(default=None, compare=False, repr=False)  # the new value itself
 
 
 @dataclass
@@ -132,8 +133,10 @@ class Surgery:
         self.new_modules: dict[str, str] = {}  # path -> constructor source, for the emitter
 
     # -- recording ------------------------------------------------------------------
-    def record(self, path: str, attribute: str, old: Any, new: Any) -> None:
-        self.edits.append(Edit(self.op_index, self.op_name, path, attribute, fmt(old), fmt(new)))
+    def record(self, path: str, attribute: str, old: Any, new: Any, value: Any = None) -> None:
+        self.edits.append(
+            Edit(self.op_index, self.op_name, path, attribute, fmt(old), fmt(new), value)
+        )
 
     def rewrite(self, owner: str) -> OwnerRewrite:
         return self.rewrites.setdefault(owner, OwnerRewrite(owner))
@@ -151,7 +154,7 @@ class Surgery:
         if _same(old, value):
             return
         setattr(module, attribute, value)
-        self.record(path, attribute, old, value)
+        self.record(path, attribute, old, value, value)
 
     def replace(
         self, path: str, module: nn.Module, source: str, old: Any, new: Any, what: str
@@ -167,7 +170,7 @@ class Surgery:
         for key, value in values.items():
             if not _same(current.get(key), value):
                 changed[key] = value
-                self.record(op.id, key, current.get(key), value)
+                self.record(op.id, key, current.get(key), value, value)
         if changed:
             self.rewrite(op.owner).calls.append(CallEdit(op.func, op.call, changed, self.op_index))
 
@@ -210,7 +213,11 @@ class Surgery:
 
 
 def _same(a: Any, b: Any) -> bool:
+    """Equal values, an int counting as the pair it stands for (``0`` is ``(0, 0)``)."""
+
     def norm(v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return (v, v)
         return tuple(v) if isinstance(v, (list, tuple)) else v
 
     return bool(norm(a) == norm(b))

@@ -59,6 +59,7 @@ class SpatialOp:
     steps_h: tuple[SizeStep, ...]
     steps_w: tuple[SizeStep, ...]
     order: int
+    in_chain: tuple[str, ...] = ()  # ids of the size-changing ops that led to its input
 
     @property
     def in_hw(self) -> Pair:
@@ -268,7 +269,12 @@ class _Mode(TorchFunctionMode):
         key = (owner, name)
         call = rec.counts.get(key, 0)
         rec.counts[key] = call + 1
-        infos = [rec.tensor_info(t) for t in ins] or [_TensorInfo()]
+        infos = [rec.tensor_info(t) for t in ins]
+        if spatial is None:
+            # A gate or bias broadcast over H and W (a squeeze-excitation scale) does not
+            # decide the output's stride, chain or receptive field.
+            infos = [i for t, i in zip(ins, infos) if not _broadcast(t, outs[0])] or infos
+        infos = infos or [_TensorInfo()]
         base = max(infos, key=lambda i: (i.rf, len(i.chain)))
         info = _TensorInfo(
             (max(i.rf[0] for i in infos), max(i.rf[1] for i in infos)),
@@ -342,10 +348,21 @@ class _Mode(TorchFunctionMode):
             steps_h=sa.steps[0],
             steps_w=sa.steps[1],
             order=rec.tick(),
+            in_chain=info.chain,
         )
         rec.ops.setdefault(op_id, op)
         chain = info.chain + ((op_id,) if op.changes_size else ())
         return _TensorInfo((rf[0], rf[1]), (jump[0], jump[1]), chain)
+
+
+def _broadcast(t: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether ``t`` is 1x1 in space and broadcast over a larger H, W of ``out``."""
+    return (
+        t.dim() >= 3
+        and out.dim() >= 3
+        and tuple(t.shape[-2:]) == (1, 1)
+        and tuple(out.shape[-2:]) != (1, 1)
+    )
 
 
 def _changes_shape(ins: list[torch.Tensor], out: torch.Tensor) -> bool:

@@ -1,0 +1,68 @@
+"""``bbswap verify``: check any backbone file against what it should produce."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bbswap.errors import InvalidArgument
+from bbswap.inspection import first_conv_in_channels, inspect_backbone
+from bbswap.parsing import parse_dims, parse_sizes
+from bbswap.verify import VerifyReport, construct, import_file, verify_model
+from bbswap.weights import read_checkpoint
+
+DEFAULT_SIZES = [(33, 97), (64, 64), (61, 203), (117, 293), (128, 316)]
+
+
+def parse_stride(text: str) -> tuple[int, int]:
+    dims = parse_dims(text, "--stride")
+    if len(dims) == 1:
+        return (dims[0], dims[0])
+    if len(dims) == 2:
+        return (dims[0], dims[1])
+    raise InvalidArgument(f"malformed --stride '{text}': expected 16 or HxW such as 32x4")
+
+
+def like_sizes(spec: str, sizes: list[tuple[int, int]]) -> dict[tuple[int, int], tuple[int, int]]:
+    """Another backbone's output H, W at each size (its features, for a classifier)."""
+    report = inspect_backbone(spec, f"{sizes[0][0]}x{sizes[0][1]}", sizes=sizes)
+    out = {}
+    for check in report.sizes:
+        if check.traced_hw is None:
+            raise InvalidArgument(f"--like {spec}: its output is not spatial")
+        out[check.input_hw] = check.traced_hw
+    return out
+
+
+def check_file(
+    target: str,
+    *,
+    weights: str | None = None,
+    channels: int | None = None,
+    stride: str | None = None,
+    like: str | None = None,
+    sizes: str | None = None,
+    in_chans: int | None = None,
+) -> VerifyReport:
+    path_text, sep, class_name = target.rpartition(":")
+    if not sep or not class_name or not path_text.endswith(".py"):
+        raise InvalidArgument(f"malformed target '{target}': expected FILE.py:Class")
+    if channels is not None and channels <= 0:
+        raise InvalidArgument(f"--channels must be positive, got {channels}")
+    wanted_stride = parse_stride(stride) if stride is not None else None
+    size_list = parse_sizes(sizes) if sizes is not None else DEFAULT_SIZES
+    module = import_file(Path(path_text))
+    model = construct(module, class_name, path_text)
+    chans = in_chans or first_conv_in_channels(model)
+    if chans is None:
+        raise InvalidArgument(f"cannot tell the input channels of {class_name}; pass --in-chans")
+    state = read_checkpoint(weights)[0] if weights is not None else None
+    return verify_model(
+        model,
+        target,
+        in_chans=chans,
+        sweep=size_list,
+        state=state,
+        channels=channels,
+        stride=wanted_stride,
+        like=(like, like_sizes(like, size_list)) if like is not None else None,
+    )

@@ -1,0 +1,360 @@
+"""Python source from torch.fx graphs and from the modules a patched model needs.
+
+``forward_source`` writes a graph's forward as one statement per node with an import
+table (``F.`` for torch.nn.functional, ``torch.`` for torch, infix operators);
+``bundle`` extracts from a module's source the top-level definitions a name needs,
+with their imports, so an emitted file stands alone.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import inspect
+import keyword
+import math
+import operator
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from bbswap.errors import SurgeryError
+from bbswap.surgery import fx_name
+
+_INFIX = {
+    operator.add: "+",
+    operator.sub: "-",
+    operator.mul: "*",
+    operator.truediv: "/",
+    operator.floordiv: "//",
+    operator.matmul: "@",
+    operator.pow: "**",
+}
+
+
+_SAME_IMPORT = {
+    "import torch.nn as nn": "from torch import nn",
+    "from torch.nn import functional as F": "import torch.nn.functional as F",
+}
+
+
+@dataclass
+class Imports:
+    """The import table of a generated file."""
+
+    lines: set[str] = field(default_factory=lambda: {"import torch", "from torch import nn"})
+
+    def add(self, line: str) -> None:
+        self.lines.add(_SAME_IMPORT.get(line, line))
+
+    def render(self) -> str:
+        """Standard library first, then the rest, each as isort orders them."""
+        groups: list[list[str]] = [[], []]
+        for line in self.lines:
+            top = line.split()[1].split(".")[0]
+            groups[0 if top in sys.stdlib_module_names else 1].append(line)
+        blocks = []
+        for group in groups:
+            plain = sorted(x for x in group if x.startswith("import "))
+            froms = sorted(x for x in group if x.startswith("from "))
+            if group:
+                blocks.append("\n".join(plain + froms))
+        return "\n\n".join(blocks)
+
+
+def attr_path(base: str, target: str) -> str:
+    """``self`` + ``layer1.0.conv1`` -> ``self.layer1[0].conv1`` for indexable children."""
+    out = base
+    for part in target.split("."):
+        out = f"{out}[{part}]" if part.isdigit() else f"{out}.{part}"
+    return out
+
+
+def module_access(base: str, target: str) -> str:
+    """Access for a submodule call in a forward: ``getattr`` for numeric names
+    (a generic module is not indexable, and TorchScript needs a constant name)."""
+    out = base
+    for part in target.split("."):
+        out = f'getattr({out}, "{part}")' if part.isdigit() else f"{out}.{part}"
+    return out
+
+
+def literal(value: Any, imports: Imports) -> str:
+    """Source for a constant argument of a graph node."""
+    if isinstance(value, fx.Node):
+        return value.name
+    if isinstance(value, (list, tuple)):
+        items = [literal(v, imports) for v in value]
+        if isinstance(value, tuple):
+            return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
+        return f"[{', '.join(items)}]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {literal(v, imports)}" for k, v in value.items()) + "}"
+    if isinstance(value, slice):
+        parts = [literal(p, imports) if p is not None else "" for p in (value.start, value.stop)]
+        step = f":{literal(value.step, imports)}" if value.step is not None else ""
+        return f"{parts[0]}:{parts[1]}{step}"
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if isinstance(value, torch.device):
+        return f"torch.device({str(value)!r})"
+    if isinstance(value, float) and (math.isinf(value) or math.isnan(value)):
+        imports.add("import math")
+        return "math.inf" if value > 0 else "-math.inf" if math.isinf(value) else "math.nan"
+    if value is Ellipsis:
+        return "..."
+    if isinstance(value, str):
+        return string(value)
+    if isinstance(value, (int, float, bool, type(None))):
+        return repr(value)
+    raise SurgeryError(f"cannot write the constant {value!r} ({type(value).__name__}) as source")
+
+
+def _call_args(node: fx.Node, imports: Imports, skip: int = 0) -> str:
+    args = [literal(a, imports) for a in node.args[skip:]]
+    args += [f"{k}={literal(v, imports)}" for k, v in node.kwargs.items()]
+    return ", ".join(args)
+
+
+def function_ref(target: Any, imports: Imports, local: set[str]) -> str:
+    """How generated code names a called function."""
+    name = fx_name(target)
+    module = getattr(target, "__module__", None) or ""
+    functional = target in _FUNCTIONAL_IDS or module in ("torch.nn.functional", "torch._C._nn")
+    if functional and hasattr(F, name):
+        imports.add("import torch.nn.functional as F")
+        return f"F.{name}"
+    from_torch = getattr(torch, name, None) is target or module in (
+        "torch",
+        "torch._C._VariableFunctions",
+    )
+    if from_torch and hasattr(torch, name):
+        return f"torch.{name}"
+    if module == "math":
+        imports.add("import math")
+        return f"math.{name}"
+    if getattr(builtins, name, None) is target:
+        return name
+    if name in local:
+        return name
+    if module == "operator":
+        imports.add("import operator")
+        return f"operator.{name}"
+    raise SurgeryError(
+        f"cannot name the function {module}.{name} in generated code (it is neither from "
+        "torch nor bundled)"
+    )
+
+
+_FUNCTIONAL_IDS = {F.max_pool2d, F.adaptive_max_pool2d, F.max_pool1d, F.max_pool3d}
+
+
+def forward_source(
+    graph: fx.Graph, imports: Imports, local: set[str], comments: dict[str, str] | None = None
+) -> str:
+    """A ``def forward`` for ``graph``: one statement per node."""
+    comments = comments or {}
+    params: list[str] = []
+    body: list[str] = []
+    for node in graph.nodes:
+        note = f"  # {comments[node.name]}" if node.name in comments else ""
+        if node.op == "placeholder":
+            params.append(f"{node.name}: torch.Tensor")
+        elif node.op == "get_attr":
+            body.append(f"{node.name} = {attr_path('self', str(node.target))}{note}")
+        elif node.op == "call_module":
+            call = module_access("self", str(node.target))
+            body.append(f"{node.name} = {call}({_call_args(node, imports)}){note}")
+        elif node.op == "call_method":
+            obj = literal(node.args[0], imports)
+            body.append(f"{node.name} = {obj}.{node.target}({_call_args(node, imports, 1)}){note}")
+        elif node.op == "call_function":
+            body.append(f"{node.name} = {_function_call(node, imports, local)}{note}")
+        elif node.op == "output":
+            body.append(f"return {literal(node.args[0], imports)}")
+    signature = ", ".join(["self", *params])
+    return f"def forward({signature}):\n" + "\n".join(wrap(line, 4, 96) for line in body)
+
+
+def _function_call(node: fx.Node, imports: Imports, local: set[str]) -> str:
+    target = node.target
+    if target in _INFIX and len(node.args) == 2 and not node.kwargs:
+        a, b = (literal(x, imports) for x in node.args)
+        return f"{a} {_INFIX[target]} {b}"
+    if target is operator.getitem:
+        obj, index = node.args
+        if isinstance(index, tuple):
+            inner = ", ".join(literal(i, imports) for i in index)
+        else:
+            inner = literal(index, imports)
+        return f"{literal(obj, imports)}[{inner}]"
+    if target is getattr:
+        obj, name = node.args
+        return f"{literal(obj, imports)}.{name}"
+    return f"{function_ref(target, imports, local)}({_call_args(node, imports)})"
+
+
+def identifier(text: str) -> str:
+    out = "".join(c if c.isalnum() or c == "_" else "_" for c in text)
+    if not out or out[0].isdigit() or keyword.iskeyword(out):
+        out = "_" + out
+    return out
+
+
+# -- bundling ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Bundle:
+    """Top-level definitions copied from a source file, in their original order."""
+
+    origin: str
+    sources: list[str]
+    names: set[str]
+
+
+def _top_level(tree: ast.Module) -> dict[str, ast.stmt]:
+    defs: dict[str, ast.stmt] = {}
+    for stmt in tree.body:
+        if isinstance(stmt, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+            defs[stmt.name] = stmt
+        elif isinstance(stmt, (ast.Assign, ast.AnnAssign)):
+            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+            for t in targets:
+                if isinstance(t, ast.Name):
+                    defs[t.id] = stmt
+    return defs
+
+
+def _imported_names(stmt: ast.stmt) -> list[str]:
+    if isinstance(stmt, ast.Import):
+        return [(a.asname or a.name).split(".")[0] for a in stmt.names]
+    if isinstance(stmt, ast.ImportFrom):
+        return [a.asname or a.name for a in stmt.names]
+    return []
+
+
+def bundle(source: str, roots: Iterable[str], origin: str, imports: Imports) -> Bundle:
+    """Copy the definitions ``roots`` need from ``source`` (a whole module's text)."""
+    tree = ast.parse(source)
+    defs = _top_level(tree)
+    import_stmts = {
+        name: stmt
+        for stmt in tree.body
+        if isinstance(stmt, (ast.Import, ast.ImportFrom))
+        for name in _imported_names(stmt)
+    }
+    needed: set[str] = set()
+    used_imports: set[str] = set()
+    todo = [r for r in roots if r in defs]
+    missing = [r for r in roots if r not in defs]
+    if missing:
+        raise SurgeryError(f"{origin} does not define {', '.join(missing)} at top level")
+    while todo:
+        name = todo.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        for node in ast.walk(defs[name]):
+            if isinstance(node, ast.Name):
+                if node.id in defs and node.id not in needed:
+                    todo.append(node.id)
+                elif node.id in import_stmts:
+                    used_imports.add(node.id)
+    for name in sorted(used_imports):
+        stmt = import_stmts[name]
+        if isinstance(stmt, ast.ImportFrom) and stmt.module == "__future__":
+            continue
+        text = ast.unparse(stmt)
+        if isinstance(stmt, ast.ImportFrom) and len(stmt.names) > 1:
+            # keep only the names used
+            kept = [a for a in stmt.names if (a.asname or a.name) in used_imports]
+            text = ast.unparse(ast.ImportFrom(stmt.module, kept, stmt.level))
+        imports.add(text)
+    lines = source.splitlines()
+    chunks = []
+    seen: set[int] = set()
+    for top in tree.body:
+        names = [n for n, d in defs.items() if d is top and n in needed]
+        if not names or id(top) in seen:
+            continue
+        seen.add(id(top))
+        start = min([top.lineno] + [d.lineno for d in getattr(top, "decorator_list", [])])
+        end = top.end_lineno or top.lineno
+        chunks.append("\n".join(lines[start - 1 : end]))
+    return Bundle(origin, chunks, needed)
+
+
+def module_source(module: ModuleType) -> str:
+    try:
+        return inspect.getsource(module)
+    except (OSError, TypeError) as error:
+        raise SurgeryError(f"the source of {module.__name__} is not available: {error}") from None
+
+
+def file_source(path: str) -> str:
+    return Path(path).read_text(encoding="utf-8")
+
+
+def string(value: str) -> str:
+    """A string literal in double quotes, as the formatter writes them."""
+    text = repr(value)
+    if text.startswith("'") and '"' not in value:
+        text = '"' + text[1:-1].replace("\\'", "'") + '"'
+    return text
+
+
+def _split_args(inner: str) -> list[str]:
+    args, depth, quote, start = [], 0, "", 0
+    for i, c in enumerate(inner):
+        if quote:
+            if c == quote and inner[i - 1] != "\\":
+                quote = ""
+        elif c in "\"'":
+            quote = c
+        elif c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif c == "," and depth == 0:
+            args.append(inner[start:i].strip())
+            start = i + 1
+    tail = inner[start:].strip()
+    if tail:
+        args.append(tail)
+    return args
+
+
+def wrap(stmt: str, indent: int, limit: int = 100) -> str:
+    """Indent a statement, splitting a too-long final call the way ruff format does."""
+    pad = " " * indent
+    if len(pad + stmt) <= limit or not stmt.rstrip().endswith(")"):
+        return pad + stmt
+    code, comment = stmt, ""
+    if "  # " in stmt:
+        code, comment = stmt.split("  # ", 1)
+        comment = "  # " + comment
+    depth, open_at = 0, -1
+    for i in range(len(code) - 1, -1, -1):
+        if code[i] == ")":
+            depth += 1
+        elif code[i] == "(":
+            depth -= 1
+            if depth == 0:
+                open_at = i
+                break
+    if open_at <= 0:
+        return pad + stmt
+    head, args = code[: open_at + 1], _split_args(code[open_at + 1 : -1])
+    one = f"{pad}    {', '.join(args)}"
+    if len(one) <= limit:
+        return f"{pad}{head}{comment}\n{one}\n{pad})"
+    lines = "\n".join(f"{pad}    {a}," for a in args)
+    return f"{pad}{head}{comment}\n{lines}\n{pad})"

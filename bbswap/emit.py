@@ -1,0 +1,492 @@
+"""Write a patched backbone as one standalone, readable Python file.
+
+The file holds, in order: a docstring stating its contract (source backbone, the
+recipe in full, traced shapes, params, MACs, size rule); the imports; the source
+backbone's code, bundled from the file that defines it (only the definitions it
+needs); one class per rewritten forward; and the patched class, whose ``__init__``
+builds the source backbone and applies every edit as an explicit statement with a
+comment naming its recipe op, and whose ``forward`` is one statement per call.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from torch import fx, nn
+
+from bbswap import __version__
+from bbswap.applying import ApplyResult
+from bbswap.codegen import (
+    Imports,
+    bundle,
+    file_source,
+    forward_source,
+    identifier,
+    literal,
+    module_source,
+    wrap,
+)
+from bbswap.errors import SurgeryError
+from bbswap.recipe import recipe_to_toml
+from bbswap.registry import Backbone
+from bbswap.surgery import Edit, _ChildrenAsLeaves, child_name, module_at, parent_path
+from bbswap.trace import describe_factor
+
+_FAMILIES = {
+    "resnet": "ResNet",
+    "densenet": "DenseNet",
+    "vgg": "VGG",
+    "mobilenet": "MobileNet",
+    "convnext": "ConvNeXt",
+    "efficientnet": "EfficientNet",
+}
+
+
+def count(n: int) -> str:
+    return f"{n:,}"
+
+
+def shape(dims: tuple[int, ...]) -> str:
+    return "x".join(str(d) for d in dims)
+
+
+def default_class_name(backbone: str, channels: int, downsample: tuple[float, float]) -> str:
+    """``resnet50``, 684, (16, 16) -> ``ResNet50C684S16``."""
+    name = backbone.split(":")[-1]
+    parts = [p for p in re.split(r"[^0-9A-Za-z]+", name) if p]
+    words = []
+    for part in parts:
+        for prefix, cased in _FAMILIES.items():
+            if part.lower().startswith(prefix):
+                part = cased + part[len(prefix) :]
+                break
+        words.append(part[:1].upper() + part[1:])
+    stride = describe_factor(downsample).replace("/", "_")
+    return identifier("".join(words) + f"C{channels}S{stride}")
+
+
+@dataclass(frozen=True)
+class Emitted:
+    source: str
+    class_name: str
+
+
+def emit(
+    result: ApplyResult,
+    *,
+    class_name: str | None = None,
+    dropin: bool = False,
+    import_mode: bool = False,
+) -> Emitted:
+    """The source of a standalone module for a patched backbone."""
+    after = result.after
+    name = class_name or default_class_name(
+        result.backbone.name, after.output_shape[1], after.downsample
+    )
+    if not name.isidentifier():
+        raise SurgeryError(f"--class-name '{name}' is not a Python identifier")
+    imports = Imports()
+    body_source, builder, local, note = _source_code(result.backbone, imports, import_mode)
+    patched = result.model
+    helpers, wrappers = _edited_classes(result, patched, imports, local)
+    root = _root_class(result, patched, name, builder, wrappers, imports, local, dropin)
+    doc = _docstring(result, name, note, dropin)
+    parts = [imports.render()]
+    if body_source:
+        parts.append(body_source)
+    parts += [*helpers, _output_size_code(result), root]
+    text = doc + "\n\n" + "\n\n\n".join(p.strip("\n") for p in parts) + "\n"
+    return Emitted(text, name)
+
+
+# -- the source backbone ----------------------------------------------------------------------
+
+
+def _source_code(
+    backbone: Backbone, imports: Imports, import_mode: bool
+) -> tuple[str, str, set[str], str]:
+    """Bundled (or imported) code of the source backbone; returns the code, the builder
+    call, the names it defines and a note for the docstring."""
+    args = ", ".join(
+        f"{k}={_safe_literal(k, v)}" for k, v in sorted(_build_kwargs(backbone).items())
+    )
+    call = f"{backbone.attr}({args})"
+    if backbone.kind in ("tv", "timm"):
+        raise SurgeryError(
+            f"emitting {backbone.spec} is not supported yet: only zoo backbones and user "
+            "files or modules can be written out"
+        )
+    if import_mode:
+        origin = backbone.source
+        if backbone.kind == "file":
+            raise SurgeryError("--import needs a package.module:Name spec, not a file path")
+        imports.add(f"from {origin} import {backbone.attr}")
+        return "", call, {backbone.attr}, f"imports {backbone.attr} from {origin} (--import mode)"
+    if backbone.kind == "file":
+        text, origin = file_source(backbone.source), backbone.source.replace("\\", "/")
+        origin = origin.rsplit("/", 1)[-1]
+    else:
+        text, origin = module_source(importlib.import_module(backbone.source)), backbone.source
+    b = bundle(text, [backbone.attr], origin, imports)
+    note = f"bundles {backbone.attr} and what it needs from {origin}"
+    return "\n\n\n".join(b.sources), call, b.names, note
+
+
+def _build_kwargs(backbone: Backbone) -> dict[str, Any]:
+    kwargs = dict(backbone.kwargs)
+    if backbone.takes_in_chans and "in_chans" not in kwargs and backbone.in_chans is not None:
+        kwargs["in_chans"] = backbone.in_chans
+    return kwargs
+
+
+def _safe_literal(key: str, value: Any) -> str:
+    """A constructor argument as source, only if it is a plain literal."""
+    text = repr(value)
+    try:
+        same = ast.literal_eval(text) == value
+    except (ValueError, SyntaxError):
+        same = False
+    if not same or not key.isidentifier():
+        raise SurgeryError(f"constructor argument {key}={text[:40]} cannot be written as a literal")
+    return text
+
+
+# -- rewritten forwards -----------------------------------------------------------------------
+
+
+def _edited_classes(
+    result: ApplyResult, patched: nn.Module, imports: Imports, local: set[str]
+) -> tuple[list[str], dict[str, str]]:
+    """One class per distinct rewritten forward (the model's own excepted); returns the
+    class sources and, per owner path, the class that wraps it."""
+    by_code: dict[str, str] = {}
+    sources: list[str] = []
+    wrappers: dict[str, str] = {}
+    owners = sorted((o for o in result.surgery.rewrites if o), key=lambda p: (-p.count("."), p))
+    for owner in owners:
+        gm = module_at(patched, owner)
+        if not isinstance(gm, fx.GraphModule):
+            raise SurgeryError(f"{owner} was not rewritten")  # a bug: finish() makes them
+        rw = result.surgery.rewrites[owner]
+        comments = {n: f"op {i}" for n, i in rw.append}
+        forward = forward_source(gm.graph, imports, local, comments)
+        adopt = _adopt_lines(gm, "base")
+        key = forward + "\n".join(adopt)
+        if key not in by_code:
+            base = type(module_at(result.surgery.model, owner)).__name__
+            what = "Dropout" if all(_is_dropout(gm, n) for n, _ in rw.append) and rw.append else ""
+            cls = _unique(f"{base}{what or 'Edited'}", set(by_code.values()) | local)
+            by_code[key] = cls
+            ops = sorted({e.op_index for e in rw.calls} | {i for _, i in rw.append})
+            doc = f'"""{base} with its forward rewritten by recipe op(s) {_join(ops)}."""'
+            sources.append(_class_source(cls, doc, "base: nn.Module", adopt, forward))
+        wrappers[owner] = by_code[key]
+    return sources, wrappers
+
+
+def _is_dropout(gm: nn.Module, name: str) -> bool:
+    return isinstance(getattr(gm, name, None), nn.Dropout)
+
+
+def _join(items: list[int]) -> str:
+    return ", ".join(str(i) for i in items)
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    out, n = name, 2
+    while out in taken:
+        out = f"{name}{n}"
+        n += 1
+    return out
+
+
+def _adopt_lines(module: nn.Module, base: str) -> list[str]:
+    lines = []
+    for name in module._modules:
+        lines.append(
+            _assign(
+                "self",
+                name,
+                f"{base}.{name}" if name.isidentifier() else f'getattr({base}, "{name}")',
+            )
+        )
+    for name, _ in module.named_parameters(recurse=False):
+        lines.append(f"self.{name} = {base}.{name}")
+    for name, _ in module.named_buffers(recurse=False):
+        lines.append(f'self.register_buffer("{name}", {base}.{name})')
+    return lines
+
+
+def _assign(obj: str, name: str, value: str) -> str:
+    if name.isidentifier():
+        return f"{obj}.{name} = {value}"
+    return f'{obj}.add_module("{name}", {value})'
+
+
+def _class_source(name: str, doc: str, init_args: str, init_body: list[str], forward: str) -> str:
+    init = "\n".join(wrap(line, 8) for line in ["super().__init__()", *init_body])
+    return (
+        f"class {name}(nn.Module):\n"
+        f"    {doc}\n\n"
+        f"    def __init__(self, {init_args}) -> None:\n" + init + "\n\n" + _indent(forward, 4)
+    )
+
+
+def _indent(text: str, n: int) -> str:
+    pad = " " * n
+    return "\n".join(pad + line if line else line for line in text.splitlines())
+
+
+# -- the patched class --------------------------------------------------------------------------
+
+
+def _path_expr(model: nn.Module, base: str, path: str) -> str:
+    """Source that reaches ``path`` from ``base`` (indexing Sequential and ModuleList)."""
+    out, module = base, model
+    for part in path.split(".") if path else []:
+        indexable = isinstance(module, (nn.Sequential, nn.ModuleList))
+        if part.isdigit() and indexable:
+            out = f"{out}[{part}]"
+        elif part.isidentifier():
+            out = f"{out}.{part}"
+        else:
+            out = f'getattr({out}, "{part}")'
+        module = module._modules[part]  # type: ignore[assignment]  # present by construction
+    return out
+
+
+def _set_expr(model: nn.Module, base: str, path: str, value: str) -> str:
+    parent = module_at(model, parent_path(path))
+    name = child_name(path)
+    target = _path_expr(model, base, parent_path(path))
+    if name.isdigit() and isinstance(parent, (nn.Sequential, nn.ModuleList)):
+        return f"{target}[{name}] = {value}"
+    if name.isidentifier():
+        return f"{target}.{name} = {value}"
+    return f'setattr({target}, "{name}", {value})'
+
+
+def _edit_lines(result: ApplyResult, wrappers: dict[str, str]) -> list[str]:
+    """The statements that turn the source backbone into the patched one."""
+    model = result.surgery.model  # has every edit's path, with the names they got
+    lines: list[str] = []
+    by_op: dict[int, list[Edit]] = {}
+    for e in result.edits:
+        by_op.setdefault(e.op_index, []).append(e)
+    for index, edits in by_op.items():
+        op = result.recipe.ops[index]
+        lines.append(f"# op {index}: {op.op} " + _op_summary(op.params))
+        removed = [e.path for e in edits if e.attribute == "(removed)"]
+        if op.op == "dropout":
+            lines += _dropout_loop(op, edits, model, result.surgery.new_modules)
+            continue
+        for e in edits:
+            if e.attribute == "(removed)":
+                continue
+            if (
+                e.path in result.surgery.new_modules
+                and "." not in e.path
+                and e.attribute == "(appended)"
+            ):
+                continue  # a new top-level module: built where the children are adopted
+            if e.path in result.surgery.new_modules:
+                lines.append(_set_expr(model, "body", e.path, result.surgery.new_modules[e.path]))
+            elif e.path.endswith(")") or ")#" in e.path:
+                lines.append(f"# {e.path}: {e.attribute} {e.old} -> {e.new} (in the forward)")
+            else:
+                target = _path_expr(model, "body", e.path)
+                lines.append(f"{target}.{e.attribute} = {literal(e.value, Imports())}")
+        if removed:
+            lines.append(f"# the forward stops after {op['after']}; dropped: {', '.join(removed)}")
+    if wrappers:
+        lines.append("# blocks whose forward the recipe rewrote")
+        for owner, cls in wrappers.items():
+            lines.append(
+                _set_expr(model, "body", owner, f"{cls}({_path_expr(model, 'body', owner)})")
+            )
+    return lines
+
+
+def _dropout_loop(op: Any, edits: list[Edit], model: nn.Module, new: dict[str, str]) -> list[str]:
+    """``block.dropout = nn.Dropout(p)`` for every block of the op's class, as a loop."""
+    names = {child_name(e.path) for e in edits}
+    if len(names) != 1:  # a block already had a 'dropout' attribute: spell each one out
+        return [_set_expr(model, "body", e.path, new[e.path]) for e in edits]
+    cls = op["block"]
+    return [
+        f'for block in [m for m in body.modules() if type(m).__name__ == "{cls}"]:',
+        f"    block.{names.pop()} = {new[edits[0].path]}",
+    ]
+
+
+def _op_summary(params: Any) -> str:
+    shown = {k: v for k, v in params.items() if v is not None}
+    text = ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v!r}" for k, v in shown.items())
+    return f"({text})"
+
+
+def _root_class(
+    result: ApplyResult,
+    patched: nn.Module,
+    name: str,
+    builder: str,
+    wrappers: dict[str, str],
+    imports: Imports,
+    local: set[str],
+    dropin: bool,
+) -> str:
+    rw = result.surgery.rewrites.get("")
+    if isinstance(patched, fx.GraphModule) and rw is not None:
+        graph = patched.graph
+        comments = {n: f"op {i}" for n, i in rw.append}
+    else:
+        graph = _trace_root(patched)
+        comments = {}
+    forward = forward_source(graph, imports, local, comments)
+    body = [f"body = {builder}"]
+    body += _edit_lines(result, wrappers)
+    body.append("# the source backbone's modules, under their own names (state_dict keys)")
+    new = {
+        e.path: result.surgery.new_modules[e.path]
+        for e in result.edits
+        if e.attribute == "(appended)"
+    }
+    for child in patched._modules:
+        if child in new:
+            body.append(_assign("self", child, new[child]))
+        else:
+            value = f"body.{child}" if child.isidentifier() else f'getattr(body, "{child}")'
+            body.append(_assign("self", child, value))
+    for pname, _ in patched.named_parameters(recurse=False):
+        body.append(f"self.{pname} = body.{pname}")
+    for bname, _ in patched.named_buffers(recurse=False):
+        body.append(f'self.register_buffer("{bname}", body.{bname})')
+    if dropin:
+        init_args = "*args: Any, **kwargs: Any"
+        imports.add("from typing import Any")
+        body.insert(0, "del args, kwargs  # a drop-in: the host's own arguments are ignored")
+    else:
+        init_args = ""
+    rules = result.after.size_rules()
+    doc = (
+        f'"""{result.backbone.spec} patched by recipe {result.recipe.name}: '
+        f"{result.after.output_shape[1]} channels at 1/{describe_factor(result.after.downsample)}; "
+        f'{rules[0].format("H")}, {rules[1].format("W")}."""'
+    )
+    init = "\n".join(wrap(line, 8) for line in ["super().__init__()", *body])
+    size_method = (
+        "@staticmethod\n"
+        "def output_size(h: int, w: int) -> tuple[int, int]:\n"
+        '    """The output (H, W) for an input of (h, w), from the reduction chain."""\n'
+        "    return _through(_CHAIN_H, h), _through(_CHAIN_W, w)"
+    )
+    return (
+        f"class {name}(nn.Module):\n"
+        f"    {doc}\n\n"
+        f"    def __init__(self{', ' + init_args if init_args else ''}) -> None:\n"
+        + init
+        + "\n\n"
+        + _indent(forward, 4)
+        + "\n\n"
+        + _indent(size_method, 4)
+    )
+
+
+def _trace_root(model: nn.Module) -> fx.Graph:
+    try:
+        return _ChildrenAsLeaves().trace(model)
+    except Exception as error:  # fx raises many kinds of errors on dynamic code
+        raise SurgeryError(
+            f"cannot write the forward of {type(model).__name__}: not traceable with torch.fx "
+            f"({type(error).__name__}: {str(error).splitlines()[0]})"
+        ) from error
+
+
+# -- output_size ----------------------------------------------------------------------------------
+
+
+def _output_size_code(result: ApplyResult) -> str:
+    t = result.after
+    rows_h: list[str] = []
+    rows_w: list[str] = []
+    by_id = {o.id: o for o in t.ops}
+    for op_id in t.chain:
+        o = by_id[op_id]
+        for steps, rows in ((o.steps_h, rows_h), (o.steps_w, rows_w)):
+            for s in steps:
+                rows.append(
+                    f'    ("{s.kind}", {s.kernel}, {s.stride}, {s.padding}, {s.dilation}, '
+                    f"{s.ceil}, {s.pool}, {s.value!r}),  # {op_id}"
+                )
+    table = (
+        "# The reduction chain from input to output, one step per size-changing op:\n"
+        "# (kind, kernel, stride, padding, dilation, ceil_mode, is_pool, value).\n"
+        + "Step = tuple[str, int, int, int, int, bool, bool, float]\n\n"
+        + _tuple_block("_CHAIN_H", rows_h)
+        + "\n"
+        + _tuple_block("_CHAIN_W", rows_w)
+    )
+    helper = '''def _through(chain: tuple[Step, ...], n: int) -> int:
+    """Apply PyTorch's output-size formulas of a chain of steps to one axis."""
+    for kind, k, s, p, d, ceil, pool, value in chain:
+        if kind == "fixed":
+            n = int(value)
+        elif kind == "scale":
+            n = int(n * value)
+        elif kind == "pad":
+            n = n + p
+        elif kind == "transpose":
+            n = (n - 1) * s - 2 * p + d * (k - 1) + int(value) + 1
+        else:
+            span = n + 2 * p - d * (k - 1) - 1
+            out = -(-span // s) + 1 if ceil else span // s + 1
+            if ceil and pool and (out - 1) * s >= n + p:
+                out -= 1
+            n = out
+    return n'''
+    return table.rstrip("\n") + "\n\n\n" + helper
+
+
+def _tuple_block(name: str, rows: list[str]) -> str:
+    if not rows:
+        return f"{name}: tuple[Step, ...] = ()\n"
+    return f"{name}: tuple[Step, ...] = (\n" + "\n".join(rows) + "\n)\n"
+
+
+# -- the docstring ------------------------------------------------------------------------------
+
+
+def _docstring(result: ApplyResult, name: str, note: str, dropin: bool) -> str:
+    t, before = result.after, result.before
+    rules = t.size_rules()
+    recipe_text = recipe_to_toml(result.recipe).rstrip()
+    lines = [
+        f"{name}: {result.backbone.spec} after backbone surgery (recipe {result.recipe.name}).",
+        "",
+        f"Generated by bbswap {__version__}; needs only torch. This file {note}.",
+        "",
+        f"Source backbone: {result.backbone.spec}",
+        f"Traced input:    {shape(t.input_shape)} -> output {shape(t.output_shape)} "
+        f"(the source gave {shape(before.output_shape)} for {shape(before.input_shape)})",
+        f"Downsample:      {describe_factor(t.downsample)}",
+        f"Size rule:       {rules[0].format('H')}, {rules[1].format('W')} "
+        f"({name}.output_size(h, w) computes it exactly)",
+        f"Params:          {count(t.params)}",
+        f"MACs:            {count(t.macs)} at the traced input",
+    ]
+    if dropin:
+        lines.append(
+            f"Drop-in:         {name}(*args, **kwargs) ignores its arguments, so it can replace "
+            "the host's class."
+        )
+    lines += ["", "Recipe:", ""] + [
+        "    " + line if line else "" for line in recipe_text.splitlines()
+    ]
+    body = "\n".join(line.rstrip() for line in lines)
+    if '"""' in body or "\\" in body:
+        body = body.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
+    return f'"""{body}\n"""'

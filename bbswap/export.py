@@ -1,0 +1,110 @@
+"""Emit a patched backbone to disk: build it with real weights, write the source,
+prove the file equal to the in-memory model, then write the file and its weights."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bbswap.applying import ApplyResult, apply_recipe, source_input
+from bbswap.emit import Emitted, emit
+from bbswap.errors import InvalidArgument
+from bbswap.recipe import Recipe
+from bbswap.registry import Backbone, resolve
+from bbswap.verify import VerifyReport, construct, import_file, require, sweep_sizes, verify_model
+from bbswap.weights import LoadReport, atomic_write, load_into, read_checkpoint, save_state
+
+
+@dataclass(frozen=True)
+class Exported:
+    path: Path
+    weights_path: Path | None
+    emitted: Emitted
+    result: ApplyResult
+    report: VerifyReport
+    load: LoadReport | None
+
+
+def output_paths(
+    out: str | Path, weights: bool, safetensors: bool, force: bool
+) -> tuple[Path, Path | None]:
+    path = Path(out)
+    if path.suffix != ".py":
+        raise InvalidArgument(f"-o {out}: the output must be a .py file")
+    if not path.parent.exists():
+        raise InvalidArgument(f"-o {out}: folder {path.parent} does not exist")
+    weights_path = path.with_suffix(".safetensors" if safetensors else ".pth") if weights else None
+    for p in (path, weights_path):
+        if p is not None and p.exists() and not force:
+            raise InvalidArgument(f"{p} exists; pass --force to overwrite it")
+    return path, weights_path
+
+
+def compare_sizes(h: int, w: int, minimum: tuple[int, int]) -> list[tuple[int, int]]:
+    """The traced size (capped for speed on a CPU) and two odd sizes."""
+    h0, w0 = min(h, 128), min(w, 160)
+    mh, mw = minimum
+    return [(h0, w0), (h0 | 1, (w0 + 2) | 1), (max(mh, 31) | 1, max(mw, 45) | 1)]
+
+
+def export(
+    spec: str | Backbone,
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    input_shape: str | None = None,
+    kwargs: dict[str, Any] | None = None,
+    weights: str | None = None,
+    partial: bool = False,
+    class_name: str | None = None,
+    dropin: bool = False,
+    import_mode: bool = False,
+    force: bool = False,
+    safetensors: bool = False,
+    seed: int = 0,
+) -> Exported:
+    backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
+    path, weights_path = output_paths(out, weights is not None, safetensors, force)
+    _, chans = source_input(backbone, recipe, input_shape)
+    torch.manual_seed(seed)
+    model = backbone.build(in_chans=chans)
+    load = None
+    if weights is not None:
+        state, note = read_checkpoint(weights)
+        load = load_into(model, state, weights, partial)
+        if note:
+            load = LoadReport(load.loaded, load.missing, load.unexpected, note)
+    result = apply_recipe(backbone, recipe, input_shape, model=model)
+    emitted = emit(result, class_name=class_name, dropin=dropin, import_mode=import_mode)
+    report = check_emitted(emitted, result)
+    require(report)
+    if weights_path is not None:
+        save_state(weights_path, result.model.state_dict())
+    atomic_write(path, emitted.source.encode("utf-8"))
+    return Exported(path, weights_path, emitted, result, report, load)
+
+
+def check_emitted(emitted: Emitted, result: ApplyResult) -> VerifyReport:
+    """Import the emitted source without bbswap and compare it with the patched model."""
+    after = result.after
+    rules = after.size_rules()
+    minimum = (rules[0].minimum, rules[1].minimum)
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / "bbswap_emitted.py"
+        file.write_text(emitted.source, encoding="utf-8")
+        module = import_file(file)
+        model = construct(module, emitted.class_name, "the emitted file")
+        _, c, h, w = after.input_shape
+        return verify_model(
+            model,
+            f"the emitted {emitted.class_name}",
+            in_chans=c,
+            reference=result.model,
+            compare_sizes=compare_sizes(h, w, minimum),
+            sweep=sweep_sizes(minimum),
+            state=result.model.state_dict(),
+        )

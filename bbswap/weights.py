@@ -1,0 +1,118 @@
+"""Checkpoints in and out: reading a state_dict, loading it with a report, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bbswap.errors import InvalidArgument, MissingDependency
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    loaded: int
+    missing: tuple[str, ...]
+    unexpected: tuple[str, ...]
+    note: str = ""
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """A state_dict from ``.pth``/``.pt`` (``weights_only=True``) or ``.safetensors``.
+
+    A dict holding the state_dict under ``state_dict`` or ``model`` is unwrapped, and a
+    ``module.`` prefix (from DataParallel) is removed; the note says so.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidArgument(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise MissingDependency(
+                "reading .safetensors needs safetensors: pip install 'bbswap[safetensors]'"
+            ) from None
+        state: object = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises several types for unreadable files
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise InvalidArgument(f"cannot read checkpoint {path}: {first}") from None
+    notes = []
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            notes.append(f"took '{key}' from the checkpoint")
+            break
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise InvalidArgument(f"{path} does not hold a state_dict (a mapping of names to tensors)")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+        notes.append("removed the 'module.' prefix")
+    return state, "; ".join(notes)
+
+
+def load_into(
+    model: nn.Module, state: dict[str, torch.Tensor], what: str, partial: bool
+) -> LoadReport:
+    """Load ``state``; a mismatch is an error unless ``partial``, which loads what fits."""
+    own = model.state_dict()
+    missing = tuple(k for k in own if k not in state)
+    unexpected = tuple(k for k in state if k not in own)
+    wrong = tuple(k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape))
+    if (missing or unexpected or wrong) and not partial:
+        parts = []
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong shape", wrong),
+        ):
+            if keys:
+                parts.append(
+                    f"{len(keys)} {label} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                )
+        raise InvalidArgument(
+            f"checkpoint {what} does not fit the backbone: {'; '.join(parts)}; "
+            "pass --partial to load the tensors that fit"
+        )
+    fitting = {k: v for k, v in state.items() if k in own and k not in wrong}
+    model.load_state_dict(fitting, strict=False)
+    return LoadReport(len(fitting), missing + wrong, unexpected)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write via a temporary file in the same folder and a rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_state(path: Path, state: dict[str, torch.Tensor]) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import save
+        except ImportError:
+            raise MissingDependency(
+                "writing .safetensors needs safetensors: pip install 'bbswap[safetensors]'"
+            ) from None
+        atomic_write(path, save(state))
+        return
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, buffer.getvalue())
