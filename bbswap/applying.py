@@ -73,18 +73,32 @@ def apply_recipe(
     backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
     shape, chans = source_input(backbone, recipe, input_shape)
     before, source = trace(lambda: backbone.build(in_chans=chans), shape)
+    result = apply_traced(backbone, recipe, before, source, model=model)
+    if input_shape and len(parse_dims(input_shape, "--input")) == 4:
+        wanted = parse_dims(input_shape, "--input")[1]
+        if wanted != result.surgery.in_chans:
+            raise InvalidArgument(
+                f"--input has {wanted} channels but the patched model takes "
+                f"{result.surgery.in_chans}"
+            )
+    return result
+
+
+def apply_traced(
+    backbone: Backbone,
+    recipe: Recipe,
+    before: Trace,
+    source: nn.Module,
+    *,
+    model: nn.Module | None = None,
+) -> ApplyResult:
+    """Apply ``recipe`` given the source's trace and the (meta) model it traced."""
     for index, op in enumerate(recipe.ops):
         OPS[op.op].validate(before, op, recipe.where(index))
     surgery = run_ops(source, before, recipe)
     patched = surgery.finish()
     weighted = run_ops(model, before, recipe).finish() if model is not None else None
-    n, _, h, w = shape
-    if input_shape and len(parse_dims(input_shape, "--input")) == 4:
-        wanted = parse_dims(input_shape, "--input")[1]
-        if wanted != surgery.in_chans:
-            raise InvalidArgument(
-                f"--input has {wanted} channels but the patched model takes {surgery.in_chans}"
-            )
+    n, _, h, w = before.input_shape
     try:
         after = trace_module(patched, (n, surgery.in_chans, h, w), device=before.device)
     except _ForwardFailed as failed:

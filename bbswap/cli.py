@@ -222,6 +222,120 @@ def apply_cmd(
             render_export(exported, console)
 
 
+@app.command("fit")
+def fit_cmd(
+    backbone: Annotated[str, typer.Argument(help="Backbone spec (see `bbswap list`).")],
+    channels: Annotated[int | None, typer.Option(help="Target output channels.")] = None,
+    stride: Annotated[
+        str | None, typer.Option(help="Target downsample: 16, or 32x4 (H x W).")
+    ] = None,
+    in_chans: Annotated[
+        int | None, typer.Option("--in-chans", help="Target input channels.")
+    ] = None,
+    input_shape: Annotated[
+        str | None, typer.Option("--input", "-i", help="Dummy input as NxCxHxW or HxW.")
+    ] = None,
+    like: Annotated[
+        str | None,
+        typer.Option(help="Take the target from another backbone: channels, input, sizes."),
+    ] = None,
+    prefer: Annotated[str, typer.Option(help="Ranking: macs, depth or rf.")] = "macs",
+    allow_truncate: Annotated[
+        bool, typer.Option(help="Also consider cutting the body at a stage already at the stride.")
+    ] = False,
+    mode: Annotated[str, typer.Option(help="Removing a stride: dilate or stride.")] = "dilate",
+    rounding: Annotated[
+        str, typer.Option(help="Size rule of a --stride target: ceil or floor.")
+    ] = "ceil",
+    top: Annotated[int, typer.Option(help="Candidates to show.")] = 5,
+    save_recipe: Annotated[
+        str | None, typer.Option(help="Write the winner as a recipe TOML file.")
+    ] = None,
+    kw: KwOpt = None,
+    output: OutOpt = None,
+    class_name: ClassNameOpt = None,
+    dropin: DropinOpt = False,
+    weights: WeightsOpt = None,
+    partial: PartialOpt = False,
+    safetensors: SafetensorsOpt = False,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+    debug: Debug = False,
+) -> None:
+    """Find the cheapest exact surgery to a target stride and channel count."""
+    from pathlib import Path
+
+    from bbswap.fit import fit, fit_dict, recipe_header, winner_recipe
+    from bbswap.parsing import parse_kw
+    from bbswap.recipe import recipe_to_toml
+    from bbswap.render import progress_bar, render_fit
+
+    with _guard(debug):
+        if top < 1:
+            raise InvalidArgument(f"--top must be at least 1, got {top}")
+        if output is None:
+            _no_emit_options(class_name, dropin, False, weights, partial, safetensors)
+        recipe_path = Path(save_recipe) if save_recipe else None
+        if recipe_path is not None and recipe_path.exists() and not force:
+            raise InvalidArgument(f"{recipe_path} exists; pass --force to overwrite it")
+        with progress_bar(json_out) as progress:
+            result = fit(
+                backbone,
+                channels=channels,
+                stride=stride,
+                in_chans=in_chans,
+                input_shape=input_shape,
+                like=like,
+                prefer=prefer,
+                allow_truncate=allow_truncate,
+                mode=mode,
+                rounding=rounding,
+                kwargs=parse_kw(kw),
+                progress=progress,
+            )
+        source = result.source.input_shape
+        chans = result.winner.result.surgery.in_chans if result.winner.result else source[1]
+        input_text = f"{source[0]}x{chans}x{source[2]}x{source[3]}"
+        recipe = winner_recipe(result, input_text)
+        exported = None
+        if output is not None:
+            from bbswap.export import export
+
+            exported = export(
+                result.backbone,
+                recipe,
+                output,
+                input_shape=input_text,
+                weights=weights,
+                partial=partial,
+                class_name=class_name,
+                dropin=dropin,
+                force=force,
+                safetensors=safetensors,
+            )
+        if recipe_path is not None:
+            from bbswap.weights import atomic_write
+
+            text = recipe_to_toml(recipe, recipe_header(result))
+            atomic_write(recipe_path, text.encode("utf-8"))
+        if json_out:
+            data = fit_dict(result, top)
+            if exported is not None:
+                data["written"] = export_dict(exported)
+            if recipe_path is not None:
+                data["recipe"] = str(recipe_path)
+            _print_json(data)
+            return
+        console = _console()
+        render_fit(result, top, console)
+        if recipe_path is not None:
+            console.print(f"wrote {recipe_path} (replay it with `bbswap apply`)")
+        if exported is not None:
+            from bbswap.render import render_export
+
+            render_export(exported, console)
+
+
 def _no_emit_options(*values: object) -> None:
     if any(values):
         raise InvalidArgument(

@@ -137,6 +137,14 @@ def recipe_from_dict(data: Mapping[str, Any], source: str = "") -> Recipe:
     )
 
 
+def make_op(name: str, **params: Any) -> Op:
+    """An op built the way a recipe file's op is read (defaults filled, values checked)."""
+    from bbswap.recipe_ops import OPS
+
+    raw = {k: list(v) if isinstance(v, tuple) else v for k, v in params.items() if v is not None}
+    return Op(name, check_params(OPS[name].fields, raw, f"op {name}"))
+
+
 def check_params(fields: Sequence[Field], raw: Mapping[str, Any], where: str) -> dict[str, Any]:
     """Check an op's fields; return them with defaults filled in."""
     known = {f.name for f in fields}

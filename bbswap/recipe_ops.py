@@ -18,7 +18,7 @@ from torch import nn
 from bbswap.errors import RecipeError, SurgeryError, choices
 from bbswap.ops_table import pair
 from bbswap.recipe import Field, Op
-from bbswap.surgery import Surgery, module_at, new_module
+from bbswap.surgery import Surgery, module_at, new_module, parent_path
 from bbswap.trace import SpatialOp, Trace
 
 Validate = Callable[[Trace, Op, str], None]
@@ -355,9 +355,11 @@ def _top_stages(trace: Trace) -> list[str]:
 
 def _check_truncate(trace: Trace, op: Op, where: str) -> None:
     stages = _top_stages(trace)
-    if op["after"] not in stages:
+    if op["after"] not in stages and op["after"] not in trace.modules:
         raise RecipeError(
-            f"{where}.after: '{op['after']}' is not a stage (valid: {choices(stages)})"
+            f"{where}.after: '{op['after']}' is not a stage or module "
+            f"(stages: {choices(stages)}; a deeper module path such as "
+            f"'{next((m for m in trace.modules if '.' in m), 'features.5')}' works too)"
         )
 
 
@@ -368,13 +370,31 @@ def _check_truncate(trace: Trace, op: Op, where: str) -> None:
     _check_truncate,
 )
 def truncate(s: Surgery, op: Op, where: str) -> None:
-    stages = _top_stages(s.trace)
-    keep = stages.index(op["after"])
-    dropped = [p for p in stages[keep + 1 :] if not p.endswith(")") and ")#" not in p]
-    s.truncate(op["after"], dropped)
-    stage = next(st for st in s.trace.stages if st.path == op["after"])
+    after: str = op["after"]
+    stage = s.trace.stage(after)
+    if stage is None:
+        raise SurgeryError(f"{where}.after: '{after}' is never called in the forward")
+    s.truncate(after, _dropped(s.trace, after))
     s.out_channels = stage.channels
     s.out_spatial = stage.spatial
+
+
+def _dropped(trace: Trace, after: str) -> list[str]:
+    """Modules after ``after`` among its siblings and those of each ancestor."""
+    dropped: list[str] = []
+    path = after
+    while True:
+        parent = parent_path(path) if not path.endswith(")") or "." in path else ""
+        siblings = [
+            m for m in trace.modules if parent_path(m) == parent and "(" not in m and m != path
+        ]
+        anchor = trace.modules.index(path) if path in trace.modules else -1
+        order = {m: i for i, m in enumerate(trace.modules)}
+        dropped += [m for m in siblings if order[m] > anchor and anchor >= 0]
+        if not parent:
+            break
+        path = parent
+    return dropped
 
 
 # -- project ------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from rich import box
@@ -16,6 +18,7 @@ from bbswap.trace import SpatialOp, Stage, Trace, describe_factor
 if TYPE_CHECKING:
     from bbswap.applying import ApplyResult
     from bbswap.export import Exported
+    from bbswap.fit import FitResult
     from bbswap.inspection import InspectReport
     from bbswap.registry import ListedBackbone
     from bbswap.verify import VerifyReport
@@ -284,3 +287,99 @@ def render_export(exported: Exported, console: Console) -> None:
     console.print(f"wrote {escape(str(exported.path))} (class {exported.emitted.class_name})")
     if exported.weights_path is not None:
         console.print(f"wrote {escape(str(exported.weights_path))} (its state_dict)")
+
+
+def render_fit(result: FitResult, top: int, console: Console) -> None:
+    src = result.source
+    console.print(
+        f"[bold]{escape(result.backbone.spec)}[/bold] -> {escape(result.target.describe())}  "
+        f"input {shape(src.input_shape)}; {result.evaluated} candidates evaluated, "
+        f"exact at {len(result.probes)} probe sizes"
+    )
+    best = result.winner.trace.macs if result.winner.result else 0
+    table = Table(header_style="bold", box=box.SIMPLE_HEAD)
+    for name, justify in (
+        ("", "left"),
+        ("edits", "left"),
+        ("mode", "left"),
+        ("output", "left"),
+        ("MACs", "right"),
+        ("vs best", "right"),
+        ("params", "right"),
+        ("RF", "right"),
+        ("act.", "right"),
+        ("exact", "left"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]  # literal values
+    for i, c in enumerate(result.candidates[:top]):
+        mark = "*" if i == 0 and c.ok else ""
+        if c.result is None or c.error:
+            table.add_row(
+                mark,
+                escape(c.label or "as is"),
+                c.mode,
+                "-",
+                "-",
+                "-",
+                "-",
+                "-",
+                "-",
+                Text(f"refused: {c.error}", style="dim"),
+            )
+            continue
+        t = c.trace
+        exact = "yes" if c.ok else "rounding" if c.rounding_only else "no"
+        if c.ok and c.note:
+            exact = f"yes ({c.note.split(':')[0]})"
+        table.add_row(
+            mark,
+            escape(c.label or "as is"),
+            c.mode,
+            shape(t.output_shape),
+            si(t.macs),
+            f"x{t.macs / best:.2f}" if best else "-",
+            count(t.params),
+            rf(t.receptive_field),
+            size_bytes(t.activation_bytes),
+            exact,
+        )
+    console.print(table)
+    w = result.winner
+    if w.result is not None:
+        h, wr = w.trace.size_rules()
+        console.print(
+            f"winner: {escape(w.label or 'as is')} ({w.mode}); "
+            f"output {shape(w.trace.output_shape)}, "
+            f"{count(w.trace.macs)} MACs, {h.format('H')}, {wr.format('W')}"
+        )
+    hidden = len(result.candidates) - top
+    if hidden > 0:
+        console.print(f"({hidden} more candidates; --top {len(result.candidates)} shows all)")
+
+
+@contextlib.contextmanager
+def progress_bar(quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar on stderr that appears only when evaluation takes over a second."""
+    if quiet:
+        yield None
+        return
+    from rich.progress import Progress
+
+    start = time.monotonic()
+    bar: Progress | None = None
+    task = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar, task
+        if bar is None and time.monotonic() - start > 1.0:
+            bar = Progress(console=Console(stderr=True), transient=True)
+            bar.start()
+            task = bar.add_task("evaluating candidates", total=total)
+        if bar is not None and task is not None:
+            bar.update(task, completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.stop()

@@ -124,6 +124,14 @@ class Trace:
     children: tuple[str, ...]  # top-level children in execution order
     modules: tuple[str, ...]  # every module path in execution order
     depth: int
+    module_stages: tuple[Stage, ...] = ()  # a row for every called module, any depth
+
+    def stage(self, path: str) -> Stage | None:
+        """The row of a stage or of any called module."""
+        for s in (*self.stages, *self.module_stages):
+            if s.path == path:
+                return s
+        return None
 
     @property
     def reductions(self) -> tuple[SpatialOp, ...]:
@@ -477,6 +485,7 @@ def _summarise(
         children=tuple(s.path for s in order if "." not in s.path),
         modules=tuple(s.path for s in order),
         depth=depth,
+        module_stages=_stages(rec, 10**6, functional=False),
     )
 
 
@@ -488,11 +497,12 @@ def _expanded(rec: _Recorder, path: str, depth: int) -> bool:
     return path.count(".") + 1 < depth and any(True for _ in module.children())
 
 
-def _stages(rec: _Recorder, depth: int) -> tuple[Stage, ...]:
+def _stages(rec: _Recorder, depth: int, functional: bool = True) -> tuple[Stage, ...]:
+    """Rows at ``depth``; with a huge depth and no functional rows, every module."""
     rows: list[tuple[int, Stage]] = []
     for stats in rec.modules.values():
         parent = stats.path.rsplit(".", 1)[0] if "." in stats.path else ""
-        if _expanded(rec, stats.path, depth) or not _expanded(rec, parent, depth):
+        if functional and (_expanded(rec, stats.path, depth) or not _expanded(rec, parent, depth)):
             continue
         outs = _tensors(stats.out)
         if not outs:
@@ -516,7 +526,7 @@ def _stages(rec: _Recorder, depth: int) -> tuple[Stage, ...]:
             )
         )
     seen: set[str] = set()
-    for c in rec.calls:
+    for c in rec.calls if functional else []:
         if not _expanded(rec, c.owner, depth):
             continue
         prefix = f"{c.owner}." if c.owner else ""

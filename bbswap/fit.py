@@ -1,0 +1,570 @@
+"""``bbswap fit``: search the recipe ops for the cheapest exact patch to a target.
+
+The source backbone is traced once. Its *units* are the places that can change the
+downsample factor: each strided reduction point on the path to the features,
+widened to the largest module around it that holds no other reduction (``layer2``
+for ResNet's conv2 + shortcut pair, ``trans1`` for a DenseNet transition). A
+candidate removes strides at some units (dilating what follows, or not), adds a
+pooling or strides a unit further, or truncates at a stage that already has the
+target downsample; then the head is dropped, input and output channels adapted.
+Each candidate is a recipe, applied and traced on the meta device, and counts only
+if its output size equals the target at every probe size, odd and small ones too.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from bbswap.applying import ApplyResult, apply_traced
+from bbswap.errors import BBSwapError, InvalidArgument, SurgeryError, TargetError
+from bbswap.inspection import first_conv_in_channels, inspect_backbone
+from bbswap.parsing import parse_dims
+from bbswap.recipe import Op, Recipe, make_op
+from bbswap.recipe_ops import stride_targets
+from bbswap.registry import Backbone, resolve
+from bbswap.trace import SpatialOp, Stage, Trace, build_on_meta, trace
+
+Size = tuple[int, int]
+PROBES: tuple[Size, ...] = (
+    (1, 1), (7, 9), (15, 17), (31, 33), (33, 97), (64, 64), (65, 127), (117, 293), (128, 316),
+    (255, 257),
+)  # fmt: skip
+_WINDOW = ("conv", "max-pool", "avg-pool", "lp-pool")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the patched backbone must produce."""
+
+    channels: int
+    stride: Size
+    in_chans: int | None = None
+    like: str | None = None
+    like_sizes: dict[Size, Size] | None = None  # the other backbone's output size per probe
+    rounding: str = "ceil"  # with a stride target: "ceil" or "floor"
+
+    def size(self, h: int, w: int) -> Size | None:
+        if self.like_sizes is not None:
+            return self.like_sizes.get((h, w))
+        if self.rounding == "floor":
+            return (h // self.stride[0], w // self.stride[1])
+        return (math.ceil(h / self.stride[0]), math.ceil(w / self.stride[1]))
+
+    def describe(self) -> str:
+        stride = (
+            f"{self.stride[0]}"
+            if self.stride[0] == self.stride[1]
+            else "x".join(map(str, self.stride))
+        )
+        text = f"{self.channels} channels at 1/{stride}"
+        return text + (f" (like {self.like})" if self.like else f", {self.rounding} rounding")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A place where the downsample factor can change."""
+
+    at: str
+    stride: Size
+    order: int
+
+
+@dataclass
+class Candidate:
+    recipe: Recipe
+    label: str
+    mode: str
+    order: int  # position of the earliest edited unit (later is better on ties)
+    result: ApplyResult | None = None
+    error: str = ""
+    note: str = ""
+    misses: list[tuple[Size, Size, Size]] = field(default_factory=list)  # size, got, want
+
+    @property
+    def ok(self) -> bool:
+        return self.result is not None and not self.misses
+
+    @property
+    def rounding_only(self) -> bool:
+        return (
+            self.result is not None
+            and bool(self.misses)
+            and all(abs(g[0] - w[0]) <= 1 and abs(g[1] - w[1]) <= 1 for _, g, w in self.misses)
+        )
+
+    @property
+    def trace(self) -> Trace:
+        assert self.result is not None  # only asked of evaluated candidates
+        return self.result.after
+
+
+@dataclass(frozen=True)
+class FitResult:
+    backbone: Backbone
+    target: Target
+    source: Trace
+    candidates: tuple[Candidate, ...]  # ranked: exact ones first
+    evaluated: int
+    probes: tuple[Size, ...]
+    prefer: str
+
+    @property
+    def winner(self) -> Candidate:
+        return self.candidates[0]
+
+
+def parse_stride(text: str) -> Size:
+    dims = parse_dims(text, "--stride")
+    if len(dims) == 1:
+        return (dims[0], dims[0])
+    if len(dims) == 2:
+        return (dims[0], dims[1])
+    raise InvalidArgument(f"malformed --stride '{text}': expected 16 or HxW such as 32x4")
+
+
+def units(source: Trace, features: Stage | None) -> list[Unit]:
+    """The strided reduction points on the path to the features, widened to the largest
+    enclosing module that holds no other reduction point."""
+    chain = features.chain if features is not None else source.chain
+    by_id = {o.id: o for o in source.ops}
+    found: list[Unit] = []
+    for op_id in chain:
+        op = by_id[op_id]
+        if op.op not in _WINDOW or op.stride == (1, 1):
+            continue
+        at = op.id
+        for parent in _ancestors(op):
+            group = stride_targets(source, parent)
+            if group and all(_parallel(o, op) for o in group):
+                at = parent
+        found.append(Unit(at, op.stride, op.order))
+    return found
+
+
+def _ancestors(op: SpatialOp) -> list[str]:
+    path = op.id if op.kind == "module" else op.owner
+    parts = path.split(".") if path else []
+    start = len(parts) - 1 if op.kind == "module" else len(parts)
+    return [".".join(parts[:i]) for i in range(start, 0, -1)]
+
+
+def _parallel(a: SpatialOp, b: SpatialOp) -> bool:
+    return a.in_hw == b.in_hw and a.out_hw == b.out_hw
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def removals(
+    found: list[Unit], factor: Size, symmetric: bool, limit: int = 64
+) -> list[list[tuple[Unit, Size]]]:
+    """Sets of (unit, new stride) whose removed factors multiply to ``factor`` per axis."""
+    options = []
+    for u in found:
+        choices = []
+        for th in _divisors(u.stride[0]):
+            for tw in _divisors(u.stride[1]):
+                if symmetric and (u.stride[0] // th) != (u.stride[1] // tw):
+                    continue
+                choices.append((th, tw))
+        options.append(choices)
+    out = []
+    for picks in itertools.product(*options):
+        fh = math.prod(u.stride[0] // t[0] for u, t in zip(found, picks))
+        fw = math.prod(u.stride[1] // t[1] for u, t in zip(found, picks))
+        if (fh, fw) == factor:
+            out.append([(u, t) for u, t in zip(found, picks) if t != u.stride])
+            if len(out) >= limit:
+                break
+    return out
+
+
+def _stride_ops(changes: list[tuple[Unit, Size]], mode: str) -> list[Op]:
+    return [
+        make_op(
+            "stride",
+            at=u.at,
+            stride=t,
+            mode=mode if t[0] < u.stride[0] or t[1] < u.stride[1] else "stride",
+        )
+        for u, t in changes
+    ]
+
+
+def _fmt(size: Size) -> str:
+    return str(size[0]) if size[0] == size[1] else f"{size[0]}x{size[1]}"
+
+
+def plan(
+    backbone: Backbone,
+    source: Trace,
+    target: Target,
+    *,
+    mode: str = "dilate",
+    allow_truncate: bool = False,
+) -> list[Candidate]:
+    """Every candidate recipe for the target (not yet evaluated)."""
+    features = source.features
+    out = features.out_shape if features is not None else source.output_shape
+    if len(out) != 4:
+        raise TargetError(f"{backbone.spec} has no spatial output to fit (its output is {out})")
+    down = features.downsample if features is not None else source.downsample
+    have = (round(down[0]), round(down[1]))
+    found = units(source, features)
+    head: list[Op] = []
+    if features is not None:
+        head.append(make_op("truncate", after=features.path))
+    src_chans = source.input_shape[1]
+    stem: list[Op] = []
+    if target.in_chans is not None and target.in_chans != src_chans:
+        strategy = "sum" if target.in_chans == 1 else "repeat"
+        stem.append(
+            Op(
+                "in_channels",
+                {"channels": target.in_chans, "strategy": strategy, "select": None, "at": None},
+            )
+        )
+
+    def tail(channels: int) -> list[Op]:
+        if channels == target.channels:
+            return []
+        return [make_op("project", channels=target.channels)]
+
+    feature_chans = out[1]
+    name = f"fit-{backbone.name}-c{target.channels}-s{_fmt(target.stride)}"
+    candidates: list[Candidate] = []
+
+    def add(
+        ops: list[Op], label: str, cmode: str, order: int, pool: list[Op] | None = None
+    ) -> None:
+        ops = stem + ops + head + (pool or []) + tail(feature_chans)
+        recipe = Recipe(name, tuple(ops), backbone.spec, f"fit target: {target.describe()}", "")
+        candidates.append(Candidate(recipe, label, cmode, order))
+
+    def factor(a: int, b: int) -> int:
+        return max(1, a // b) if a >= b else 1
+
+    remove = (factor(have[0], target.stride[0]), factor(have[1], target.stride[1]))
+    grow = (factor(target.stride[0], have[0]), factor(target.stride[1], have[1]))
+    for i in range(2):
+        big, small = max(have[i], target.stride[i]), min(have[i], target.stride[i])
+        if big % small:
+            raise TargetError(_infeasible(backbone, target, have, found))
+    symmetric = target.stride[0] == target.stride[1] and have[0] == have[1]
+    if remove == (1, 1) and grow == (1, 1):
+        add([], "no stride change", "-", 10**9)
+    combos = removals(found, (remove[0], remove[1]), symmetric) if remove != (1, 1) else [[]]
+    for changes in combos:
+        if not changes and remove != (1, 1):
+            continue
+        order = min((u.order for u, _ in changes), default=10**9)
+        label = [f"{u.at}: stride {_fmt(t)}" for u, t in changes]
+        if grow == (1, 1):
+            add(_stride_ops(changes, mode), ", ".join(label), mode, order)
+            continue
+        pool = [make_op("pool", stride=grow, kind="avg", ceil_mode=True)]
+        add(
+            _stride_ops(changes, mode),
+            ", ".join([*label, f"avg-pool /{_fmt(grow)}"]),
+            mode,
+            order,
+            pool,
+        )
+        if not changes and found:
+            # coarsen at the last reduction point, so every earlier layer keeps its resolution
+            u = found[-1]
+            more = (u.stride[0] * grow[0], u.stride[1] * grow[1])
+            add(
+                _stride_ops([(u, more)], "stride"),
+                f"{u.at}: stride {_fmt(more)}",
+                "stride",
+                u.order,
+            )
+    if allow_truncate:
+        for stage in truncation_points(source, target.stride):
+            if features is not None and stage.path == features.path:
+                continue
+            ops = [*stem, make_op("truncate", after=stage.path)]
+            if stage.channels != target.channels:
+                ops.append(make_op("project", channels=target.channels))
+            recipe = Recipe(name, tuple(ops), backbone.spec, f"fit target: {target.describe()}", "")
+            candidates.append(Candidate(recipe, f"truncate after {stage.path}", "-", -1))
+    if not candidates:
+        raise TargetError(_infeasible(backbone, target, have, found))
+    return _dedupe(candidates)
+
+
+def truncation_points(source: Trace, stride: Size) -> list[Stage]:
+    """The last stage at ``stride``: among the top-level stages, and among the children
+    of a top-level stage that itself spans several strides (ConvNeXt's ``features``)."""
+
+    def at(stage: Stage) -> bool:
+        return stage.spatial and (round(stage.downsample[0]), round(stage.downsample[1])) == stride
+
+    points = []
+    levels = [[s for s in source.stages if not s.functional]]
+    for top in levels[0]:
+        children = [
+            s
+            for s in source.module_stages
+            if s.path.rsplit(".", 1)[0] == top.path and "." in s.path
+        ]
+        levels.append(children)
+    for rows in levels:
+        for i, stage in enumerate(rows):
+            if at(stage) and (i + 1 == len(rows) or not at(rows[i + 1])):
+                points.append(stage)
+    return points
+
+
+def _dedupe(candidates: list[Candidate]) -> list[Candidate]:
+    seen, out = set(), []
+    for c in candidates:
+        key = tuple((op.op, tuple(sorted(op.params.items()))) for op in c.recipe.ops)
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+def _infeasible(backbone: Backbone, target: Target, have: Size, found: list[Unit]) -> str:
+    reachable = set()
+    for n in range(len(found) + 1):
+        for subset in itertools.combinations(found, n):
+            f = math.prod(u.stride[0] for u in subset)
+            reachable.add(have[0] // f if f and have[0] % f == 0 else None)
+    powers = sorted({r for r in reachable if r} | {have[0] * 2, have[0] * 4})
+    near = sorted(powers, key=lambda s: abs(s - target.stride[0]))[:3]
+    by = ", ".join(_fmt(u.stride) for u in found) or "nothing"
+    return (
+        f"{backbone.spec} cannot reach stride {_fmt(target.stride)}: its features are at 1/"
+        f"{_fmt(have)} and its reductions are by {by}; "
+        f"nearest feasible strides: {', '.join(str(s) for s in sorted(near))}"
+    )
+
+
+def evaluate(
+    backbone: Backbone,
+    source: Trace,
+    model: Any,
+    candidate: Candidate,
+    target: Target,
+    probes: tuple[Size, ...],
+) -> Candidate:
+    """Apply a candidate on the meta device and check its size at every probe.
+
+    A candidate in dilate mode that cannot be dilated exactly (an average pooling after
+    the removed stride, an even kernel) is tried again in stride mode.
+    """
+    try:
+        candidate.result = apply_traced(backbone, candidate.recipe, source, model)
+    except SurgeryError as error:
+        if candidate.mode != "dilate":
+            candidate.error = str(error).split(": ", 1)[-1]
+            return candidate
+        ops = tuple(
+            Op(op.op, {**op.params, "mode": "stride"}) if op.op == "stride" else op
+            for op in candidate.recipe.ops
+        )
+        candidate.recipe = replace(candidate.recipe, ops=ops)
+        candidate.mode = "stride"
+        candidate.note = "dilate refused: " + str(error).split(": ", 1)[-1]
+        return evaluate(backbone, source, model, candidate, target, probes)
+    except BBSwapError as error:
+        candidate.error = str(error).split(": ", 1)[-1]
+        return candidate
+    after = candidate.result.after
+    if len(after.output_shape) != 4 or after.output_shape[1] != target.channels:
+        candidate.error = f"output {after.output_shape}"
+        return candidate
+    for h, w in probes:
+        want = target.size(h, w)
+        got = after.output_size(h, w)
+        if want is None or min(got) <= 0 or min(want) <= 0:
+            continue
+        if got != want:
+            candidate.misses.append(((h, w), got, want))
+    return candidate
+
+
+_PREFER: dict[str, Callable[[Candidate], tuple[Any, ...]]] = {
+    "macs": lambda c: (c.trace.macs, -c.order),
+    "depth": lambda c: (-c.order, c.trace.macs),
+    "rf": lambda c: (-(c.trace.receptive_field[0] * c.trace.receptive_field[1]), c.trace.macs),
+}
+
+
+def fit(
+    spec: str | Backbone,
+    *,
+    channels: int | None = None,
+    stride: str | Size | None = None,
+    in_chans: int | None = None,
+    input_shape: str | None = None,
+    like: str | None = None,
+    prefer: str = "macs",
+    allow_truncate: bool = False,
+    mode: str = "dilate",
+    rounding: str = "ceil",
+    kwargs: dict[str, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> FitResult:
+    """Search for the cheapest exact surgery to the target; candidates come ranked."""
+    if prefer not in _PREFER:
+        raise InvalidArgument(f"--prefer '{prefer}' is not one of {', '.join(_PREFER)}")
+    if mode not in ("dilate", "stride"):
+        raise InvalidArgument(f"--mode '{mode}' is not one of dilate, stride")
+    if rounding not in ("ceil", "floor"):
+        raise InvalidArgument(f"--rounding '{rounding}' is not one of ceil, floor")
+    backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
+    own = backbone.default_in_chans
+    if own is None:
+        own = first_conv_in_channels(build_on_meta(backbone.build)) or 3
+    h, w, input_chans = 224, 224, None
+    if input_shape:
+        dims = parse_dims(input_shape, "--input")
+        if len(dims) not in (2, 4):
+            raise InvalidArgument(f"malformed --input '{input_shape}': expected NxCxHxW or HxW")
+        h, w = dims[-2], dims[-1]
+        input_chans = dims[1] if len(dims) == 4 else None
+    target = _target(channels, stride, in_chans if in_chans is not None else input_chans, like)
+    target = replace(target, rounding=rounding)
+    source, model = trace(lambda: backbone.build(in_chans=own), (1, own, h, w))
+    if (
+        target.in_chans is not None
+        and target.in_chans != own
+        and first_conv_in_channels(model) is None
+    ):
+        raise TargetError(f"{backbone.spec} has no stem conv whose input channels can change")
+    probes = tuple(p for p in PROBES if target.size(*p) is not None) or PROBES
+    candidates = plan(backbone, source, target, mode=mode, allow_truncate=allow_truncate)
+    done = []
+    for i, c in enumerate(candidates):
+        done.append(evaluate(backbone, source, model, c, target, probes))
+        if progress is not None:
+            progress(i + 1, len(candidates))
+    evaluated = [c for c in done if c.result is not None and not c.error]
+    exact = sorted((c for c in evaluated if c.ok), key=_PREFER[prefer])
+    rest = sorted((c for c in evaluated if not c.ok), key=lambda c: c.trace.macs)
+    failed = [c for c in done if c.result is None or c.error]
+    if not exact and rest and all(c.rounding_only for c in rest) and not target.like:
+        other = "floor" if target.rounding == "ceil" else "ceil"
+        raise TargetError(
+            f"every candidate on {backbone.spec} misses {target.describe()} only by rounding "
+            f"(e.g. {rest[0].label or 'as is'} gives {_fmt(rest[0].misses[0][1])} at "
+            f"{_fmt(rest[0].misses[0][0])}, not {_fmt(rest[0].misses[0][2])}); "
+            f"pass --rounding {other} to accept {other}(H/S)"
+        )
+    if not exact:
+        reasons = "; ".join(
+            f"{c.label or 'as is'}: "
+            + (c.error or f"misses at {c.misses[0][0]}: {c.misses[0][1]} != {c.misses[0][2]}")
+            for c in (rest + failed)[:3]
+        )
+        raise TargetError(
+            f"no candidate reaches {target.describe()} exactly on {backbone.spec} ({reasons})"
+        )
+    return FitResult(
+        backbone, target, source, tuple(exact + rest + failed), len(done), probes, prefer
+    )
+
+
+def _target(
+    channels: int | None, stride: str | Size | None, in_chans: int | None, like: str | None
+) -> Target:
+    if channels is not None and channels <= 0:
+        raise TargetError(f"--channels must be positive, got {channels}")
+    if in_chans is not None and in_chans <= 0:
+        raise TargetError(f"--in-chans must be positive, got {in_chans}")
+    if like is None:
+        if channels is None or stride is None:
+            raise InvalidArgument("give --channels and --stride, or --like BACKBONE")
+        size = parse_stride(stride) if isinstance(stride, str) else stride
+        if min(size) < 1:
+            raise TargetError(f"--stride must be at least 1, got {stride}")
+        return Target(channels, size, in_chans)
+    report = inspect_backbone(like, "64x64", sizes=[p for p in PROBES])
+    other = report.features or None
+    out_shape = other.out_shape if other is not None else report.trace.output_shape
+    if len(out_shape) != 4:
+        raise TargetError(f"--like {like}: its output is not spatial")
+    down = other.downsample if other is not None else report.trace.downsample
+    sizes = {c.input_hw: c.traced_hw for c in report.sizes if c.traced_hw is not None}
+    if stride is not None and (parse_stride(stride) if isinstance(stride, str) else stride) != (
+        round(down[0]),
+        round(down[1]),
+    ):
+        raise InvalidArgument(f"--stride {stride} contradicts --like {like} (1/{down[0]:g})")
+    return Target(
+        channels if channels is not None else out_shape[1],
+        (round(down[0]), round(down[1])),
+        in_chans if in_chans is not None else report.trace.input_shape[1],
+        like,
+        sizes,
+    )
+
+
+def fit_dict(result: FitResult, top: int) -> dict[str, Any]:
+    """The JSON form of a fit (schema ``bbswap.fit/1``)."""
+    winner = result.winner.trace.macs if result.winner.result else 0
+    rows = []
+    for c in result.candidates[:top]:
+        row: dict[str, Any] = {
+            "label": c.label,
+            "mode": c.mode,
+            "exact": c.ok,
+            "rounding_only": c.rounding_only,
+            "error": c.error or None,
+            "note": c.note or None,
+            "ops": [op.to_toml() for op in c.recipe.ops],
+        }
+        if c.result is not None:
+            t = c.trace
+            row.update(
+                output=list(t.output_shape),
+                macs=t.macs,
+                macs_ratio=t.macs / winner if winner else None,
+                params=t.params,
+                receptive_field=list(t.receptive_field),
+                activation_bytes=t.activation_bytes,
+            )
+        rows.append(row)
+    return {
+        "schema": "bbswap.fit/1",
+        "backbone": result.backbone.spec,
+        "target": {
+            "channels": result.target.channels,
+            "stride": list(result.target.stride),
+            "in_chans": result.target.in_chans,
+            "like": result.target.like,
+            "rounding": result.target.rounding,
+        },
+        "input": list(result.source.input_shape),
+        "evaluated": result.evaluated,
+        "probes": [list(p) for p in result.probes],
+        "prefer": result.prefer,
+        "candidates": rows,
+    }
+
+
+def winner_recipe(result: FitResult, input_text: str) -> Recipe:
+    """The winning candidate as a recipe to save or emit."""
+    c = result.winner
+    return replace(c.recipe, input=input_text)
+
+
+def recipe_header(result: FitResult) -> str:
+    c = result.winner
+    t = c.trace
+    return (
+        f"Written by bbswap fit: {result.backbone.spec} -> {result.target.describe()}.\n"
+        f"The cheapest of {result.evaluated} candidates by {result.prefer}: {c.label or 'as is'} "
+        f"({c.mode} mode);\n"
+        f"{t.macs:,} MACs and output {'x'.join(map(str, t.output_shape))} at "
+        f"{'x'.join(map(str, t.input_shape))}."
+    )
