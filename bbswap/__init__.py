@@ -2,6 +2,49 @@
 
 Inspect a CNN backbone's stages, patch it to a target downsample factor and channel
 count with declarative recipes, and emit the patched network as Python source.
+
+The Python API mirrors the command line::
+
+    import bbswap
+
+    report = bbswap.inspect_backbone("densenet100", "1x1x128x316")
+    result = bbswap.apply_recipe("resnet50", bbswap.load_recipe("recipes/seed-hmer-resnet50.toml"))
+    found = bbswap.fit("resnet50", channels=684, stride=16, in_chans=1, input_shape="1x1x128x316")
+    bbswap.export("resnet50", bbswap.winner_recipe(found, "1x1x128x316"), "backbone.py")
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_API = {
+    "resolve": "bbswap.registry",
+    "list_backbones": "bbswap.registry",
+    "inspect_backbone": "bbswap.inspection",
+    "report_dict": "bbswap.inspection",
+    "trace": "bbswap.trace",
+    "trace_module": "bbswap.trace",
+    "load_recipe": "bbswap.recipe",
+    "recipe_to_toml": "bbswap.recipe",
+    "make_op": "bbswap.recipe",
+    "Recipe": "bbswap.recipe",
+    "apply_recipe": "bbswap.applying",
+    "emit": "bbswap.emit",
+    "export": "bbswap.export",
+    "check_file": "bbswap.checking",
+    "fit": "bbswap.fit",
+    "winner_recipe": "bbswap.fit",
+    "BBSwapError": "bbswap.errors",
+}
+
+__all__ = [*_API, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the API lazily, so ``bbswap --help`` does not pay for all of it."""
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'bbswap' has no attribute {name!r}")

@@ -14,7 +14,7 @@ from bbswap.recipe import Recipe
 from bbswap.recipe_ops import OPS
 from bbswap.registry import Backbone, resolve
 from bbswap.surgery import Edit, Surgery
-from bbswap.trace import Stage, Trace, _ForwardFailed, build_on_meta, trace, trace_module
+from bbswap.trace import Stage, Trace, _ForwardFailed, build_any, trace, trace_module
 
 Shape4 = tuple[int, int, int, int]
 
@@ -42,7 +42,7 @@ def source_input(backbone: Backbone, recipe: Recipe, input_text: str | None) -> 
     changes_chans = any(op.op == "in_channels" for op in recipe.ops)
     own = backbone.default_in_chans
     if own is None:
-        own = first_conv_in_channels(build_on_meta(backbone.build)) or 3
+        own = first_conv_in_channels(build_any(backbone.build)) or 3
     if not text:
         return (1, own, 224, 224), own
     dims = parse_dims(text, "--input")

@@ -35,8 +35,8 @@ KwOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--kw",
-        help="Constructor argument key=value (a Python literal or a bare word), "
-        "or key=@file.yaml / @file.json; repeatable.",
+        help="Constructor argument key=value: a Python literal, a bare word (a string), "
+        "or key=@file.yaml / key=@file.json for that file's content; repeatable.",
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON.")]

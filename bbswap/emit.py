@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import keyword
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -22,15 +23,17 @@ from bbswap import __version__
 from bbswap.applying import ApplyResult
 from bbswap.codegen import (
     Imports,
+    _imported_names,
     bundle,
     file_source,
     forward_source,
     identifier,
     literal,
     module_source,
+    string,
     wrap,
 )
-from bbswap.errors import SurgeryError
+from bbswap.errors import InvalidArgument, SurgeryError
 from bbswap.recipe import recipe_to_toml
 from bbswap.registry import Backbone
 from bbswap.surgery import Edit, _ChildrenAsLeaves, child_name, module_at, parent_path
@@ -87,20 +90,38 @@ def emit(
     name = class_name or default_class_name(
         result.backbone.name, after.output_shape[1], after.downsample
     )
-    if not name.isidentifier():
+    if not name.isidentifier() or keyword.iskeyword(name):
         raise SurgeryError(f"--class-name '{name}' is not a Python identifier")
     imports = Imports()
     body_source, builder, local, note = _source_code(result.backbone, imports, import_mode)
     patched = result.model
     helpers, wrappers = _edited_classes(result, patched, imports, local)
     root = _root_class(result, patched, name, builder, wrappers, imports, local, dropin)
+    if name in _defined_names(imports, local, wrappers):
+        raise SurgeryError(
+            f"--class-name '{name}' is already a name in the emitted file (a bundled, "
+            "generated or imported definition); choose another name"
+        )
     doc = _docstring(result, name, note, dropin)
-    parts = [imports.render()]
-    if body_source:
-        parts.append(body_source)
+    parts = [body_source] if body_source else []
     parts += [*helpers, _output_size_code(result), root]
-    text = doc + "\n\n" + "\n\n\n".join(p.strip("\n") for p in parts) + "\n"
+    code = "\n\n\n".join(p.strip("\n") for p in parts)
+    # isort's rule, as ruff applies it: two blank lines after the imports before a
+    # definition, one before any other statement (or comment)
+    gap = "\n\n\n" if code.startswith(("class ", "def ", "async def ", "@")) else "\n\n"
+    text = doc + "\n\n" + imports.render() + gap + code + "\n"
     return Emitted(text, name)
+
+
+_OWN_NAMES = {"Step", "_CHAIN_H", "_CHAIN_W", "_through"}  # defined by _output_size_code
+
+
+def _defined_names(imports: Imports, local: set[str], wrappers: dict[str, str]) -> set[str]:
+    """The top-level names the emitted file defines or imports, besides the patched class."""
+    names = local | set(wrappers.values()) | _OWN_NAMES
+    for line in imports.lines:
+        names.update(_imported_names(ast.parse(line).body[0]))
+    return names
 
 
 # -- the source backbone ----------------------------------------------------------------------
@@ -115,15 +136,30 @@ def _source_code(
         f"{k}={_safe_literal(k, v)}" for k, v in sorted(_build_kwargs(backbone).items())
     )
     call = f"{backbone.attr}({args})"
-    if backbone.kind in ("tv", "timm"):
-        raise SurgeryError(
-            f"emitting {backbone.spec} is not supported yet: only zoo backbones and user "
-            "files or modules can be written out"
+    if backbone.kind == "tv":
+        # torchvision's builders hang on its weights registry and presets: import them
+        imports.add(f"from torchvision.models import {backbone.name}")
+        tv_args = ", ".join(["weights=None", *filter(None, [args])])
+        note = (
+            f"imports {backbone.name} from torchvision.models (--import mode: torchvision's "
+            "builders depend on its weights registry, which is not bundled)"
         )
+        return "", f"{backbone.name}({tv_args})", {backbone.name}, note
+    if backbone.kind == "timm":
+        imports.add("import timm")
+        timm_args = ", ".join([string(backbone.name), "pretrained=False", *filter(None, [args])])
+        note = (
+            "builds the model with timm.create_model (--import mode: timm's model "
+            "registry is not bundled)"
+        )
+        return "", f"timm.create_model({timm_args})", set(), note
     if import_mode:
+        if backbone.kind != "module":
+            raise InvalidArgument(
+                f"--import needs a package.module:Name backbone; {backbone.spec} is "
+                + ("a zoo model, always bundled" if backbone.kind == "zoo" else "a file path")
+            )
         origin = backbone.source
-        if backbone.kind == "file":
-            raise SurgeryError("--import needs a package.module:Name spec, not a file path")
         imports.add(f"from {origin} import {backbone.attr}")
         return "", call, {backbone.attr}, f"imports {backbone.attr} from {origin} (--import mode)"
     if backbone.kind == "file":
@@ -166,7 +202,10 @@ def _edited_classes(
     by_code: dict[str, str] = {}
     sources: list[str] = []
     wrappers: dict[str, str] = {}
-    owners = sorted((o for o in result.surgery.rewrites if o), key=lambda p: (-p.count("."), p))
+    owners = sorted(
+        (o for o in result.surgery.rewrites if o and _present(patched, o)),
+        key=lambda p: (-p.count("."), p),
+    )
     for owner in owners:
         gm = module_at(patched, owner)
         if not isinstance(gm, fx.GraphModule):
@@ -186,6 +225,15 @@ def _edited_classes(
             sources.append(_class_source(cls, doc, "base: nn.Module", adopt, forward))
         wrappers[owner] = by_code[key]
     return sources, wrappers
+
+
+def _present(model: nn.Module, path: str) -> bool:
+    """Whether ``path`` is still in the patched model (a truncate op drops what follows)."""
+    try:
+        module_at(model, path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _is_dropout(gm: nn.Module, name: str) -> bool:

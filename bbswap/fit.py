@@ -26,7 +26,7 @@ from bbswap.parsing import parse_dims
 from bbswap.recipe import Op, Recipe, make_op
 from bbswap.recipe_ops import stride_targets
 from bbswap.registry import Backbone, resolve
-from bbswap.trace import SpatialOp, Stage, Trace, build_on_meta, trace
+from bbswap.trace import SpatialOp, Stage, Trace, build_any, trace
 
 Size = tuple[int, int]
 PROBES: tuple[Size, ...] = (
@@ -117,7 +117,12 @@ class FitResult:
         return self.candidates[0]
 
 
-def parse_stride(text: str) -> Size:
+def parse_stride(text: str | int | Size) -> Size:
+    """``16``, ``"16"``, ``"32x4"`` or ``(32, 4)`` as (H, W) factors."""
+    if isinstance(text, int):
+        text = str(text)
+    if isinstance(text, tuple):
+        return (int(text[0]), int(text[1]))
     dims = parse_dims(text, "--stride")
     if len(dims) == 1:
         return (dims[0], dims[0])
@@ -314,7 +319,9 @@ def truncation_points(source: Trace, stride: Size) -> list[Stage]:
             for s in source.module_stages
             if s.path.rsplit(".", 1)[0] == top.path and "." in s.path
         ]
-        levels.append(children)
+        strides = {(round(s.downsample[0]), round(s.downsample[1])) for s in children if s.spatial}
+        if len(strides) > 1:  # one stride: truncating after the stage itself is the same
+            levels.append(children)
     for rows in levels:
         for i, stage in enumerate(rows):
             if at(stage) and (i + 1 == len(rows) or not at(rows[i + 1])):
@@ -403,7 +410,7 @@ def fit(
     spec: str | Backbone,
     *,
     channels: int | None = None,
-    stride: str | Size | None = None,
+    stride: str | int | Size | None = None,
     in_chans: int | None = None,
     input_shape: str | None = None,
     like: str | None = None,
@@ -424,7 +431,7 @@ def fit(
     backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
     own = backbone.default_in_chans
     if own is None:
-        own = first_conv_in_channels(build_on_meta(backbone.build)) or 3
+        own = first_conv_in_channels(build_any(backbone.build)) or 3
     h, w, input_chans = 224, 224, None
     if input_shape:
         dims = parse_dims(input_shape, "--input")
@@ -475,7 +482,7 @@ def fit(
 
 
 def _target(
-    channels: int | None, stride: str | Size | None, in_chans: int | None, like: str | None
+    channels: int | None, stride: str | int | Size | None, in_chans: int | None, like: str | None
 ) -> Target:
     if channels is not None and channels <= 0:
         raise TargetError(f"--channels must be positive, got {channels}")
@@ -484,7 +491,7 @@ def _target(
     if like is None:
         if channels is None or stride is None:
             raise InvalidArgument("give --channels and --stride, or --like BACKBONE")
-        size = parse_stride(stride) if isinstance(stride, str) else stride
+        size = parse_stride(stride)
         if min(size) < 1:
             raise TargetError(f"--stride must be at least 1, got {stride}")
         return Target(channels, size, in_chans)
@@ -495,7 +502,7 @@ def _target(
         raise TargetError(f"--like {like}: its output is not spatial")
     down = other.downsample if other is not None else report.trace.downsample
     sizes = {c.input_hw: c.traced_hw for c in report.sizes if c.traced_hw is not None}
-    if stride is not None and (parse_stride(stride) if isinstance(stride, str) else stride) != (
+    if stride is not None and parse_stride(stride) != (
         round(down[0]),
         round(down[1]),
     ):

@@ -8,11 +8,20 @@ from typing import Any
 
 from torch import nn
 
-from bbswap.errors import InvalidArgument
+from bbswap.errors import InvalidArgument, ModelError
 from bbswap.parsing import parse_input
 from bbswap.registry import Backbone, resolve
 from bbswap.sizes import SizeRule
-from bbswap.trace import Stage, Trace, build_on_meta, trace, trace_module
+from bbswap.trace import (
+    Stage,
+    Trace,
+    _ForwardFailed,
+    build_any,
+    forward_error,
+    trace,
+    trace_instance,
+    trace_module,
+)
 
 Shape4 = tuple[int, int, int, int]
 
@@ -70,7 +79,7 @@ def prepare(backbone: Backbone, input_shape: str | Sequence[int]) -> Prepared:
     if isinstance(input_shape, str):
         in_chans = backbone.default_in_chans
         if in_chans is None and input_shape.lower().count("x") == 1:
-            in_chans = first_conv_in_channels(build_on_meta(backbone.build))
+            in_chans = first_conv_in_channels(build_any(backbone.build))
         shape = parse_input(input_shape, in_chans)
     else:
         shape = tuple(int(v) for v in input_shape)  # type: ignore[assignment]  # checked below
@@ -93,7 +102,12 @@ def check_sizes(
     features = result.features
     for h, w in sizes:
         predicted = result.output_size(h, w, features.chain if features else None)
-        again = trace_module(model, (n, c, h, w), depth=result.depth, device=result.device)
+        try:
+            again = trace_module(model, (n, c, h, w), depth=result.depth, device=result.device)
+        except _ForwardFailed as failed:
+            raise ModelError(
+                f"--sizes {h}x{w}: {forward_error(failed, (n, c, h, w))}"
+            ) from failed.error
         out = again.output_shape
         if features is not None:
             out = next((s.out_shape for s in again.stages if s.path == features.path), ())
@@ -115,13 +129,15 @@ def inspect_backbone(
         raise InvalidArgument(f"--depth must be at least 1, got {depth}")
     if isinstance(spec, nn.Module):
         model = spec
-        shape = (
-            parse_input(input_shape, first_conv_in_channels(model))
-            if isinstance(input_shape, str)
-            else tuple(input_shape)
-        )
-        on_meta = all(p.is_meta for p in model.parameters())
-        result = trace_module(model, shape, depth, "meta" if on_meta else "fake")
+        if isinstance(input_shape, str):
+            shape: tuple[int, ...] = parse_input(input_shape, first_conv_in_channels(model))
+        else:
+            shape = tuple(int(v) for v in input_shape)
+            if len(shape) != 4 or min(shape) <= 0:
+                raise InvalidArgument(
+                    f"input shape must be 4 positive integers (N, C, H, W), got {input_shape}"
+                )
+        result = trace_instance(model, shape, depth)
         name = type(model).__name__
     else:
         backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)

@@ -362,6 +362,11 @@ def _pointwise(name: str, args: tuple, kwargs: dict) -> Any:
         return None
     if kwargs.get("inplace") or (name.startswith("__i") and name != "__invert__"):
         return args[0]
+    if "dropout" in name:
+        training = args[2] if len(args) > 2 else kwargs.get("training", True)
+        inplace = args[3] if len(args) > 3 else kwargs.get("inplace", False)
+        if not training or inplace:
+            return args[0] if args else kwargs["input"]  # eval-mode dropout returns its input
     shape = _broadcast([tuple(t.shape) for t in tensors])
     if shape is None:
         return None  # let the real op raise its own message

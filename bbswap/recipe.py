@@ -124,6 +124,8 @@ def recipe_from_dict(data: Mapping[str, Any], source: str = "") -> Recipe:
         if not isinstance(raw, dict):
             raise RecipeError(f"{where}: must be a table, got {raw!r}")
         name = raw.get("op")
+        if name is None:
+            raise RecipeError(f"{where}.op: missing (one of {choices(sorted(OPS))})")
         if name not in OPS:
             raise RecipeError(f"{where}.op: unknown op {name!r} (valid: {choices(sorted(OPS))})")
         ops.append(Op(name, check_params(OPS[name].fields, raw, f"{where} ({name})")))

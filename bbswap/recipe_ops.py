@@ -381,6 +381,9 @@ def truncate(s: Surgery, op: Op, where: str) -> None:
 
 def _dropped(trace: Trace, after: str) -> list[str]:
     """Modules after ``after`` among its siblings and those of each ancestor."""
+    if after not in trace.modules:  # a functional stage of the model's own forward
+        names = [st.path for st in trace.stages]
+        return [p for p in names[names.index(after) + 1 :] if p in trace.modules]
     dropped: list[str] = []
     path = after
     while True:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from bbswap.fit import FitResult
     from bbswap.inspection import InspectReport
     from bbswap.registry import ListedBackbone
+    from bbswap.surgery import Edit
     from bbswap.verify import VerifyReport
 
 
@@ -241,11 +242,31 @@ def render_apply(result: ApplyResult, console: Console) -> None:
     edits = Table(title="edits", title_justify="left", header_style="bold", box=box.SIMPLE_HEAD)
     for name in ("#", "op", "path", "attribute", "old -> new"):
         edits.add_column(name)
-    for e in result.edits:
-        edits.add_row(
-            str(e.op_index), e.op, e.path or "(model)", e.attribute, f"{e.old} -> {e.new}"
-        )
+    for group in _grouped(result.edits):
+        e = group[0]
+        path = e.path or "(model)"
+        if len(group) > 1:
+            path += f" and {len(group) - 1} more like it"
+        edits.add_row(str(e.op_index), e.op, path, e.attribute, escape(f"{e.old} -> {e.new}"))
     console.print(edits)
+
+
+def _grouped(edits: Sequence[Edit]) -> list[list[Edit]]:
+    """Consecutive edits that differ only in their path (a Dropout after each block)."""
+    groups: list[list[Edit]] = []
+    for e in edits:
+        last = groups[-1][0] if groups else None
+        same = last is not None and (last.op_index, last.attribute, last.old, last.new) == (
+            e.op_index,
+            e.attribute,
+            e.old,
+            e.new,
+        )
+        if same and e.attribute == "(appended)":
+            groups[-1].append(e)
+        else:
+            groups.append([e])
+    return groups
 
 
 def render_ops(rows: Sequence[tuple[str, str, list[str]]], console: Console) -> None:
@@ -291,10 +312,11 @@ def render_export(exported: Exported, console: Console) -> None:
 
 def render_fit(result: FitResult, top: int, console: Console) -> None:
     src = result.source
+    winner = result.winner.trace.input_shape if result.winner.result else src.input_shape
     console.print(
         f"[bold]{escape(result.backbone.spec)}[/bold] -> {escape(result.target.describe())}  "
-        f"input {shape(src.input_shape)}; {result.evaluated} candidates evaluated, "
-        f"exact at {len(result.probes)} probe sizes"
+        f"input {shape(winner)}; {result.evaluated} candidates evaluated, "
+        f"each checked at {len(result.probes)} input sizes"
     )
     best = result.winner.trace.macs if result.winner.result else 0
     table = Table(header_style="bold", box=box.SIMPLE_HEAD)

@@ -102,7 +102,10 @@ class Stage:
 
     @property
     def channels(self) -> int:
-        return self.out_shape[1] if len(self.out_shape) >= 2 else self.out_shape[-1]
+        """Dim 1 of an NC... output; the size of a 1-d one; 1 for a scalar."""
+        if len(self.out_shape) >= 2:
+            return self.out_shape[1]
+        return self.out_shape[-1] if self.out_shape else 1
 
 
 @dataclass(frozen=True)
@@ -642,11 +645,53 @@ def trace(
     try:
         return trace_module(model, input_shape, depth, "cpu", note), model
     except _ForwardFailed as failed:
-        where = f" in stage '{failed.stage}'" if failed.stage else ""
+        raise forward_error(failed, input_shape) from failed.error
+
+
+def forward_error(failed: _ForwardFailed, input_shape: Shape) -> ModelError:
+    """The one-line error for a model whose forward raised, naming the stage reached."""
+    where = f" in stage '{failed.stage}'" if failed.stage else ""
+    return ModelError(
+        f"the model's forward raised {type(failed.error).__name__}{where} "
+        f"at input {'x'.join(map(str, input_shape))}: {_one_line(failed.error)}"
+    )
+
+
+def trace_instance(model: nn.Module, input_shape: Shape, depth: int = 1) -> Trace:
+    """Trace a model that already exists, falling back to real CPU tensors (with a note)
+    when it cannot run on meta or fake tensors."""
+    on_meta = all(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    try:
+        return trace_module(model, input_shape, depth, "meta" if on_meta else "fake")
+    except _ForwardFailed as failed:
+        if on_meta:
+            raise forward_error(failed, input_shape) from failed.error
+        note = (
+            "traced on real CPU tensors: the model cannot run on fake tensors "
+            f"({_one_line(failed.error)})"
+        )
+    try:
+        return trace_module(model, input_shape, depth, "cpu", note)
+    except _ForwardFailed as failed:
+        raise forward_error(failed, input_shape) from failed.error
+
+
+def build_any(build: Callable[[], nn.Module]) -> nn.Module:
+    """Build on the meta device, or on the CPU when the constructor needs real data."""
+    try:
+        return build_on_meta(build)
+    except ModelError:
+        raise
+    except Exception:  # a constructor that cannot run on meta: try it for real
+        pass
+    try:
+        return build()
+    except ModelError:
+        raise
+    except Exception as error:  # any failure of a user's constructor
         raise ModelError(
-            f"the model's forward raised {type(failed.error).__name__}{where} "
-            f"at input {'x'.join(map(str, input_shape))}: {_one_line(failed.error)}"
-        ) from failed.error
+            f"the model's constructor raised {type(error).__name__}: {_one_line(error)}"
+        ) from error
 
 
 def _one_line(error: BaseException | None) -> str:
