@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -382,7 +383,7 @@ def render_fit(result: FitResult, top: int, console: Console) -> None:
 @contextlib.contextmanager
 def progress_bar(quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
     """A progress bar on stderr that appears only when evaluation takes over a second."""
-    if quiet:
+    if quiet or not sys.stderr.isatty():
         yield None
         return
     from rich.progress import Progress

@@ -12,7 +12,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bbswap.zoo import ZOO
 
-REFERENCE = json.loads((Path(__file__).parent / "fixtures" / "reference_backbones.json").read_text())
+REFERENCE = json.loads(
+    (Path(__file__).parent / "fixtures" / "reference_backbones.json").read_text()
+)
 REF_NAME = {name: ("densenet100_hmer" if name == "densenet100" else name) for name in ZOO}
 
 
