@@ -335,12 +335,12 @@ def _split_args(inner: str) -> list[str]:
 def wrap(stmt: str, indent: int, limit: int = 100) -> str:
     """Indent a statement, splitting a too-long final call the way ruff format does."""
     pad = " " * indent
-    if len(pad + stmt) <= limit or not stmt.rstrip().endswith(")"):
-        return pad + stmt
     code, comment = stmt, ""
     if "  # " in stmt:
         code, comment = stmt.split("  # ", 1)
         comment = "  # " + comment
+    if len(pad + stmt) <= limit or not code.rstrip().endswith(")"):
+        return pad + stmt
     depth, open_at = 0, -1
     for i in range(len(code) - 1, -1, -1):
         if code[i] == ")":

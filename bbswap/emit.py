@@ -36,7 +36,15 @@ from bbswap.codegen import (
 from bbswap.errors import InvalidArgument, SurgeryError
 from bbswap.recipe import recipe_to_toml
 from bbswap.registry import Backbone
-from bbswap.surgery import Edit, _ChildrenAsLeaves, child_name, module_at, parent_path
+from bbswap.surgery import (
+    Edit,
+    OwnerRewrite,
+    _ChildrenAsLeaves,
+    child_name,
+    fx_name,
+    module_at,
+    parent_path,
+)
 from bbswap.trace import describe_factor
 
 _FAMILIES = {
@@ -211,7 +219,7 @@ def _edited_classes(
         if not isinstance(gm, fx.GraphModule):
             raise SurgeryError(f"{owner} was not rewritten")  # a bug: finish() makes them
         rw = result.surgery.rewrites[owner]
-        comments = {n: f"op {i}" for n, i in rw.append}
+        comments = _comments(gm.graph, rw)
         forward = forward_source(gm.graph, imports, local, comments)
         adopt = _adopt_lines(gm, "base")
         key = forward + "\n".join(adopt)
@@ -225,6 +233,18 @@ def _edited_classes(
             sources.append(_class_source(cls, doc, "base: nn.Module", adopt, forward))
         wrappers[owner] = by_code[key]
     return sources, wrappers
+
+
+def _comments(graph: fx.Graph, rw: OwnerRewrite) -> dict[str, str]:
+    """Node name -> the recipe op that made or edited it, for the forward's comments."""
+    notes = {name: f"op {i}" for name, i in rw.append}
+    for edit in rw.calls:
+        calls = [
+            n for n in graph.nodes if n.op == "call_function" and fx_name(n.target) == edit.func
+        ]
+        if edit.call < len(calls):
+            notes[calls[edit.call].name] = f"op {edit.op_index}: {', '.join(edit.values)} edited"
+    return notes
 
 
 def _present(model: nn.Module, path: str) -> bool:
@@ -390,7 +410,7 @@ def _root_class(
     rw = result.surgery.rewrites.get("")
     if isinstance(patched, fx.GraphModule) and rw is not None:
         graph = patched.graph
-        comments = {n: f"op {i}" for n, i in rw.append}
+        comments = _comments(graph, rw)
     else:
         graph = _trace_root(patched)
         comments = {}
