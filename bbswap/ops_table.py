@@ -290,6 +290,10 @@ def meta_result(name: str, args: tuple, kwargs: dict, spatial: SpatialArgs | Non
         if weight.shape[1] * groups != c or weight.shape[0] % groups:
             return None
         return x.new_empty((n, weight.shape[0], out_h, out_w))
+    pad, kernel = spatial.padding, spatial.kernel
+    pool = name in ("max_pool2d", "avg_pool2d", "max_pool2d_with_indices")
+    if pool and not isinstance(pad, str) and (pad[0] > kernel[0] // 2 or pad[1] > kernel[1] // 2):
+        return None  # torch takes at most half the kernel as padding: let it say so
     if name in ("max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d"):
         return x.new_empty((n, c, out_h, out_w))
     if name in ("max_pool2d_with_indices", "adaptive_max_pool2d_with_indices"):

@@ -18,7 +18,7 @@ from torch import nn
 from bbswap.errors import RecipeError, SurgeryError, choices
 from bbswap.ops_table import pair
 from bbswap.recipe import Field, Op
-from bbswap.surgery import Surgery, module_at, new_module, parent_path
+from bbswap.surgery import Surgery, fmt, module_at, new_module, parent_path
 from bbswap.trace import SpatialOp, Trace
 
 Validate = Callable[[Trace, Op, str], None]
@@ -268,11 +268,23 @@ def restride(
                 "(a pixel would be lost); choose another reduction point"
             )
         padding[axis] = span // 2
+    _check_pool_padding(o, kernel, padding, f"{where}: cannot set stride {fmt(stride)} at {o.id}")
     return {
         "kernel_size": (kernel[0], kernel[1]),
         "stride": stride,
         "padding": (padding[0], padding[1]),
     }
+
+
+def _check_pool_padding(o: SpatialOp, kernel: list[int], padding: list[int], what: str) -> None:
+    """PyTorch pools take at most half the kernel as padding, whatever the dilation."""
+    for axis in range(2):
+        if o.op in ("max-pool", "avg-pool") and padding[axis] > kernel[axis] // 2:
+            raise SurgeryError(
+                f"{what} exactly: it would need {padding[axis]} pixels of padding per side "
+                f"on {'HW'[axis]}, but a {o.op} with kernel {kernel[axis]} takes at most "
+                f"{kernel[axis] // 2}"
+            )
 
 
 @register(
@@ -343,6 +355,7 @@ def _dilate(s: Surgery, o: SpatialOp, factors: list[int], where: str) -> None:
             )
         padding[axis] += grow // 2
         dilation[axis] *= factors[axis]
+    _check_pool_padding(o, list(kernel), padding, f"{where}: cannot dilate {o.id}")
     _set(s, o, {"dilation": (dilation[0], dilation[1]), "padding": (padding[0], padding[1])})
 
 

@@ -102,7 +102,7 @@ def table_rows(text: str) -> list[str]:
     return [
         line
         for line in text.splitlines()
-        if re.search(r"\s(yes|no|rounding|refused: .*)\s*$", line) and "edits" not in line
+        if re.search(r"\s(yes|no|rounding|refused: .*)( \(.*\))?\s*$", line) and "edits" not in line
     ]
 
 
