@@ -6,20 +6,11 @@ from pathlib import Path
 
 from bbswap.errors import InvalidArgument
 from bbswap.inspection import first_conv_in_channels, inspect_backbone
-from bbswap.parsing import parse_dims, parse_sizes
+from bbswap.parsing import parse_sizes, parse_stride
 from bbswap.verify import VerifyReport, construct, import_file, verify_model
 from bbswap.weights import read_checkpoint
 
 DEFAULT_SIZES = [(33, 97), (64, 64), (61, 203), (117, 293), (128, 316)]
-
-
-def parse_stride(text: str) -> tuple[int, int]:
-    dims = parse_dims(text, "--stride")
-    if len(dims) == 1:
-        return (dims[0], dims[0])
-    if len(dims) == 2:
-        return (dims[0], dims[1])
-    raise InvalidArgument(f"malformed --stride '{text}': expected 16 or HxW such as 32x4")
 
 
 def like_sizes(spec: str, sizes: list[tuple[int, int]]) -> dict[tuple[int, int], tuple[int, int]]:

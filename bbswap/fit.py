@@ -22,7 +22,7 @@ from typing import Any
 from bbswap.applying import ApplyResult, apply_traced
 from bbswap.errors import BBSwapError, InvalidArgument, SurgeryError, TargetError
 from bbswap.inspection import first_conv_in_channels, inspect_backbone
-from bbswap.parsing import parse_dims
+from bbswap.parsing import parse_dims, parse_stride
 from bbswap.recipe import Op, Recipe, make_op
 from bbswap.recipe_ops import stride_targets
 from bbswap.registry import Backbone, resolve
@@ -115,20 +115,6 @@ class FitResult:
     @property
     def winner(self) -> Candidate:
         return self.candidates[0]
-
-
-def parse_stride(text: str | int | Size) -> Size:
-    """``16``, ``"16"``, ``"32x4"`` or ``(32, 4)`` as (H, W) factors."""
-    if isinstance(text, int):
-        text = str(text)
-    if isinstance(text, tuple):
-        return (int(text[0]), int(text[1]))
-    dims = parse_dims(text, "--stride")
-    if len(dims) == 1:
-        return (dims[0], dims[0])
-    if len(dims) == 2:
-        return (dims[0], dims[1])
-    raise InvalidArgument(f"malformed --stride '{text}': expected 16 or HxW such as 32x4")
 
 
 def units(source: Trace, features: Stage | None) -> list[Unit]:

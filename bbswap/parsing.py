@@ -101,3 +101,17 @@ def parse_kw_value(key: str, value: str) -> Any:
             f"malformed --kw value for '{key}': {value!r} is neither a Python literal, "
             "a bare word nor @file"
         ) from None
+
+
+def parse_stride(text: str | int | tuple[int, int]) -> tuple[int, int]:
+    """``16``, ``"16"``, ``"32x4"`` or ``(32, 4)`` as (H, W) factors."""
+    if isinstance(text, int):
+        text = str(text)
+    if isinstance(text, tuple):
+        return (int(text[0]), int(text[1]))
+    dims = parse_dims(text, "--stride")
+    if len(dims) == 1:
+        return (dims[0], dims[0])
+    if len(dims) == 2:
+        return (dims[0], dims[1])
+    raise InvalidArgument(f"malformed --stride '{text}': expected 16 or HxW such as 32x4")
