@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from cli_helpers import assert_one_line_error
 from recipe_helpers import kwargs_for, randomize_batchnorm, recipe
 from seed_resnet50 import SEED_TO_PATCHED, seed_resnet50
 from typer.testing import CliRunner
@@ -61,17 +62,6 @@ def one_thread():
 
 def cli(*args: str):
     return CliRunner().invoke(app, list(args))
-
-
-def assert_one_line_error(result: Any, *fragments: str) -> str:
-    """Exit status 2 and one line on stderr, ``bbswap: error: ...``, naming ``fragments``."""
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("bbswap: error: "), lines[0]
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 _serial = itertools.count()

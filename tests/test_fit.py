@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 import torch
+from cli_helpers import assert_one_line_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -66,16 +67,6 @@ def cli(*args: str):
 def ok(result: Any) -> Any:
     assert result.exit_code == 0, (result.exit_code, result.stdout, result.stderr)
     return result
-
-
-def assert_one_line_error(result: Any, *fragments: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("bbswap: error: "), lines[0]
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 @functools.cache

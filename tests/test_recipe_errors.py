@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import assert_one_line_error
 from typer.testing import CliRunner
 
 from bbswap.cli import app
@@ -152,20 +153,6 @@ BAD = [
 
 def run(*args: str):
     return CliRunner().invoke(app, list(args))
-
-
-def assert_one_line_error(result, *needles: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert result.stderr.endswith("\n")
-    line = lines[0]
-    assert line.startswith("bbswap: error: ")
-    assert "Traceback" not in line
-    for needle in needles:
-        assert needle in line, (needle, line)
-    return line
 
 
 @pytest.mark.parametrize(("text", "needles"), [case[1:] for case in BAD], ids=[c[0] for c in BAD])
