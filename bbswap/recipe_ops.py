@@ -415,12 +415,13 @@ def _dropped(trace: Trace, after: str) -> list[str]:
 
 # -- project ------------------------------------------------------------------------------------
 
-_ACTIVATIONS = {
-    "none": "",
-    "relu": "nn.ReLU(inplace=True)",
-    "relu6": "nn.ReLU6(inplace=True)",
-    "silu": "nn.SiLU(inplace=True)",
-    "gelu": "nn.GELU()",
+# name -> (the module, its source for the emitted file); "none" adds nothing
+_ACTIVATIONS: dict[str, tuple[Callable[[], nn.Module], str] | None] = {
+    "none": None,
+    "relu": (lambda: nn.ReLU(inplace=True), "nn.ReLU(inplace=True)"),
+    "relu6": (lambda: nn.ReLU6(inplace=True), "nn.ReLU6(inplace=True)"),
+    "silu": (lambda: nn.SiLU(inplace=True), "nn.SiLU(inplace=True)"),
+    "gelu": (nn.GELU, "nn.GELU()"),
 }
 
 
@@ -467,14 +468,9 @@ def project(s: Surgery, op: Op, where: str) -> None:
         "", "proj_bn", new_module(lambda: nn.BatchNorm2d(cout), s.device), f"nn.BatchNorm2d({cout})"
     )
     act = _ACTIVATIONS[op["activation"]]
-    if act:
-        module = {
-            "relu": nn.ReLU(inplace=True),
-            "relu6": nn.ReLU6(inplace=True),
-            "silu": nn.SiLU(inplace=True),
-            "gelu": nn.GELU(),
-        }[op["activation"]]
-        s.append_output("", "proj_act", module, act)
+    if act is not None:
+        make, source = act
+        s.append_output("", "proj_act", make(), source)
     s.out_channels = cout
 
 

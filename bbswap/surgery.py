@@ -196,16 +196,14 @@ class Surgery:
     def truncate(self, after: str, dropped: list[str]) -> None:
         """Make ``after`` the output: each module from it up to the model stops there."""
         path = after
-        while path.split("(")[0].count(".") and not path.endswith(")"):
-            self.rewrite(parent_path(path)).truncate_after = child_name(path)
-            path = parent_path(path)
-        if "." in path.split("(")[0] and path.endswith(")"):
+        if path.endswith(")") and "." in path.split("(")[0]:
+            # a functional call in a module's forward: that module stops at the call
             owner, _, call = path.rpartition(".")
             self.rewrite(owner).truncate_after = call
             path = owner
-            while "." in path:
-                self.rewrite(parent_path(path)).truncate_after = child_name(path)
-                path = parent_path(path)
+        while "." in path:
+            self.rewrite(parent_path(path)).truncate_after = child_name(path)
+            path = parent_path(path)
         self.rewrite("").truncate_after = path
         for path in dropped:
             self.record(path, "(removed)", type(module_at(self.model, path)).__name__, "-")

@@ -634,14 +634,7 @@ def trace(
         "traced on real CPU tensors: the model cannot run on the meta device "
         f"({_one_line(meta_error)})"
     )
-    try:
-        model = build()
-    except ModelError:
-        raise
-    except Exception as error:  # any failure of a user's constructor
-        raise ModelError(
-            f"the model's constructor raised {type(error).__name__}: {_one_line(error)}"
-        ) from error
+    model = _build_real(build)
     try:
         return trace_module(model, input_shape, depth, "cpu", note), model
     except _ForwardFailed as failed:
@@ -684,6 +677,11 @@ def build_any(build: Callable[[], nn.Module]) -> nn.Module:
         raise
     except Exception:  # a constructor that cannot run on meta: try it for real
         pass
+    return _build_real(build)
+
+
+def _build_real(build: Callable[[], nn.Module]) -> nn.Module:
+    """Build on the CPU; a constructor that raises is the user's error."""
     try:
         return build()
     except ModelError:
