@@ -694,14 +694,14 @@ def broken_file(emitted, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_verify_fails_a_hand_broken_file(broken_file, emitted):
     target = f"{broken_file}:{emitted['resnet50-seed-hmer'].class_name}"
     result = cli("verify", target, "--channels", "684", "--stride", "16", "--sizes", SIZES)
-    line = assert_one_line_error(result, "output_size", "output_size(33, 97) says 3x7")
+    line = assert_one_line_error(result, "output_size", "output_size(33, 97) says 3x7", report=True)
     assert "but the model gives 2x4" in line
 
 
 def test_verify_names_the_channel_mismatch(emitted, emitted_files):
     target = f"{emitted_files['resnet50-seed-hmer']}:{emitted['resnet50-seed-hmer'].class_name}"
     result = cli("verify", target, "--channels", "100", "--sizes", "33x97")
-    assert_one_line_error(result, "channels", "not 100 channels", "684")
+    assert_one_line_error(result, "channels", "not 100 channels", "684", report=True)
 
 
 def test_verify_target_errors(emitted_files, tmp_path):
