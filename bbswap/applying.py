@@ -14,7 +14,7 @@ from bbswap.recipe import Recipe
 from bbswap.recipe_ops import OPS
 from bbswap.registry import Backbone, resolve
 from bbswap.surgery import Edit, Surgery
-from bbswap.trace import Stage, Trace, _ForwardFailed, build_any, trace, trace_module
+from bbswap.tracing import Stage, Trace, _ForwardFailed, build_any, trace, trace_module
 
 Shape4 = tuple[int, int, int, int]
 
@@ -72,7 +72,7 @@ def apply_recipe(
     """
     backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
     shape, chans = source_input(backbone, recipe, input_shape)
-    before, source = trace(lambda: backbone.build(in_chans=chans), shape)
+    before, source = trace(lambda: backbone.build(in_chans=chans), shape, name=backbone.spec)
     result = apply_traced(backbone, recipe, before, source, model=model)
     if input_shape and len(parse_dims(input_shape, "--input")) == 4:
         wanted = parse_dims(input_shape, "--input")[1]

@@ -33,12 +33,15 @@ def check_file(
     like: str | None = None,
     sizes: str | None = None,
     in_chans: int | None = None,
+    rounding: str = "ceil",
 ) -> VerifyReport:
     path_text, sep, class_name = target.rpartition(":")
     if not sep or not class_name or not path_text.endswith(".py"):
         raise InvalidArgument(f"malformed target '{target}': expected FILE.py:Class")
     if channels is not None and channels <= 0:
         raise InvalidArgument(f"--channels must be positive, got {channels}")
+    if rounding not in ("ceil", "floor", "any"):
+        raise InvalidArgument(f"--rounding '{rounding}' is not one of ceil, floor, any")
     wanted_stride = parse_stride(stride) if stride is not None else None
     size_list = parse_sizes(sizes) if sizes is not None else DEFAULT_SIZES
     module = import_file(Path(path_text))
@@ -55,5 +58,6 @@ def check_file(
         state=state,
         channels=channels,
         stride=wanted_stride,
+        rounding=rounding,
         like=(like, like_sizes(like, size_list)) if like is not None else None,
     )

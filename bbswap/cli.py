@@ -193,7 +193,7 @@ def apply_cmd(
             _no_emit_options(class_name, dropin, import_mode, weights, partial, safetensors)
             result = apply_recipe(backbone, loaded, input_shape, kwargs=parse_kw(kw))
         else:
-            from bbswap.export import export
+            from bbswap.exporting import export
 
             exported = export(
                 backbone,
@@ -245,7 +245,7 @@ def fit_cmd(
     ] = False,
     mode: Annotated[str, typer.Option(help="Removing a stride: dilate or stride.")] = "dilate",
     rounding: Annotated[
-        str, typer.Option(help="Size rule of a --stride target: ceil or floor.")
+        str, typer.Option(help="Size rule of a --stride target: ceil, floor or any (either).")
     ] = "ceil",
     top: Annotated[int, typer.Option(help="Candidates to show.")] = 5,
     save_recipe: Annotated[
@@ -265,7 +265,7 @@ def fit_cmd(
     """Find the cheapest exact surgery to a target stride and channel count."""
     from pathlib import Path
 
-    from bbswap.fit import fit, fit_dict, recipe_header, winner_recipe
+    from bbswap.fitting import fit, fit_dict, recipe_header, winner_recipe
     from bbswap.parsing import parse_kw
     from bbswap.recipe import recipe_to_toml
     from bbswap.render import progress_bar, render_fit
@@ -299,7 +299,7 @@ def fit_cmd(
         recipe = winner_recipe(result, input_text)
         exported = None
         if output is not None:
-            from bbswap.export import export
+            from bbswap.exporting import export
 
             exported = export(
                 result.backbone,
@@ -361,8 +361,11 @@ def verify_cmd(
     weights: WeightsOpt = None,
     channels: Annotated[int | None, typer.Option(help="Expected output channels.")] = None,
     stride: Annotated[
-        str | None, typer.Option(help="Expected downsample: 16, or 32x4 (H x W), ceil rounding.")
+        str | None, typer.Option(help="Expected downsample: 16, or 32x4 (H x W).")
     ] = None,
+    rounding: Annotated[
+        str, typer.Option(help="Size rule of --stride: ceil, floor or any (either).")
+    ] = "ceil",
     like: Annotated[
         str | None, typer.Option(help="Backbone spec whose output size must be matched.")
     ] = None,
@@ -388,6 +391,7 @@ def verify_cmd(
             like=like,
             sizes=sizes,
             in_chans=in_chans,
+            rounding=rounding,
         )
         if json_out:
             _print_json(
@@ -405,6 +409,58 @@ def verify_cmd(
         from bbswap.verify import require
 
         require(report)
+
+
+@app.command("matrix")
+def matrix_cmd(
+    patterns: Annotated[
+        list[str],
+        typer.Argument(help="Backbone specs or fnmatch patterns: 'tv:*', 'timm:resnet*', ..."),
+    ],
+    stride: Annotated[str, typer.Option(help="Target strides, comma-separated.")] = "8,16,32",
+    channels: Annotated[
+        int | None, typer.Option(help="Target channels (default: each backbone's own).")
+    ] = None,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            help="Emit each winning plan with random weights and verify the file; "
+            "--no-verify runs the meta-device steps only."
+        ),
+    ] = True,
+    rounding: Annotated[
+        str, typer.Option(help="Size rule the targets accept: ceil, floor or any.")
+    ] = "any",
+    input_shape: Annotated[
+        str | None, typer.Option("--input", "-i", help="Dummy input as NxCxHxW or HxW.")
+    ] = None,
+    json_out: JsonOpt = False,
+    debug: Debug = False,
+) -> None:
+    """Which backbones reach which target strides, the MACs of each winning plan, and why not."""
+    from bbswap.matrix import matrix, matrix_dict
+    from bbswap.parsing import parse_strides
+    from bbswap.render import progress_bar, render_matrix
+
+    with _guard(debug):
+        strides = parse_strides(stride)
+        if rounding not in ("ceil", "floor", "any"):
+            raise InvalidArgument(f"--rounding '{rounding}' is not one of ceil, floor, any")
+        with progress_bar(json_out, "trying backbones") as progress:
+            result = matrix(
+                patterns,
+                strides=strides,
+                channels=channels,
+                verify=verify,
+                rounding=rounding,
+                input_shape=input_shape,
+                debug=debug or _state["debug"],
+                progress=progress,
+            )
+        if json_out:
+            _print_json(matrix_dict(result))
+            return
+        render_matrix(result, _console())
 
 
 @app.command("ops")

@@ -11,41 +11,71 @@ from collections.abc import Iterable
 
 
 class BBSwapError(Exception):
-    """A mistake in what the user asked for; the message says what and how to fix it."""
+    """A mistake in what the user asked for; the message says what and how to fix it.
+
+    ``brief`` is the same in a few words, for a cell of ``bbswap matrix``.
+    """
 
     exit_code = 2
+    brief_default = "error"
+
+    def __init__(self, message: str, brief: str | None = None) -> None:
+        super().__init__(message)
+        self.brief = brief or self.brief_default
 
 
 class BackboneNotFound(BBSwapError):
     """A backbone spec names nothing that can be built."""
 
+    brief_default = "unknown backbone"
+
 
 class MissingDependency(BBSwapError):
     """An optional package needed for a spec or output is not installed."""
+
+    brief_default = "missing package"
 
 
 class InvalidArgument(BBSwapError):
     """A malformed command-line value: --input, --sizes, --kw, --stride, ..."""
 
+    brief_default = "bad argument"
+
 
 class ModelError(BBSwapError):
     """The user's model raised in its constructor or its forward."""
+
+    brief_default = "build or forward fails"
 
 
 class RecipeError(BBSwapError):
     """A recipe file or one of its ops is invalid."""
 
+    brief_default = "bad recipe"
+
 
 class SurgeryError(BBSwapError):
     """An op cannot be applied to this backbone as asked."""
+
+    brief_default = "surgery refused"
 
 
 class TargetError(BBSwapError):
     """A fit target that no candidate reaches."""
 
+    brief_default = "no exact plan"
+
 
 class VerificationError(BBSwapError):
     """A generated or hand-edited file does not match what it claims."""
+
+    brief_default = "verification fails"
+
+
+class NotACNN(BBSwapError):
+    """A backbone whose features are tokens or mixed by attention, not a CNN feature map."""
+
+    brief_default = "not a CNN"
 
 
 def choices(values: Iterable[str], limit: int = 12) -> str:

@@ -12,7 +12,7 @@ from bbswap.errors import InvalidArgument, ModelError
 from bbswap.parsing import parse_input
 from bbswap.registry import Backbone, resolve
 from bbswap.sizes import SizeRule
-from bbswap.trace import (
+from bbswap.tracing import (
     Stage,
     Trace,
     _ForwardFailed,
@@ -137,12 +137,12 @@ def inspect_backbone(
                 raise InvalidArgument(
                     f"input shape must be 4 positive integers (N, C, H, W), got {input_shape}"
                 )
-        result = trace_instance(model, shape, depth)
+        result = trace_instance(model, shape, depth, type(model).__name__)
         name = type(model).__name__
     else:
         backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
         prepared = prepare(backbone, input_shape)
-        result, model = trace(prepared.build, prepared.input_shape, depth)
+        result, model = trace(prepared.build, prepared.input_shape, depth, backbone.spec)
         name = backbone.spec
     checks = check_sizes(model, result, sizes) if sizes else ()
     features = result.features

@@ -29,6 +29,15 @@ def pair(value: Any) -> Pair:
     return (int(value), int(value))
 
 
+# Modules that pad their input themselves for every input size, as TensorFlow's 'SAME'
+# does (timm's ports of TF weights), so that the output is ceil(size / stride) at any
+# size, whatever their kernel; their padding attribute is not used.
+def dynamic_same(module: object) -> bool:
+    """timm's Conv2dSame, MaxPool2dSame, ScaledStdConv2dSame, ... (not its *SameExport,
+    whose padding is fixed for one input size)."""
+    return type(module).__name__.endswith("Same")
+
+
 @dataclass(frozen=True)
 class SpatialArgs:
     """The normalised spatial arguments of one call, H first."""

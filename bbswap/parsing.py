@@ -115,3 +115,17 @@ def parse_stride(text: str | int | tuple[int, int]) -> tuple[int, int]:
     if len(dims) == 2:
         return (dims[0], dims[1])
     raise InvalidArgument(f"malformed --stride '{text}': expected 16 or HxW such as 32x4")
+
+
+def parse_strides(text: str) -> list[int]:
+    """``8,16,32`` -> [8, 16, 32] (square strides, for ``bbswap matrix``)."""
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not (part.isascii() and part.isdigit()) or int(part) < 1:
+            raise InvalidArgument(
+                f"malformed --stride '{text}': expected positive integers separated by commas, "
+                "e.g. 8,16,32"
+            )
+        out.append(int(part))
+    return list(dict.fromkeys(out))

@@ -18,8 +18,9 @@ from torch import nn
 from bbswap.errors import RecipeError, SurgeryError, choices
 from bbswap.ops_table import pair
 from bbswap.recipe import Field, Op
+from bbswap.sizes import SizeStep
 from bbswap.surgery import Surgery, fmt, module_at, new_module, parent_path
-from bbswap.trace import SpatialOp, Trace
+from bbswap.tracing import SpatialOp, Trace
 
 Validate = Callable[[Trace, Op, str], None]
 Apply = Callable[[Surgery, Op, str], None]
@@ -211,12 +212,14 @@ def current(s: Surgery, o: SpatialOp) -> dict[str, Any]:
             if isinstance(getattr(m, "padding", 0), str)
             else pair(getattr(m, "padding", o.padding)),
             "dilation": pair(getattr(m, "dilation", o.dilation)),
+            "ceil_mode": bool(getattr(m, "ceil_mode", o.ceil_mode)),
         }
     values: dict[str, Any] = {
         "kernel_size": o.kernel,
         "stride": o.stride,
         "padding": o.padding,
         "dilation": o.dilation,
+        "ceil_mode": o.ceil_mode,
     }
     rw = s.rewrites.get(o.owner)
     for edit in rw.calls if rw else []:
@@ -244,10 +247,14 @@ def restride(
 
     A pooling whose window equals its stride keeps that (the window follows the stride);
     anything else gets 'same' padding, ``dilation * (kernel - 1) / 2``, so the output is
-    ``ceil(size / stride)`` whatever the input size. Refused when that is not a whole
-    number (an even kernel on a conv, whose weights fix the kernel).
+    ``ceil(size / stride)`` whatever the input size. When that is not a whole number (an
+    even kernel on a conv, whose weights fix the kernel), a conv going to stride 1 takes
+    torch's ``padding='same'``, which pads the odd pixel on one side; other strides are
+    refused.
     """
     kernel, padding = list(now["kernel_size"]), now["padding"]
+    if o.same:
+        return {"stride": stride}  # it pads itself to ceil(size / stride)
     if isinstance(padding, str):
         if any(v != 1 for v in stride) and padding == "same":
             raise SurgeryError(f"{where}: {o.id} uses padding='same', which needs stride 1")
@@ -261,6 +268,10 @@ def restride(
             kernel[axis] = stride[axis]
             continue
         span = d * (k - 1)
+        if span % 2 and o.op == "conv" and stride == (1, 1):
+            # an even kernel at stride 1: torch's padding='same' pads the odd pixel on
+            # the right and bottom, so the size stays exactly the input's
+            return {"stride": stride, "padding": "same"}
         if span % 2:
             raise SurgeryError(
                 f"{where}: cannot set stride {stride[axis]} at {o.id} exactly: its kernel "
@@ -339,7 +350,7 @@ def _dilate(s: Surgery, o: SpatialOp, factors: list[int], where: str) -> None:
             f"{kernel[0]}, which has no dilation; use mode = 'stride'"
         )
     padding = now["padding"]
-    if isinstance(padding, str):
+    if isinstance(padding, str) or o.same:
         new = (dilation[0] * factors[0], dilation[1] * factors[1])
         _set(s, o, {"dilation": new})
         return
@@ -357,6 +368,107 @@ def _dilate(s: Surgery, o: SpatialOp, factors: list[int], where: str) -> None:
         dilation[axis] *= factors[axis]
     _check_pool_padding(o, list(kernel), padding, f"{where}: cannot dilate {o.id}")
     _set(s, o, {"dilation": (dilation[0], dilation[1]), "padding": (padding[0], padding[1])})
+
+
+# -- exact -------------------------------------------------------------------------------------
+
+_RULES = {"ceil": lambda n, s: -(-n // s), "floor": lambda n, s: n // s}
+
+
+def exact_setting(
+    op: str,
+    kernel: int,
+    stride: int,
+    dilation: int,
+    padding: int,
+    ceil: bool,
+    rule: str,
+    modes: tuple[bool, ...] = (False, True),
+) -> tuple[int, bool] | None:
+    """The padding and rounding closest to the current ones for which one axis of a window
+    op gives exactly ``rule(size / stride)`` for every input size it accepts; None if no
+    padding does (a pooling may pad at most half its kernel, and only a pooling rounds,
+    with a ceil_mode among ``modes``)."""
+    pool = op != "conv"
+    span = dilation * (kernel - 1)
+    limit = kernel // 2 if pool else span
+    want = _RULES[rule]
+    sizes = range(1, 4 * (span + stride) + 64)
+    found = []
+    for c in modes if pool else (False,):
+        for p in range(limit + 1):
+            step = SizeStep("window", kernel, stride, p, dilation, c, pool)
+            outs = [step.out_size(n) for n in sizes]
+            if all(o <= 0 or o == want(n, stride) for n, o in zip(sizes, outs)) and all(
+                o > 0 for n, o in zip(sizes, outs) if n > span
+            ):
+                found.append((c != ceil, abs(p - padding), p, c))
+    if not found:
+        return None
+    _, _, p, c = min(found)
+    return p, c
+
+
+def _check_exact(trace: Trace, op: Op, where: str) -> None:
+    if not stride_targets(trace, op["at"]):
+        raise RecipeError(
+            f"{where}.at: '{op['at']}' is not a reduction point or a stage with one "
+            f"(valid: {choices(_stride_choices(trace))})"
+        )
+
+
+@register(
+    "exact",
+    "pad (and for a pooling, round) reduction points so each gives exactly ceil(H/S) or "
+    "floor(H/S) for every input size",
+    (
+        Field("at", "str", "a reduction point id or a stage path", required=True),
+        Field("rule", "str", "the size rule", default="ceil", choices=("ceil", "floor")),
+    ),
+    _check_exact,
+)
+def exact(s: Surgery, op: Op, where: str) -> None:
+    for o in stride_targets(s.trace, op["at"]):
+        now = current(s, o)
+        if o.same:
+            if op["rule"] == "floor":
+                raise SurgeryError(
+                    f"{where}: {o.id} pads itself to ceil(size/stride) at every size; "
+                    "it cannot round down"
+                )
+            continue
+        if isinstance(now["padding"], str):
+            if now["padding"] == "same" or o.stride == (1, 1):
+                continue
+            now = {**now, "padding": (0, 0)}  # 'valid'
+        # ceil_mode is one flag for both axes: the current one if it serves both, else the other
+        for mode in (now["ceil_mode"], not now["ceil_mode"]):
+            settings = [
+                exact_setting(
+                    o.op,
+                    now["kernel_size"][axis],
+                    now["stride"][axis],
+                    now["dilation"][axis],
+                    now["padding"][axis],
+                    now["ceil_mode"],
+                    op["rule"],
+                    (mode,),
+                )
+                for axis in range(2)
+            ]
+            if settings[0] is not None and settings[1] is not None:
+                break
+        else:
+            axis = 0 if settings[0] is None else 1
+            k, st = now["kernel_size"][axis], now["stride"][axis]
+            raise SurgeryError(
+                f"{where}: no padding makes {o.id} (kernel {k}, stride {st} on {'HW'[axis]}) "
+                f"give exactly {op['rule']}(size/{st})"
+            )
+        values: dict[str, Any] = {"padding": (settings[0][0], settings[1][0])}
+        if o.op != "conv":
+            values["ceil_mode"] = mode
+        _set(s, o, values)
 
 
 # -- truncate ---------------------------------------------------------------------------------

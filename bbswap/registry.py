@@ -21,6 +21,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,7 +155,11 @@ def _torchvision(spec: str, kwargs: dict[str, Any]) -> Backbone:
     builder = tv.models.get_model_builder(name)
 
     def factory(**kw: Any) -> nn.Module:
-        return builder(weights=None, **kw)
+        with warnings.catch_warnings():
+            # googlenet and inception_v3 announce a future change of their default
+            # initialisation, which concerns pretrained-free builds like this one
+            warnings.filterwarnings("ignore", "The default weight initialization", FutureWarning)
+            return builder(weights=None, **kw)
 
     return Backbone(
         spec=spec,

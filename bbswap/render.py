@@ -14,13 +14,14 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from bbswap.trace import SpatialOp, Stage, Trace, describe_factor
+from bbswap.tracing import SpatialOp, Stage, Trace, describe_factor
 
 if TYPE_CHECKING:
     from bbswap.applying import ApplyResult
-    from bbswap.export import Exported
-    from bbswap.fit import FitResult
+    from bbswap.exporting import Exported
+    from bbswap.fitting import FitResult
     from bbswap.inspection import InspectReport
+    from bbswap.matrix import Cell, Matrix
     from bbswap.registry import ListedBackbone
     from bbswap.surgery import Edit
     from bbswap.verify import VerifyReport
@@ -381,7 +382,9 @@ def render_fit(result: FitResult, top: int, console: Console) -> None:
 
 
 @contextlib.contextmanager
-def progress_bar(quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
+def progress_bar(
+    quiet: bool, label: str = "evaluating candidates"
+) -> Iterator[Callable[[int, int], None] | None]:
     """A progress bar on stderr that appears only when evaluation takes over a second."""
     if quiet or not sys.stderr.isatty():
         yield None
@@ -397,7 +400,7 @@ def progress_bar(quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
         if bar is None and time.monotonic() - start > 1.0:
             bar = Progress(console=Console(stderr=True), transient=True)
             bar.start()
-            task = bar.add_task("evaluating candidates", total=total)
+            task = bar.add_task(label, total=total)
         if bar is not None and task is not None:
             bar.update(task, completed=done, total=total)
 
@@ -406,3 +409,107 @@ def progress_bar(quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
     finally:
         if bar is not None:
             bar.stop()
+
+
+def render_matrix(result: Matrix, console: Console) -> None:
+    """One row per backbone: its own output, then per target stride the MACs of the
+    winning plan and its size rule, or why there is none."""
+    what = f"{result.channels} channels" if result.channels else "own channels"
+    steps = "inspect, fit, emit, verify" if result.verify else "inspect, fit (meta device)"
+    console.print(
+        f"[bold]support matrix[/bold] {escape(' '.join(result.patterns))}: {what} at "
+        f"1/{', 1/'.join(map(str, result.strides))}, {result.rounding} rounding; {steps}"
+    )
+    table = Table(header_style="bold", box=box.SIMPLE_HEAD)
+    table.add_column("backbone")
+    table.add_column("features", justify="right")
+    for s in result.strides:
+        table.add_column(f"1/{s}")
+    if result.verify:
+        table.add_column("emitted")
+    table.add_column("time", justify="right")
+    for row in result.rows:
+        own = "-"
+        if row.channels is not None and row.downsample is not None:
+            own = f"{row.channels} @ 1/{describe_factor(row.downsample)}"
+        if row.reason:
+            cells: list[str | Text] = [Text(f"x {row.reason}", style="red")]
+            cells += ["" for _ in result.strides[1:]]
+        else:
+            cells = [_matrix_cell(c) for c in row.cells]
+        extra = [escape(row.emit.split(" (")[0]) if row.emit else "-"] if result.verify else []
+        table.add_row(escape(row.spec), own, *cells, *extra, f"{row.seconds:.1f}s")
+    console.print(table)
+    for row in result.rows:
+        why = [(row.reason, row.detail)] if row.reason else []
+        why += [(f"1/{c.stride}", c.detail) for c in row.cells if not c.ok]
+        for where, detail in why:
+            console.print(f"  {escape(row.spec)} {escape(where)}: {escape(detail)}", soft_wrap=True)
+    for mode in dict.fromkeys(r.emit for r in result.rows if r.emit.startswith("--import")):
+        console.print(f"{escape(mode)}: {sum(r.emit == mode for r in result.rows)} backbones")
+    console.print(escape(matrix_summary(result)))
+
+
+def matrix_summary(result: Matrix) -> str:
+    """'68 of 68 CNN backbones reach every target (...); 12 refused as not CNNs: ...'."""
+    steps = "inspect, fit, emit, verify" if result.verify else "inspect, fit on the meta device"
+    failed = [r.spec for r in result.rows if not r.ok and not r.refused]
+    refused = [r.spec for r in result.rows if r.refused]
+    text = f"{result.passed} of {result.cnns} CNN backbones reach every target ({steps})"
+    if failed:
+        text += f"; {len(failed)} do not: {', '.join(failed)}"
+    if refused:
+        text += f"; {len(refused)} refused as not CNNs (transformers): {', '.join(refused)}"
+    return text
+
+
+def _matrix_cell(cell: Cell) -> str | Text:
+    if not cell.ok:
+        return Text(f"x {cell.reason}", style="red")
+    mark = " ok" if cell.verified else ""
+    return f"{si(cell.macs or 0)} {cell.rule}{mark}"
+
+
+def matrix_markdown(title: str, result: Matrix, families: dict[str, str] | None = None) -> str:
+    """A matrix as a Markdown section: a summary, a table, and the failures with reasons."""
+    families = families or {}
+    lines = [f"## {title}", "", matrix_summary(result) + ".", ""]
+    head = ["backbone", *(["family"] if families else []), "features"]
+    head += [f"1/{s}" for s in result.strides] + (["emitted"] if result.verify else [])
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in result.rows:
+        own = "-"
+        if row.channels is not None and row.downsample is not None:
+            own = f"{row.channels} @ 1/{describe_factor(row.downsample)}"
+        if row.reason:
+            cells = [f"**{row.reason}**", *("" for _ in result.strides[1:])]
+        else:
+            cells = [
+                f"{si(c.macs or 0)}MACs {c.rule}" + (", verified" if c.verified else "")
+                if c.ok
+                else f"**{c.reason}**"
+                for c in row.cells
+            ]
+        cols = [f"`{row.spec}`", *([families.get(row.spec, "")] if families else []), own, *cells]
+        if result.verify:
+            cols.append(row.emit.split(" (")[0] if row.emit else "-")
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cols) + " |")
+    reasons = dict.fromkeys(r.emit for r in result.rows if r.emit.startswith("--import"))
+    if reasons:
+        lines += ["", "Emitted in `--import` mode, and why:", ""]
+        lines += [
+            f"- {why}: {sum(r.emit == why for r in result.rows)} backbones" for why in reasons
+        ]
+    failures = [
+        (r.spec, where, detail)
+        for r in result.rows
+        for where, detail in (
+            [("", r.detail)]
+            if r.reason
+            else [(f" 1/{c.stride}", c.detail) for c in r.cells if not c.ok]
+        )
+    ]
+    if failures:
+        lines += ["", "Failures, with the whole message:", ""]
+        lines += [f"- `{spec}`{where}: {detail}" for spec, where, detail in failures]
+    return "\n".join(lines) + "\n"

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from bbswap.errors import SurgeryError
-from bbswap.trace import SpatialOp, Trace
+from bbswap.tracing import SpatialOp, Trace
 
 # fx records F.max_pool2d and friends under their boolean-dispatch wrapper's name.
 _FX_NAMES: dict[Any, str] = {
@@ -181,7 +181,8 @@ class Surgery:
         while hasattr(parent, name):
             name = f"{base}_{n}"
             n += 1
-        parent.add_module(name, module.to(self.device))
+        # a new module takes the model's train/eval mode, as if it had been there all along
+        parent.add_module(name, module.to(self.device).train(self.model.training))
         path = f"{owner}.{name}" if owner else name
         self.new_modules[path] = source
         return name

@@ -192,18 +192,26 @@ def check_channels(shapes: dict[Size, tuple[int, ...]], channels: int) -> Check:
     return Check("channels", True, f"{channels} channels at every size")
 
 
-def check_stride(shapes: dict[Size, tuple[int, ...]], stride: Size) -> Check:
+def check_stride(
+    shapes: dict[Size, tuple[int, ...]], stride: Size, rounding: str = "ceil"
+) -> Check:
+    """The output is rule(H/S) x rule(W/S) at every size; ``any``: ceil or floor throughout."""
     sh, sw = stride
-    for (h, w), out in shapes.items():
-        want = (math.ceil(h / sh), math.ceil(w / sw))
-        if len(out) != 4 or tuple(out[-2:]) != want:
-            return Check(
-                "stride",
-                False,
-                f"at {h}x{w} the output is {_dims(out)}; "
-                f"ceil(H/{sh}) x ceil(W/{sw}) is {_dims(want)}",
-            )
-    return Check("stride", True, f"ceil(H/{sh}) x ceil(W/{sw}) at {len(shapes)} sizes")
+    rules = ("ceil", "floor") if rounding == "any" else (rounding,)
+    first = ""
+    for rule in rules:
+        op = math.ceil if rule == "ceil" else math.floor
+        for (h, w), out in shapes.items():
+            want = (op(h / sh), op(w / sw))
+            if len(out) != 4 or tuple(out[-2:]) != want:
+                first = first or (
+                    f"at {h}x{w} the output is {_dims(out)}; "
+                    f"{rule}(H/{sh}) x {rule}(W/{sw}) is {_dims(want)}"
+                )
+                break
+        else:
+            return Check("stride", True, f"{rule}(H/{sh}) x {rule}(W/{sw}) at {len(shapes)} sizes")
+    return Check("stride", False, first)
 
 
 def check_like(
@@ -246,6 +254,7 @@ def verify_model(
     state: dict[str, torch.Tensor] | None = None,
     channels: int | None = None,
     stride: Size | None = None,
+    rounding: str = "ceil",
     like: tuple[str, dict[Size, tuple[int, int]]] | None = None,
 ) -> VerifyReport:
     """Run the checks that apply; the model is put in eval mode."""
@@ -272,7 +281,7 @@ def verify_model(
     if channels is not None:
         checks.append(check_channels(shapes, channels))
     if stride is not None:
-        checks.append(check_stride(shapes, stride))
+        checks.append(check_stride(shapes, stride, rounding))
     if like is not None:
         checks.append(check_like(shapes, like[1], like[0]))
     return VerifyReport(target, tuple(checks))

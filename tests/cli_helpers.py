@@ -2,7 +2,46 @@
 
 from __future__ import annotations
 
+import importlib.util
+import itertools
+import sys
+import traceback
+from pathlib import Path
 from typing import Any
+
+from typer.testing import CliRunner
+
+from bbswap.cli import app
+
+_serial = itertools.count()
+
+
+def cli(*args: Any) -> Any:
+    """Run ``bbswap ARGS...`` in-process; arguments may be numbers."""
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def ok(result: Any) -> Any:
+    """Exit status 0 and nothing on stderr; a bug's traceback (not a user error's exit)
+    goes in the message."""
+    error = result.exception
+    where = ""
+    if error is not None and not isinstance(error, SystemExit):
+        where = "".join(traceback.format_exception(error))
+    assert result.exit_code == 0, (result.exit_code, result.stdout, result.stderr, where)
+    assert result.stderr == ""
+    return result
+
+
+def import_plain(path: Path) -> Any:
+    """Import a written file as a module of its own, as a user's project would."""
+    name = f"written_{path.stem}_{next(_serial)}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def assert_one_line_error(result: Any, *fragments: str, report: bool = False) -> str:

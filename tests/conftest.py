@@ -9,8 +9,9 @@ then review the diff with git before committing it.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -86,3 +87,23 @@ def golden(request: pytest.FixtureRequest) -> Callable[[str, str], None]:
         check_golden(name, text, update=update)
 
     return check
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_terminal_size() -> Iterator[None]:
+    """Tables are checked as a pipe prints them (160 columns, not wrapped); pytest-xdist's
+    workers set COLUMNS=80 and LINES=24, which Rich would follow. Session-wide, so that
+    module fixtures that run the CLI see it too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("COLUMNS", raising=False)
+        patch.delenv("LINES", raising=False)
+        yield
+
+
+@pytest.fixture
+def frozen_progress_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No progress bar, however slow the machine: the bar appears only after a second of
+    evaluation by bbswap.render's clock, which this stops (see tests/test_fit.py)."""
+    import bbswap.render
+
+    monkeypatch.setattr(bbswap.render, "time", SimpleNamespace(monotonic=lambda: 0.0))

@@ -38,9 +38,9 @@ from typer.testing import CliRunner
 import bbswap.verify
 from bbswap.applying import apply_recipe
 from bbswap.cli import app
-from bbswap.emit import Emitted, emit
+from bbswap.emitting import Emitted, emit
 from bbswap.errors import InvalidArgument, SurgeryError, VerificationError
-from bbswap.export import export
+from bbswap.exporting import export
 from bbswap.recipe import Recipe, load_recipe
 from bbswap.registry import resolve
 from bbswap.zoo import ZOO

@@ -1,6 +1,6 @@
 """``bbswap fit``: the cheapest exact surgery to a target stride and channel count.
 
-What the rankings mean (bbswap/fit.py, ``_PREFER``); every ranking puts exact candidates
+What the rankings mean (bbswap/fitting.py, ``_PREFER``); every ranking puts exact candidates
 first and breaks ties by MACs:
 
 - ``macs`` (default): fewest multiply-accumulates at the traced input;
@@ -16,26 +16,24 @@ one intra-op thread (faster than two contending threads on a busy 2-core machine
 from __future__ import annotations
 
 import functools
-import importlib.util
 import itertools
 import json
 import math
 import re
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
-from cli_helpers import assert_one_line_error
+from cli_helpers import assert_one_line_error, import_plain
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import bbswap.render
 from bbswap.cli import app
-from bbswap.fit import FitResult, fit
+from bbswap.fitting import FitResult, fit
 from bbswap.recipe import load_recipe
 from bbswap.zoo.hmer import densenet100
 
@@ -73,19 +71,6 @@ def ok(result: Any) -> Any:
 def fitted(spec: str, **kwargs: Any) -> FitResult:
     """``fit`` once per distinct call (it is deterministic)."""
     return fit(spec, **kwargs)
-
-
-_serial = itertools.count()
-
-
-def import_plain(path: Path) -> Any:
-    name = f"fitted_{path.stem}_{next(_serial)}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def table_rows(text: str) -> list[str]:
@@ -392,8 +377,9 @@ INFEASIBLE = {
         ["--in-chans must be positive"],
     ),
     "stride-0": (["resnet50", "--stride", "0", "--channels", "684"], ["--stride", "positive"]),
-    "vgg-rounding": (
-        ["vgg16_bn", "--stride", "16", "--channels", "512"],
+    "convnext-rounding": (
+        # its 4x4/4 stem rounds down and no padding makes a 4x4 kernel round up
+        ["convnext_tiny", "--stride", "16", "--channels", "512"],
         ["misses 512 channels at 1/16, ceil rounding only by rounding", "--rounding floor"],
     ),
     "no-channels": (["resnet50", "--stride", "16"], ["give --channels and --stride, or --like"]),

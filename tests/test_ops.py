@@ -16,7 +16,7 @@ from torch import nn
 
 from bbswap.applying import ApplyResult
 from bbswap.errors import ModelError, RecipeError, SurgeryError
-from bbswap.trace import trace
+from bbswap.tracing import trace
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
@@ -379,15 +379,35 @@ def test_stride_on_densenet121_transition_and_efficientnet_stage():
     check_forward(result, sizes=((37, 53),))
 
 
-def test_stride_on_a_two_by_two_conv_is_refused():
-    # ConvNeXt's 2x2/2 downsampling conv: at stride 1 its even kernel would need half a
-    # pixel of padding per side (a pixel lost), and its weights fix the kernel.
+def test_stride_one_on_a_two_by_two_conv_pads_the_odd_pixel_on_one_side():
+    # ConvNeXt's 2x2/2 downsampling conv at stride 1: its even kernel would need half a
+    # pixel of padding per side, so it takes torch's padding='same' (the odd pixel on the
+    # right and bottom) and keeps every size exactly.
+    model = source("convnext_tiny")
+    result = apply(
+        "convnext_tiny",
+        {"op": "stride", "at": "features.2.1", "stride": 1},
+        input_shape="1x3x64x96",
+        model=model,
+    )
+    conv = result.model.features[2][1]
+    assert conv.stride == (1, 1) and conv.padding == "same"
+    seen = []
+    conv.register_forward_hook(lambda m, a, out: seen.append((a[0].shape[-2:], out.shape[-2:])))
+    model = result.model.eval()
+    for h, w in [(64, 96), (61, 95), (33, 47)]:
+        assert tuple(model(torch.randn(1, 3, h, w)).shape) == result.after.output_shape
+    assert len(seen) == 3 and all(i == o for i, o in seen)
+
+
+def test_stride_on_one_axis_of_a_two_by_two_conv_is_refused():
+    # stride [1, 2]: 'same' padding needs stride 1 on both axes, so a pixel would be lost
     model = source("convnext_tiny")
     before = snapshot(model)
     with pytest.raises(SurgeryError, match=r"features\.2\.1.*kernel 2.*a pixel would be lost"):
         apply(
             "convnext_tiny",
-            {"op": "stride", "at": "features.2.1", "stride": 1},
+            {"op": "stride", "at": "features.2.1", "stride": [1, 2]},
             input_shape="1x3x64x96",
             model=model,
         )
@@ -991,7 +1011,7 @@ def test_apply_never_changes_the_callers_model():
         (
             "convnext_tiny",
             3,
-            [trunc("features"), {"op": "stride", "at": "features.4", "stride": 1}],
+            [trunc("features"), {"op": "stride", "at": "features.4", "stride": [1, 2]}],
             SurgeryError,
         ),
     ],

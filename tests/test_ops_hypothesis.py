@@ -24,7 +24,7 @@ from torch import nn
 
 from bbswap.errors import RecipeError, SurgeryError
 from bbswap.registry import resolve
-from bbswap.trace import Trace, trace
+from bbswap.tracing import Trace, trace
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 

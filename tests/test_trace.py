@@ -1,4 +1,4 @@
-"""The meta-device tracer (bbswap.trace), the inspection API and the size arithmetic.
+"""The meta-device tracer (bbswap.tracing), the inspection API and the size arithmetic.
 
 Reference figures come from three independent counters, each with its own rules:
 
@@ -42,7 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bbswap.errors import ModelError
 from bbswap.inspection import inspect_backbone, report_dict
 from bbswap.sizes import SizeStep, chain_size, min_size, size_rule, total_stride
-from bbswap.trace import Trace, build_on_meta, trace, trace_module
+from bbswap.tracing import Trace, build_on_meta, trace, trace_module
 from bbswap.zoo import ZOO
 
 TESTS = Path(__file__).parent
@@ -399,8 +399,16 @@ def test_fallback_to_cpu_when_the_forward_needs_data():
     assert no_hooks(model)
 
 
-def test_fallback_to_cpu_when_the_constructor_needs_data():
+def test_a_constructor_computing_with_tensors_still_builds_on_meta():
+    # .item() on a tensor it makes (a drop-path schedule; RegNet's widths): the weights
+    # alone go to meta, as they are registered
     t, _ = trace(load_bad("ConstructorNeedsItem"), (1, 3, 32, 32))
+    assert t.device == "meta" and not t.note
+    assert t.output_shape == (1, 8, 16, 16)
+
+
+def test_fallback_to_cpu_when_the_constructor_needs_data():
+    t, _ = trace(load_bad("ConstructorReadsWeights"), (1, 3, 32, 32))
     assert t.device == "cpu"
     assert "meta device" in t.note
     assert t.output_shape == (1, 8, 16, 16)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -25,9 +25,17 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from bbswap.errors import ModelError
-from bbswap.ops_table import SPATIAL, Pair, SpatialArgs, is_module_call, macs, meta_result
-from bbswap.sizes import SizeRule, SizeStep, chain_size, size_rule
+from bbswap.errors import ModelError, NotACNN
+from bbswap.ops_table import (
+    SPATIAL,
+    Pair,
+    SpatialArgs,
+    dynamic_same,
+    is_module_call,
+    macs,
+    meta_result,
+)
+from bbswap.sizes import SizeRule, SizeStep, chain_size, min_size, size_rule
 
 Shape = tuple[int, ...]
 
@@ -60,6 +68,7 @@ class SpatialOp:
     steps_w: tuple[SizeStep, ...]
     order: int
     in_chain: tuple[str, ...] = ()  # ids of the size-changing ops that led to its input
+    same: bool = False  # pads itself per input size ('same' as in TF): ceil(size / stride)
 
     @property
     def in_hw(self) -> Pair:
@@ -128,6 +137,7 @@ class Trace:
     modules: tuple[str, ...]  # every module path in execution order
     depth: int
     module_stages: tuple[Stage, ...] = ()  # a row for every called module, any depth
+    attention: str = ""  # the first module whose forward multiplies two activations
 
     def stage(self, path: str) -> Stage | None:
         """The row of a stage or of any called module."""
@@ -159,6 +169,16 @@ class Trace:
     def size_rules(self, chain: tuple[str, ...] | None = None) -> tuple[SizeRule, SizeRule]:
         return (size_rule(self.steps(0, chain)), size_rule(self.steps(1, chain)))
 
+    def min_input(self) -> Pair:
+        """The smallest input H and W with which every spatial op gets at least one pixel:
+        branches off the output's path (a gate pooled by 2) may need more than it does."""
+        sizes = [1, 1]
+        paths = {self.chain} | {(*o.in_chain, o.id) for o in self.ops}
+        for path in paths:
+            for axis in range(2):
+                sizes[axis] = max(sizes[axis], min_size(self.steps(axis, path)))
+        return (sizes[0], sizes[1])
+
     @property
     def features(self) -> Stage | None:
         """The last spatial stage when the output itself is not spatial (a classifier)."""
@@ -178,6 +198,7 @@ class _TensorInfo:
     rf: tuple[float, float] = (1.0, 1.0)
     jump: tuple[float, float] = (1.0, 1.0)
     chain: tuple[str, ...] = ()
+    fixed: bool = False  # sized by the call, not the input (adaptive pool, interpolate to size)
 
 
 @dataclass
@@ -217,6 +238,7 @@ class _Recorder:
     calls: list[_Call] = field(default_factory=list)  # shape-changing functional calls
     clock: int = 0
     by_path: dict[str, nn.Module] = field(default_factory=dict)
+    attention: str | None = None
     total_macs: int = 0
     total_act: int = 0
 
@@ -277,20 +299,27 @@ class _Mode(TorchFunctionMode):
         if not outs:
             return
         owner = rec.stack[-1] if rec.stack else ""
+        if rec.attention is None and _is_attention(name, ins):
+            rec.attention = owner or "(the model's forward)"
         key = (owner, name)
         call = rec.counts.get(key, 0)
         rec.counts[key] = call + 1
+        # activations only: weights and constants carry no size, stride or receptive field
+        ins = [t for t in ins if id(t) in rec.info] or ins
         infos = [rec.tensor_info(t) for t in ins]
         if spatial is None:
             # A gate or bias broadcast over H and W (a squeeze-excitation scale) does not
             # decide the output's stride, chain or receptive field.
             infos = [i for t, i in zip(ins, infos) if not _broadcast(t, outs[0])] or infos
         infos = infos or [_TensorInfo()]
-        base = max(infos, key=lambda i: (i.rf, len(i.chain)))
+        # A branch sized by its call (a gate pooled to 1x1, or interpolated back to the
+        # feature map's shape) does not decide the output's size: the other branch does.
+        base = max(infos, key=lambda i: (not i.fixed, i.rf, len(i.chain)))
         info = _TensorInfo(
             (max(i.rf[0] for i in infos), max(i.rf[1] for i in infos)),
             (max(i.jump[0] for i in infos), max(i.jump[1] for i in infos)),
             base.chain,
+            base.fixed,
         )
         if spatial is not None and outs[0].dim() >= 3:
             info = self._spatial(name, spatial, owner, call, ins[0], outs[0], info)
@@ -323,7 +352,19 @@ class _Mode(TorchFunctionMode):
         info: _TensorInfo,
     ) -> _TensorInfo:
         rec = self.rec
-        module_kind = is_module_call(rec.by_path.get(owner, rec.model), name)
+        owner_module = rec.by_path.get(owner, rec.model)
+        same = dynamic_same(owner_module)
+        if same and sa.op == "pad":
+            return info  # part of the op's own 'same' padding, computed per input size
+        if same:
+            # the output is ceil(size / stride) at any size: one step of kernel 1
+            sa = replace(
+                sa,
+                steps=tuple(  # type: ignore[arg-type]  # two axes
+                    (SizeStep("window", 1, sa.stride[i], 0, 1, False, False),) for i in range(2)
+                ),
+            )
+        module_kind = is_module_call(owner_module, name)
         if module_kind:
             op_id, kind = owner, "module"
         else:
@@ -360,10 +401,63 @@ class _Mode(TorchFunctionMode):
             steps_w=sa.steps[1],
             order=rec.tick(),
             in_chain=info.chain,
+            same=same,
         )
         rec.ops.setdefault(op_id, op)
         chain = info.chain + ((op_id,) if op.changes_size else ())
-        return _TensorInfo((rf[0], rf[1]), (jump[0], jump[1]), chain)
+        fixed = info.fixed or any(st.kind == "fixed" for st in (*op.steps_h, *op.steps_w))
+        return _TensorInfo((rf[0], rf[1]), (jump[0], jump[1]), chain, fixed)
+
+
+_ATTENTION = frozenset({"scaled_dot_product_attention", "multi_head_attention_forward"})
+_PRODUCTS = frozenset({"matmul", "__matmul__", "__rmatmul__", "bmm", "baddbmm", "einsum"})
+
+
+def _is_attention(name: str, ins: list[torch.Tensor]) -> bool:
+    """A fused attention call, or a product of two activations (query by key, weights
+    by value): what mixes tokens. A product with a parameter is a linear layer."""
+    if name in _ATTENTION:
+        return True
+    acts = [t for t in ins if not isinstance(t, nn.Parameter) and t.dim() >= 3]
+    return name in _PRODUCTS and len(acts) >= 2
+
+
+def not_a_cnn(trace: Trace) -> str:
+    """Why a trace is not that of a CNN backbone bbswap can patch, or ""."""
+    if trace.attention:
+        return (
+            f"attention at '{trace.attention}' mixes tokens across the image, so its output "
+            "size follows no stride that surgery can change"
+        )
+    if len(trace.output_shape) == 4:
+        return ""
+    features = trace.features
+    out = "x".join(map(str, trace.output_shape))
+    if features is None:
+        if any(s.spatial for s in trace.stages):
+            return ""
+        return f"its output ({out}) comes from no spatial feature map"
+    after = trace.stages[trace.stages.index(features) + 1 :] if features in trace.stages else ()
+    tokens = [s for s in after if len(s.out_shape) == 3 and s.out_shape[1] > 1]
+    share = sum(s.macs for s in tokens) / max(trace.macs, 1)
+    if share > 0.3:
+        return (
+            f"{share:.0%} of its MACs run after its last feature map ('{features.path}') on "
+            f"tokens ({'x'.join(map(str, tokens[0].out_shape))} out of '{tokens[0].path}'), "
+            "so the feature map is not its backbone's output"
+        )
+    return ""
+
+
+def require_cnn(trace: Trace, name: str) -> None:
+    """Refuse transformers and other token models in one line (see :func:`not_a_cnn`)."""
+    why = not_a_cnn(trace)
+    if why:
+        raise NotACNN(
+            f"{name} is not a CNN backbone: {why}; bbswap patches CNN feature maps "
+            "(ViT, Swin, MaxViT and other transformers are refused)",
+            brief="transformer: attention" if trace.attention else "not a CNN: token output",
+        )
 
 
 def _broadcast(t: torch.Tensor, out: torch.Tensor) -> bool:
@@ -489,6 +583,7 @@ def _summarise(
         modules=tuple(s.path for s in order),
         depth=depth,
         module_stages=_stages(rec, 10**6, functional=False),
+        attention=rec.attention or "",
     )
 
 
@@ -606,19 +701,68 @@ class _SkipMetaInit(TorchFunctionMode):
 
 
 def build_on_meta(build: Callable[[], nn.Module]) -> nn.Module:
-    """Build a model on the meta device without running its weight initialisation."""
-    with torch.device("meta"), _SkipMetaInit():
+    """Build a model on the meta device without running its weight initialisation.
+
+    A constructor that computes with tensors (RegNet's widths, say) cannot run with meta
+    as the default device; it is built again with only its parameters and buffers moved
+    to meta as they are registered, one at a time.
+    """
+    try:
+        with torch.device("meta"), _SkipMetaInit():
+            return build()
+    except ModelError:
+        raise
+    except Exception:  # tensors computed in the constructor: move only the weights
+        pass
+    with _weights_to_meta(), _SkipMetaInit():
         return build()
+
+
+@contextlib.contextmanager
+def _weights_to_meta() -> Iterator[None]:
+    register_parameter = nn.Module.register_parameter
+    register_buffer = nn.Module.register_buffer
+
+    def parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register_parameter(module, name, param)
+
+    def buffer(
+        module: nn.Module, name: str, tensor: torch.Tensor | None, persistent: bool = True
+    ) -> None:
+        if tensor is not None and not tensor.is_meta:
+            tensor = tensor.to("meta")
+        register_buffer(module, name, tensor, persistent=persistent)
+
+    # patched on the class for the duration of one build, restored whatever happens;
+    # patching a class method: mypy refuses the assignment, which is the point here
+    nn.Module.register_parameter = parameter  # type: ignore[method-assign,assignment]
+    nn.Module.register_buffer = buffer  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]  # restore
+        nn.Module.register_buffer = register_buffer  # type: ignore[method-assign]  # restore
 
 
 def trace(
     build: Callable[[], nn.Module],
     input_shape: Shape,
     depth: int = 1,
+    name: str = "the model",
 ) -> tuple[Trace, nn.Module]:
     """Build a model with ``build`` on the meta device and trace it there; fall back to
     real CPU tensors when the model cannot run without data. Returns the trace and the
-    model it traced (on the device it ran on)."""
+    model it traced (on the device it ran on). A transformer is refused (NotACNN)."""
+    result, model = _trace_built(build, input_shape, depth)
+    require_cnn(result, name)
+    return result, model
+
+
+def _trace_built(
+    build: Callable[[], nn.Module], input_shape: Shape, depth: int
+) -> tuple[Trace, nn.Module]:
     try:
         model = build_on_meta(build)
     except ModelError:
@@ -650,9 +794,17 @@ def forward_error(failed: _ForwardFailed, input_shape: Shape) -> ModelError:
     )
 
 
-def trace_instance(model: nn.Module, input_shape: Shape, depth: int = 1) -> Trace:
+def trace_instance(
+    model: nn.Module, input_shape: Shape, depth: int = 1, name: str = "the model"
+) -> Trace:
     """Trace a model that already exists, falling back to real CPU tensors (with a note)
-    when it cannot run on meta or fake tensors."""
+    when it cannot run on meta or fake tensors. A transformer is refused (NotACNN)."""
+    result = _trace_instance(model, input_shape, depth)
+    require_cnn(result, name)
+    return result
+
+
+def _trace_instance(model: nn.Module, input_shape: Shape, depth: int) -> Trace:
     on_meta = all(t.is_meta for t in (*model.parameters(), *model.buffers()))
     try:
         return trace_module(model, input_shape, depth, "meta" if on_meta else "fake")

@@ -45,7 +45,7 @@ from bbswap.surgery import (
     module_at,
     parent_path,
 )
-from bbswap.trace import describe_factor
+from bbswap.tracing import describe_factor
 
 _FAMILIES = {
     "resnet": "ResNet",
@@ -84,6 +84,7 @@ def default_class_name(backbone: str, channels: int, downsample: tuple[float, fl
 class Emitted:
     source: str
     class_name: str
+    import_reason: str = ""  # why the source backbone is imported, not bundled; "" if bundled
 
 
 def emit(
@@ -101,7 +102,7 @@ def emit(
     if not name.isidentifier() or keyword.iskeyword(name):
         raise SurgeryError(f"--class-name '{name}' is not a Python identifier")
     imports = Imports()
-    body_source, builder, local, note = _source_code(result.backbone, imports, import_mode)
+    body_source, builder, local, note, reason = _source_code(result.backbone, imports, import_mode)
     patched = result.model
     helpers, wrappers = _edited_classes(result, patched, imports, local)
     root = _root_class(result, patched, name, builder, wrappers, imports, local, dropin)
@@ -118,7 +119,7 @@ def emit(
     # definition, one before any other statement (or comment)
     gap = "\n\n\n" if code.startswith(("class ", "def ", "async def ", "@")) else "\n\n"
     text = doc + "\n\n" + imports.render() + gap + code + "\n"
-    return Emitted(text, name)
+    return Emitted(text, name, reason)
 
 
 _OWN_NAMES = {"Step", "_CHAIN_H", "_CHAIN_W", "_through"}  # defined by _output_size_code
@@ -137,9 +138,9 @@ def _defined_names(imports: Imports, local: set[str], wrappers: dict[str, str]) 
 
 def _source_code(
     backbone: Backbone, imports: Imports, import_mode: bool
-) -> tuple[str, str, set[str], str]:
+) -> tuple[str, str, set[str], str, str]:
     """Bundled (or imported) code of the source backbone; returns the code, the builder
-    call, the names it defines and a note for the docstring."""
+    call, the names it defines, a note for the docstring and, in --import mode, why."""
     args = ", ".join(
         f"{k}={_safe_literal(k, v)}" for k, v in sorted(_build_kwargs(backbone).items())
     )
@@ -148,19 +149,15 @@ def _source_code(
         # torchvision's builders hang on its weights registry and presets: import them
         imports.add(f"from torchvision.models import {backbone.name}")
         tv_args = ", ".join(["weights=None", *filter(None, [args])])
-        note = (
-            f"imports {backbone.name} from torchvision.models (--import mode: torchvision's "
-            "builders depend on its weights registry, which is not bundled)"
-        )
-        return "", f"{backbone.name}({tv_args})", {backbone.name}, note
+        reason = "torchvision's builders depend on its weights registry, which is not bundled"
+        note = f"imports {backbone.name} from torchvision.models (--import mode: {reason})"
+        return "", f"{backbone.name}({tv_args})", {backbone.name}, note, reason
     if backbone.kind == "timm":
         imports.add("import timm")
         timm_args = ", ".join([string(backbone.name), "pretrained=False", *filter(None, [args])])
-        note = (
-            "builds the model with timm.create_model (--import mode: timm's model "
-            "registry is not bundled)"
-        )
-        return "", f"timm.create_model({timm_args})", set(), note
+        reason = "timm's model registry is not bundled"
+        note = f"builds the model with timm.create_model (--import mode: {reason})"
+        return "", f"timm.create_model({timm_args})", set(), note, reason
     if import_mode:
         if backbone.kind != "module":
             raise InvalidArgument(
@@ -169,7 +166,8 @@ def _source_code(
             )
         origin = backbone.source
         imports.add(f"from {origin} import {backbone.attr}")
-        return "", call, {backbone.attr}, f"imports {backbone.attr} from {origin} (--import mode)"
+        note = f"imports {backbone.attr} from {origin} (--import mode)"
+        return "", call, {backbone.attr}, note, "--import given"
     if backbone.kind == "file":
         text, origin = file_source(backbone.source), backbone.source.replace("\\", "/")
         origin = origin.rsplit("/", 1)[-1]
@@ -177,7 +175,7 @@ def _source_code(
         text, origin = module_source(importlib.import_module(backbone.source)), backbone.source
     b = bundle(text, [backbone.attr], origin, imports)
     note = f"bundles {backbone.attr} and what it needs from {origin}"
-    return "\n\n\n".join(b.sources), call, b.names, note
+    return "\n\n\n".join(b.sources), call, b.names, note, ""
 
 
 def _build_kwargs(backbone: Backbone) -> dict[str, Any]:

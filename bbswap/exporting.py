@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from bbswap.applying import ApplyResult, apply_recipe, source_input
-from bbswap.emit import Emitted, emit
+from bbswap.emitting import Emitted, emit
 from bbswap.errors import InvalidArgument
 from bbswap.recipe import Recipe
 from bbswap.registry import Backbone, resolve
@@ -91,8 +91,7 @@ def export(
 def check_emitted(emitted: Emitted, result: ApplyResult) -> VerifyReport:
     """Import the emitted source without bbswap and compare it with the patched model."""
     after = result.after
-    rules = after.size_rules()
-    minimum = (rules[0].minimum, rules[1].minimum)
+    minimum = after.min_input()
     with tempfile.TemporaryDirectory() as tmp:
         file = Path(tmp) / "bbswap_emitted.py"
         file.write_text(emitted.source, encoding="utf-8")

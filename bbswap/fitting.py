@@ -24,9 +24,9 @@ from bbswap.errors import BBSwapError, InvalidArgument, SurgeryError, TargetErro
 from bbswap.inspection import first_conv_in_channels, inspect_backbone
 from bbswap.parsing import parse_dims, parse_stride
 from bbswap.recipe import Op, Recipe, make_op
-from bbswap.recipe_ops import stride_targets
+from bbswap.recipe_ops import exact_setting, stride_targets
 from bbswap.registry import Backbone, resolve
-from bbswap.trace import SpatialOp, Stage, Trace, build_any, trace
+from bbswap.tracing import SpatialOp, Stage, Trace, build_any, trace
 
 Size = tuple[int, int]
 PROBES: tuple[Size, ...] = (
@@ -45,7 +45,12 @@ class Target:
     in_chans: int | None = None
     like: str | None = None
     like_sizes: dict[Size, Size] | None = None  # the other backbone's output size per probe
-    rounding: str = "ceil"  # with a stride target: "ceil" or "floor"
+    rounding: str = "ceil"  # with a stride target: "ceil", "floor" or "any" (either)
+
+    @property
+    def rules(self) -> tuple[str, ...]:
+        """The size rules a candidate may follow, the preferred first."""
+        return ("ceil", "floor") if self.rounding == "any" else (self.rounding,)
 
     def size(self, h: int, w: int) -> Size | None:
         if self.like_sizes is not None:
@@ -83,6 +88,7 @@ class Candidate:
     error: str = ""
     note: str = ""
     misses: list[tuple[Size, Size, Size]] = field(default_factory=list)  # size, got, want
+    rule: str = ""  # the size rule an exact candidate follows: "ceil" or "floor"
 
     @property
     def ok(self) -> bool:
@@ -375,14 +381,29 @@ def evaluate(
     if len(after.output_shape) != 4 or after.output_shape[1] != target.channels:
         candidate.error = f"output {after.output_shape}"
         return candidate
+    first: list[tuple[Size, Size, Size]] | None = None
+    for rule in target.rules:
+        misses = _misses(after, replace(target, rounding=rule), probes)
+        if not misses:
+            candidate.rule = "" if target.like else rule
+            return candidate
+        first = misses if first is None else first
+    candidate.misses = first or []
+    return candidate
+
+
+def _misses(
+    after: Trace, target: Target, probes: tuple[Size, ...]
+) -> list[tuple[Size, Size, Size]]:
+    misses = []
     for h, w in probes:
         want = target.size(h, w)
         got = after.output_size(h, w)
         if want is None or min(got) <= 0 or min(want) <= 0:
             continue
         if got != want:
-            candidate.misses.append(((h, w), got, want))
-    return candidate
+            misses.append(((h, w), got, want))
+    return misses
 
 
 _PREFER: dict[str, Callable[[Candidate], tuple[Any, ...]]] = {
@@ -412,8 +433,8 @@ def fit(
         raise InvalidArgument(f"--prefer '{prefer}' is not one of {', '.join(_PREFER)}")
     if mode not in ("dilate", "stride"):
         raise InvalidArgument(f"--mode '{mode}' is not one of dilate, stride")
-    if rounding not in ("ceil", "floor"):
-        raise InvalidArgument(f"--rounding '{rounding}' is not one of ceil, floor")
+    if rounding not in ("ceil", "floor", "any"):
+        raise InvalidArgument(f"--rounding '{rounding}' is not one of ceil, floor, any")
     backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
     own = backbone.default_in_chans
     if own is None:
@@ -427,7 +448,7 @@ def fit(
         input_chans = dims[1] if len(dims) == 4 else None
     target = _target(channels, stride, in_chans if in_chans is not None else input_chans, like)
     target = replace(target, rounding=rounding)
-    source, model = trace(lambda: backbone.build(in_chans=own), (1, own, h, w))
+    source, model = trace(lambda: backbone.build(in_chans=own), (1, own, h, w), name=backbone.spec)
     if (
         target.in_chans is not None
         and target.in_chans != own
@@ -441,11 +462,19 @@ def fit(
         done.append(evaluate(backbone, source, model, c, target, probes))
         if progress is not None:
             progress(i + 1, len(candidates))
+    if not any(c.ok for c in done) and target.like is None:
+        done += _exact_variants(backbone, source, model, done, target, probes, progress)
     evaluated = [c for c in done if c.result is not None and not c.error]
     exact = sorted((c for c in evaluated if c.ok), key=_PREFER[prefer])
     rest = sorted((c for c in evaluated if not c.ok), key=lambda c: c.trace.macs)
     failed = [c for c in done if c.result is None or c.error]
-    if not exact and rest and all(c.rounding_only for c in rest) and not target.like:
+    if (
+        not exact
+        and rest
+        and all(c.rounding_only for c in rest)
+        and target.rounding != "any"
+        and not target.like
+    ):
         other = "floor" if target.rounding == "ceil" else "ceil"
         raise TargetError(
             f"every candidate on {backbone.spec} misses {target.describe()} only by rounding "
@@ -465,6 +494,80 @@ def fit(
     return FitResult(
         backbone, target, source, tuple(exact + rest + failed), len(done), probes, prefer
     )
+
+
+def _exact_variants(
+    backbone: Backbone,
+    source: Trace,
+    model: Any,
+    done: list[Candidate],
+    target: Target,
+    probes: tuple[Size, ...],
+    progress: Callable[[int, int], None] | None,
+) -> list[Candidate]:
+    """When no candidate is exact, the ones that miss again with their inexact reduction
+    points padded (or, for poolings, rounded) to the target's rule; one rule at a time."""
+    ids = {o.id for o in source.ops}
+    out: list[Candidate] = []
+    for rule in target.rules:
+        variants = []
+        for c in done:
+            if c.result is None or c.error or not c.misses:
+                continue
+            fix = _inexact(c.trace, ids, rule)
+            if not fix:
+                continue
+            ops = list(c.recipe.ops)
+            at = next(
+                (i for i, op in enumerate(ops) if op.op in ("truncate", "pool", "project")),
+                len(ops),
+            )
+            ops[at:at] = [make_op("exact", at=i, rule=rule) for i in fix]
+            label = f"{c.label + ', ' if c.label else ''}exact {rule} at {', '.join(fix)}"
+            mode = c.mode
+            variants.append(Candidate(replace(c.recipe, ops=tuple(ops)), label, mode, c.order))
+        one = replace(target, rounding=rule)
+        for i, v in enumerate(variants):
+            out.append(evaluate(backbone, source, model, v, one, probes))
+            if progress is not None:
+                progress(i + 1, len(variants))
+        if any(c.ok for c in out):
+            break
+    return out
+
+
+def _inexact(after: Trace, source_ids: set[str], rule: str) -> list[str] | None:
+    """The window ops on the output's path whose size does not follow ``rule`` exactly;
+    None if one of them is not a window op of the source (so cannot be made exact)."""
+    fix: list[str] = []
+    for op_id in after.chain:
+        c = after.op(op_id)
+        group = [c] + [
+            o for o in after.ops if o.id != c.id and o.in_chain == c.in_chain and _parallel(o, c)
+        ]
+        more = _inexact_ops(group, source_ids, rule)
+        if more is None:
+            return None
+        fix += [i for i in more if i not in fix]
+    return fix
+
+
+def _inexact_ops(ops: list[SpatialOp], source_ids: set[str], rule: str) -> list[str] | None:
+    fix = []
+    for o in ops:
+        steps = (*o.steps_h, *o.steps_w)
+        if o.op not in _WINDOW or any(st.kind != "window" for st in steps):
+            return None
+        if all(
+            exact_setting(o.op, st.kernel, st.stride, st.dilation, st.padding, st.ceil, rule)
+            == (st.padding, st.ceil)
+            for st in steps
+        ):
+            continue
+        if o.id not in source_ids:
+            return None
+        fix.append(o.id)
+    return fix
 
 
 def _target(
@@ -512,6 +615,7 @@ def fit_dict(result: FitResult, top: int) -> dict[str, Any]:
             "mode": c.mode,
             "exact": c.ok,
             "rounding_only": c.rounding_only,
+            "rule": c.rule or None,
             "error": c.error or None,
             "note": c.note or None,
             "ops": [op.to_toml() for op in c.recipe.ops],

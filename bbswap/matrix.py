@@ -1,0 +1,257 @@
+"""The support matrix: which backbones reach which targets, and why not.
+
+:func:`matrix` expands one or more spec patterns (``tv:*``, ``timm:resnet*``, zoo names),
+then, for each backbone, inspects it on the meta device and runs :func:`bbswap.fitting.fit`
+for every stride asked. With ``verify`` (the default), each winning plan is also built with
+random weights, emitted to a temporary file and checked by round trip, as ``bbswap fit -o``
+does; without it, only the meta-device steps run, in seconds per backbone.
+
+One backbone's failure never stops the sweep: its row says what failed in a few words.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bbswap.errors import BBSwapError, InvalidArgument, NotACNN
+from bbswap.parsing import parse_input
+from bbswap.registry import Backbone, list_backbones, resolve
+
+STRIDES = (8, 16, 32)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One backbone at one target stride."""
+
+    stride: int
+    ok: bool
+    macs: int | None = None  # of the winning plan
+    plan: str = ""  # its edits, as fit labels them
+    rule: str = ""  # "ceil" or "floor": the output size rule it follows
+    verified: bool | None = None  # None: not asked
+    reason: str = ""  # a few words, when not ok
+    detail: str = ""  # the whole error message
+
+
+@dataclass(frozen=True)
+class Row:
+    """One backbone: its own output and a cell per target stride."""
+
+    spec: str
+    channels: int | None = None  # of the source's feature map
+    downsample: tuple[float, float] | None = None
+    cells: tuple[Cell, ...] = ()
+    emit: str = ""  # "bundled" or "--import (<why>)"; "" when nothing was emitted
+    reason: str = ""  # why the backbone itself failed (refused, cannot be built)
+    detail: str = ""
+    seconds: float = 0.0
+
+    refused: bool = False  # not a CNN (a transformer, a token model): refused by design
+
+    @property
+    def ok(self) -> bool:
+        return not self.reason and bool(self.cells) and all(c.ok for c in self.cells)
+
+
+@dataclass(frozen=True)
+class Matrix:
+    patterns: tuple[str, ...]
+    strides: tuple[int, ...]
+    channels: int | None
+    verify: bool
+    rounding: str
+    rows: tuple[Row, ...]
+
+    @property
+    def passed(self) -> int:
+        return sum(r.ok for r in self.rows)
+
+    @property
+    def cnns(self) -> int:
+        """Rows that are CNNs: all but those refused as transformers or token models."""
+        return sum(not r.refused for r in self.rows)
+
+
+def expand(patterns: Sequence[str]) -> list[str]:
+    """The specs the patterns name, in order, each once; a pattern without wildcards is
+    taken as a spec as it stands (and resolved, so a typo fails here)."""
+    specs: list[str] = []
+    for pattern in patterns:
+        if any(ch in pattern for ch in "*?["):
+            found = [b.spec for b in list_backbones(pattern) if fnmatch.fnmatch(b.spec, pattern)]
+            if not found:
+                raise InvalidArgument(
+                    f"pattern '{pattern}' matches no backbone (see `bbswap list`)"
+                )
+            specs += found
+        else:
+            resolve(pattern)
+            specs.append(pattern)
+    return list(dict.fromkeys(specs))
+
+
+def matrix(
+    patterns: str | Sequence[str],
+    *,
+    strides: Sequence[int] = STRIDES,
+    channels: int | None = None,
+    verify: bool = True,
+    rounding: str = "any",
+    input_shape: str | None = None,
+    debug: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Matrix:
+    """Try every backbone the patterns name at every stride; see the module docstring."""
+    pats = (patterns,) if isinstance(patterns, str) else tuple(patterns)
+    if not strides or min(strides) < 1:
+        raise InvalidArgument(f"--stride must list positive strides, got {list(strides)}")
+    if channels is not None and channels < 1:
+        raise InvalidArgument(f"--channels must be positive, got {channels}")
+    if rounding not in ("ceil", "floor", "any"):
+        raise InvalidArgument(f"--rounding '{rounding}' is not one of ceil, floor, any")
+    if input_shape is not None:
+        parse_input(input_shape, 3)  # a malformed --input is the user's error, not a row's
+    specs = expand(pats)
+    rows = []
+    for i, spec in enumerate(specs):
+        rows.append(_row(spec, tuple(strides), channels, verify, rounding, input_shape, debug))
+        if progress is not None:
+            progress(i + 1, len(specs))
+    return Matrix(pats, tuple(strides), channels, verify, rounding, tuple(rows))
+
+
+def brief(error: BaseException) -> tuple[str, str]:
+    """A few words and the whole message of an error; anything not a user error is a bug."""
+    message = " ".join(str(error).split())
+    if isinstance(error, BBSwapError):
+        return error.brief, message
+    where = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
+    at = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
+    return f"bug: {type(error).__name__}", f"{type(error).__name__}: {message}{at}"
+
+
+def _row(
+    spec: str,
+    strides: tuple[int, ...],
+    channels: int | None,
+    verify: bool,
+    rounding: str,
+    input_shape: str | None,
+    debug: bool,
+) -> Row:
+    from bbswap.inspection import inspect_backbone
+
+    start = time.perf_counter()
+    try:
+        backbone = resolve(spec)
+        report = inspect_backbone(backbone, input_shape or "1x3x224x224")
+    except Exception as error:  # one backbone's failure is a row, not the end of the sweep
+        if debug:
+            raise
+        reason, detail = brief(error)
+        refused = isinstance(error, NotACNN)
+        return Row(
+            spec, reason=reason, detail=detail, seconds=time.perf_counter() - start, refused=refused
+        )
+    stage = report.features
+    out = stage.out_shape if stage is not None else report.trace.output_shape
+    down = stage.downsample if stage is not None else report.trace.downsample
+    cells, emit = [], ""
+    for stride in strides:
+        cell, mode = _cell(backbone, stride, channels or out[1], verify, rounding, input_shape)
+        if debug and cell.reason.startswith("bug: "):
+            raise RuntimeError(f"{spec} at stride {stride}: {cell.detail}")
+        cells.append(cell)
+        emit = emit or mode
+    return Row(spec, out[1], down, tuple(cells), emit, seconds=time.perf_counter() - start)
+
+
+def _cell(
+    backbone: Backbone,
+    stride: int,
+    channels: int,
+    verify: bool,
+    rounding: str,
+    input_shape: str | None,
+) -> tuple[Cell, str]:
+    from bbswap.fitting import fit, winner_recipe
+
+    try:
+        found = fit(
+            backbone, channels=channels, stride=stride, rounding=rounding, input_shape=input_shape
+        )
+    except Exception as error:  # reported in the cell
+        reason, detail = brief(error)
+        return Cell(stride, False, reason=reason, detail=detail), ""
+    w = found.winner
+    cell = Cell(stride, True, w.trace.macs, w.label, w.rule or found.target.rounding)
+    if not verify:
+        return cell, ""
+    source = found.source.input_shape
+    chans = w.result.surgery.in_chans if w.result is not None else source[1]
+    text = f"{source[0]}x{chans}x{source[2]}x{source[3]}"
+    try:
+        exported = _export(backbone, winner_recipe(found, text), text)
+    except Exception as error:  # reported in the cell
+        reason, detail = brief(error)
+        return Cell(stride, False, cell.macs, cell.plan, cell.rule, False, reason, detail), ""
+    return Cell(stride, True, cell.macs, cell.plan, cell.rule, True), exported
+
+
+def _export(backbone: Backbone, recipe: Any, input_text: str) -> str:
+    """Emit and verify one plan in a temporary folder; return how the file gets its code."""
+    from bbswap.exporting import export
+
+    with tempfile.TemporaryDirectory() as tmp:
+        done = export(backbone, recipe, Path(tmp) / "backbone.py", input_shape=input_text)
+    reason = done.emitted.import_reason
+    return f"--import ({reason})" if reason else "bundled"
+
+
+def matrix_dict(result: Matrix) -> dict[str, Any]:
+    """The JSON form of a matrix (schema ``bbswap.matrix/1``)."""
+    return {
+        "schema": "bbswap.matrix/1",
+        "patterns": list(result.patterns),
+        "strides": list(result.strides),
+        "channels": result.channels,
+        "rounding": result.rounding,
+        "verify": result.verify,
+        "passed": result.passed,
+        "cnns": result.cnns,
+        "rows": [
+            {
+                "spec": r.spec,
+                "ok": r.ok,
+                "channels": r.channels,
+                "downsample": list(r.downsample) if r.downsample else None,
+                "emit": r.emit or None,
+                "reason": r.reason or None,
+                "refused": r.refused,
+                "detail": r.detail or None,
+                "seconds": round(r.seconds, 2),
+                "cells": [
+                    {
+                        "stride": c.stride,
+                        "ok": c.ok,
+                        "macs": c.macs,
+                        "plan": c.plan,
+                        "rule": c.rule or None,
+                        "verified": c.verified,
+                        "reason": c.reason or None,
+                        "detail": c.detail or None,
+                    }
+                    for c in r.cells
+                ],
+            }
+            for r in result.rows
+        ],
+    }

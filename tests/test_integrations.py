@@ -1,0 +1,151 @@
+"""torchvision and timm backbones end to end: inspect, fit, emit, verify, and the refusal
+of transformers. One model per torchvision CNN family and six timm families; the whole
+sweep is ``benchmarks/coverage.py`` (docs/coverage.md).
+
+These tests need torchvision and timm, which the ``test`` extra installs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from cli_helpers import assert_one_line_error
+from typer.testing import CliRunner
+
+from bbswap.cli import app
+from bbswap.errors import NotACNN
+from bbswap.fitting import fit
+
+torchvision = pytest.importorskip("torchvision")
+timm = pytest.importorskip("timm")
+
+runner = CliRunner()
+
+# one model per module of torchvision.models that holds CNNs (the smallest of each)
+TV_FAMILIES = {
+    "alexnet": "alexnet",
+    "convnext": "convnext_tiny",
+    "densenet": "densenet121",
+    "efficientnet": "efficientnet_b0",
+    "googlenet": "googlenet",
+    "inception": "inception_v3",
+    "mnasnet": "mnasnet0_5",
+    "mobilenetv2": "mobilenet_v2",
+    "mobilenetv3": "mobilenet_v3_small",
+    "regnet": "regnet_y_400mf",
+    "resnet": "resnet18",
+    "shufflenetv2": "shufflenet_v2_x0_5",
+    "squeezenet": "squeezenet1_1",
+    "vgg": "vgg11",
+}
+
+# each stands for something the tracer or the surgery has to get right
+TIMM_FAMILIES = {
+    "resnet": "resnet18",
+    "mobilenetv3": "mobilenetv3_small_100",  # hard-swish, squeeze-excitation
+    "convnext": "convnext_atto",  # 4x4 patchify stem, 2x2 downsample convs
+    "efficientnet": "tf_efficientnet_b0",  # TF 'same' padding computed per input size
+    "ghostnetv2": "ghostnetv2_100",  # a gate pooled by 2 and interpolated back
+    "regnet": "regnetx_002",
+}
+
+
+def _fit_emit_verify(spec: str, tmp_path: Path) -> str:
+    """fit -o, then verify the written file on its own; returns the winner's size rule."""
+    out = tmp_path / "backbone.py"
+    args = ["fit", spec, "--channels", "256", "--stride", "16", "--rounding", "any"]
+    result = runner.invoke(app, [*args, "--input", "1x3x96x96", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    winner = data["candidates"][0]
+    assert winner["exact"] and winner["output"][1] == 256
+    assert all(check["ok"] for check in data["written"]["checks"])
+    source = out.read_text(encoding="utf-8")
+    assert "--import mode:" in source  # torchvision's and timm's builders are imported
+    checked = runner.invoke(
+        app,
+        [
+            "verify",
+            f"{out}:{data['written']['class_name']}",
+            "--channels",
+            "256",
+            "--stride",
+            "16",
+            "--rounding",
+            winner["rule"],
+            "--sizes",
+            "96x96,97x131,161x113",
+        ],
+    )
+    assert checked.exit_code == 0, checked.output
+    assert f"{winner['rule']}(H/16) x {winner['rule']}(W/16) at 3 sizes" in checked.output
+    return str(winner["rule"])
+
+
+@pytest.mark.parametrize("name", sorted(TV_FAMILIES.values()))
+def test_torchvision_family_fits_emits_and_verifies(name: str, tmp_path: Path) -> None:
+    rule = _fit_emit_verify(f"tv:{name}", tmp_path)
+    # a 4x4/4 patchify stem rounds down and no padding makes it round up; VGG rounds
+    # down as it stands (2x2 max-pools), so "any" takes that plan with no padding edits
+    assert rule == ("floor" if name in ("convnext_tiny", "vgg11") else "ceil")
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_FAMILIES.values()))
+def test_timm_family_fits_emits_and_verifies(name: str, tmp_path: Path) -> None:
+    _fit_emit_verify(f"timm:{name}", tmp_path)
+
+
+def test_every_torchvision_cnn_is_covered_by_a_family() -> None:
+    names = torchvision.models.list_models(module=torchvision.models)
+    refused = [n for n in names if n.startswith(("vit_", "swin_", "maxvit_"))]
+    cnns = sorted(set(names) - set(refused))
+    assert len(cnns) == 68 and len(refused) == 12
+    modules = {torchvision.models.get_model_builder(n).__module__.rsplit(".", 1)[1] for n in cnns}
+    tested = {
+        torchvision.models.get_model_builder(n).__module__.rsplit(".", 1)[1]
+        for n in TV_FAMILIES.values()
+    }
+    assert modules == tested
+
+
+@pytest.mark.parametrize(
+    "spec", ["tv:vit_b_16", "tv:swin_t", "tv:maxvit_t", "timm:vit_tiny_patch16_224"]
+)
+def test_transformers_are_refused_in_one_line(spec: str) -> None:
+    for args in (
+        ["inspect", spec],
+        ["fit", spec, "--channels", "256", "--stride", "16"],
+    ):
+        result = runner.invoke(app, args)
+        assert_one_line_error(result, f"{spec} is not a CNN backbone", "attention at '")
+    with pytest.raises(NotACNN) as caught:
+        fit(spec, channels=256, stride=16)
+    assert caught.value.brief == "transformer: attention"
+
+
+def test_matrix_over_torchvision_names_the_refusal() -> None:
+    result = runner.invoke(
+        app,
+        [
+            "matrix",
+            "tv:resnet18",
+            "tv:vit_b_16",
+            "--stride",
+            "8,16,32",
+            "--channels",
+            "256",
+            "--no-verify",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    row = {
+        line.split()[0]: line for line in result.output.splitlines() if line.strip()[:3] == "tv:"
+    }
+    assert "transformer: attention" in row["tv:vit_b_16"]
+    assert row["tv:resnet18"].count(" ceil") == 3
+    assert result.output.splitlines()[-1] == (
+        "1 of 1 CNN backbones reach every target (inspect, fit on the meta device); "
+        "1 refused as not CNNs (transformers): tv:vit_b_16"
+    )

@@ -1,0 +1,348 @@
+"""``bbswap matrix``: which backbones reach which target strides, the MACs of each winning
+plan, and why not.
+
+One row per backbone, one cell per stride; a backbone that fails (refused, no exact plan)
+is a row or a cell saying why in a few words, never the end of the sweep, and the
+command exits 0. User errors in the command itself (strides, rounding, patterns, specs)
+are one line and exit status 2. Checked on the command line (text and ``--json``) and
+through the Python API ``bbswap.matrix.matrix``; the fits run on the meta device, and
+``--verify`` (the default; ``--no-verify`` here, for speed) emits and checks each winner
+on CPU with one intra-op thread.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cli_helpers import assert_one_line_error, cli, ok
+from recipe_helpers import one_thread
+
+import bbswap
+import bbswap.render
+from bbswap.errors import BackboneNotFound, InvalidArgument
+from bbswap.fitting import FitResult, fit
+from bbswap.matrix import Matrix, expand, matrix
+from bbswap.render import si
+
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+VIT = f"{FIXTURES / 'token_models.py'}:TinyViT"
+ALEXNET = f"{FIXTURES / 'exact_models.py'}:AlexNetLike"
+CONVNEXT = f"{FIXTURES / 'exact_models.py'}:ConvNeXtLike"
+
+
+pytestmark = pytest.mark.usefixtures("frozen_progress_clock")
+
+
+@functools.cache
+def fitted(spec: str, **kwargs: Any) -> FitResult:
+    return fit(spec, **kwargs)
+
+
+@functools.cache
+def api(patterns: tuple[str, ...], **kwargs: Any) -> Matrix:
+    """The Python API, on the meta device unless a test asks for verification."""
+    kwargs.setdefault("verify", False)
+    return matrix(patterns, **kwargs)
+
+
+def row_cells(text: str, spec: str) -> list[str]:
+    """The cells of a backbone's table row (columns are two or more spaces apart; the
+    lines under the table say why a cell failed: ``  spec 1/3: ...``)."""
+    row = re.compile(rf"\s+{re.escape(spec)}\s{{2,}}")
+    rows = [line for line in text.splitlines() if row.match(line)]
+    assert len(rows) == 1, (spec, text)
+    return re.split(r"\s{2,}", rows[0].strip())
+
+
+def words(text: str) -> str:
+    """The text with every run of whitespace one space (a long first line wraps)."""
+    return " ".join(text.split())
+
+
+# -- two zoo backbones at three strides ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_run() -> tuple[str, Matrix]:
+    """The command's table, and the Matrix it rendered (caught on its way to the renderer)."""
+    seen: list[Matrix] = []
+    render = bbswap.render.render_matrix
+
+    def catch(result: Matrix, console: Any) -> None:
+        seen.append(result)
+        render(result, console)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bbswap.render, "render_matrix", catch)
+        text = ok(
+            cli("matrix", "resnet18", "mobilenet_v2", "--stride", "8,16,32", "--no-verify")
+        ).stdout
+    assert len(seen) == 1
+    return text, seen[0]
+
+
+@pytest.fixture
+def two(two_run: tuple[str, Matrix]) -> str:
+    return two_run[0]
+
+
+def test_table_has_a_row_per_backbone_and_a_cell_per_stride(two):
+    lines = two.splitlines()
+    assert lines[0] == (
+        "support matrix resnet18 mobilenet_v2: own channels at 1/8, 1/16, 1/32, any rounding; "
+        "inspect, fit (meta device)"
+    )
+    header = next(line for line in lines if "backbone" in line)
+    assert re.split(r"\s{2,}", header.strip()) == [
+        "backbone",
+        "features",
+        "1/8",
+        "1/16",
+        "1/32",
+        "time",
+    ]
+    assert "emitted" not in header  # only with --verify
+    expected_features = {"resnet18": "512 @ 1/32", "mobilenet_v2": "1280 @ 1/32"}
+    for spec, features in expected_features.items():
+        cells = row_cells(two, spec)
+        assert cells[:2] == [spec, features]
+        assert len(cells) == 6 and re.fullmatch(r"\d+\.\ds", cells[-1])
+        for cell in cells[2:5]:
+            assert re.fullmatch(r"\d+\.\d\d [kMG] (ceil|floor)", cell), (spec, cell)
+        # fewer MACs at a coarser stride
+        macs = [
+            float(c.split()[0]) * {"k": 1e3, "M": 1e6, "G": 1e9}[c.split()[1]] for c in cells[2:5]
+        ]
+        assert macs[0] > macs[1] > macs[2]
+    assert lines[-1] == (
+        "2 of 2 CNN backbones reach every target (inspect, fit on the meta device)"
+    )
+    assert not re.search(r"\sx [a-z]", two)  # no failed cell
+
+
+def test_a_cell_is_the_fit_of_the_same_target(two_run):
+    text, shown = two_run
+    winner = fitted("resnet18", channels=512, stride=16, rounding="any").winner
+    assert row_cells(text, "resnet18")[3] == f"{si(winner.trace.macs)} {winner.rule}"
+    for result in (shown, api(("resnet18",), strides=(16,))):
+        cell = next(c for c in result.rows[0].cells if c.stride == 16)
+        assert (cell.stride, cell.ok, cell.macs) == (16, True, winner.trace.macs)
+        assert (cell.plan, cell.rule, cell.verified) == (winner.label, winner.rule, None)
+
+
+def test_the_rendered_rows(two_run):
+    result = two_run[1]
+    assert result.patterns == ("resnet18", "mobilenet_v2")
+    assert (result.strides, result.channels, result.rounding, result.verify) == (
+        (8, 16, 32),
+        None,
+        "any",
+        False,
+    )
+    assert result.passed == 2
+    assert [r.spec for r in result.rows] == ["resnet18", "mobilenet_v2"]
+    for row in result.rows:
+        assert row.ok and row.reason == "" and row.emit == ""
+        assert row.downsample == (32, 32)
+        assert [c.stride for c in row.cells] == [8, 16, 32]
+        assert all(c.ok and c.macs and c.rule == "ceil" for c in row.cells)
+    assert [r.channels for r in result.rows] == [512, 1280]
+    assert result.rows[0].cells[2].plan == "no stride change"
+
+
+# -- --verify, a user file and a refused backbone -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def verified() -> str:
+    result = cli("matrix", "resnet18", ALEXNET, VIT, "--channels", 256, "--stride", 16, "--verify")
+    return ok(result).stdout
+
+
+def test_verify_emits_and_checks_each_winner(verified):
+    lines = verified.splitlines()
+    assert words(verified).startswith(
+        f"support matrix resnet18 {ALEXNET} {VIT}: 256 channels at 1/16, any rounding; "
+        "inspect, fit, emit, verify "
+    )
+    header = next(line for line in lines if "backbone" in line)
+    assert re.split(r"\s{2,}", header.strip()) == [
+        "backbone",
+        "features",
+        "1/16",
+        "emitted",
+        "time",
+    ]
+    resnet = row_cells(verified, "resnet18")
+    assert resnet[1] == "512 @ 1/32"
+    assert re.fullmatch(r"\d+\.\d\d G ceil ok", resnet[2])
+    assert resnet[3] == "bundled"
+    user = row_cells(verified, ALEXNET)
+    assert user[1] == "16 @ 1/32"
+    assert re.fullmatch(r"\d+\.\d\d M ceil ok", user[2])
+    assert user[3] == "bundled"
+
+
+def test_a_refused_backbone_is_a_row_not_the_end(verified):
+    vit = row_cells(verified, VIT)
+    assert vit[1:] == ["-", "x transformer: attention", "-", vit[-1]]
+    assert f"  {VIT} transformer: attention: {VIT} is not a CNN backbone: attention at" in verified
+    assert verified.splitlines()[-1] == (
+        "2 of 2 CNN backbones reach every target (inspect, fit, emit, verify); "
+        f"1 refused as not CNNs (transformers): {VIT}"
+    )
+
+
+def test_verified_cells_in_the_python_api():
+    result = api((ALEXNET,), strides=(16,), channels=256, verify=True)
+    row = result.rows[0]
+    assert row.ok and row.emit == "bundled" and row.channels == 16
+    cell = row.cells[0]
+    assert cell.ok and cell.verified is True and cell.rule == "ceil"
+    assert "exact ceil at" in cell.plan
+    assert cell.macs == fitted(ALEXNET, channels=256, stride=16, rounding="any").winner.trace.macs
+
+
+def test_json(tmp_path):
+    data = json.loads(
+        ok(cli("matrix", "resnet18", VIT, "--stride", 16, "--json", "--no-verify")).stdout
+    )
+    assert data["schema"] == "bbswap.matrix/1"
+    assert data["patterns"] == ["resnet18", VIT]
+    assert data["strides"] == [16]
+    assert (data["channels"], data["rounding"], data["verify"], data["passed"]) == (
+        None,
+        "any",
+        False,
+        1,
+    )
+    resnet, vit = data["rows"]
+    assert resnet["spec"] == "resnet18" and resnet["ok"] is True and resnet["reason"] is None
+    assert resnet["channels"] == 512 and resnet["downsample"] == [32, 32]
+    assert resnet["emit"] is None
+    [cell] = resnet["cells"]
+    want = fitted("resnet18", channels=512, stride=16, rounding="any").winner
+    assert cell == {
+        "stride": 16,
+        "ok": True,
+        "macs": want.trace.macs,
+        "plan": want.label,
+        "rule": "ceil",
+        "verified": None,
+        "reason": None,
+        "detail": None,
+    }
+    assert vit["spec"] == VIT and vit["ok"] is False
+    assert vit["reason"] == "transformer: attention"
+    assert vit["detail"].startswith(f"{VIT} is not a CNN backbone")
+    assert vit["cells"] == [] and vit["channels"] is None and vit["downsample"] is None
+
+
+# -- cells that fail -----------------------------------------------------------------------------
+
+
+def test_an_impossible_stride_is_a_cell_with_its_reason():
+    text = ok(cli("matrix", "resnet18", "--stride", "3,32", "--no-verify")).stdout
+    cells = row_cells(text, "resnet18")
+    assert cells[2] == "x no exact plan"
+    assert re.fullmatch(r"\d+\.\d\d G ceil", cells[3])
+    assert "  resnet18 1/3: resnet18 cannot reach stride 3: its features are at 1/32" in text
+    assert text.splitlines()[-1] == (
+        "0 of 1 CNN backbones reach every target (inspect, fit on the meta device); "
+        "1 do not: resnet18"
+    )
+    row = api(("resnet18",), strides=(3,)).rows[0]
+    assert not row.ok and row.reason == ""
+    [cell] = row.cells
+    assert (cell.ok, cell.reason, cell.macs, cell.verified) == (False, "no exact plan", None, None)
+    assert cell.detail.startswith("resnet18 cannot reach stride 3")
+
+
+def test_rounding_decides_the_even_kernel_cells():
+    floor = api((CONVNEXT,), strides=(16, 32)).rows[0]
+    assert floor.ok and [c.rule for c in floor.cells] == ["floor", "floor"]
+    assert floor.cells[0].plan == "features.6: stride 1"
+    ceil = api((CONVNEXT,), strides=(16, 32), rounding="ceil").rows[0]
+    assert not ceil.ok
+    for cell in ceil.cells:
+        assert cell.reason == "no exact plan"
+        assert "only by rounding" in cell.detail and "--rounding floor" in cell.detail
+    data = json.loads(
+        ok(
+            cli("matrix", CONVNEXT, "--stride", 16, "--rounding", "floor", "--json", "--no-verify")
+        ).stdout
+    )
+    assert data["rounding"] == "floor" and data["rows"][0]["cells"][0]["rule"] == "floor"
+
+
+# -- user errors: one line, exit status 2 -------------------------------------------------------
+
+ERRORS = {
+    "stride-not-a-number": (["resnet18", "--stride", "8,x"], ["malformed --stride '8,x'"]),
+    "stride-0": (["resnet18", "--stride", "0"], ["malformed --stride '0'", "positive integers"]),
+    "stride-empty-part": (["resnet18", "--stride", "8,,16"], ["malformed --stride '8,,16'"]),
+    "stride-per-axis": (["resnet18", "--stride", "16x8"], ["malformed --stride '16x8'"]),
+    "rounding": (
+        ["resnet18", "--rounding", "sideways"],
+        ["--rounding 'sideways' is not one of ceil, floor, any"],
+    ),
+    "pattern": (["nosuch*"], ["pattern 'nosuch*' matches no backbone", "bbswap list"]),
+    "pattern-among-others": (["resnet18", "nosuch*"], ["pattern 'nosuch*' matches no backbone"]),
+    "unknown-spec": (["nosuch"], ["unknown backbone 'nosuch'", "resnet18"]),
+    "missing-file": ([f"{FIXTURES / 'nosuch.py'}:Net"], ["nosuch.py"]),
+    "channels-0": (["resnet18", "--channels", "0"], ["--channels must be positive, got 0"]),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_user_errors_are_one_line(case):
+    args, fragments = ERRORS[case]
+    assert_one_line_error(cli("matrix", *args), *fragments)
+    assert_one_line_error(cli("matrix", *args, "--json"), *fragments)
+
+
+def test_python_api_errors():
+    with pytest.raises(InvalidArgument, match=r"--stride must list positive strides, got \[0\]"):
+        matrix("resnet18", strides=[0])
+    with pytest.raises(InvalidArgument, match=r"got \[\]"):
+        matrix("resnet18", strides=[])
+    with pytest.raises(InvalidArgument, match="--channels must be positive"):
+        matrix("resnet18", channels=-1)
+    with pytest.raises(InvalidArgument, match="pattern 'nosuch\\*' matches no backbone"):
+        matrix(["resnet18", "nosuch*"])
+    with pytest.raises(BackboneNotFound):
+        matrix("nosuch")
+
+
+# -- patterns ------------------------------------------------------------------------------------
+
+
+def test_a_pattern_covers_exactly_the_zoo_resnets():
+    want = [b.spec for b in bbswap.list_backbones("resnet*")]
+    assert want == ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+    data = json.loads(ok(cli("matrix", "resnet*", "--stride", 32, "--json", "--no-verify")).stdout)
+    assert data["patterns"] == ["resnet*"]
+    assert [r["spec"] for r in data["rows"]] == want
+    assert data["passed"] == len(want)
+    assert all(r["cells"][0]["plan"] == "no stride change" for r in data["rows"])
+
+
+def test_expand_orders_and_dedupes():
+    assert expand(["resnet1*"]) == ["resnet18", "resnet101", "resnet152"]
+    assert expand(["resnet50", "resnet*", "resnet18"]) == [
+        "resnet50",
+        "resnet18",
+        "resnet34",
+        "resnet101",
+        "resnet152",
+    ]
+    assert expand(["densenet1?0"]) == ["densenet100"]
+    assert expand([VIT]) == [VIT]  # a spec without wildcards stands as it is
+    assert expand(["*net*"]) == [b.spec for b in bbswap.list_backbones() if "net" in b.spec]

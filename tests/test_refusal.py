@@ -1,0 +1,279 @@
+"""Transformers and other token models are refused in one line; CNNs with gates are not.
+
+bbswap patches CNN feature maps. A model whose forward multiplies two activations (query
+by key, attention weights by value) or calls a fused attention, or whose MACs mostly run
+on tokens after its last feature map, is refused with :class:`bbswap.errors.NotACNN`
+wherever it is traced: ``inspect``, ``fit`` and ``apply``, on the command line and in
+the Python API. A squeeze-excitation gate or a softmax over branches multiplies
+elementwise, and every zoo model passes.
+
+Also here: ``build_on_meta``'s fallback for a constructor that computes with tensors
+(torchvision's RegNet), which patches ``nn.Module.register_parameter`` and
+``register_buffer`` for one build and must always restore them.
+
+Fixtures: tests/fixtures/token_models.py. Everything is traced on the meta device.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from cli_helpers import assert_one_line_error
+from torch import nn
+from typer.testing import CliRunner
+
+import bbswap
+import bbswap.render
+from bbswap.cli import app
+from bbswap.errors import BBSwapError, ModelError, NotACNN
+from bbswap.recipe import Recipe, make_op
+from bbswap.tracing import (
+    _is_attention,
+    build_on_meta,
+    not_a_cnn,
+    require_cnn,
+    trace,
+    trace_instance,
+    trace_module,
+)
+
+TOKENS = Path(__file__).resolve().parent / "fixtures" / "token_models.py"
+
+
+def _load_fixtures() -> Any:
+    """The fixture file as a module, for its classes as instances and builders."""
+    found = importlib.util.spec_from_file_location("refusal_token_models", TOKENS)
+    assert found is not None and found.loader is not None
+    module = importlib.util.module_from_spec(found)
+    found.loader.exec_module(module)
+    return module
+
+
+token_models = _load_fixtures()
+
+# fixture class -> (brief, a fragment of the one-line message naming why)
+REFUSED = {
+    "TinyViT": ("transformer: attention", "attention at 'encoder.self_attn' mixes tokens"),
+    "WindowAttention": ("transformer: attention", "attention at 'stage1' mixes tokens"),
+    "TokenMixer": (
+        "not a CNN: token output",
+        "of its MACs run after its last feature map ('patch') on tokens",
+    ),
+}
+TRIVIAL_RECIPE = 'name = "trivial"\n\n[[ops]]\nop = "project"\nchannels = 8\n'
+
+
+pytestmark = pytest.mark.usefixtures("frozen_progress_clock")
+
+
+def spec(name: str) -> str:
+    return f"{TOKENS}:{name}"
+
+
+def cli(*args: Any):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def trivial_recipe(tmp_path: Path) -> Path:
+    path = tmp_path / "trivial.toml"
+    path.write_text(TRIVIAL_RECIPE, encoding="utf-8")
+    return path
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_inspect_refuses(name):
+    _, why = REFUSED[name]
+    for extra in ([], ["--json"], ["--depth", "3"]):
+        line = assert_one_line_error(
+            cli("inspect", spec(name), *extra), "not a CNN backbone", f"{spec(name)} is not", why
+        )
+        assert "(ViT, Swin, MaxViT and other transformers are refused)" in line
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_fit_refuses_and_writes_nothing(name, tmp_path):
+    out, saved = tmp_path / "backbone.py", tmp_path / "winner.toml"
+    result = cli(
+        "fit", spec(name), "--channels", 64, "--stride", 16, "-o", out, "--save-recipe", saved
+    )
+    assert_one_line_error(result, "not a CNN backbone", REFUSED[name][1])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_apply_refuses(name, trivial_recipe, tmp_path):
+    assert_one_line_error(
+        cli("apply", spec(name), trivial_recipe), "not a CNN backbone", REFUSED[name][1]
+    )
+    out = tmp_path / "patched.py"
+    assert_one_line_error(cli("apply", spec(name), trivial_recipe, "-o", out), "not a CNN backbone")
+    assert not out.exists()
+
+
+# -- the Python API ------------------------------------------------------------------------------
+
+
+def refused(call: Any, name: str) -> NotACNN:
+    with pytest.raises(NotACNN) as caught:
+        call()
+    error = caught.value
+    assert isinstance(error, BBSwapError) and error.exit_code == 2
+    brief, why = REFUSED[name]
+    assert error.brief == brief
+    assert why in str(error) and "is not a CNN backbone" in str(error)
+    return error
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_python_api_raises_not_a_cnn(name):
+    s = spec(name)
+    rec = Recipe("trivial", (make_op("project", channels=8),))
+    calls = {
+        "inspect": lambda: bbswap.inspect_backbone(s, "1x3x224x224"),
+        "fit": lambda: bbswap.fit(s, channels=64, stride=16),
+        "apply": lambda: bbswap.apply_recipe(s, rec, "1x3x224x224"),
+        "trace": lambda: trace(getattr(token_models, name), (1, 3, 224, 224), name=s),
+    }
+    for what, call in calls.items():
+        error = refused(call, name)
+        assert str(error).startswith(f"{s} is not a CNN backbone"), what
+    assert error.brief.startswith("transformer" if name != "TokenMixer" else "not a CNN")
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_an_instance_with_real_weights_is_refused_too(name):
+    torch.manual_seed(0)
+    model = getattr(token_models, name)().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    error = refused(lambda: trace_instance(model, (1, 3, 224, 224), name=name), name)
+    assert str(error).startswith(f"{name} is not a CNN backbone")
+    after = model.state_dict()  # the refusal changed nothing, not even the training flags
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert not any(m.training for m in model.modules())
+
+
+def test_trace_module_records_why_without_refusing():
+    """trace_module is the raw trace: it records the attention; require_cnn refuses."""
+    with torch.device("meta"):
+        vit = token_models.TinyViT()
+        mixer = token_models.TokenMixer()
+    vit_trace = trace_module(vit, (1, 3, 224, 224))
+    assert vit_trace.attention == "encoder.self_attn"
+    assert not_a_cnn(vit_trace).startswith("attention at 'encoder.self_attn'")
+    mixer_trace = trace_module(mixer, (1, 3, 224, 224))
+    assert mixer_trace.attention == ""
+    assert mixer_trace.features is not None and mixer_trace.features.path == "patch"
+    assert "% of its MACs run after its last feature map ('patch')" in not_a_cnn(mixer_trace)
+    with pytest.raises(NotACNN, match=r"^mixer is not a CNN backbone") as caught:
+        require_cnn(mixer_trace, "mixer")
+    assert caught.value.brief == "not a CNN: token output"
+
+
+def test_is_attention_tells_products_of_activations_from_linear_layers():
+    a = torch.empty(2, 4, 8, device="meta")
+    b = torch.empty(2, 8, 4, device="meta")
+    weight = nn.Parameter(torch.empty(2, 8, 4, device="meta"))
+    assert _is_attention("matmul", [a, b])
+    assert _is_attention("__matmul__", [a, b])
+    assert _is_attention("bmm", [a, b])
+    assert _is_attention("scaled_dot_product_attention", [a])
+    assert _is_attention("multi_head_attention_forward", [a])
+    assert not _is_attention("matmul", [a, weight])  # a parameter: a linear layer
+    assert not _is_attention("matmul", [a[0], b[0]])  # two 2-d matrices: not token mixing
+    assert not _is_attention("mul", [a, a])  # a gate multiplies elementwise
+    assert not _is_attention("linear", [a, torch.empty(4, 8, device="meta")])
+
+
+# -- negative controls: CNNs are not refused -----------------------------------------------------
+
+
+def test_gated_cnn_is_not_refused():
+    """Squeeze-excitation and a selective-kernel softmax over branches: elementwise gates."""
+    report = bbswap.inspect_backbone(spec("GatedCNN"), "1x3x224x224")
+    assert report.trace.attention == ""
+    assert not_a_cnn(report.trace) == ""
+    assert report.trace.output_shape == (1, 32, 28, 28)
+    assert report.trace.downsample == (8, 8)  # the 1x1 gates do not change the stride
+    result = cli("inspect", spec("GatedCNN"), "--json")
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    assert json.loads(result.stdout)["output"] == [1, 32, 28, 28]
+    fitted = bbswap.fit(spec("GatedCNN"), channels=64, stride=16)
+    assert fitted.winner.ok and fitted.winner.trace.output_shape == (1, 64, 14, 14)
+
+
+@pytest.mark.parametrize("listed", bbswap.list_backbones(), ids=lambda b: b.spec)
+def test_every_zoo_model_traces_without_refusal(listed):
+    report = bbswap.inspect_backbone(listed.spec, f"1x{listed.in_chans}x64x64")
+    assert report.trace.device == "meta"
+    assert report.trace.attention == ""
+    assert not_a_cnn(report.trace) == ""
+
+
+# -- build_on_meta: constructors that compute with tensors ---------------------------------------
+
+ORIGINAL = (nn.Module.register_parameter, nn.Module.register_buffer)
+
+
+def originals_restored() -> bool:
+    return nn.Module.register_parameter is ORIGINAL[0] and nn.Module.register_buffer is ORIGINAL[1]
+
+
+def test_regnet_like_cannot_be_built_with_meta_as_default_device():
+    """So the trace below exercises the fallback, not the plain meta build."""
+    with pytest.raises(Exception, match=r"meta"), torch.device("meta"):
+        token_models.RegNetLike()
+    assert token_models.regnet_widths() == [8, 16, 32]
+
+
+def test_build_on_meta_falls_back_to_moving_only_the_weights():
+    patched_during_build = []
+
+    def build() -> nn.Module:
+        patched_during_build.append(nn.Module.register_parameter is not ORIGINAL[0])
+        return token_models.RegNetLike()
+
+    model = build_on_meta(build)
+    assert patched_during_build == [False, True]  # meta as the default device, then the patch
+    assert originals_restored()
+    tensors = [*model.parameters(), *model.buffers()]
+    assert tensors and all(t.is_meta for t in tensors)
+    assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in model.parameters())
+    assert [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)] == [8, 16, 32]
+    bn = model.body[1]
+    assert set(dict(bn.named_buffers())) == {"running_mean", "running_var", "num_batches_tracked"}
+    assert "running_mean" in bn.state_dict()  # still persistent
+
+
+def test_regnet_like_traces_on_meta():
+    report = bbswap.inspect_backbone(spec("RegNetLike"), "1x3x224x224")
+    assert report.trace.device == "meta" and report.trace.note == ""
+    assert report.trace.output_shape == (1, 32, 28, 28)
+    assert originals_restored()
+    result, model = trace(token_models.RegNetLike, (1, 3, 61, 97))
+    assert result.device == "meta" and result.output_shape == (1, 32, 8, 13)
+    assert all(p.is_meta for p in model.parameters())
+    assert originals_restored()
+
+
+def test_register_functions_are_restored_after_a_constructor_that_raises():
+    with pytest.raises(ValueError, match="not supported on purpose"):
+        build_on_meta(token_models.RegNetLikeRaises)
+    assert originals_restored()
+    result = cli("inspect", spec("RegNetLikeRaises"))
+    assert_one_line_error(result, "constructor raised ValueError", "not supported on purpose")
+    assert originals_restored()
+    with pytest.raises(ModelError):
+        bbswap.fit(spec("RegNetLikeRaises"), channels=8, stride=8)
+    assert originals_restored()
+    # modules built afterwards register real tensors as usual
+    conv = nn.Conv2d(3, 4, 3)
+    assert not conv.weight.is_meta and isinstance(conv.weight, nn.Parameter)
