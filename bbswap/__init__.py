@@ -11,6 +11,7 @@ The Python API mirrors the command line::
     result = bbswap.apply_recipe("resnet50", bbswap.load_recipe("recipes/seed-hmer-resnet50.toml"))
     found = bbswap.fit("resnet50", channels=684, stride=16, in_chans=1, input_shape="1x1x128x316")
     bbswap.export("resnet50", bbswap.winner_recipe(found, "1x1x128x316"), "backbone.py")
+    table = bbswap.matrix("tv:resnet*", strides=(8, 16, 32), channels=256)
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ _API = {
     "check_file": "bbswap.checking",
     "fit": "bbswap.fitting",
     "winner_recipe": "bbswap.fitting",
+    "matrix": "bbswap.sweep",
     "BBSwapError": "bbswap.errors",
 }
 

@@ -438,9 +438,9 @@ def matrix_cmd(
     debug: Debug = False,
 ) -> None:
     """Which backbones reach which target strides, the MACs of each winning plan, and why not."""
-    from bbswap.matrix import matrix, matrix_dict
     from bbswap.parsing import parse_strides
     from bbswap.render import progress_bar, render_matrix
+    from bbswap.sweep import matrix, matrix_dict
 
     with _guard(debug):
         strides = parse_strides(stride)

@@ -193,6 +193,11 @@ def _stride_ops(changes: list[tuple[Unit, Size]], mode: str) -> list[Op]:
     ]
 
 
+def _hw(size: Size) -> str:
+    """A size as H x W, always both."""
+    return f"{size[0]}x{size[1]}"
+
+
 def _fmt(size: Size) -> str:
     return str(size[0]) if size[0] == size[1] else f"{size[0]}x{size[1]}"
 
@@ -478,14 +483,18 @@ def fit(
         other = "floor" if target.rounding == "ceil" else "ceil"
         raise TargetError(
             f"every candidate on {backbone.spec} misses {target.describe()} only by rounding "
-            f"(e.g. {rest[0].label or 'as is'} gives {_fmt(rest[0].misses[0][1])} at "
-            f"{_fmt(rest[0].misses[0][0])}, not {_fmt(rest[0].misses[0][2])}); "
+            f"(e.g. {rest[0].label or 'as is'} gives {_hw(rest[0].misses[0][1])} at "
+            f"{_hw(rest[0].misses[0][0])}, not {_hw(rest[0].misses[0][2])}); "
             f"pass --rounding {other} to accept {other}(H/S)"
         )
     if not exact:
         reasons = "; ".join(
             f"{c.label or 'as is'}: "
-            + (c.error or f"misses at {c.misses[0][0]}: {c.misses[0][1]} != {c.misses[0][2]}")
+            + (
+                c.error
+                or f"misses at {_hw(c.misses[0][0])}: {_hw(c.misses[0][1])} != "
+                f"{_hw(c.misses[0][2])}"
+            )
             for c in (rest + failed)[:3]
         )
         raise TargetError(

@@ -21,9 +21,9 @@ if TYPE_CHECKING:
     from bbswap.exporting import Exported
     from bbswap.fitting import FitResult
     from bbswap.inspection import InspectReport
-    from bbswap.matrix import Cell, Matrix
     from bbswap.registry import ListedBackbone
     from bbswap.surgery import Edit
+    from bbswap.sweep import Cell, Matrix
     from bbswap.verify import VerifyReport
 
 

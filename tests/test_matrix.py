@@ -5,7 +5,7 @@ One row per backbone, one cell per stride; a backbone that fails (refused, no ex
 is a row or a cell saying why in a few words, never the end of the sweep, and the
 command exits 0. User errors in the command itself (strides, rounding, patterns, specs)
 are one line and exit status 2. Checked on the command line (text and ``--json``) and
-through the Python API ``bbswap.matrix.matrix``; the fits run on the meta device, and
+through the Python API ``bbswap.sweep.matrix``; the fits run on the meta device, and
 ``--verify`` (the default; ``--no-verify`` here, for speed) emits and checks each winner
 on CPU with one intra-op thread.
 """
@@ -26,8 +26,8 @@ import bbswap
 import bbswap.render
 from bbswap.errors import BackboneNotFound, InvalidArgument
 from bbswap.fitting import FitResult, fit
-from bbswap.matrix import Matrix, expand, matrix
 from bbswap.render import si
+from bbswap.sweep import Matrix, expand, matrix
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
@@ -214,7 +214,7 @@ def test_json(tmp_path):
     data = json.loads(
         ok(cli("matrix", "resnet18", VIT, "--stride", 16, "--json", "--no-verify")).stdout
     )
-    assert data["schema"] == "bbswap.matrix/1"
+    assert data["schema"] == "bbswap.sweep/1"
     assert data["patterns"] == ["resnet18", VIT]
     assert data["strides"] == [16]
     assert (data["channels"], data["rounding"], data["verify"], data["passed"]) == (

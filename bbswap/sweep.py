@@ -217,9 +217,9 @@ def _export(backbone: Backbone, recipe: Any, input_text: str) -> str:
 
 
 def matrix_dict(result: Matrix) -> dict[str, Any]:
-    """The JSON form of a matrix (schema ``bbswap.matrix/1``)."""
+    """The JSON form of a matrix (schema ``bbswap.sweep/1``)."""
     return {
-        "schema": "bbswap.matrix/1",
+        "schema": "bbswap.sweep/1",
         "patterns": list(result.patterns),
         "strides": list(result.strides),
         "channels": result.channels,
