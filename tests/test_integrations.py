@@ -64,6 +64,8 @@ def _fit_emit_verify(spec: str, tmp_path: Path) -> str:
     assert all(check["ok"] for check in data["written"]["checks"])
     source = out.read_text(encoding="utf-8")
     assert "--import mode:" in source  # torchvision's and timm's builders are imported
+    package = "torchvision" if spec.startswith("tv:") else "timm"
+    assert f"; needs torch and {package}. This file " in source
     checked = runner.invoke(
         app,
         [
@@ -149,3 +151,20 @@ def test_matrix_over_torchvision_names_the_refusal() -> None:
         "1 of 1 CNN backbones reach every target (inspect, fit on the meta device); "
         "1 refused as not CNNs (transformers): tv:vit_b_16"
     )
+
+
+def test_import_mode_for_a_module_spec(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        'name = "c3"\n\n[[ops]]\nop = "truncate"\nafter = "layer3"\n', encoding="utf-8"
+    )
+    out = tmp_path / "backbone.py"
+    spec = "torchvision.models.resnet:resnet18"
+    result = runner.invoke(
+        app, ["apply", spec, str(recipe), "--input", "1x3x64x64", "-o", str(out), "--import"]
+    )
+    assert result.exit_code == 0, result.output
+    source = out.read_text(encoding="utf-8")
+    assert "from torchvision.models.resnet import resnet18" in source
+    assert "; needs torch and torchvision. This file imports resnet18 from" in source
+    assert "class ResNet(" not in source  # imported, not bundled
