@@ -80,7 +80,7 @@ def export(
             load = LoadReport(load.loaded, load.missing, load.unexpected, note)
     result = apply_recipe(backbone, recipe, input_shape, model=model)
     emitted = emit(result, class_name=class_name, dropin=dropin, import_mode=import_mode)
-    report = check_emitted(emitted, result)
+    report = check_emitted(emitted, result, source=model)
     require(report)
     if weights_path is not None:
         save_state(weights_path, result.model.state_dict())
@@ -88,7 +88,9 @@ def export(
     return Exported(path, weights_path, emitted, result, report, load)
 
 
-def check_emitted(emitted: Emitted, result: ApplyResult) -> VerifyReport:
+def check_emitted(
+    emitted: Emitted, result: ApplyResult, source: torch.nn.Module | None = None
+) -> VerifyReport:
     """Import the emitted source without bbswap and compare it with the patched model."""
     after = result.after
     minimum = after.min_input()
@@ -104,6 +106,8 @@ def check_emitted(emitted: Emitted, result: ApplyResult) -> VerifyReport:
             in_chans=c,
             reference=result.model,
             compare_sizes=compare_sizes(h, w, minimum),
-            sweep=sweep_sizes(minimum),
+            # and two multiples of 32, for a backbone that takes no other sizes
+            sweep=[*sweep_sizes(minimum), (max(64, minimum[0] + 31) // 32 * 32, 96), (160, 224)],
             state=result.model.state_dict(),
+            source=source.eval() if source is not None else None,
         )

@@ -132,6 +132,39 @@ def run(model: nn.Module, shape: Sequence[int], seed: int = 0) -> torch.Tensor:
     return out
 
 
+def _fails(model: nn.Module, in_chans: int, size: Size) -> bool:
+    try:
+        run(model, (1, in_chans, *size))
+    except Exception:  # any failure of the model's forward at this size
+        return True
+    return False
+
+
+def accepted_sizes(
+    candidate: nn.Module,
+    reference: nn.Module | None,
+    source: nn.Module | None,
+    in_chans: int,
+    sizes: Sequence[Size],
+) -> tuple[list[Size], list[Size]]:
+    """The sizes to check, and those skipped: where the file, the patched model and the
+    source backbone all fail alike (DLA and HRNet take only multiples of 32). A size the
+    source takes and the file does not is kept, so that its failure is reported."""
+    keep, skipped = [], []
+    for size in sizes:
+        if (
+            reference is not None
+            and source is not None
+            and _fails(candidate, in_chans, size)
+            and _fails(reference, in_chans, size)
+            and _fails(source, in_chans, size)
+        ):
+            skipped.append(size)
+        else:
+            keep.append(size)
+    return keep, skipped
+
+
 def compare_outputs(
     candidate: nn.Module, reference: nn.Module, in_chans: int, sizes: Sequence[Size]
 ) -> Check:
@@ -256,14 +289,33 @@ def verify_model(
     stride: Size | None = None,
     rounding: str = "ceil",
     like: tuple[str, dict[Size, tuple[int, int]]] | None = None,
+    source: nn.Module | None = None,
 ) -> VerifyReport:
-    """Run the checks that apply; the model is put in eval mode."""
+    """Run the checks that apply; the model is put in eval mode. With a ``source`` (the
+    unpatched backbone, in eval mode), sizes it fails at as the file does are skipped."""
     checks: list[Check] = [Check("import", True, "imports and constructs without bbswap")]
     if state is not None:
         checks.append(load_weights(model, state, "the carried weights"))
         if not checks[-1].ok:
             return VerifyReport(target, tuple(checks))
     model.eval()
+    if reference is not None and source is not None:
+        reference.eval()
+        sizes = list(dict.fromkeys([*compare_sizes, *sweep]))
+        _, skipped = accepted_sizes(model, reference, source, in_chans, sizes)
+        if skipped:
+            compare_sizes = [z for z in compare_sizes if z not in skipped]
+            sweep = [z for z in sweep if z not in skipped]
+            listed = ", ".join(f"{h}x{w}" for h, w in skipped)
+            checks.append(
+                Check(
+                    "sizes",
+                    bool(compare_sizes) and bool(sweep),
+                    f"skipped {listed}: the source backbone fails there too",
+                )
+            )
+            if not checks[-1].ok:
+                return VerifyReport(target, tuple(checks))
     try:
         if reference is not None:
             reference.eval()
