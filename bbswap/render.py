@@ -307,9 +307,13 @@ def render_export(exported: Exported, console: Console) -> None:
             + (f"; {len(load.unexpected)} unexpected" if load.unexpected else "")
             + (f" ({escape(load.note)})" if load.note else "")
         )
-    console.print(f"wrote {escape(str(exported.path))} (class {exported.emitted.class_name})")
+    console.print(
+        f"wrote {escape(str(exported.path))} (class {exported.emitted.class_name})", soft_wrap=True
+    )
     if exported.weights_path is not None:
-        console.print(f"wrote {escape(str(exported.weights_path))} (its state_dict)")
+        console.print(
+            f"wrote {escape(str(exported.weights_path))} (its state_dict)", soft_wrap=True
+        )
 
 
 def render_fit(result: FitResult, top: int, console: Console) -> None:
@@ -446,8 +450,10 @@ def render_matrix(result: Matrix, console: Console) -> None:
         for where, detail in why:
             console.print(f"  {escape(row.spec)} {escape(where)}: {escape(detail)}", soft_wrap=True)
     for mode in dict.fromkeys(r.emit for r in result.rows if r.emit.startswith("--import")):
-        console.print(f"{escape(mode)}: {sum(r.emit == mode for r in result.rows)} backbones")
-    console.print(escape(matrix_summary(result)))
+        console.print(
+            f"{escape(mode)}: {sum(r.emit == mode for r in result.rows)} backbones", soft_wrap=True
+        )
+    console.print(escape(matrix_summary(result)), soft_wrap=True)
 
 
 def matrix_summary(result: Matrix) -> str:
