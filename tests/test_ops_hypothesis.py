@@ -105,6 +105,9 @@ def test_real_output_shape_is_the_traced_prediction():
         max_examples=25,
         deadline=None,
         database=None,
+        # a fixed draw: the share of refused recipes varies a lot between random runs
+        # of 25 (from 0 to 60%), so the ratio below is only meaningful when reproducible
+        derandomize=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
     )
     @given(recipes())
