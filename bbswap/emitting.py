@@ -36,6 +36,7 @@ from bbswap.codegen import (
 from bbswap.errors import InvalidArgument, SurgeryError
 from bbswap.recipe import recipe_to_toml
 from bbswap.registry import Backbone
+from bbswap.sizes import SizeStep
 from bbswap.surgery import (
     Edit,
     OwnerRewrite,
@@ -283,8 +284,15 @@ def _adopt_lines(module: nn.Module, base: str) -> list[str]:
     for name, _ in module.named_parameters(recurse=False):
         lines.append(f"self.{name} = {base}.{name}")
     for name, _ in module.named_buffers(recurse=False):
-        lines.append(f'self.register_buffer("{name}", {base}.{name})')
+        lines.append(_buffer_line(module, name, base))
     return lines
+
+
+def _buffer_line(module: nn.Module, name: str, base: str) -> str:
+    """Re-register a buffer of ``base``, keeping it out of the state_dict if it was."""
+    kept = name not in module._non_persistent_buffers_set
+    extra = "" if kept else ", persistent=False"
+    return f'self.register_buffer("{name}", {base}.{name}{extra})'
 
 
 def _assign(obj: str, name: str, value: str) -> str:
@@ -430,7 +438,7 @@ def _root_class(
     for pname, _ in patched.named_parameters(recurse=False):
         body.append(f"self.{pname} = body.{pname}")
     for bname, _ in patched.named_buffers(recurse=False):
-        body.append(f'self.register_buffer("{bname}", body.{bname})')
+        body.append(_buffer_line(patched, bname, "body"))
     if dropin:
         init_args = "*args: Any, **kwargs: Any"
         imports.add("from typing import Any")
@@ -480,10 +488,12 @@ def _output_size_code(result: ApplyResult) -> str:
     rows_h: list[str] = []
     rows_w: list[str] = []
     by_id = {o.id: o for o in t.ops}
+    used: list[SizeStep] = []
     for op_id in t.chain:
         o = by_id[op_id]
         for steps, rows in ((o.steps_h, rows_h), (o.steps_w, rows_w)):
             for s in steps:
+                used.append(s)
                 rows.append(
                     f'    ("{s.kind}", {s.kernel}, {s.stride}, {s.padding}, {s.dilation}, '
                     f"{s.ceil}, {s.pool}, {s.value!r}),  # {op_id}"
@@ -496,6 +506,13 @@ def _output_size_code(result: ApplyResult) -> str:
         + "\n"
         + _tuple_block("_CHAIN_W", rows_w)
     )
+    fold = (
+        """
+        elif kind == "fold":  # a reshape folding s x s pixel blocks into channels
+            n = n // s if n % s == 0 else 0"""
+        if any(s.kind == "fold" for s in used)
+        else ""
+    )
     helper = '''def _through(chain: tuple[Step, ...], n: int) -> int:
     """Apply PyTorch's output-size formulas of a chain of steps to one axis."""
     for kind, k, s, p, d, ceil, pool, value in chain:
@@ -504,17 +521,22 @@ def _output_size_code(result: ApplyResult) -> str:
         elif kind == "scale":
             n = int(n * value)
         elif kind == "pad":
-            n = n + p
+            n = n + p{pad_low}
         elif kind == "transpose":
-            n = (n - 1) * s - 2 * p + d * (k - 1) + int(value) + 1
+            n = (n - 1) * s - 2 * p + d * (k - 1) + int(value) + 1{fold}
         else:
             span = n + 2 * p - d * (k - 1) - 1
             out = -(-span // s) + 1 if ceil else span // s + 1
             if ceil and pool and (out - 1) * s >= n + p:
                 out -= 1
             n = out
+        if n <= 0:  # too small: no output
+            return 0
     return n'''
-    return table.rstrip("\n") + "\n\n\n" + helper
+    # reflect padding takes only inputs larger than the pad
+    low = any(s.kind == "pad" and s.value > 0 for s in used)
+    helper = helper.replace("{pad_low}", " if n >= value else 0" if low else "")
+    return table.rstrip("\n") + "\n\n\n" + helper.replace("{fold}", fold)
 
 
 def _tuple_block(name: str, rows: list[str]) -> str:

@@ -15,7 +15,15 @@ from bbswap.emitting import Emitted, emit
 from bbswap.errors import InvalidArgument
 from bbswap.recipe import Recipe
 from bbswap.registry import Backbone, resolve
-from bbswap.verify import VerifyReport, construct, import_file, require, sweep_sizes, verify_model
+from bbswap.verify import (
+    VerifyReport,
+    construct,
+    import_file,
+    require,
+    round_up,
+    sweep_sizes,
+    verify_model,
+)
 from bbswap.weights import LoadReport, atomic_write, load_into, read_checkpoint, save_state
 
 
@@ -44,11 +52,15 @@ def output_paths(
     return path, weights_path
 
 
-def compare_sizes(h: int, w: int, minimum: tuple[int, int]) -> list[tuple[int, int]]:
-    """The traced size (capped for speed on a CPU) and two odd sizes."""
+def compare_sizes(
+    h: int, w: int, minimum: tuple[int, int], multiple: tuple[int, int] = (1, 1)
+) -> list[tuple[int, int]]:
+    """The traced size (capped for speed on a CPU) and two odd sizes (the next multiples
+    for a backbone that takes only multiples of some size)."""
     h0, w0 = min(h, 128), min(w, 160)
     mh, mw = minimum
-    return [(h0, w0), (h0 | 1, (w0 + 2) | 1), (max(mh, 31) | 1, max(mw, 45) | 1)]
+    sizes = [(h0, w0), (h0 | 1, (w0 + 2) | 1), (max(mh, 31) | 1, max(mw, 45) | 1)]
+    return list(dict.fromkeys(round_up(size, multiple) for size in sizes))
 
 
 def export(
@@ -94,6 +106,8 @@ def check_emitted(
     """Import the emitted source without bbswap and compare it with the patched model."""
     after = result.after
     minimum = after.min_input()
+    rules = after.size_rules()
+    multiple = (rules[0].multiple, rules[1].multiple)
     with tempfile.TemporaryDirectory() as tmp:
         file = Path(tmp) / "bbswap_emitted.py"
         file.write_text(emitted.source, encoding="utf-8")
@@ -105,9 +119,13 @@ def check_emitted(
             f"the emitted {emitted.class_name}",
             in_chans=c,
             reference=result.model,
-            compare_sizes=compare_sizes(h, w, minimum),
+            compare_sizes=compare_sizes(h, w, minimum, multiple),
             # and two multiples of 32, for a backbone that takes no other sizes
-            sweep=[*sweep_sizes(minimum), (max(64, minimum[0] + 31) // 32 * 32, 96), (160, 224)],
+            sweep=[
+                *sweep_sizes(minimum, multiple=multiple),
+                (max(64, minimum[0] + 31) // 32 * 32, 96),
+                (160, 224),
+            ],
             state=result.model.state_dict(),
             source=source.eval() if source is not None else None,
         )

@@ -150,7 +150,9 @@ def _ancestors(op: SpatialOp) -> list[str]:
 
 
 def _parallel(a: SpatialOp, b: SpatialOp) -> bool:
-    return a.in_hw == b.in_hw and a.out_hw == b.out_hw
+    """Two branches reducing the same map alike (a strided conv beside a shortcut's pool);
+    one may read it padded first (an anti-aliasing blur pads, then convolves unpadded)."""
+    return a.out_hw == b.out_hw and a.stride == b.stride
 
 
 def _divisors(n: int) -> list[int]:

@@ -155,10 +155,15 @@ def _interpolate(args: tuple, kwargs: dict) -> SpatialArgs:
 
 
 def _pad(args: tuple, kwargs: dict) -> SpatialArgs:
-    b = _bind(["input", "pad"], {}, args, kwargs)
+    b = _bind(["input", "pad", "mode"], {"mode": "constant"}, args, kwargs)
     p = list(b["pad"]) + [0] * 4
     w, h = p[0] + p[1], p[2] + p[3]
-    steps = ((SizeStep("pad", padding=h),), (SizeStep("pad", padding=w),))
+    # reflect padding needs an input larger than the pad on each side
+    low = (max(p[2], p[3]) + 1, max(p[0], p[1]) + 1) if b["mode"] == "reflect" else (0, 0)
+    steps = (
+        (SizeStep("pad", padding=h, value=float(low[0])),),
+        (SizeStep("pad", padding=w, value=float(low[1])),),
+    )
     return SpatialArgs("pad", (0, 0), (1, 1), (p[2], p[0]), (1, 1), False, steps)
 
 
@@ -167,6 +172,13 @@ def _pixel_unshuffle(args: tuple, kwargs: dict) -> SpatialArgs:
     f = int(b["downscale_factor"])
     steps = _window_steps((f, f), (f, f), (0, 0), (1, 1), False, False)
     return SpatialArgs("pixel-unshuffle", (f, f), (f, f), (0, 0), (1, 1), False, steps)
+
+
+def space_to_depth(factor: Pair) -> SpatialArgs:
+    """A reshape that folds each ``factor`` block of pixels into channels (TResNet's
+    stem): a pixel-unshuffle written with ``view`` and ``permute``."""
+    steps = ((SizeStep("fold", factor[0], factor[0]),), (SizeStep("fold", factor[1], factor[1]),))
+    return SpatialArgs("space-to-depth", factor, factor, (0, 0), (1, 1), False, steps)
 
 
 def _pixel_shuffle(args: tuple, kwargs: dict) -> SpatialArgs:

@@ -240,8 +240,35 @@ def _set(s: Surgery, o: SpatialOp, values: dict[str, Any]) -> None:
         s.edit_call(o, values)
 
 
+def pre_padding(trace: Trace, o: SpatialOp) -> tuple[int, int]:
+    """Padding per side that a pad call in the same forward applies to ``o``'s input
+    just before it (an anti-aliasing blur pads, then convolves unpadded): part of the
+    'same' padding ``o`` needs at a new stride. (0, 0) when there is none, or it is not
+    the same on both sides."""
+    parent = o.id.rpartition(".")[0] if o.kind == "module" else o.owner
+    pads = [
+        p
+        for p in trace.ops
+        if p.op == "pad" and p.owner == parent and p.order < o.order and p.out_hw == o.in_hw
+    ]
+    if not pads:
+        return (0, 0)
+    pad = max(pads, key=lambda p: p.order)
+    per_side = []
+    for axis, steps in enumerate((pad.steps_h, pad.steps_w)):
+        total, first = steps[0].padding, pad.padding[axis]
+        if not isinstance(first, int) or total != 2 * first:
+            return (0, 0)
+        per_side.append(first)
+    return (per_side[0], per_side[1])
+
+
 def restride(
-    o: SpatialOp, now: dict[str, Any], stride: tuple[int, int], where: str
+    o: SpatialOp,
+    now: dict[str, Any],
+    stride: tuple[int, int],
+    where: str,
+    pre: tuple[int, int] = (0, 0),
 ) -> dict[str, Any]:
     """New kernel/stride/padding for a window op so its size follows the new stride exactly.
 
@@ -250,7 +277,8 @@ def restride(
     ``ceil(size / stride)`` whatever the input size. When that is not a whole number (an
     even kernel on a conv, whose weights fix the kernel), a conv going to stride 1 takes
     torch's ``padding='same'``, which pads the odd pixel on one side; other strides are
-    refused.
+    refused. Padding already applied by a pad call just before the op (``pre``, per side)
+    counts towards that.
     """
     kernel, padding = list(now["kernel_size"]), now["padding"]
     if o.same:
@@ -268,7 +296,7 @@ def restride(
             kernel[axis] = stride[axis]
             continue
         span = d * (k - 1)
-        if span % 2 and o.op == "conv" and stride == (1, 1):
+        if span % 2 and o.op == "conv" and stride == (1, 1) and pre == (0, 0):
             # an even kernel at stride 1: torch's padding='same' pads the odd pixel on
             # the right and bottom, so the size stays exactly the input's
             return {"stride": stride, "padding": "same"}
@@ -278,7 +306,13 @@ def restride(
                 f"{k} would need {span / 2:g} pixels of padding per side on {'HW'[axis]} "
                 "(a pixel would be lost); choose another reduction point"
             )
-        padding[axis] = span // 2
+        if span // 2 < pre[axis]:
+            raise SurgeryError(
+                f"{where}: cannot set stride {stride[axis]} at {o.id} exactly: its input "
+                f"is already padded by {pre[axis]} pixels per side on {'HW'[axis]}, more "
+                f"than the {span // 2} its kernel {k} needs; choose another reduction point"
+            )
+        padding[axis] = span // 2 - pre[axis]
     _check_pool_padding(o, kernel, padding, f"{where}: cannot set stride {fmt(stride)} at {o.id}")
     return {
         "kernel_size": (kernel[0], kernel[1]),
@@ -324,7 +358,7 @@ def stride(s: Surgery, op: Op, where: str) -> None:
             max(1, now["stride"][0] // new_stride[0]),
             max(1, now["stride"][1] // new_stride[1]),
         )
-        _set(s, o, restride(o, now, new_stride, where))
+        _set(s, o, restride(o, now, new_stride, where, pre_padding(s.trace, o)))
     if op["mode"] != "dilate":
         return
     # Every window op fed (through the traced chain of reductions) by a target is

@@ -233,7 +233,7 @@ def _user(spec: str, kwargs: dict[str, Any]) -> Backbone:
         name=attr,
         factory=factory,
         kwargs=kwargs,
-        in_chans=None,
+        in_chans=_int_default(factory, "in_chans"),
         takes_in_chans=takes,
         source=source,
         attr=attr,
@@ -281,6 +281,16 @@ def _buildable_names(module: ModuleType) -> list[str]:
         if is_module_class or is_local_function:
             names.append(key)
     return sorted(names)
+
+
+def _int_default(func: Callable[..., Any], name: str) -> int | None:
+    """The integer default of parameter ``name`` (``in_chans: int = 3``), if it has one."""
+    try:
+        param = inspect.signature(func).parameters.get(name)
+    except (TypeError, ValueError):
+        return None
+    default = param.default if param is not None else None
+    return default if isinstance(default, int) and not isinstance(default, bool) else None
 
 
 def _accepts(func: Callable[..., Any], name: str) -> bool:

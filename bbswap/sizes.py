@@ -21,7 +21,9 @@ class SizeStep:
     dilation and rounding; ``fixed``: output size independent of the input
     (adaptive pooling, interpolate to a size); ``scale``: ``floor(in * factor)``;
     ``pad``: ``in + padding`` (``padding`` is the total of both sides); ``transpose``:
-    a transposed conv, ``value`` holding its output padding.
+    a transposed conv, ``value`` holding its output padding; ``fold``: blocks of
+    ``stride`` pixels folded into channels by a reshape, which needs whole blocks (0 for
+    any other size, where the reshape fails).
     """
 
     kind: str
@@ -38,8 +40,10 @@ class SizeStep:
             return int(self.value)
         if self.kind == "scale":
             return math.floor(size * self.value)
-        if self.kind == "pad":
-            return size + self.padding
+        if self.kind == "pad":  # ``value``: the smallest size it takes (reflect padding)
+            return size + self.padding if size >= self.value else 0
+        if self.kind == "fold":
+            return size // self.stride if size % self.stride == 0 else 0
         if self.kind == "transpose":
             extra = int(self.value)
             return (
@@ -68,6 +72,8 @@ class SizeStep:
             return f"+{self.padding}"
         if self.kind == "transpose":
             return f"up k{self.kernel} s{self.stride} p{self.padding}"
+        if self.kind == "fold":
+            return f"/{self.stride} whole"
         rounding = "ceil" if self.ceil else "floor"
         return f"k{self.kernel} s{self.stride} p{self.padding} d{self.dilation} {rounding}"
 
@@ -94,7 +100,7 @@ def min_size(steps: Sequence[SizeStep], limit: int = 4096) -> int:
 def total_stride(steps: Sequence[SizeStep]) -> float:
     factor = 1.0
     for step in steps:
-        if step.kind == "window":
+        if step.kind in ("window", "fold"):
             factor *= step.stride
         elif step.kind == "transpose":
             factor /= step.stride
@@ -111,26 +117,30 @@ class SizeRule:
     factor: float  # overall downsample factor along the chain
     rounding: str  # "ceil", "floor", "fixed" or "other"
     minimum: int  # smallest input size that yields an output
+    multiple: int = 1  # every size that yields an output is a multiple of this
 
     def format(self, axis: str) -> str:
-        return f"{axis} -> " + self.expression.format(x=axis)
+        rule = f"{axis} -> " + self.expression.format(x=axis)
+        return rule + (f" ({axis} a multiple of {self.multiple})" if self.multiple > 1 else "")
 
 
 def size_rule(steps: Sequence[SizeStep], span: int = 1024) -> SizeRule:
     """Find the closed form of ``steps`` over every size from the minimum to ``span``."""
     lo = min_size(steps)
-    sizes = range(lo, lo + span)
-    outs = [chain_size(steps, n) for n in sizes]
+    # sizes a reshape cannot fold into whole blocks give no output: they are not inputs
+    pairs = [(n, o) for n in range(lo, lo + span) if (o := chain_size(steps, n)) > 0]
+    multiple = math.gcd(*(n for n, _ in pairs)) if pairs else 1
     factor = total_stride(steps)
-    if any(s.kind == "fixed" for s in steps) and len(set(outs)) == 1:
-        return SizeRule(str(outs[0]), factor, "fixed", lo)
+    if any(s.kind == "fixed" for s in steps) and len({o for _, o in pairs}) == 1:
+        return SizeRule(str(pairs[0][1]), factor, "fixed", lo, multiple)
     stride = round(factor)
     if stride >= 1 and abs(stride - factor) < 1e-9:
         for rounding, a, b in _closed_forms(stride):
             op = math.ceil if rounding == "ceil" else math.floor
-            if all(op((n + a) / stride) + b == o for n, o in zip(sizes, outs)):
-                return SizeRule(_format_form(rounding, stride, a, b), factor, rounding, lo)
-    return SizeRule(_composed(steps), factor, "other", lo)
+            if all(op((n + a) / stride) + b == o for n, o in pairs):
+                form = _format_form(rounding, stride, a, b)
+                return SizeRule(form, factor, rounding, lo, multiple)
+    return SizeRule(_composed(steps), factor, "other", lo, multiple)
 
 
 def _closed_forms(s: int) -> list[tuple[str, int, int]]:

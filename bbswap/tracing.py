@@ -34,6 +34,7 @@ from bbswap.ops_table import (
     is_module_call,
     macs,
     meta_result,
+    space_to_depth,
 )
 from bbswap.sizes import SizeRule, SizeStep, chain_size, min_size, size_rule
 
@@ -199,6 +200,7 @@ class _TensorInfo:
     jump: tuple[float, float] = (1.0, 1.0)
     chain: tuple[str, ...] = ()
     fixed: bool = False  # sized by the call, not the input (adaptive pool, interpolate to size)
+    hw: Pair | None = None  # H and W of the last 4-D feature map on the way here
 
 
 @dataclass
@@ -320,9 +322,14 @@ class _Mode(TorchFunctionMode):
             (max(i.jump[0] for i in infos), max(i.jump[1] for i in infos)),
             base.chain,
             base.fixed,
+            base.hw,
         )
         if spatial is not None and outs[0].dim() >= 3:
-            info = self._spatial(name, spatial, owner, call, ins[0], outs[0], info)
+            info = self._spatial(name, spatial, owner, call, tuple(ins[0].shape), outs[0], info)
+        elif name in _RESHAPES and outs[0].dim() == 4:
+            info = self._folded(name, owner, call, outs[0], info)
+        if outs[0].dim() == 4:
+            info = replace(info, hw=(outs[0].shape[-2], outs[0].shape[-1]))
         n_macs = macs(name, args, kwargs, out)
         new_bytes = sum(
             t.numel() * t.element_size()
@@ -341,13 +348,29 @@ class _Mode(TorchFunctionMode):
         if not is_module_call(owner_module, name) and _changes_shape(ins, outs[0]):
             rec.calls.append(_Call(owner, name, call, outs[0], info, n_macs, new_bytes, rec.tick()))
 
+    def _folded(
+        self, name: str, owner: str, call: int, y: torch.Tensor, info: _TensorInfo
+    ) -> _TensorInfo:
+        """A ``view``/``reshape`` back to 4-D that folds pixel blocks into channels
+        (space-to-depth through a 6-D permute): a reduction like a pixel-unshuffle."""
+        if info.hw is None:
+            return info
+        (h, w), (n, c, oh, ow) = info.hw, tuple(y.shape)
+        if min(oh, ow) < 1 or h % oh or w % ow or (h, w) == (oh, ow):
+            return info
+        fh, fw = h // oh, w // ow
+        if c % (fh * fw):
+            return info
+        sa = space_to_depth((fh, fw))
+        return self._spatial(name, sa, owner, call, (n, c // (fh * fw), h, w), y, info)
+
     def _spatial(
         self,
         name: str,
         sa: SpatialArgs,
         owner: str,
         call: int,
-        x: torch.Tensor,
+        x_shape: Shape,
         y: torch.Tensor,
         info: _TensorInfo,
     ) -> _TensorInfo:
@@ -370,7 +393,7 @@ class _Mode(TorchFunctionMode):
         else:
             prefix = f"{owner}." if owner else ""
             op_id, kind = f"{prefix}{name}()" + (f"#{call}" if call else ""), "functional"
-        in_hw, out_hw = tuple(x.shape[-2:]), tuple(y.shape[-2:])
+        in_hw, out_hw = x_shape[-2:], tuple(y.shape[-2:])
         rf, jump = list(info.rf), list(info.jump)
         for axis in range(2):
             steps = sa.steps[axis]
@@ -394,7 +417,7 @@ class _Mode(TorchFunctionMode):
             padding=sa.padding,
             dilation=sa.dilation,
             ceil_mode=sa.ceil_mode,
-            in_shape=tuple(x.shape),
+            in_shape=x_shape,
             out_shape=tuple(y.shape),
             stage=_stage_of(owner if kind == "module" else op_id),
             steps_h=sa.steps[0],
@@ -406,9 +429,10 @@ class _Mode(TorchFunctionMode):
         rec.ops.setdefault(op_id, op)
         chain = info.chain + ((op_id,) if op.changes_size else ())
         fixed = info.fixed or any(st.kind == "fixed" for st in (*op.steps_h, *op.steps_w))
-        return _TensorInfo((rf[0], rf[1]), (jump[0], jump[1]), chain, fixed)
+        return _TensorInfo((rf[0], rf[1]), (jump[0], jump[1]), chain, fixed, info.hw)
 
 
+_RESHAPES = frozenset({"view", "reshape"})
 _ATTENTION = frozenset({"scaled_dot_product_attention", "multi_head_attention_forward"})
 _PRODUCTS = frozenset({"matmul", "__matmul__", "__rmatmul__", "bmm", "baddbmm", "einsum"})
 
@@ -542,7 +566,7 @@ class _ForwardFailed(Exception):
 
 def _run(model: nn.Module, x: torch.Tensor) -> tuple[_Recorder, Any]:
     rec = _Recorder(model)
-    rec.register(x, _TensorInfo())
+    rec.register(x, _TensorInfo(hw=(x.shape[-2], x.shape[-1]) if x.dim() == 4 else None))
     with _hooked(rec), _eval_mode(model), torch.no_grad():
         try:
             with _Mode(rec):

@@ -95,8 +95,12 @@ def import_file(path: Path, isolated: bool = True) -> ModuleType:
 
 
 def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+    """The gist of an error in one line; a heading ending in ':' (load_state_dict's)
+    takes the line after it."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def construct(module: ModuleType, class_name: str, where: str) -> nn.Module:
@@ -265,15 +269,22 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str) ->
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        return Check("weights", False, f"{what} does not load: {_first_line(error)}")
+        return Check("weights", False, f"{what} do not load: {_first_line(error)}")
     return Check("weights", True, f"{len(state)} tensors from {what} load with strict=True")
 
 
-def sweep_sizes(minimum: Size, count: int = 10) -> list[Size]:
-    """Small sizes for shape checks, odd and even, from the smallest valid input up."""
+def round_up(size: Size, multiple: Size) -> Size:
+    """``size`` rounded up, per axis, to a multiple of ``multiple``."""
+    return (-(-size[0] // multiple[0]) * multiple[0], -(-size[1] // multiple[1]) * multiple[1])
+
+
+def sweep_sizes(minimum: Size, count: int = 10, multiple: Size = (1, 1)) -> list[Size]:
+    """Small sizes for shape checks, odd and even, from the smallest valid input up (the
+    next multiples for a backbone that takes only multiples of some size)."""
     mh, mw = minimum
     steps = [0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89][:count]
-    return [(mh + s, mw + (s * 3) % 37 + (s % 2)) for s in steps]
+    sizes = [(mh + s, mw + (s * 3) % 37 + (s % 2)) for s in steps]
+    return list(dict.fromkeys(round_up(size, multiple) for size in sizes))
 
 
 def verify_model(
