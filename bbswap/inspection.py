@@ -199,7 +199,7 @@ def report_dict(report: InspectReport) -> dict[str, Any]:
                 "stride": list(r.stride),
                 "padding": r.padding if isinstance(r.padding, str) else list(r.padding),
                 "dilation": list(r.dilation),
-                "rounding": "ceil" if r.ceil_mode else "floor",
+                "rounding": r.rounding,
                 "input_hw": list(r.in_hw),
                 "output_hw": list(r.out_hw),
             }

@@ -121,7 +121,7 @@ def reduction_table(ops: Sequence[SpatialOp], title: str = "reduction points") -
             "-" if adaptive else pair(op.stride),
             "-" if adaptive else pair(op.padding),
             "-" if adaptive else pair(op.dilation),
-            "whole" if op.op == "space-to-depth" else "ceil" if op.ceil_mode else "floor",
+            op.rounding,
             f"{shape(op.in_hw)} -> {shape(op.out_hw)}",
         )
     return table

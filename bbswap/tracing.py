@@ -80,6 +80,13 @@ class SpatialOp:
         return (self.out_shape[-2], self.out_shape[-1])
 
     @property
+    def rounding(self) -> str:
+        """``ceil``, ``floor``, or ``whole`` for a reshape that takes only whole blocks."""
+        if self.op == "space-to-depth":
+            return "whole"
+        return "ceil" if self.ceil_mode else "floor"
+
+    @property
     def reduces(self) -> bool:
         """Whether this op shrinks H or W at the traced size."""
         return self.out_hw[0] < self.in_hw[0] or self.out_hw[1] < self.in_hw[1]
@@ -139,6 +146,7 @@ class Trace:
     depth: int
     module_stages: tuple[Stage, ...] = ()  # a row for every called module, any depth
     attention: str = ""  # the first module whose forward multiplies two activations
+    features_at: str = ""  # the outermost module whose output forward_features returns
 
     def stage(self, path: str) -> Stage | None:
         """The row of a stage or of any called module."""
@@ -182,7 +190,10 @@ class Trace:
 
     @property
     def features(self) -> Stage | None:
-        """The last spatial stage when the output itself is not spatial (a classifier)."""
+        """The last spatial stage when the output itself is not spatial (a classifier):
+        the one a ``forward_features`` method returns (timm's convention: the rest is
+        the head, a ``pre_logits`` block included), else the last one no adaptive pooling
+        has sized."""
         if len(self.output_shape) == 4:
             return None
         by_id = {op.id: op for op in self.ops}
@@ -191,7 +202,9 @@ class Trace:
             for s in self.stages
             if s.spatial and not any(by_id[i].op.startswith("adaptive") for i in s.chain)
         ]
-        return spatial[-1] if spatial else None
+        at = self.features_at
+        named = [s for s in spatial if at and (s.path == at or s.path.startswith(f"{at}."))]
+        return named[-1] if named else spatial[-1] if spatial else None
 
 
 @dataclass
@@ -241,6 +254,7 @@ class _Recorder:
     clock: int = 0
     by_path: dict[str, nn.Module] = field(default_factory=dict)
     attention: str | None = None
+    features_out: torch.Tensor | None = None  # what the model's forward_features returned
     total_macs: int = 0
     total_act: int = 0
 
@@ -564,10 +578,32 @@ class _ForwardFailed(Exception):
         self.error = error
 
 
+@contextlib.contextmanager
+def _watch_features(model: nn.Module, rec: _Recorder) -> Iterator[None]:
+    """Note what the model's own ``forward_features`` returns, if it has one; the
+    method is wrapped on the instance for the run and the class's is back after."""
+    method = getattr(type(model), "forward_features", None)
+    if not callable(method) or "forward_features" in vars(model):
+        yield
+        return
+
+    def forward_features(*args: Any, **kwargs: Any) -> Any:
+        out = method(model, *args, **kwargs)
+        if isinstance(out, torch.Tensor):
+            rec.features_out = out
+        return out
+
+    object.__setattr__(model, "forward_features", forward_features)
+    try:
+        yield
+    finally:
+        object.__delattr__(model, "forward_features")
+
+
 def _run(model: nn.Module, x: torch.Tensor) -> tuple[_Recorder, Any]:
     rec = _Recorder(model)
     rec.register(x, _TensorInfo(hw=(x.shape[-2], x.shape[-1]) if x.dim() == 4 else None))
-    with _hooked(rec), _eval_mode(model), torch.no_grad():
+    with _hooked(rec), _eval_mode(model), _watch_features(model, rec), torch.no_grad():
         try:
             with _Mode(rec):
                 out = model(x)
@@ -608,7 +644,16 @@ def _summarise(
         depth=depth,
         module_stages=_stages(rec, 10**6, functional=False),
         attention=rec.attention or "",
+        features_at=_features_at(rec),
     )
+
+
+def _features_at(rec: _Recorder) -> str:
+    """The outermost module whose output is what ``forward_features`` returned."""
+    if rec.features_out is None:
+        return ""
+    same = [s for s in rec.modules.values() if s.path and s.out is rec.features_out]
+    return min(same, key=lambda s: s.order).path if same else ""
 
 
 def _expanded(rec: _Recorder, path: str, depth: int) -> bool:

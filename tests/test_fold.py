@@ -166,3 +166,11 @@ def test_cli_inspect_shows_the_fold(tmp_path):
     assert row[:6] == ["s2d.view()#1", "F.view", "space-to-depth", "4", "4", "0"]
     assert "whole" in row and row[-3:] == ["64x96", "->", "16x24"]
     assert "H -> ceil(H/16) (H a multiple of 4)" in result.stdout
+
+
+def test_inspect_json_names_the_fold():
+    data = json.loads(ok(cli("inspect", TRESNET, "--input", "1x3x64x96", "--json")).stdout)
+    fold = data["reductions"][0]
+    assert (fold["id"], fold["op"], fold["rounding"]) == ("s2d.view()#1", "space-to-depth", "whole")
+    assert (fold["input_hw"], fold["output_hw"]) == ([64, 96], [16, 24])
+    assert data["size_rule"]["h"] == "H -> ceil(H/16) (H a multiple of 4)"
