@@ -506,6 +506,8 @@ def _output_size_code(result: ApplyResult) -> str:
         + "\n"
         + _tuple_block("_CHAIN_W", rows_w)
     )
+    # optional branches, written only when the chain has such a step
+    pad = " if n >= value else 0" if any(s.kind == "pad" and s.value > 0 for s in used) else ""
     fold = (
         """
         elif kind == "fold":  # a reshape folding s x s pixel blocks into channels
@@ -513,7 +515,7 @@ def _output_size_code(result: ApplyResult) -> str:
         if any(s.kind == "fold" for s in used)
         else ""
     )
-    helper = '''def _through(chain: tuple[Step, ...], n: int) -> int:
+    helper = f'''def _through(chain: tuple[Step, ...], n: int) -> int:
     """Apply PyTorch's output-size formulas of a chain of steps to one axis."""
     for kind, k, s, p, d, ceil, pool, value in chain:
         if kind == "fixed":
@@ -521,7 +523,7 @@ def _output_size_code(result: ApplyResult) -> str:
         elif kind == "scale":
             n = int(n * value)
         elif kind == "pad":
-            n = n + p{pad_low}
+            n = n + p{pad}
         elif kind == "transpose":
             n = (n - 1) * s - 2 * p + d * (k - 1) + int(value) + 1{fold}
         else:
@@ -533,10 +535,7 @@ def _output_size_code(result: ApplyResult) -> str:
         if n <= 0:  # too small: no output
             return 0
     return n'''
-    # reflect padding takes only inputs larger than the pad
-    low = any(s.kind == "pad" and s.value > 0 for s in used)
-    helper = helper.replace("{pad_low}", " if n >= value else 0" if low else "")
-    return table.rstrip("\n") + "\n\n\n" + helper.replace("{fold}", fold)
+    return table.rstrip("\n") + "\n\n\n" + helper
 
 
 def _tuple_block(name: str, rows: list[str]) -> str:
