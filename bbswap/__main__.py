@@ -1,5 +1,5 @@
 """``python -m bbswap``."""
 
-from bbswap.cli import main
+from bbswap.cli.app import main
 
 main()

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
+from bbswap.cli.render import matrix_markdown
 from bbswap.parsing import parse_strides
-from bbswap.render import matrix_markdown
-from bbswap.sweep import matrix
+from bbswap.search.matrix import matrix
 
 # One representative model per timm family: the family's smallest common member.
 TIMM_FAMILIES = {

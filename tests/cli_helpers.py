@@ -11,7 +11,7 @@ from typing import Any
 
 from typer.testing import CliRunner
 
-from bbswap.cli import app
+from bbswap.cli.app import app
 
 _serial = itertools.count()
 

@@ -103,7 +103,7 @@ def _no_terminal_size() -> Iterator[None]:
 @pytest.fixture
 def frozen_progress_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     """No progress bar, however slow the machine: the bar appears only after a second of
-    evaluation by bbswap.render's clock, which this stops (see tests/test_fit.py)."""
-    import bbswap.render
+    evaluation by bbswap.cli.render's clock, which this stops (see tests/test_fit.py)."""
+    import bbswap.cli.render
 
-    monkeypatch.setattr(bbswap.render, "time", SimpleNamespace(monotonic=lambda: 0.0))
+    monkeypatch.setattr(bbswap.cli.render, "time", SimpleNamespace(monotonic=lambda: 0.0))

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from bbswap.applying import ApplyResult, apply_recipe
-from bbswap.recipe import Recipe, recipe_from_dict
-from bbswap.registry import resolve
+from bbswap.backbones.registry import resolve
+from bbswap.recipes.schema import Recipe, recipe_from_dict
+from bbswap.surgery.apply import ApplyResult, apply_recipe
 
 # Small heads: a zoo model's 1000-way classifier is most of VGG's weights and of its
 # build time; every model a test builds with real weights uses this, and so does the

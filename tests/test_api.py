@@ -23,6 +23,6 @@ def test_api_names_survive_importing_every_module() -> None:
 
 
 def test_api_fit_is_the_fit_function() -> None:
-    from bbswap.fitting import fit
+    from bbswap.search.fit import fit
 
     assert bbswap.fit is fit

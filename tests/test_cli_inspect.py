@@ -28,7 +28,7 @@ import pytest
 from cli_helpers import assert_one_line_error
 from typer.testing import CliRunner
 
-from bbswap.cli import app
+from bbswap.cli.app import app
 from bbswap.errors import BBSwapError
 from bbswap.zoo import ZOO
 

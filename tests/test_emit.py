@@ -35,14 +35,14 @@ from recipe_helpers import kwargs_for, randomize_batchnorm, recipe
 from seed_resnet50 import SEED_TO_PATCHED, seed_resnet50
 from typer.testing import CliRunner
 
-import bbswap.verify
-from bbswap.applying import apply_recipe
-from bbswap.cli import app
-from bbswap.emitting import Emitted, emit
+import bbswap.verify.checks
+from bbswap.backbones.registry import resolve
+from bbswap.cli.app import app
+from bbswap.codegen.export import export
+from bbswap.codegen.module_file import Emitted, emit
 from bbswap.errors import InvalidArgument, SurgeryError, VerificationError
-from bbswap.exporting import export
-from bbswap.recipe import Recipe, load_recipe
-from bbswap.registry import resolve
+from bbswap.recipes.schema import Recipe, load_recipe
+from bbswap.surgery.apply import apply_recipe
 from bbswap.zoo import ZOO
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -749,7 +749,7 @@ def test_existing_output_needs_force(small_recipe, tmp_path):
 
 
 def test_nothing_is_written_when_verification_fails(small_recipe, tmp_path, monkeypatch):
-    monkeypatch.setattr(bbswap.verify, "TOLERANCE", -1.0)  # no output difference passes
+    monkeypatch.setattr(bbswap.verify.checks, "TOLERANCE", -1.0)  # no output difference passes
     ckpt = tmp_path / "source.pth"
     _source_checkpoint("resnet18", 3, ckpt)
     out = tmp_path / "out.py"

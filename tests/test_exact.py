@@ -31,13 +31,13 @@ from recipe_helpers import one_thread
 from torch import nn
 
 import bbswap
-import bbswap.render
-from bbswap.applying import ApplyResult
+import bbswap.cli.render
+from bbswap.backbones.registry import resolve
 from bbswap.errors import RecipeError, SurgeryError
-from bbswap.fitting import FitResult, fit, winner_recipe
-from bbswap.recipe import Recipe, make_op
-from bbswap.recipe_ops import exact_setting
-from bbswap.registry import resolve
+from bbswap.recipes.ops import exact_setting
+from bbswap.recipes.schema import Recipe, make_op
+from bbswap.search.fit import FitResult, fit, winner_recipe
+from bbswap.surgery.apply import ApplyResult
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 

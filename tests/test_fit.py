@@ -31,10 +31,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-import bbswap.render
-from bbswap.cli import app
-from bbswap.fitting import FitResult, fit
-from bbswap.recipe import load_recipe
+import bbswap.cli.render
+from bbswap.cli.app import app
+from bbswap.recipes.schema import load_recipe
+from bbswap.search.fit import FitResult, fit
 from bbswap.zoo.hmer import densenet100
 
 INPUT = "1x1x128x316"
@@ -55,7 +55,7 @@ def frozen_progress_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     """The progress bar appears once evaluation takes over a second, and on a stderr that
     is not a terminal it used to leave a stray newline (see the test at the end): a frozen
     clock keeps these tests' stderr independent of how busy the machine is."""
-    monkeypatch.setattr(bbswap.render, "time", SimpleNamespace(monotonic=lambda: 0.0))
+    monkeypatch.setattr(bbswap.cli.render, "time", SimpleNamespace(monotonic=lambda: 0.0))
 
 
 def cli(*args: str):
@@ -459,6 +459,6 @@ def test_winner_size_rule_is_ceil(spec, stride, sizes):
 def test_fit_writes_nothing_to_a_non_terminal_stderr(monkeypatch):
     ticks = itertools.count(0, 10)  # every evaluation 'takes' 10 s: the bar appears
     clock = SimpleNamespace(monotonic=lambda: float(next(ticks)))
-    monkeypatch.setattr(bbswap.render, "time", clock)
+    monkeypatch.setattr(bbswap.cli.render, "time", clock)
     result = ok(cli("fit", "resnet18", "--stride", 32, "--channels", 512))
     assert result.stderr == ""

@@ -23,11 +23,11 @@ import torch
 from cli_helpers import cli, import_plain, ok
 from recipe_helpers import one_thread
 
-from bbswap.recipe_ops import pre_padding, restride
-from bbswap.registry import resolve
-from bbswap.sizes import SizeStep, size_rule
-from bbswap.tracing import trace
-from bbswap.verify import _first_line
+from bbswap.backbones.registry import resolve
+from bbswap.recipes.ops import pre_padding, restride
+from bbswap.tracing.sizes import SizeStep, size_rule
+from bbswap.tracing.tracer import trace
+from bbswap.verify.checks import _first_line
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 

@@ -17,9 +17,9 @@ import torch
 from cli_helpers import cli, import_plain, ok
 from recipe_helpers import one_thread
 
+from bbswap.backbones.registry import resolve
 from bbswap.errors import ModelError
-from bbswap.registry import resolve
-from bbswap.tracing import trace, trace_instance
+from bbswap.tracing.tracer import trace, trace_instance
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 

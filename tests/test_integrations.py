@@ -14,9 +14,9 @@ import pytest
 from cli_helpers import assert_one_line_error
 from typer.testing import CliRunner
 
-from bbswap.cli import app
+from bbswap.cli.app import app
 from bbswap.errors import NotACNN
-from bbswap.fitting import fit
+from bbswap.search.fit import fit
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")

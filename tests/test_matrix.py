@@ -5,7 +5,7 @@ One row per backbone, one cell per stride; a backbone that fails (refused, no ex
 is a row or a cell saying why in a few words, never the end of the sweep, and the
 command exits 0. User errors in the command itself (strides, rounding, patterns, specs)
 are one line and exit status 2. Checked on the command line (text and ``--json``) and
-through the Python API ``bbswap.sweep.matrix``; the fits run on the meta device, and
+through the Python API ``bbswap.search.matrix.matrix``; the fits run on the meta device, and
 ``--verify`` (the default; ``--no-verify`` here, for speed) emits and checks each winner
 on CPU with one intra-op thread.
 """
@@ -23,11 +23,11 @@ from cli_helpers import assert_one_line_error, cli, ok
 from recipe_helpers import one_thread
 
 import bbswap
-import bbswap.render
+import bbswap.cli.render
+from bbswap.cli.render import si
 from bbswap.errors import BackboneNotFound, InvalidArgument
-from bbswap.fitting import FitResult, fit
-from bbswap.render import si
-from bbswap.sweep import Matrix, expand, matrix
+from bbswap.search.fit import FitResult, fit
+from bbswap.search.matrix import Matrix, expand, matrix
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
@@ -73,14 +73,14 @@ def words(text: str) -> str:
 def two_run() -> tuple[str, Matrix]:
     """The command's table, and the Matrix it rendered (caught on its way to the renderer)."""
     seen: list[Matrix] = []
-    render = bbswap.render.render_matrix
+    render = bbswap.cli.render.render_matrix
 
     def catch(result: Matrix, console: Any) -> None:
         seen.append(result)
         render(result, console)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(bbswap.render, "render_matrix", catch)
+        patch.setattr(bbswap.cli.render, "render_matrix", catch)
         text = ok(
             cli("matrix", "resnet18", "mobilenet_v2", "--stride", "8,16,32", "--no-verify")
         ).stdout
@@ -202,7 +202,7 @@ def test_json(tmp_path):
     data = json.loads(
         ok(cli("matrix", "resnet18", VIT, "--stride", 16, "--json", "--no-verify")).stdout
     )
-    assert data["schema"] == "bbswap.sweep/1"
+    assert data["schema"] == "bbswap.search.matrix/1"
     assert data["patterns"] == ["resnet18", VIT]
     assert data["strides"] == [16]
     assert (data["channels"], data["rounding"], data["verify"], data["passed"]) == (

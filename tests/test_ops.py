@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from recipe_helpers import apply, assert_same_snapshot, forward, one_thread, real_model, snapshot
 from torch import nn
 
-from bbswap.applying import ApplyResult
 from bbswap.errors import ModelError, RecipeError, SurgeryError
-from bbswap.tracing import trace
+from bbswap.surgery.apply import ApplyResult
+from bbswap.tracing.tracer import trace
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 

@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 from recipe_helpers import apply, forward, kwargs_for, one_thread, real_model
 from torch import nn
 
+from bbswap.backbones.registry import resolve
 from bbswap.errors import RecipeError, SurgeryError
-from bbswap.registry import resolve
-from bbswap.tracing import Trace, trace
+from bbswap.tracing.tracer import Trace, trace
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 

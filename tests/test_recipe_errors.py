@@ -14,10 +14,10 @@ import pytest
 from cli_helpers import assert_one_line_error
 from typer.testing import CliRunner
 
-from bbswap.cli import app
+from bbswap.cli.app import app
 from bbswap.errors import RecipeError
-from bbswap.recipe import Op, Recipe, load_recipe, recipe_from_dict, recipe_to_toml
-from bbswap.recipe_ops import OPS
+from bbswap.recipes.ops import OPS
+from bbswap.recipes.schema import Op, Recipe, load_recipe, recipe_from_dict, recipe_to_toml
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -266,7 +266,7 @@ def test_every_field_round_trips(tmp_path):
 
 
 def test_a_written_recipe_is_applied_like_the_original(tmp_path):
-    from bbswap.applying import apply_dict, apply_recipe
+    from bbswap.surgery.apply import apply_dict, apply_recipe
 
     path = ROOT / "recipes" / "ocr-resnet34-h32-w4.toml"
     recipe = load_recipe(path)

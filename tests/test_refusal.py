@@ -28,11 +28,11 @@ from torch import nn
 from typer.testing import CliRunner
 
 import bbswap
-import bbswap.render
-from bbswap.cli import app
+import bbswap.cli.render
+from bbswap.cli.app import app
 from bbswap.errors import BBSwapError, ModelError, NotACNN
-from bbswap.recipe import Recipe, make_op
-from bbswap.tracing import (
+from bbswap.recipes.schema import Recipe, make_op
+from bbswap.tracing.tracer import (
     _is_attention,
     build_on_meta,
     not_a_cnn,

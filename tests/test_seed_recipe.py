@@ -19,9 +19,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
-from bbswap.applying import apply_dict, apply_recipe
-from bbswap.cli import app
-from bbswap.recipe import load_recipe
+from bbswap.cli.app import app
+from bbswap.recipes.schema import load_recipe
+from bbswap.surgery.apply import apply_dict, apply_recipe
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 

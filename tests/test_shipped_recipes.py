@@ -14,9 +14,9 @@ import torch
 from recipe_helpers import forward, one_thread, real_model
 from typer.testing import CliRunner
 
-from bbswap.applying import ApplyResult, apply_dict, apply_recipe
-from bbswap.cli import app
-from bbswap.recipe import Recipe, load_recipe, recipe_from_dict
+from bbswap.cli.app import app
+from bbswap.recipes.schema import Recipe, load_recipe, recipe_from_dict
+from bbswap.surgery.apply import ApplyResult, apply_dict, apply_recipe
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 

@@ -1,4 +1,4 @@
-"""The meta-device tracer (bbswap.tracing), the inspection API and the size arithmetic.
+"""The meta-device tracer (bbswap.tracing.tracer), the inspection API and the size arithmetic.
 
 Reference figures come from three independent counters, each with its own rules:
 
@@ -40,9 +40,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from bbswap.errors import ModelError
-from bbswap.inspection import inspect_backbone, report_dict
-from bbswap.sizes import SizeStep, chain_size, min_size, size_rule, total_stride
-from bbswap.tracing import Trace, build_on_meta, trace, trace_module
+from bbswap.tracing.inspection import inspect_backbone, report_dict
+from bbswap.tracing.sizes import SizeStep, chain_size, min_size, size_rule, total_stride
+from bbswap.tracing.tracer import Trace, build_on_meta, trace, trace_module
 from bbswap.zoo import ZOO
 
 TESTS = Path(__file__).parent
@@ -120,7 +120,7 @@ def no_hooks(model: nn.Module) -> bool:
 
 
 def load_bad(name: str) -> type[nn.Module]:
-    from bbswap.registry import resolve
+    from bbswap.backbones.registry import resolve
 
     return resolve(f"{BAD}:{name}").factory
 

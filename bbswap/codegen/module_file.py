@@ -20,8 +20,8 @@ from typing import Any
 from torch import fx, nn
 
 from bbswap import __version__
-from bbswap.applying import ApplyResult
-from bbswap.codegen import (
+from bbswap.backbones.registry import Backbone
+from bbswap.codegen.source import (
     Imports,
     _imported_names,
     bundle,
@@ -34,10 +34,9 @@ from bbswap.codegen import (
     wrap,
 )
 from bbswap.errors import InvalidArgument, SurgeryError
-from bbswap.recipe import recipe_to_toml
-from bbswap.registry import Backbone
-from bbswap.sizes import SizeStep
-from bbswap.surgery import (
+from bbswap.recipes.schema import recipe_to_toml
+from bbswap.surgery.apply import ApplyResult
+from bbswap.surgery.core import (
     Edit,
     OwnerRewrite,
     _ChildrenAsLeaves,
@@ -46,7 +45,8 @@ from bbswap.surgery import (
     module_at,
     parent_path,
 )
-from bbswap.tracing import describe_factor
+from bbswap.tracing.sizes import SizeStep
+from bbswap.tracing.tracer import describe_factor
 
 _FAMILIES = {
     "resnet": "ResNet",

@@ -8,11 +8,11 @@ from typing import Any
 
 from torch import nn
 
+from bbswap.backbones.registry import Backbone, resolve
 from bbswap.errors import InvalidArgument, ModelError
 from bbswap.parsing import parse_input
-from bbswap.registry import Backbone, resolve
-from bbswap.sizes import SizeRule
-from bbswap.tracing import (
+from bbswap.tracing.sizes import SizeRule
+from bbswap.tracing.tracer import (
     Stage,
     Trace,
     _ForwardFailed,

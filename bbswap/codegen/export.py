@@ -10,12 +10,19 @@ from typing import Any
 
 import torch
 
-from bbswap.applying import ApplyResult, apply_recipe, source_input
-from bbswap.emitting import Emitted, emit
+from bbswap.backbones.registry import Backbone, resolve
+from bbswap.backbones.weights import (
+    LoadReport,
+    atomic_write,
+    load_into,
+    read_checkpoint,
+    save_state,
+)
+from bbswap.codegen.module_file import Emitted, emit
 from bbswap.errors import InvalidArgument
-from bbswap.recipe import Recipe
-from bbswap.registry import Backbone, resolve
-from bbswap.verify import (
+from bbswap.recipes.schema import Recipe
+from bbswap.surgery.apply import ApplyResult, apply_recipe, source_input
+from bbswap.verify.checks import (
     VerifyReport,
     construct,
     import_file,
@@ -24,7 +31,6 @@ from bbswap.verify import (
     sweep_sizes,
     verify_model,
 )
-from bbswap.weights import LoadReport, atomic_write, load_into, read_checkpoint, save_state
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from bbswap.errors import SurgeryError
-from bbswap.tracing import SpatialOp, Trace
+from bbswap.tracing.tracer import SpatialOp, Trace
 
 # fx records F.max_pool2d and friends under their boolean-dispatch wrapper's name.
 _FX_NAMES: dict[Any, str] = {

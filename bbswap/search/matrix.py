@@ -1,7 +1,7 @@
 """The support matrix: which backbones reach which targets, and why not.
 
 :func:`matrix` expands one or more spec patterns (``tv:*``, ``timm:resnet*``, zoo names),
-then, for each backbone, inspects it on the meta device and runs :func:`bbswap.fitting.fit`
+then, for each backbone, inspects it on the meta device and runs :func:`bbswap.search.fit.fit`
 for every stride asked. With ``verify`` (the default), each winning plan is also built with
 random weights, emitted to a temporary file and checked by round trip, as ``bbswap fit -o``
 does; without it, only the meta-device steps run, in seconds per backbone.
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bbswap.backbones.registry import Backbone, list_backbones, resolve
 from bbswap.errors import BBSwapError, InvalidArgument, NotACNN
 from bbswap.parsing import parse_input
-from bbswap.registry import Backbone, list_backbones, resolve
 
 STRIDES = (8, 16, 32)
 
@@ -147,7 +147,7 @@ def _row(
     input_shape: str | None,
     debug: bool,
 ) -> Row:
-    from bbswap.inspection import inspect_backbone
+    from bbswap.tracing.inspection import inspect_backbone
 
     start = time.perf_counter()
     try:
@@ -182,7 +182,7 @@ def _cell(
     rounding: str,
     input_shape: str | None,
 ) -> tuple[Cell, str]:
-    from bbswap.fitting import fit, winner_recipe
+    from bbswap.search.fit import fit, winner_recipe
 
     try:
         found = fit(
@@ -208,7 +208,7 @@ def _cell(
 
 def _export(backbone: Backbone, recipe: Any, input_text: str) -> str:
     """Emit and verify one plan in a temporary folder; return how the file gets its code."""
-    from bbswap.exporting import export
+    from bbswap.codegen.export import export
 
     with tempfile.TemporaryDirectory() as tmp:
         done = export(backbone, recipe, Path(tmp) / "backbone.py", input_shape=input_text)
@@ -217,9 +217,9 @@ def _export(backbone: Backbone, recipe: Any, input_text: str) -> str:
 
 
 def matrix_dict(result: Matrix) -> dict[str, Any]:
-    """The JSON form of a matrix (schema ``bbswap.sweep/1``)."""
+    """The JSON form of a matrix (schema ``bbswap.search.matrix/1``)."""
     return {
-        "schema": "bbswap.sweep/1",
+        "schema": "bbswap.search.matrix/1",
         "patterns": list(result.patterns),
         "strides": list(result.strides),
         "channels": result.channels,

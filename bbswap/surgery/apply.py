@@ -7,14 +7,14 @@ from typing import Any
 
 from torch import nn
 
+from bbswap.backbones.registry import Backbone, resolve
 from bbswap.errors import InvalidArgument, SurgeryError
-from bbswap.inspection import first_conv_in_channels
 from bbswap.parsing import parse_dims
-from bbswap.recipe import Recipe
-from bbswap.recipe_ops import OPS
-from bbswap.registry import Backbone, resolve
-from bbswap.surgery import Edit, Surgery
-from bbswap.tracing import Stage, Trace, _ForwardFailed, build_any, trace, trace_module
+from bbswap.recipes.ops import OPS
+from bbswap.recipes.schema import Recipe
+from bbswap.surgery.core import Edit, Surgery
+from bbswap.tracing.inspection import first_conv_in_channels
+from bbswap.tracing.tracer import Stage, Trace, _ForwardFailed, build_any, trace, trace_module
 
 Shape4 = tuple[int, int, int, int]
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from bbswap.errors import SurgeryError
-from bbswap.surgery import fx_name
+from bbswap.surgery.core import fx_name
 
 _INFIX = {
     operator.add: "+",

@@ -19,14 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from bbswap.applying import ApplyResult, apply_traced
+from bbswap.backbones.registry import Backbone, resolve
 from bbswap.errors import BBSwapError, InvalidArgument, SurgeryError, TargetError
-from bbswap.inspection import first_conv_in_channels, inspect_backbone
 from bbswap.parsing import parse_dims, parse_stride
-from bbswap.recipe import Op, Recipe, make_op
-from bbswap.recipe_ops import exact_setting, stride_targets
-from bbswap.registry import Backbone, resolve
-from bbswap.tracing import SpatialOp, Stage, Trace, build_any, trace
+from bbswap.recipes.ops import exact_setting, stride_targets
+from bbswap.recipes.schema import Op, Recipe, make_op
+from bbswap.surgery.apply import ApplyResult, apply_traced
+from bbswap.tracing.inspection import first_conv_in_channels, inspect_backbone
+from bbswap.tracing.tracer import SpatialOp, Stage, Trace, build_any, trace
 
 Size = tuple[int, int]
 PROBES: tuple[Size, ...] = (

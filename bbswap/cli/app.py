@@ -101,8 +101,8 @@ def list_cmd(
     debug: Debug = False,
 ) -> None:
     """List the registered backbones."""
-    from bbswap.registry import list_backbones
-    from bbswap.render import render_list
+    from bbswap.backbones.registry import list_backbones
+    from bbswap.cli.render import render_list
 
     with _guard(debug):
         rows = list_backbones(pattern)
@@ -139,9 +139,9 @@ def inspect_cmd(
     debug: Debug = False,
 ) -> None:
     """Trace a backbone and show its stages, costs and reduction points."""
-    from bbswap.inspection import inspect_backbone, report_dict
+    from bbswap.cli.render import render_inspect
     from bbswap.parsing import parse_kw, parse_sizes
-    from bbswap.render import render_inspect
+    from bbswap.tracing.inspection import inspect_backbone, report_dict
 
     with _guard(debug):
         report = inspect_backbone(
@@ -182,10 +182,10 @@ def apply_cmd(
     """Apply a surgery recipe and show the stages before and after, and every edit.
 
     With -o, write the patched backbone as a standalone Python file (verified first)."""
-    from bbswap.applying import apply_dict, apply_recipe
+    from bbswap.cli.render import render_apply, render_export
     from bbswap.parsing import parse_kw
-    from bbswap.recipe import load_recipe
-    from bbswap.render import render_apply, render_export
+    from bbswap.recipes.schema import load_recipe
+    from bbswap.surgery.apply import apply_dict, apply_recipe
 
     with _guard(debug):
         loaded = load_recipe(recipe)
@@ -193,7 +193,7 @@ def apply_cmd(
             _no_emit_options(class_name, dropin, import_mode, weights, partial, safetensors)
             result = apply_recipe(backbone, loaded, input_shape, kwargs=parse_kw(kw))
         else:
-            from bbswap.exporting import export
+            from bbswap.codegen.export import export
 
             exported = export(
                 backbone,
@@ -265,10 +265,10 @@ def fit_cmd(
     """Find the cheapest exact surgery to a target stride and channel count."""
     from pathlib import Path
 
-    from bbswap.fitting import fit, fit_dict, recipe_header, winner_recipe
+    from bbswap.cli.render import progress_bar, render_fit
     from bbswap.parsing import parse_kw
-    from bbswap.recipe import recipe_to_toml
-    from bbswap.render import progress_bar, render_fit
+    from bbswap.recipes.schema import recipe_to_toml
+    from bbswap.search.fit import fit, fit_dict, recipe_header, winner_recipe
 
     with _guard(debug):
         if top < 1:
@@ -299,7 +299,7 @@ def fit_cmd(
         recipe = winner_recipe(result, input_text)
         exported = None
         if output is not None:
-            from bbswap.exporting import export
+            from bbswap.codegen.export import export
 
             exported = export(
                 result.backbone,
@@ -314,7 +314,7 @@ def fit_cmd(
                 safetensors=safetensors,
             )
         if recipe_path is not None:
-            from bbswap.weights import atomic_write
+            from bbswap.backbones.weights import atomic_write
 
             text = recipe_to_toml(recipe, recipe_header(result))
             atomic_write(recipe_path, text.encode("utf-8"))
@@ -331,7 +331,7 @@ def fit_cmd(
         if recipe_path is not None:
             console.print(f"wrote {recipe_path} (replay it with `bbswap apply`)")
         if exported is not None:
-            from bbswap.render import render_export
+            from bbswap.cli.render import render_export
 
             render_export(exported, console)
 
@@ -379,8 +379,8 @@ def verify_cmd(
     debug: Debug = False,
 ) -> None:
     """Check a generated or hand-edited backbone file: its output_size, channels, stride."""
-    from bbswap.checking import check_file
-    from bbswap.render import render_verify
+    from bbswap.cli.render import render_verify
+    from bbswap.verify.file import check_file
 
     with _guard(debug):
         report = check_file(
@@ -396,7 +396,7 @@ def verify_cmd(
         if json_out:
             _print_json(
                 {
-                    "schema": "bbswap.verify/1",
+                    "schema": "bbswap.verify.checks/1",
                     "target": report.target,
                     "ok": report.ok,
                     "checks": [
@@ -406,7 +406,7 @@ def verify_cmd(
             )
         else:
             render_verify(report, _console())
-        from bbswap.verify import require
+        from bbswap.verify.checks import require
 
         require(report)
 
@@ -438,9 +438,9 @@ def matrix_cmd(
     debug: Debug = False,
 ) -> None:
     """Which backbones reach which target strides, the MACs of each winning plan, and why not."""
+    from bbswap.cli.render import progress_bar, render_matrix
     from bbswap.parsing import parse_strides
-    from bbswap.render import progress_bar, render_matrix
-    from bbswap.sweep import matrix, matrix_dict
+    from bbswap.search.matrix import matrix, matrix_dict
 
     with _guard(debug):
         strides = parse_strides(stride)
@@ -466,8 +466,8 @@ def matrix_cmd(
 @app.command("ops")
 def ops_cmd(debug: Debug = False) -> None:
     """List the recipe ops and their fields."""
-    from bbswap.recipe_ops import describe_ops
-    from bbswap.render import render_ops
+    from bbswap.cli.render import render_ops
+    from bbswap.recipes.ops import describe_ops
 
     with _guard(debug):
         render_ops(describe_ops(), _console())

@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from bbswap.errors import RecipeError, SurgeryError, choices
-from bbswap.ops_table import pair
-from bbswap.recipe import Field, Op
-from bbswap.sizes import SizeStep
-from bbswap.surgery import Surgery, fmt, module_at, new_module, parent_path
-from bbswap.tracing import SpatialOp, Trace
+from bbswap.recipes.schema import Field, Op
+from bbswap.surgery.core import Surgery, fmt, module_at, new_module, parent_path
+from bbswap.tracing.sizes import SizeStep
+from bbswap.tracing.spatial_ops import pair
+from bbswap.tracing.tracer import SpatialOp, Trace
 
 Validate = Callable[[Trace, Op, str], None]
 Apply = Callable[[Surgery, Op, str], None]

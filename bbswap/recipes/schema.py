@@ -14,7 +14,7 @@ A recipe looks like this::
 
 Reading checks the file's form (fields, types, ranges) against each op's declared
 fields; checking names of stages and reduction points needs the backbone's trace and
-happens in :mod:`bbswap.surgery` before the model is touched.
+happens in :mod:`bbswap.surgery.core` before the model is touched.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def recipe_from_dict(data: Mapping[str, Any], source: str = "") -> Recipe:
-    from bbswap.recipe_ops import OPS
+    from bbswap.recipes.ops import OPS
 
     prefix = f"{source}: " if source else ""
     unknown = sorted(set(data) - _TOP_FIELDS)
@@ -141,7 +141,7 @@ def recipe_from_dict(data: Mapping[str, Any], source: str = "") -> Recipe:
 
 def make_op(name: str, **params: Any) -> Op:
     """An op built the way a recipe file's op is read (defaults filled, values checked)."""
-    from bbswap.recipe_ops import OPS
+    from bbswap.recipes.ops import OPS
 
     raw = {k: list(v) if isinstance(v, tuple) else v for k, v in params.items() if v is not None}
     return Op(name, check_params(OPS[name].fields, raw, f"op {name}"))

@@ -14,17 +14,17 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from bbswap.tracing import SpatialOp, Stage, Trace, describe_factor
+from bbswap.tracing.tracer import SpatialOp, Stage, Trace, describe_factor
 
 if TYPE_CHECKING:
-    from bbswap.applying import ApplyResult
-    from bbswap.exporting import Exported
-    from bbswap.fitting import FitResult
-    from bbswap.inspection import InspectReport
-    from bbswap.registry import ListedBackbone
-    from bbswap.surgery import Edit
-    from bbswap.sweep import Cell, Matrix
-    from bbswap.verify import VerifyReport
+    from bbswap.backbones.registry import ListedBackbone
+    from bbswap.codegen.export import Exported
+    from bbswap.search.fit import FitResult
+    from bbswap.search.matrix import Cell, Matrix
+    from bbswap.surgery.apply import ApplyResult
+    from bbswap.surgery.core import Edit
+    from bbswap.tracing.inspection import InspectReport
+    from bbswap.verify.checks import VerifyReport
 
 
 def shape(dims: Sequence[int]) -> str:
@@ -192,7 +192,7 @@ def _ratio(a: int, b: int) -> str:
 
 
 def render_apply(result: ApplyResult, console: Console) -> None:
-    from bbswap.applying import stage_diff
+    from bbswap.surgery.apply import stage_diff
 
     before, after = result.before, result.after
     console.print(

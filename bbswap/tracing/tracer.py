@@ -26,7 +26,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from bbswap.errors import ModelError, NotACNN
-from bbswap.ops_table import (
+from bbswap.tracing.sizes import SizeRule, SizeStep, chain_size, min_size, size_rule
+from bbswap.tracing.spatial_ops import (
     SPATIAL,
     Pair,
     SpatialArgs,
@@ -36,7 +37,6 @@ from bbswap.ops_table import (
     meta_result,
     space_to_depth,
 )
-from bbswap.sizes import SizeRule, SizeStep, chain_size, min_size, size_rule
 
 Shape = tuple[int, ...]
 

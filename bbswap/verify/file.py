@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bbswap.backbones.weights import read_checkpoint
 from bbswap.errors import InvalidArgument
-from bbswap.inspection import first_conv_in_channels, inspect_backbone
 from bbswap.parsing import parse_sizes, parse_stride
-from bbswap.verify import VerifyReport, construct, import_file, verify_model
-from bbswap.weights import read_checkpoint
+from bbswap.tracing.inspection import first_conv_in_channels, inspect_backbone
+from bbswap.verify.checks import VerifyReport, construct, import_file, verify_model
 
 DEFAULT_SIZES = [(33, 97), (64, 64), (61, 203), (117, 293), (128, 316)]
 

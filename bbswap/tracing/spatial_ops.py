@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bbswap.sizes import SizeStep
+from bbswap.tracing.sizes import SizeStep
 
 Pair = tuple[int, int]
 

@@ -1,0 +1,1 @@
+"""Apply a recipe's ops to a copy of a backbone."""

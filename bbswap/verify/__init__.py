@@ -1,0 +1,1 @@
+"""Check an emitted or hand-edited backbone file by round trip."""
