@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ast
 import importlib
-import keyword
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +32,7 @@ from bbswap.codegen.source import (
     string,
     wrap,
 )
+from bbswap.codegen.text import Place, as_source, is_plain_name
 from bbswap.errors import InvalidArgument, SurgeryError
 from bbswap.recipes.schema import recipe_to_toml
 from bbswap.surgery.apply import ApplyResult
@@ -100,7 +100,7 @@ def emit(
     name = class_name or default_class_name(
         result.backbone.name, after.output_shape[1], after.downsample
     )
-    if not name.isidentifier() or keyword.iskeyword(name):
+    if not is_plain_name(name):
         raise SurgeryError(f"--class-name '{name}' is not a Python identifier")
     imports = Imports()
     body_source, builder, local, note, reason = _source_code(result.backbone, imports, import_mode)
@@ -193,7 +193,7 @@ def _safe_literal(key: str, value: Any) -> str:
         same = ast.literal_eval(text) == value
     except (ValueError, SyntaxError):
         same = False
-    if not same or not key.isidentifier():
+    if not same or not is_plain_name(key):
         raise SurgeryError(f"constructor argument {key}={text[:40]} cannot be written as a literal")
     return text
 
@@ -228,7 +228,7 @@ def _edited_classes(
             cls = _unique(f"{base}{what or 'Edited'}", set(by_code.values()) | local)
             by_code[key] = cls
             ops = sorted({e.op_index for e in rw.calls} | {i for _, i in rw.append})
-            doc = f'"""{base} with its forward rewritten by recipe op(s) {_join(ops)}."""'
+            doc = _doc_line(f"{base} with its forward rewritten by recipe op(s) {_join(ops)}.")
             sources.append(_class_source(cls, doc, "base: nn.Module", adopt, forward))
         wrappers[owner] = by_code[key]
     return sources, wrappers
@@ -278,11 +278,11 @@ def _adopt_lines(module: nn.Module, base: str) -> list[str]:
             _assign(
                 "self",
                 name,
-                f"{base}.{name}" if name.isidentifier() else f'getattr({base}, "{name}")',
+                f"{base}.{name}" if is_plain_name(name) else f"getattr({base}, {string(name)})",
             )
         )
     for name, _ in module.named_parameters(recurse=False):
-        lines.append(f"self.{name} = {base}.{name}")
+        lines.append(_assign_attr("self", name, _get_attr(base, name)))
     for name, _ in module.named_buffers(recurse=False):
         lines.append(_buffer_line(module, name, base))
     return lines
@@ -292,13 +292,28 @@ def _buffer_line(module: nn.Module, name: str, base: str) -> str:
     """Re-register a buffer of ``base``, keeping it out of the state_dict if it was."""
     kept = name not in module._non_persistent_buffers_set
     extra = "" if kept else ", persistent=False"
-    return f'self.register_buffer("{name}", {base}.{name}{extra})'
+    return f"self.register_buffer({string(name)}, {_get_attr(base, name)}{extra})"
 
 
 def _assign(obj: str, name: str, value: str) -> str:
-    if name.isidentifier():
+    if is_plain_name(name):
         return f"{obj}.{name} = {value}"
-    return f'{obj}.add_module("{name}", {value})'
+    return f"{obj}.add_module({string(name)}, {value})"
+
+
+def _get_attr(obj: str, name: str) -> str:
+    return f"{obj}.{name}" if is_plain_name(name) else f"getattr({obj}, {string(name)})"
+
+
+def _assign_attr(obj: str, name: str, value: str) -> str:
+    if is_plain_name(name):
+        return f"{obj}.{name} = {value}"
+    return f"setattr({obj}, {string(name)}, {value})"
+
+
+def _doc_line(text: str) -> str:
+    """A one-line docstring holding ``text`` as data."""
+    return f'"""{as_source(text, Place.DOCSTRING)}"""'
 
 
 def _class_source(name: str, doc: str, init_args: str, init_body: list[str], forward: str) -> str:
@@ -323,12 +338,7 @@ def _path_expr(model: nn.Module, base: str, path: str) -> str:
     out, module = base, model
     for part in path.split(".") if path else []:
         indexable = isinstance(module, (nn.Sequential, nn.ModuleList))
-        if part.isdigit() and indexable:
-            out = f"{out}[{part}]"
-        elif part.isidentifier():
-            out = f"{out}.{part}"
-        else:
-            out = f'getattr({out}, "{part}")'
+        out = f"{out}[{part}]" if part.isdigit() and indexable else _get_attr(out, part)
         module = module._modules[part]  # type: ignore[assignment]  # present by construction
     return out
 
@@ -339,9 +349,7 @@ def _set_expr(model: nn.Module, base: str, path: str, value: str) -> str:
     target = _path_expr(model, base, parent_path(path))
     if name.isdigit() and isinstance(parent, (nn.Sequential, nn.ModuleList)):
         return f"{target}[{name}] = {value}"
-    if name.isidentifier():
-        return f"{target}.{name} = {value}"
-    return f'setattr({target}, "{name}", {value})'
+    return _assign_attr(target, name, value)
 
 
 def _edit_lines(result: ApplyResult, wrappers: dict[str, str]) -> list[str]:
@@ -353,7 +361,7 @@ def _edit_lines(result: ApplyResult, wrappers: dict[str, str]) -> list[str]:
         by_op.setdefault(e.op_index, []).append(e)
     for index, edits in by_op.items():
         op = result.recipe.ops[index]
-        lines.append(f"# op {index}: {op.op} " + _op_summary(op.params))
+        lines.append(_comment(f"op {index}: {op.op} " + _op_summary(op.params)))
         removed = [e.path for e in edits if e.attribute == "(removed)"]
         if op.op == "dropout":
             lines += _dropout_loop(op, edits, model, result.surgery.new_modules)
@@ -370,12 +378,16 @@ def _edit_lines(result: ApplyResult, wrappers: dict[str, str]) -> list[str]:
             if e.path in result.surgery.new_modules:
                 lines.append(_set_expr(model, "body", e.path, result.surgery.new_modules[e.path]))
             elif e.path.endswith(")") or ")#" in e.path:
-                lines.append(f"# {e.path}: {e.attribute} {e.old} -> {e.new} (in the forward)")
+                lines.append(
+                    _comment(f"{e.path}: {e.attribute} {e.old} -> {e.new} (in the forward)")
+                )
             else:
                 target = _path_expr(model, "body", e.path)
-                lines.append(f"{target}.{e.attribute} = {literal(e.value, Imports())}")
+                lines.append(_assign_attr(target, e.attribute, literal(e.value, Imports())))
         if removed:
-            lines.append(f"# the forward stops after {op['after']}; dropped: {', '.join(removed)}")
+            lines.append(
+                _comment(f"the forward stops after {op['after']}; dropped: {', '.join(removed)}")
+            )
     if wrappers:
         lines.append("# blocks whose forward the recipe rewrote")
         for owner, cls in wrappers.items():
@@ -392,9 +404,13 @@ def _dropout_loop(op: Any, edits: list[Edit], model: nn.Module, new: dict[str, s
         return [_set_expr(model, "body", e.path, new[e.path]) for e in edits]
     cls = op["block"]
     return [
-        f'for block in [m for m in body.modules() if type(m).__name__ == "{cls}"]:',
-        f"    block.{names.pop()} = {new[edits[0].path]}",
+        f"for block in [m for m in body.modules() if type(m).__name__ == {string(cls)}]:",
+        "    " + _assign_attr("block", names.pop(), new[edits[0].path]),
     ]
+
+
+def _comment(text: str) -> str:
+    return "# " + as_source(text, Place.COMMENT)
 
 
 def _op_summary(params: Any) -> str:
@@ -433,10 +449,10 @@ def _root_class(
         if child in new:
             body.append(_assign("self", child, new[child]))
         else:
-            value = f"body.{child}" if child.isidentifier() else f'getattr(body, "{child}")'
+            value = _get_attr("body", child)
             body.append(_assign("self", child, value))
     for pname, _ in patched.named_parameters(recurse=False):
-        body.append(f"self.{pname} = body.{pname}")
+        body.append(_assign_attr("self", pname, _get_attr("body", pname)))
     for bname, _ in patched.named_buffers(recurse=False):
         body.append(_buffer_line(patched, bname, "body"))
     if dropin:
@@ -446,10 +462,10 @@ def _root_class(
     else:
         init_args = ""
     rules = result.after.size_rules()
-    doc = (
-        f'"""{result.backbone.spec} patched by recipe {result.recipe.name}: '
+    doc = _doc_line(
+        f"{result.backbone.spec} patched by recipe {result.recipe.name}: "
         f"{result.after.output_shape[1]} channels at 1/{describe_factor(result.after.downsample)}; "
-        f'{rules[0].format("H")}, {rules[1].format("W")}."""'
+        f"{rules[0].format('H')}, {rules[1].format('W')}."
     )
     init = "\n".join(wrap(line, 8) for line in ["super().__init__()", *body])
     size_method = (
@@ -496,7 +512,7 @@ def _output_size_code(result: ApplyResult) -> str:
                 used.append(s)
                 rows.append(
                     f'    ("{s.kind}", {s.kernel}, {s.stride}, {s.padding}, {s.dilation}, '
-                    f"{s.ceil}, {s.pool}, {s.value!r}),  # {op_id}"
+                    f"{s.ceil}, {s.pool}, {s.value!r}),  # {as_source(op_id, Place.COMMENT)}"
                 )
     table = (
         "# The reduction chain from input to output, one step per size-changing op:\n"
@@ -582,6 +598,4 @@ def _docstring(result: ApplyResult, name: str, note: str, dropin: bool) -> str:
         "    " + line if line else "" for line in recipe_text.splitlines()
     ]
     body = "\n".join(line.rstrip() for line in lines)
-    if '"""' in body or "\\" in body:
-        body = body.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
-    return f'"""{body}\n"""'
+    return f'"""{as_source(body + chr(10), Place.DOCSTRING)}"""'

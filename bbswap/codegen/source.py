@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from bbswap.codegen.text import Place, as_source, is_plain_name
 from bbswap.errors import SurgeryError
 from bbswap.surgery.core import fx_name
 
@@ -73,7 +74,10 @@ def attr_path(base: str, target: str) -> str:
     """``self`` + ``layer1.0.conv1`` -> ``self.layer1[0].conv1`` for indexable children."""
     out = base
     for part in target.split("."):
-        out = f"{out}[{part}]" if part.isdigit() else f"{out}.{part}"
+        if part.isdigit():
+            out = f"{out}[{part}]"
+        else:
+            out = f"{out}.{part}" if is_plain_name(part) else f"getattr({out}, {string(part)})"
     return out
 
 
@@ -82,7 +86,8 @@ def module_access(base: str, target: str) -> str:
     (a generic module is not indexable, and TorchScript needs a constant name)."""
     out = base
     for part in target.split("."):
-        out = f'getattr({out}, "{part}")' if part.isdigit() else f"{out}.{part}"
+        plain = is_plain_name(part)
+        out = f"{out}.{part}" if plain else f"getattr({out}, {string(part)})"
     return out
 
 
@@ -164,7 +169,9 @@ def forward_source(
     params: list[str] = []
     body: list[str] = []
     for node in graph.nodes:
-        note = f"  # {comments[node.name]}" if node.name in comments else ""
+        note = (
+            f"  # {as_source(comments[node.name], Place.COMMENT)}" if node.name in comments else ""
+        )
         if node.op == "placeholder":
             params.append(f"{node.name}: torch.Tensor")
         elif node.op == "get_attr":
@@ -174,6 +181,8 @@ def forward_source(
             body.append(f"{node.name} = {call}({_call_args(node, imports)}){note}")
         elif node.op == "call_method":
             obj = literal(node.args[0], imports)
+            if not is_plain_name(str(node.target)):
+                raise SurgeryError(f"cannot write a call of the method {node.target!r}")
             body.append(f"{node.name} = {obj}.{node.target}({_call_args(node, imports, 1)}){note}")
         elif node.op == "call_function":
             body.append(f"{node.name} = {_function_call(node, imports, local)}{note}")
@@ -197,6 +206,9 @@ def _function_call(node: fx.Node, imports: Imports, local: set[str]) -> str:
         return f"{literal(obj, imports)}[{inner}]"
     if target is getattr:
         obj, name = node.args
+        name = str(name)
+        if not is_plain_name(name):
+            return f"getattr({literal(obj, imports)}, {string(name)})"
         return f"{literal(obj, imports)}.{name}"
     return f"{function_ref(target, imports, local)}({_call_args(node, imports)})"
 
@@ -305,18 +317,15 @@ def file_source(path: str) -> str:
 
 def string(value: str) -> str:
     """A string literal in double quotes, as the formatter writes them."""
-    text = repr(value)
-    if text.startswith("'") and '"' not in value:
-        text = '"' + text[1:-1].replace("\\'", "'") + '"'
-    return text
+    return as_source(value, Place.STRING)
 
 
 def _split_args(inner: str) -> list[str]:
     args, depth, quote, start = [], 0, "", 0
+    escaped = False
     for i, c in enumerate(inner):
         if quote:
-            if c == quote and inner[i - 1] != "\\":
-                quote = ""
+            quote, escaped = _in_string(quote, escaped, c)
         elif c in "\"'":
             quote = c
         elif c in "([{":
@@ -332,13 +341,33 @@ def _split_args(inner: str) -> list[str]:
     return args
 
 
+def _in_string(quote: str, escaped: bool, c: str) -> tuple[str, bool]:
+    """One character inside a string literal: the open quote (or "" once closed) and
+    whether the next character is escaped."""
+    if escaped:
+        return quote, False
+    if c == "\\":
+        return quote, True
+    return ("" if c == quote else quote), False
+
+
+def _split_comment(stmt: str) -> tuple[str, str]:
+    """``code  # note`` -> (``code``, ``  # note``), the ``#`` outside any string literal."""
+    quote, escaped = "", False
+    for i, c in enumerate(stmt):
+        if quote:
+            quote, escaped = _in_string(quote, escaped, c)
+        elif c in "\"'":
+            quote = c
+        elif stmt.startswith("  # ", i):
+            return stmt[:i], stmt[i:]
+    return stmt, ""
+
+
 def wrap(stmt: str, indent: int, limit: int = 100) -> str:
     """Indent a statement, splitting a too-long final call the way ruff format does."""
     pad = " " * indent
-    code, comment = stmt, ""
-    if "  # " in stmt:
-        code, comment = stmt.split("  # ", 1)
-        comment = "  # " + comment
+    code, comment = _split_comment(stmt)
     if len(pad + stmt) <= limit or not code.rstrip().endswith(")"):
         return pad + stmt
     depth, open_at = 0, -1

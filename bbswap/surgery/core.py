@@ -262,6 +262,19 @@ def trace_forward(module: nn.Module, owner: str) -> fx.Graph:
         ) from error
 
 
+def _require_fx_names(graph: fx.Graph, owner: str) -> None:
+    """torch.fx writes a submodule's name into a string literal without escaping it, so
+    a name with a quote, a backslash or a control character cannot be rewritten."""
+    for node in graph.nodes:
+        name = str(node.target)
+        if node.op == "call_module" and (not name.isprintable() or any(c in name for c in "\\\"'")):
+            raise SurgeryError(
+                f"cannot rewrite the forward of {owner or 'the model'}: torch.fx cannot write "
+                f"a call of its submodule named {name!r} (a quote, backslash or control "
+                "character in a module name); rename the module"
+            )
+
+
 def rewrite_forward(module: nn.Module, rw: OwnerRewrite, owner: str) -> fx.GraphModule:
     """Trace ``module``'s forward, apply the rewrite, return an equivalent GraphModule."""
     graph = trace_forward(module, owner)
@@ -290,6 +303,7 @@ def rewrite_forward(module: nn.Module, rw: OwnerRewrite, owner: str) -> fx.Graph
             for name, _ in rw.append:
                 value = graph.call_module(name, (value,))
         output.args = (value,)
+    _require_fx_names(graph, owner)
     gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
