@@ -12,9 +12,12 @@ from bbswap.errors import InvalidArgument
 
 _WORD = re.compile(r"^[A-Za-z_][\w.\-/]*$")
 _IDENT = re.compile(r"^[A-Za-z_]\w*$")
+MAX_DIM = 1 << 16  # a sane bound on a size, a channel count or a stride
 
 
 def parse_dims(text: str, what: str) -> tuple[int, ...]:
+    if len(text) > 100:
+        raise InvalidArgument(f"malformed {what} '{text[:40]}...': longer than 100 characters")
     parts = text.lower().replace("×", "x").split("x")
     try:
         dims = tuple(int(p) for p in parts)
@@ -24,6 +27,8 @@ def parse_dims(text: str, what: str) -> tuple[int, ...]:
         ) from None
     if any(d <= 0 for d in dims):
         raise InvalidArgument(f"malformed {what} '{text}': every dimension must be positive")
+    if any(d > MAX_DIM for d in dims):
+        raise InvalidArgument(f"{what} '{text}': every dimension must be at most {MAX_DIM}")
     return dims
 
 

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from bbswap.backbones.registry import resolve
-from bbswap.recipes.schema import Recipe, recipe_from_dict
+from bbswap.recipes.schema import Recipe
+from bbswap.recipes.toml_io import recipe_from_dict
 from bbswap.surgery.apply import ApplyResult, apply_recipe
 
 # Small heads: a zoo model's 1000-way classifier is most of VGG's weights and of its

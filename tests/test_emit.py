@@ -41,7 +41,8 @@ from bbswap.cli.app import app
 from bbswap.codegen.export import export
 from bbswap.codegen.module_file import Emitted, emit
 from bbswap.errors import InvalidArgument, SurgeryError, VerificationError
-from bbswap.recipes.schema import Recipe, load_recipe
+from bbswap.recipes.schema import Recipe
+from bbswap.recipes.toml_io import load_recipe
 from bbswap.surgery.apply import apply_recipe
 from bbswap.zoo import ZOO
 

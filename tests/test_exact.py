@@ -34,8 +34,9 @@ import bbswap
 import bbswap.cli.render
 from bbswap.backbones.registry import resolve
 from bbswap.errors import RecipeError, SurgeryError
-from bbswap.recipes.ops import exact_setting
-from bbswap.recipes.schema import Recipe, make_op
+from bbswap.recipes.registry import make_op
+from bbswap.recipes.schema import Recipe
+from bbswap.recipes.strides import exact_setting
 from bbswap.search.fit import FitResult, fit, winner_recipe
 from bbswap.surgery.apply import ApplyResult
 

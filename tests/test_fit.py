@@ -33,7 +33,7 @@ from typer.testing import CliRunner
 
 import bbswap.cli.render
 from bbswap.cli.app import app
-from bbswap.recipes.schema import load_recipe
+from bbswap.recipes.toml_io import load_recipe
 from bbswap.search.fit import FitResult, fit
 from bbswap.zoo.hmer import densenet100
 

@@ -24,7 +24,7 @@ from cli_helpers import cli, import_plain, ok
 from recipe_helpers import one_thread
 
 from bbswap.backbones.registry import resolve
-from bbswap.recipes.ops import pre_padding, restride
+from bbswap.recipes.strides import pre_padding, restride
 from bbswap.tracing.sizes import SizeStep, size_rule
 from bbswap.tracing.tracer import trace
 from bbswap.verify.checks import _first_line

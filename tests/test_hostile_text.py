@@ -27,7 +27,8 @@ from torch import nn
 from bbswap.codegen.module_file import emit
 from bbswap.codegen.text import Place, as_source
 from bbswap.errors import SurgeryError
-from bbswap.recipes.schema import Recipe, make_op
+from bbswap.recipes.registry import make_op
+from bbswap.recipes.schema import Recipe
 from bbswap.surgery.apply import apply_recipe
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "named_models.py"

@@ -16,8 +16,10 @@ from typer.testing import CliRunner
 
 from bbswap.cli.app import app
 from bbswap.errors import RecipeError
-from bbswap.recipes.ops import OPS
-from bbswap.recipes.schema import Op, Recipe, load_recipe, recipe_from_dict, recipe_to_toml
+from bbswap.recipes.registry import OPS
+from bbswap.recipes.schema import Recipe
+from bbswap.recipes.strides import Stride
+from bbswap.recipes.toml_io import load_recipe, recipe_from_dict, recipe_to_toml
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -250,7 +252,7 @@ def test_shipped_recipe_round_trips(tmp_path, path):
 def test_every_field_round_trips(tmp_path):
     recipe = recipe_from_dict(EVERY_FIELD, "every.toml")
     # defaults are filled in and pairs normalised on reading
-    assert recipe.ops[2] == Op("stride", {"at": "layer3", "stride": (2, 1), "mode": "dilate"})
+    assert recipe.ops[2] == Stride(at="layer3", stride=(2, 1), mode="dilate")
     assert recipe.ops[7]["kernel"] == (3, 3)
     text = recipe_to_toml(recipe)
     data = tomllib.loads(text)

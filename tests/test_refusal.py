@@ -31,7 +31,8 @@ import bbswap
 import bbswap.cli.render
 from bbswap.cli.app import app
 from bbswap.errors import BBSwapError, ModelError, NotACNN
-from bbswap.recipes.schema import Recipe, make_op
+from bbswap.recipes.registry import make_op
+from bbswap.recipes.schema import Recipe
 from bbswap.tracing.tracer import (
     _is_attention,
     build_on_meta,

@@ -30,7 +30,8 @@ from typing import Any
 
 from torch import nn
 
-from bbswap.errors import BackboneNotFound, MissingDependency, ModelError, choices
+from bbswap.backbones.guard import user_code
+from bbswap.errors import BackboneNotFound, BBSwapError, MissingDependency, ModelError, choices
 from bbswap.zoo import ZOO
 
 
@@ -55,7 +56,8 @@ class Backbone:
         if in_chans is not None and self.takes_in_chans and "in_chans" not in kwargs:
             kwargs["in_chans"] = in_chans
         try:
-            model = self.factory(**kwargs)
+            with user_code(f"the constructor of {self.spec}"):
+                model = self.factory(**kwargs)
         except TypeError as error:
             raise ModelError(f"cannot build {self.spec}: {error}") from error
         if not isinstance(model, nn.Module):
@@ -209,7 +211,8 @@ def _user(spec: str, kwargs: dict[str, Any]) -> Backbone:
         kind, source = "file", where
     else:
         try:
-            module = importlib.import_module(where)
+            with user_code(f"importing {where}"):
+                module = importlib.import_module(where)
         except ImportError as error:
             raise BackboneNotFound(f"cannot import module '{where}': {error}") from error
         except Exception as error:
@@ -263,10 +266,12 @@ def _import_file(path: Path) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
-        with _on_path(resolved.parent):
+        with _on_path(resolved.parent), user_code(f"importing {path}"):
             spec.loader.exec_module(module)
-    except Exception as error:
+    except BaseException as error:
         del sys.modules[name]
+        if isinstance(error, BBSwapError) or not isinstance(error, Exception):
+            raise
         raise ModelError(f"importing {path} raised {type(error).__name__}: {error}") from error
     return module
 

@@ -184,7 +184,7 @@ def apply_cmd(
     With -o, write the patched backbone as a standalone Python file (verified first)."""
     from bbswap.cli.render import render_apply, render_export
     from bbswap.parsing import parse_kw
-    from bbswap.recipes.schema import load_recipe
+    from bbswap.recipes.toml_io import load_recipe
     from bbswap.surgery.apply import apply_dict, apply_recipe
 
     with _guard(debug):
@@ -267,7 +267,7 @@ def fit_cmd(
 
     from bbswap.cli.render import progress_bar, render_fit
     from bbswap.parsing import parse_kw
-    from bbswap.recipes.schema import recipe_to_toml
+    from bbswap.recipes.toml_io import recipe_to_toml
     from bbswap.search.fit import fit, fit_dict, recipe_header, winner_recipe
 
     with _guard(debug):
@@ -467,7 +467,7 @@ def matrix_cmd(
 def ops_cmd(debug: Debug = False) -> None:
     """List the recipe ops and their fields."""
     from bbswap.cli.render import render_ops
-    from bbswap.recipes.ops import describe_ops
+    from bbswap.recipes.registry import describe_ops
 
     with _guard(debug):
         render_ops(describe_ops(), _console())

@@ -34,7 +34,7 @@ from bbswap.codegen.source import (
 )
 from bbswap.codegen.text import Place, as_source, is_plain_name
 from bbswap.errors import InvalidArgument, SurgeryError
-from bbswap.recipes.schema import recipe_to_toml
+from bbswap.recipes.toml_io import recipe_to_toml
 from bbswap.surgery.apply import ApplyResult
 from bbswap.surgery.core import (
     Edit,

@@ -1,4 +1,4 @@
-"""Surgery recipes: TOML files that name a backbone and an ordered list of ops.
+"""The recipe schema: an op is a frozen dataclass with declared, checked fields.
 
 A recipe looks like this::
 
@@ -12,26 +12,49 @@ A recipe looks like this::
     at = "layer2"
     stride = 1
 
-Reading checks the file's form (fields, types, ranges) against each op's declared
-fields; checking names of stages and reduction points needs the backbone's trace and
-happens in :mod:`bbswap.surgery.core` before the model is touched.
+Each op class (one module per family: :mod:`.channels`, :mod:`.strides`,
+:mod:`.structure`) declares its TOML fields as :class:`Field` rows and holds their
+values as attributes. Constructing one checks the fields' form (types, ranges, choices)
+and normalises them (``stride = 1`` becomes ``(1, 1)``); checking the names of stages and
+reduction points needs the backbone's trace and is the op's ``validate``, run before
+the model is touched.
 """
 
 from __future__ import annotations
 
-import re
-import sys
+import enum
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import fields as dataclass_fields
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 from bbswap.errors import RecipeError, choices
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+if TYPE_CHECKING:
+    from bbswap.surgery.core import Surgery
+    from bbswap.tracing.tracer import Trace
+
+FieldKind = Literal["int", "float", "bool", "str", "pair", "ints"]
+# "pair": an int or [h, w], held as (h, w); "ints": a non-empty list of ints, held as a tuple
+
+
+class OpKind(str, enum.Enum):
+    """The recipe ops; the value is the ``op = "..."`` of a TOML table."""
+
+    IN_CHANNELS = "in_channels"
+    STRIDE = "stride"
+    EXACT = "exact"
+    TRUNCATE = "truncate"
+    PROJECT = "project"
+    POOL = "pool"
+    DROPOUT = "dropout"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
 
 @dataclass(frozen=True)
@@ -39,21 +62,51 @@ class Field:
     """One declared field of an op."""
 
     name: str
-    kind: str  # "int", "float", "bool", "str", "pair" (int or [h, w]), "ints" (list of int)
+    kind: FieldKind
     help: str
     required: bool = False
     default: Any = None
     choices: tuple[str, ...] = ()
     minimum: float | None = None
-    maximum: float | None = None  # exclusive upper bound for floats
+    maximum: float | None = None  # exclusive upper bound
+
+
+# Sane bounds for integer fields, so a 20-digit value is refused before any work
+MAX_CHANNELS = 1 << 16
+MAX_STRIDE = 1 << 10
+
+
+OpT = TypeVar("OpT", bound="Op")
 
 
 @dataclass(frozen=True)
 class Op:
-    """One step of a recipe: the op's name and its checked parameters."""
+    """One step of a recipe. Subclasses declare ``op_kind``, ``summary`` and ``fields`` and
+    hold one attribute per field; construction checks and normalises them."""
 
-    op: str
-    params: Mapping[str, Any]
+    op_kind: ClassVar[OpKind]
+    summary: ClassVar[str]
+    fields: ClassVar[tuple[Field, ...]]
+
+    def __post_init__(self) -> None:
+        checked = check_params(self.fields, self.params, f"op {self.op_kind}")
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_table(cls: type[OpT], raw: Mapping[str, Any], where: str) -> OpT:
+        """The op a recipe's ``[[ops]]`` table describes; errors name ``where``."""
+        return cls(**check_params(cls.fields, raw, where))
+
+    @property
+    def op(self) -> str:
+        """The op's name, as a recipe file spells it."""
+        return self.op_kind.value
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The fields' values, in their declared order."""
+        return {f.name: getattr(self, f.name) for f in dataclass_fields(self)}
 
     def __getitem__(self, key: str) -> Any:
         return self.params[key]
@@ -67,6 +120,13 @@ class Op:
                 value = value[0] if len(value) == 2 and value[0] == value[1] else list(value)
             out[key] = value
         return out
+
+    def validate(self, trace: Trace, where: str) -> None:
+        """Check what the op names against the source backbone's trace."""
+        del trace, where
+
+    def apply(self, surgery: Surgery, where: str) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -85,85 +145,31 @@ class Recipe:
         return f"{prefix}ops[{index}] ({op})" + (f".{key}" if key else "")
 
 
-_TOP_FIELDS = {"name", "description", "backbone", "input", "ops"}
-
-
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and check a recipe file."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path}")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as error:
-        raise RecipeError(f"{path}: not valid TOML: {error}") from None
-    return recipe_from_dict(data, str(path))
-
-
-def recipe_from_dict(data: Mapping[str, Any], source: str = "") -> Recipe:
-    from bbswap.recipes.ops import OPS
-
-    prefix = f"{source}: " if source else ""
-    unknown = sorted(set(data) - _TOP_FIELDS)
-    if unknown:
-        raise RecipeError(
-            f"{prefix}unknown top-level field '{unknown[0]}' "
-            f"(valid: {choices(sorted(_TOP_FIELDS))})"
-        )
-    for key in ("name", "description", "backbone", "input"):
-        if key in data and not isinstance(data[key], str):
-            raise RecipeError(f"{prefix}{key} must be a string, got {data[key]!r}")
-    if "name" not in data:
-        raise RecipeError(f"{prefix}missing field 'name'")
-    raw_ops = data.get("ops", [])
-    if not isinstance(raw_ops, list) or not raw_ops:
-        raise RecipeError(f"{prefix}a recipe needs at least one [[ops]] table")
-    ops = []
-    for index, raw in enumerate(raw_ops):
-        where = f"{prefix}ops[{index}]"
-        if not isinstance(raw, dict):
-            raise RecipeError(f"{where}: must be a table, got {raw!r}")
-        name = raw.get("op")
-        if name is None:
-            raise RecipeError(f"{where}.op: missing (one of {choices(sorted(OPS))})")
-        if name not in OPS:
-            raise RecipeError(f"{where}.op: unknown op {name!r} (valid: {choices(sorted(OPS))})")
-        ops.append(Op(name, check_params(OPS[name].fields, raw, f"{where} ({name})")))
-    return Recipe(
-        name=data["name"],
-        ops=tuple(ops),
-        backbone=data.get("backbone", ""),
-        description=data.get("description", ""),
-        input=data.get("input", ""),
-        source=source,
-    )
-
-
-def make_op(name: str, **params: Any) -> Op:
-    """An op built the way a recipe file's op is read (defaults filled, values checked)."""
-    from bbswap.recipes.ops import OPS
-
-    raw = {k: list(v) if isinstance(v, tuple) else v for k, v in params.items() if v is not None}
-    return Op(name, check_params(OPS[name].fields, raw, f"op {name}"))
-
-
-def check_params(fields: Sequence[Field], raw: Mapping[str, Any], where: str) -> dict[str, Any]:
+def check_params(schema: Sequence[Field], raw: Mapping[str, Any], where: str) -> dict[str, Any]:
     """Check an op's fields; return them with defaults filled in."""
-    known = {f.name for f in fields}
+    known = {f.name for f in schema}
     extra = sorted(set(raw) - known - {"op"})
     if extra:
         raise RecipeError(
             f"{where}: unknown field '{extra[0]}' (valid: {choices(sorted(known)) or 'none'})"
         )
     params: dict[str, Any] = {}
-    for f in fields:
-        if f.name not in raw:
+    for f in schema:
+        if f.name not in raw or (raw[f.name] is None and not f.required):
             if f.required:
                 raise RecipeError(f"{where}.{f.name}: missing ({f.help})")
             params[f.name] = f.default
             continue
         params[f.name] = _check_value(f, raw[f.name], f"{where}.{f.name}")
     return params
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(_is_int(v) for v in value)
 
 
 def _check_value(f: Field, value: Any, where: str) -> Any:
@@ -179,73 +185,36 @@ def _check_value(f: Field, value: Any, where: str) -> Any:
             raise bad("a string")
         if f.choices and value not in f.choices:
             raise RecipeError(f"{where}: {value!r} is not one of {choices(f.choices)}")
-        return value
+        return str.__str__(value)  # a plain string, also for a str enum
     if f.kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not _is_int(value):
             raise bad("an integer")
         _check_range(f, value, where)
         return value
     if f.kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
+        if not math.isfinite(value):
+            raise bad("a finite number")
         _check_range(f, float(value), where)
         return float(value)
     if f.kind == "pair":
-        items = [value, value] if isinstance(value, int) and not isinstance(value, bool) else value
-        if (
-            not isinstance(items, list)
-            or len(items) != 2
-            or any(isinstance(v, bool) or not isinstance(v, int) for v in items)
-        ):
+        items = [value, value] if _is_int(value) else value
+        if not _int_list(items) or len(items) != 2:
             raise bad("an integer or a pair [h, w] of integers")
         for v in items:
             _check_range(f, v, where)
         return (items[0], items[1])
-    if f.kind == "ints":
-        if (
-            not isinstance(value, list)
-            or not value
-            or any(isinstance(v, bool) or not isinstance(v, int) for v in value)
-        ):
-            raise bad("a non-empty list of integers")
-        for v in value:
-            _check_range(f, v, where)
-        return tuple(value)
-    raise AssertionError(f"field kind {f.kind}")  # a bug in an op's declaration
+    if not _int_list(value) or not value:  # "ints"
+        raise bad("a non-empty list of integers")
+    for v in value:
+        _check_range(f, v, where)
+    return tuple(value)
 
 
 def _check_range(f: Field, value: float, where: str) -> None:
     if f.minimum is not None and value < f.minimum:
         raise RecipeError(f"{where}: {value} is below the minimum {f.minimum:g}")
     if f.maximum is not None and value >= f.maximum:
-        raise RecipeError(f"{where}: {value} must be below {f.maximum:g}")
-
-
-def recipe_to_toml(recipe: Recipe, header: str = "") -> str:
-    """Serialise a recipe as its files are written: top-level fields, then one
-    ``[[ops]]`` table per op; ``header`` becomes a leading comment block."""
-    top: dict[str, Any] = {"name": recipe.name}
-    for key in ("description", "backbone", "input"):
-        if getattr(recipe, key):
-            top[key] = getattr(recipe, key)
-    parts = ["".join(f"# {line}".rstrip() + "\n" for line in header.splitlines()) + _toml(top)]
-    parts += ["[[ops]]\n" + _toml(op.to_toml()) for op in recipe.ops]
-    return "\n".join(parts)
-
-
-def _toml(table: dict[str, Any]) -> str:
-    """Flat ``key = value`` lines, each value written by tomli-w."""
-    import tomli_w
-
-    return "".join(_one_line_arrays(tomli_w.dumps({k: v})) for k, v in table.items())
-
-
-def _one_line_arrays(text: str) -> str:
-    """tomli-w writes every array one item per line; short arrays of numbers read better
-    on one line."""
-
-    def join(match: re.Match[str]) -> str:
-        items = [item.strip().rstrip(",") for item in match.group(1).splitlines()]
-        return "[" + ", ".join(items) + "]"
-
-    return re.sub(r"\[\n((?:[ ]+-?[0-9.]+,\n)+)\]", join, text)
+        limit = int(f.maximum) if float(f.maximum).is_integer() else f.maximum
+        raise RecipeError(f"{where}: {value} must be below {limit}")

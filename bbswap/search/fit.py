@@ -22,8 +22,10 @@ from typing import Any
 from bbswap.backbones.registry import Backbone, resolve
 from bbswap.errors import BBSwapError, InvalidArgument, SurgeryError, TargetError
 from bbswap.parsing import parse_dims, parse_stride
-from bbswap.recipes.ops import exact_setting, stride_targets
-from bbswap.recipes.schema import Op, Recipe, make_op
+from bbswap.recipes.channels import InChannels
+from bbswap.recipes.registry import make_op
+from bbswap.recipes.schema import Op, Recipe
+from bbswap.recipes.strides import Stride, exact_setting, stride_targets
 from bbswap.surgery.apply import ApplyResult, apply_traced
 from bbswap.tracing.inspection import first_conv_in_channels, inspect_backbone
 from bbswap.tracing.tracer import SpatialOp, Stage, Trace, build_any, trace
@@ -227,12 +229,7 @@ def plan(
     stem: list[Op] = []
     if target.in_chans is not None and target.in_chans != src_chans:
         strategy = "sum" if target.in_chans == 1 else "repeat"
-        stem.append(
-            Op(
-                "in_channels",
-                {"channels": target.in_chans, "strategy": strategy, "select": None, "at": None},
-            )
-        )
+        stem.append(InChannels(channels=target.in_chans, strategy=strategy))
 
     def tail(channels: int) -> list[Op]:
         if channels == target.channels:
@@ -374,7 +371,7 @@ def evaluate(
             candidate.error = str(error).split(": ", 1)[-1]
             return candidate
         ops = tuple(
-            Op(op.op, {**op.params, "mode": "stride"}) if op.op == "stride" else op
+            replace(op, mode="stride") if isinstance(op, Stride) else op
             for op in candidate.recipe.ops
         )
         candidate.recipe = replace(candidate.recipe, ops=ops)

@@ -10,7 +10,6 @@ from torch import nn
 from bbswap.backbones.registry import Backbone, resolve
 from bbswap.errors import InvalidArgument, SurgeryError
 from bbswap.parsing import parse_dims
-from bbswap.recipes.ops import OPS
 from bbswap.recipes.schema import Recipe
 from bbswap.surgery.core import Edit, Surgery
 from bbswap.tracing.inspection import first_conv_in_channels
@@ -94,7 +93,7 @@ def apply_traced(
 ) -> ApplyResult:
     """Apply ``recipe`` given the source's trace and the (meta) model it traced."""
     for index, op in enumerate(recipe.ops):
-        OPS[op.op].validate(before, op, recipe.where(index))
+        op.validate(before, recipe.where(index))
     surgery = run_ops(source, before, recipe)
     patched = surgery.finish()
     weighted = run_ops(model, before, recipe).finish() if model is not None else None
@@ -117,7 +116,7 @@ def run_ops(model: nn.Module, before: Trace, recipe: Recipe) -> Surgery:
     surgery = Surgery(model, before)
     for index, op in enumerate(recipe.ops):
         surgery.op_index, surgery.op_name = index, op.op
-        OPS[op.op].apply(surgery, op, recipe.where(index))
+        op.apply(surgery, recipe.where(index))
     return surgery
 
 

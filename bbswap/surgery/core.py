@@ -19,8 +19,9 @@ so the emitter can write them out as code.
 from __future__ import annotations
 
 import copy
+import enum
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import torch
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from bbswap.errors import SurgeryError
+from bbswap.tracing.ids import PointId
 from bbswap.tracing.tracer import SpatialOp, Trace
 
 # fx records F.max_pool2d and friends under their boolean-dispatch wrapper's name.
@@ -63,6 +65,21 @@ def fx_name(target: Any) -> str:
     return _FX_NAMES.get(target) or str(getattr(target, "__name__", target))
 
 
+class EditKind(enum.Enum):
+    """What an edit does; the label is how tables show it in the attribute column."""
+
+    SET = "set"  # a module's attribute set (a conv's stride)
+    REPLACE = "replace"  # a module replaced by a new one (a stem conv)
+    CALL = "call"  # an argument of a functional call in a forward
+    APPEND = "append"  # a new module run after another's output
+    REMOVE = "remove"  # a module dropped by a truncation
+
+    @property
+    def label(self) -> str | None:
+        """The attribute column's text for an edit that changes no attribute."""
+        return {EditKind.APPEND: "(appended)", EditKind.REMOVE: "(removed)"}.get(self)
+
+
 @dataclass(frozen=True)
 class Edit:
     """One change, as the apply table and the emitted file show it."""
@@ -70,10 +87,11 @@ class Edit:
     op_index: int
     op: str
     path: str  # module path, functional call id, or "" for the model itself
-    attribute: str
+    attribute: str  # the attribute changed, or the kind's label
     old: str
     new: str
     value: Any = field(default=None, compare=False, repr=False)  # the new value itself
+    kind: EditKind = EditKind.SET
 
 
 @dataclass
@@ -133,9 +151,19 @@ class Surgery:
         self.new_modules: dict[str, str] = {}  # path -> constructor source, for the emitter
 
     # -- recording ------------------------------------------------------------------
-    def record(self, path: str, attribute: str, old: Any, new: Any, value: Any = None) -> None:
+    def record(
+        self,
+        path: str,
+        attribute: str | EditKind,
+        old: Any,
+        new: Any,
+        value: Any = None,
+        kind: EditKind = EditKind.SET,
+    ) -> None:
+        if isinstance(attribute, EditKind):
+            kind, attribute = attribute, attribute.label or ""
         self.edits.append(
-            Edit(self.op_index, self.op_name, path, attribute, fmt(old), fmt(new), value)
+            Edit(self.op_index, self.op_name, path, attribute, fmt(old), fmt(new), value, kind)
         )
 
     def rewrite(self, owner: str) -> OwnerRewrite:
@@ -162,7 +190,7 @@ class Surgery:
         parent = module_at(self.model, parent_path(path))
         setattr(parent, child_name(path), module)
         self.new_modules[path] = source
-        self.record(path, what, old, new)
+        self.record(path, what, old, new, kind=EditKind.REPLACE)
 
     def edit_call(self, op: SpatialOp, values: dict[str, Any]) -> None:
         changed = {}
@@ -170,7 +198,7 @@ class Surgery:
         for key, value in values.items():
             if not _same(current.get(key), value):
                 changed[key] = value
-                self.record(op.id, key, current.get(key), value, value)
+                self.record(op.id, key, current.get(key), value, value, EditKind.CALL)
         if changed:
             self.rewrite(op.owner).calls.append(CallEdit(op.func, op.call, changed, self.op_index))
 
@@ -191,23 +219,22 @@ class Surgery:
         used = self.add_child(owner, name, module, source)
         self.rewrite(owner).append.append((used, self.op_index))
         path = f"{owner}.{used}" if owner else used
-        self.record(path, "(appended)", "-", source)
+        self.record(path, EditKind.APPEND, "-", source)
         return used
 
     def truncate(self, after: str, dropped: list[str]) -> None:
         """Make ``after`` the output: each module from it up to the model stops there."""
-        path = after
-        if path.endswith(")") and "." in path.split("(")[0]:
+        path, point = after, PointId.parse(after)
+        if point.is_call and point.owner:
             # a functional call in a module's forward: that module stops at the call
-            owner, _, call = path.rpartition(".")
-            self.rewrite(owner).truncate_after = call
-            path = owner
+            self.rewrite(point.owner).truncate_after = str(replace(point, owner=""))
+            path = point.owner
         while "." in path:
             self.rewrite(parent_path(path)).truncate_after = child_name(path)
             path = parent_path(path)
         self.rewrite("").truncate_after = path
         for path in dropped:
-            self.record(path, "(removed)", type(module_at(self.model, path)).__name__, "-")
+            self.record(path, EditKind.REMOVE, type(module_at(self.model, path)).__name__, "-")
 
     # -- finishing ----------------------------------------------------------------------
     def finish(self) -> nn.Module:
@@ -326,10 +353,9 @@ def _nth_call(graph: fx.Graph, func: str, call: int, owner: str) -> fx.Node:
 def _stage_node(graph: fx.Graph, stage: str) -> fx.Node:
     """The node that produces a top-level stage's output (its last call)."""
     found = None
-    if stage.endswith(")") or ")#" in stage:
-        func, _, index = stage.partition("()")
-        call = int(index[1:]) if index.startswith("#") else 0
-        return _nth_call(graph, func, call, "")
+    point = PointId.parse(stage)
+    if point.func is not None:
+        return _nth_call(graph, point.func, point.call, "")
     for node in graph.nodes:
         if node.op == "call_module" and (
             node.target == stage or node.target.startswith(stage + ".")

@@ -23,8 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
+from bbswap.backbones.guard import user_code
 from bbswap.errors import ModelError, NotACNN
 from bbswap.tracing.sizes import SizeRule, SizeStep, chain_size, min_size, size_rule
 from bbswap.tracing.spatial_ops import (
@@ -605,10 +607,13 @@ def _run(model: nn.Module, x: torch.Tensor) -> tuple[_Recorder, Any]:
     rec.register(x, _TensorInfo(hw=(x.shape[-2], x.shape[-1]) if x.dim() == 4 else None))
     with _hooked(rec), _eval_mode(model), _watch_features(model, rec), torch.no_grad():
         try:
-            with _Mode(rec):
+            with _Mode(rec), user_code("the model's forward"):
                 out = model(x)
         except _TracerBug:
             raise
+        except ModelError as error:  # sys.exit, an interrupt or the time limit
+            where = f" in stage '{rec.stack[-1]}'" if rec.stack else ""
+            raise ModelError(f"{error}{where}", brief=error.brief) from None
         except Exception as error:  # any failure of the user's forward
             raise _ForwardFailed(rec.stack[-1] if rec.stack else "", error) from error
     return rec, out
@@ -847,11 +852,27 @@ def _trace_built(
         "traced on real CPU tensors: the model cannot run on the meta device "
         f"({_one_line(meta_error)})"
     )
+    _require_small_enough(input_shape, meta_error)
     model = _build_real(build)
     try:
         return trace_module(model, input_shape, depth, "cpu", note), model
     except _ForwardFailed as failed:
         raise forward_error(failed, input_shape) from failed.error
+
+
+MAX_CPU_INPUT_BYTES = 1 << 30
+
+
+def _require_small_enough(input_shape: Shape, why: BaseException | None) -> None:
+    """The CPU fallback allocates real tensors: refuse an input too large for that."""
+    size = 4 * math.prod(input_shape)
+    if size > MAX_CPU_INPUT_BYTES:
+        raise ModelError(
+            f"the model cannot run on the meta device ({_one_line(why)}), and on real CPU "
+            f"tensors an input of {'x'.join(map(str, input_shape))} would take "
+            f"{size / (1 << 30):.1f} GiB (at most {MAX_CPU_INPUT_BYTES >> 30} GiB); "
+            "give a smaller input"
+        )
 
 
 def forward_error(failed: _ForwardFailed, input_shape: Shape) -> ModelError:
@@ -876,7 +897,10 @@ def trace_instance(
 def _trace_instance(model: nn.Module, input_shape: Shape, depth: int) -> Trace:
     on_meta = all(t.is_meta for t in (*model.parameters(), *model.buffers()))
     try:
-        return trace_module(model, input_shape, depth, "meta" if on_meta else "fake")
+        if on_meta:
+            return trace_module(model, input_shape, depth, "meta")
+        with _preserved(model):
+            return trace_module(model, input_shape, depth, "fake")
     except _ForwardFailed as failed:
         if on_meta:
             raise forward_error(failed, input_shape) from failed.error
@@ -884,10 +908,63 @@ def _trace_instance(model: nn.Module, input_shape: Shape, depth: int) -> Trace:
             "traced on real CPU tensors: the model cannot run on fake tensors "
             f"({_one_line(failed.error)})"
         )
+        _require_small_enough(input_shape, failed.error)
     try:
-        return trace_module(model, input_shape, depth, "cpu", note)
+        with _preserved(model):
+            return trace_module(model, input_shape, depth, "cpu", note)
     except _ForwardFailed as failed:
         raise forward_error(failed, input_shape) from failed.error
+
+
+@contextlib.contextmanager
+def _preserved(model: nn.Module) -> Iterator[None]:
+    """Give the model back as it was: every parameter and buffer the same object with
+    the same values, even if its forward updates one in place (``self.calls.add_(1)``)
+    or rebinds it (``self.count = self.count + 1``). A tensor is copied only when
+    something is about to write to it."""
+    slots: list[tuple[dict[str, Any], str, torch.Tensor]] = [
+        (table, name, t)
+        for m in model.modules()
+        for table in (m._buffers, m._parameters)
+        for name, t in table.items()
+        if t is not None
+    ]
+    guard = _CopyOnWrite({id(t): t for _, _, t in slots if not t.is_meta})
+    try:
+        with guard:
+            yield
+    finally:
+        for table, name, t in slots:
+            table[name] = t
+        with torch.no_grad():
+            for t, value in guard.saved.values():
+                t.copy_(value)
+
+
+class _CopyOnWrite(TorchFunctionMode):
+    """Keep a copy of each watched tensor before the first in-place call that writes it."""
+
+    def __init__(self, watched: dict[int, torch.Tensor]) -> None:
+        super().__init__()
+        self.watched = watched
+        self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # torch's protocol
+        kwargs = kwargs or {}
+        name = _func_name(func)
+        in_place = (name.endswith("_") and not name.startswith("__")) or name in _WRITING
+        targets = [args[0]] if in_place and args else []
+        targets += [kwargs["out"]] if isinstance(kwargs.get("out"), torch.Tensor) else []
+        for t in targets:
+            key = id(t)
+            if key in self.watched and key not in self.saved:
+                # a real copy, made outside FakeTensorMode (which would make it fake)
+                with torch.no_grad(), _disable_current_modes(), torch._C.DisableTorchFunction():
+                    self.saved[key] = (t, t.detach().clone())
+        return func(*args, **kwargs)
+
+
+_WRITING = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__"}
 
 
 def build_any(build: Callable[[], nn.Module]) -> nn.Module:

@@ -1,0 +1,51 @@
+"""The recipe ops by name: what ``bbswap ops`` lists and what a recipe's ``op`` selects."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bbswap.errors import RecipeError, choices
+from bbswap.recipes.channels import InChannels, Project
+from bbswap.recipes.schema import Op
+from bbswap.recipes.strides import Exact, Stride
+from bbswap.recipes.structure import Dropout, Pool, Truncate
+
+OPS: dict[str, type[Op]] = {
+    cls.op_kind.value: cls for cls in (InChannels, Stride, Exact, Truncate, Project, Pool, Dropout)
+}
+
+
+def make_op(name: str, **params: Any) -> Op:
+    """An op built the way a recipe file's op is read (defaults filled, values checked)."""
+    if name not in OPS:
+        raise RecipeError(f"unknown op {name!r} (valid: {choices(sorted(OPS))})")
+    raw = {k: list(v) if isinstance(v, tuple) else v for k, v in params.items() if v is not None}
+    return OPS[name].from_table(raw, f"op {name}")
+
+
+def op_from_table(raw: Any, where: str) -> Op:
+    """The op of one ``[[ops]]`` table of a recipe file."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: must be a table, got {raw!r}")
+    name = raw.get("op")
+    if name is None:
+        raise RecipeError(f"{where}.op: missing (one of {choices(sorted(OPS))})")
+    if name not in OPS:
+        raise RecipeError(f"{where}.op: unknown op {name!r} (valid: {choices(sorted(OPS))})")
+    return OPS[name].from_table(raw, f"{where} ({name})")
+
+
+def describe_ops() -> list[tuple[str, str, list[str]]]:
+    """(name, summary, field descriptions) of every op, for ``bbswap ops``."""
+    rows = []
+    for name, cls in OPS.items():
+        fields = []
+        for f in cls.fields:
+            if f.required:
+                req = "required"
+            else:
+                req = f"default {f.default!r}" if f.default is not None else "optional"
+            extra = f"; one of {', '.join(f.choices)}" if f.choices else ""
+            fields.append(f"{f.name} ({f.kind}, {req}{extra}): {f.help}")
+        rows.append((name, cls.summary, fields))
+    return rows

@@ -1,0 +1,106 @@
+"""Recipe files: read and check a TOML file, write a recipe back as one."""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from bbswap.errors import RecipeError, choices
+from bbswap.recipes.registry import op_from_table
+from bbswap.recipes.schema import Recipe
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+_TOP_FIELDS = {"name", "description", "backbone", "input", "ops"}
+
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; a larger file is not one
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and check a recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as error:
+        raise RecipeError(f"cannot read recipe {path}: {error.strerror or error}") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: larger than {MAX_RECIPE_BYTES // 1024} KiB; not a recipe")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {error.start}); not a recipe") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise RecipeError(f"{path}: not valid TOML: {error}") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: not valid TOML: nested too deeply") from None
+    return recipe_from_dict(data, str(path))
+
+
+def recipe_from_dict(data: Mapping[str, Any], source: str = "") -> Recipe:
+    """A recipe from a TOML document's data; errors name ``source`` and the field."""
+    prefix = f"{source}: " if source else ""
+    unknown = sorted(set(data) - _TOP_FIELDS)
+    if unknown:
+        raise RecipeError(
+            f"{prefix}unknown top-level field '{unknown[0]}' "
+            f"(valid: {choices(sorted(_TOP_FIELDS))})"
+        )
+    for key in ("name", "description", "backbone", "input"):
+        if key in data and not isinstance(data[key], str):
+            raise RecipeError(f"{prefix}{key} must be a string, got {data[key]!r}")
+    if "name" not in data:
+        raise RecipeError(f"{prefix}missing field 'name'")
+    raw_ops = data.get("ops", [])
+    if not isinstance(raw_ops, list) or not raw_ops:
+        raise RecipeError(f"{prefix}a recipe needs at least one [[ops]] table")
+    ops = tuple(op_from_table(raw, f"{prefix}ops[{i}]") for i, raw in enumerate(raw_ops))
+    return Recipe(
+        name=data["name"],
+        ops=ops,
+        backbone=data.get("backbone", ""),
+        description=data.get("description", ""),
+        input=data.get("input", ""),
+        source=source,
+    )
+
+
+def recipe_to_toml(recipe: Recipe, header: str = "") -> str:
+    """Serialise a recipe as its files are written: top-level fields, then one
+    ``[[ops]]`` table per op; ``header`` becomes a leading comment block."""
+    top: dict[str, Any] = {"name": recipe.name}
+    for key in ("description", "backbone", "input"):
+        if getattr(recipe, key):
+            top[key] = getattr(recipe, key)
+    parts = ["".join(f"# {line}".rstrip() + "\n" for line in header.splitlines()) + _toml(top)]
+    parts += ["[[ops]]\n" + _toml(op.to_toml()) for op in recipe.ops]
+    return "\n".join(parts)
+
+
+def _toml(table: dict[str, Any]) -> str:
+    """Flat ``key = value`` lines, each value written by tomli-w."""
+    import tomli_w
+
+    return "".join(_one_line_arrays(tomli_w.dumps({k: v})) for k, v in table.items())
+
+
+def _one_line_arrays(text: str) -> str:
+    """tomli-w writes every array one item per line; short arrays of numbers read better
+    on one line."""
+
+    def join(match: re.Match[str]) -> str:
+        items = [item.strip().rstrip(",") for item in match.group(1).splitlines()]
+        return "[" + ", ".join(items) + "]"
+
+    return re.sub(r"\[\n((?:[ ]+-?[0-9.]+,\n)+)\]", join, text)
