@@ -100,7 +100,8 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def save_state(path: Path, state: dict[str, torch.Tensor]) -> None:
+def state_bytes(path: Path, state: dict[str, torch.Tensor]) -> bytes:
+    """A state_dict as the bytes of a ``.safetensors`` or ``.pth`` file, by ``path``'s suffix."""
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     if path.suffix == ".safetensors":
         try:
@@ -109,10 +110,13 @@ def save_state(path: Path, state: dict[str, torch.Tensor]) -> None:
             raise MissingDependency(
                 "writing .safetensors needs safetensors: pip install 'bbswap[safetensors]'"
             ) from None
-        atomic_write(path, save(state))
-        return
+        return bytes(save(state))
     import io
 
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    atomic_write(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save_state(path: Path, state: dict[str, torch.Tensor]) -> None:
+    atomic_write(path, state_bytes(path, state))

@@ -11,14 +11,9 @@ from typing import Any
 import torch
 
 from bbswap.backbones.registry import Backbone, resolve
-from bbswap.backbones.weights import (
-    LoadReport,
-    atomic_write,
-    load_into,
-    read_checkpoint,
-    save_state,
-)
+from bbswap.backbones.weights import LoadReport, load_into, read_checkpoint, state_bytes
 from bbswap.codegen.module_file import Emitted, emit
+from bbswap.codegen.outputs import check_output, write_files
 from bbswap.errors import InvalidArgument
 from bbswap.recipes.schema import Recipe
 from bbswap.surgery.apply import ApplyResult, apply_recipe, source_input
@@ -46,6 +41,7 @@ class Exported:
 def output_paths(
     out: str | Path, weights: bool, safetensors: bool, force: bool
 ) -> tuple[Path, Path | None]:
+    """The .py and weights paths for ``out``, each checked before any work."""
     path = Path(out)
     if path.suffix != ".py":
         raise InvalidArgument(f"-o {out}: the output must be a .py file")
@@ -53,8 +49,8 @@ def output_paths(
         raise InvalidArgument(f"-o {out}: folder {path.parent} does not exist")
     weights_path = path.with_suffix(".safetensors" if safetensors else ".pth") if weights else None
     for p in (path, weights_path):
-        if p is not None and p.exists() and not force:
-            raise InvalidArgument(f"{p} exists; pass --force to overwrite it")
+        if p is not None:
+            check_output(p, force, "-o")
     return path, weights_path
 
 
@@ -84,7 +80,13 @@ def export(
     force: bool = False,
     safetensors: bool = False,
     seed: int = 0,
+    also: dict[Path, bytes] | None = None,
 ) -> Exported:
+    """Build ``recipe`` on ``spec`` with real weights, emit it, verify the file by round
+    trip, then write it (and the carried weights, and any files in ``also``) as one
+    transaction: all or nothing, every path checked before any work."""
+    for extra in also or {}:
+        check_output(extra, force, "output")
     backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
     path, weights_path = output_paths(out, weights is not None, safetensors, force)
     _, chans = source_input(backbone, recipe, input_shape)
@@ -100,9 +102,11 @@ def export(
     emitted = emit(result, class_name=class_name, dropin=dropin, import_mode=import_mode)
     report = check_emitted(emitted, result, source=model)
     require(report)
+    files = {**(also or {})}
     if weights_path is not None:
-        save_state(weights_path, result.model.state_dict())
-    atomic_write(path, emitted.source.encode("utf-8"))
+        files[weights_path] = state_bytes(weights_path, result.model.state_dict())
+    files[path] = emitted.source.encode("utf-8")  # last: the file that names the others
+    write_files(files, force)
     return Exported(path, weights_path, emitted, result, report, load)
 
 
