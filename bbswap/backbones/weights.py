@@ -81,7 +81,8 @@ def load_into(
                 )
         raise InvalidArgument(
             f"checkpoint {what} does not fit the backbone: {'; '.join(parts)}; "
-            "pass --partial to load the tensors that fit"
+            "pass {partial} to load the tensors that fit",
+            params=("partial",),
         )
     fitting = {k: v for k, v in state.items() if k in own and k not in wrong}
     model.load_state_dict(fitting, strict=False)

@@ -407,18 +407,7 @@ class _Mode(TorchFunctionMode):
         else:
             prefix = f"{owner}." if owner else ""
             op_id, kind = f"{prefix}{name}()" + (f"#{call}" if call else ""), "functional"
-        in_hw, out_hw = x_shape[-2:], tuple(y.shape[-2:])
-        rf, jump = list(info.rf), list(info.jump)
-        for axis in range(2):
-            steps = sa.steps[axis]
-            if sa.op.startswith("adaptive") and steps:
-                rf[axis] += (in_hw[axis] - 1) * jump[axis]
-                jump[axis] *= in_hw[axis] / max(out_hw[axis], 1)
-            elif sa.op in ("interpolate", "pixel-shuffle", "conv-transpose") and steps:
-                jump[axis] *= in_hw[axis] / max(out_hw[axis], 1)
-            elif sa.op != "pad":
-                rf[axis] += (sa.kernel[axis] - 1) * sa.dilation[axis] * jump[axis]
-                jump[axis] *= sa.stride[axis]
+        rf, jump = _grow_field(sa, x_shape[-2:], tuple(y.shape[-2:]), info)
         op = SpatialOp(
             id=op_id,
             owner=owner,
@@ -444,6 +433,24 @@ class _Mode(TorchFunctionMode):
         chain = info.chain + ((op_id,) if op.changes_size else ())
         fixed = info.fixed or any(st.kind == "fixed" for st in (*op.steps_h, *op.steps_w))
         return _TensorInfo((rf[0], rf[1]), (jump[0], jump[1]), chain, fixed, info.hw)
+
+
+def _grow_field(
+    sa: SpatialArgs, in_hw: Shape, out_hw: Shape, info: _TensorInfo
+) -> tuple[list[float], list[float]]:
+    """The receptive field and jump (input pixels per output step) after one op."""
+    rf, jump = list(info.rf), list(info.jump)
+    for axis in range(2):
+        steps = sa.steps[axis]
+        if sa.op.startswith("adaptive") and steps:
+            rf[axis] += (in_hw[axis] - 1) * jump[axis]
+            jump[axis] *= in_hw[axis] / max(out_hw[axis], 1)
+        elif sa.op in ("interpolate", "pixel-shuffle", "conv-transpose") and steps:
+            jump[axis] *= in_hw[axis] / max(out_hw[axis], 1)
+        elif sa.op != "pad":
+            rf[axis] += (sa.kernel[axis] - 1) * sa.dilation[axis] * jump[axis]
+            jump[axis] *= sa.stride[axis]
+    return rf, jump
 
 
 _RESHAPES = frozenset({"view", "reshape"})
@@ -571,7 +578,9 @@ class _TracerBug(RuntimeError):
     """Raised through the user's forward when recording a call fails; never wrapped."""
 
 
-class _ForwardFailed(Exception):
+class ForwardFailed(Exception):
+    """The user's forward raised; ``stage`` is the stage it had reached."""
+
     def __init__(self, stage: str, error: BaseException) -> None:
         super().__init__(str(error))
         self.stage = stage
@@ -610,7 +619,7 @@ def _run(model: nn.Module, x: torch.Tensor) -> tuple[_Recorder, Any]:
         except _TracerBug:
             raise
         except Exception as error:  # any failure of the user's forward
-            raise _ForwardFailed(rec.stack[-1] if rec.stack else "", error) from error
+            raise ForwardFailed(rec.stack[-1] if rec.stack else "", error) from error
     return rec, out
 
 
@@ -841,7 +850,7 @@ def _trace_built(
     else:
         try:
             return trace_module(model, input_shape, depth, "meta"), model
-        except _ForwardFailed as failed:
+        except ForwardFailed as failed:
             meta_error = failed.error
     note = (
         "traced on real CPU tensors: the model cannot run on the meta device "
@@ -850,11 +859,11 @@ def _trace_built(
     model = _build_real(build)
     try:
         return trace_module(model, input_shape, depth, "cpu", note), model
-    except _ForwardFailed as failed:
+    except ForwardFailed as failed:
         raise forward_error(failed, input_shape) from failed.error
 
 
-def forward_error(failed: _ForwardFailed, input_shape: Shape) -> ModelError:
+def forward_error(failed: ForwardFailed, input_shape: Shape) -> ModelError:
     """The one-line error for a model whose forward raised, naming the stage reached."""
     where = f" in stage '{failed.stage}'" if failed.stage else ""
     return ModelError(
@@ -877,7 +886,7 @@ def _trace_instance(model: nn.Module, input_shape: Shape, depth: int) -> Trace:
     on_meta = all(t.is_meta for t in (*model.parameters(), *model.buffers()))
     try:
         return trace_module(model, input_shape, depth, "meta" if on_meta else "fake")
-    except _ForwardFailed as failed:
+    except ForwardFailed as failed:
         if on_meta:
             raise forward_error(failed, input_shape) from failed.error
         note = (
@@ -886,7 +895,7 @@ def _trace_instance(model: nn.Module, input_shape: Shape, depth: int) -> Trace:
         )
     try:
         return trace_module(model, input_shape, depth, "cpu", note)
-    except _ForwardFailed as failed:
+    except ForwardFailed as failed:
         raise forward_error(failed, input_shape) from failed.error
 
 
