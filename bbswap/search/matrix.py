@@ -40,6 +40,7 @@ class Cell:
     verified: bool | None = None  # None: not asked
     reason: str = ""  # a few words, when not ok
     detail: str = ""  # the whole error message
+    bug: bool = False  # the error was not a user error (not a BBSwapError)
 
 
 @dataclass(frozen=True)
@@ -146,9 +147,9 @@ def matrix(
 def brief(error: BaseException) -> tuple[str, str]:
     """A few words and the whole message of an error (worded as ``bbswap fit`` says it);
     anything not a user error is a bug."""
-    message = " ".join(str(error).split())
     if isinstance(error, BBSwapError):
         return error.brief, " ".join(error.as_flags().split())
+    message = " ".join(str(error).split())
     where = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
     at = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
     return f"bug: {type(error).__name__}", f"{type(error).__name__}: {message}{at}"
@@ -183,7 +184,7 @@ def _row(
     cells, emitted = [], None
     for stride in strides:
         cell, how = _cell(backbone, stride, channels or out[1], verify, rounding, input_shape)
-        if debug and cell.reason.startswith("bug: "):
+        if debug and cell.bug:
             raise RuntimeError(f"{spec} at stride {stride}: {cell.detail}")
         cells.append(cell)
         emitted = how if emitted is None else emitted
@@ -211,7 +212,8 @@ def _cell(
         )
     except Exception as error:  # reported in the cell
         reason, detail = brief(error)
-        return Cell(stride, False, reason=reason, detail=detail), None
+        bug = not isinstance(error, BBSwapError)
+        return Cell(stride, False, reason=reason, detail=detail, bug=bug), None
     w = found.winner
     cell = Cell(stride, True, w.trace.macs, w.label, w.rule or found.target.rounding)
     if not verify:
@@ -221,7 +223,9 @@ def _cell(
         import_reason = _export(backbone, winner_recipe(found, text), text)
     except Exception as error:  # reported in the cell
         reason, detail = brief(error)
-        return Cell(stride, False, cell.macs, cell.plan, cell.rule, False, reason, detail), None
+        bug = not isinstance(error, BBSwapError)
+        failed = Cell(stride, False, cell.macs, cell.plan, cell.rule, False, reason, detail, bug)
+        return failed, None
     return Cell(stride, True, cell.macs, cell.plan, cell.rule, True), import_reason
 
 
