@@ -56,3 +56,11 @@ class Prefer(Choice):
     MACS = "macs"
     DEPTH = "depth"
     RF = "rf"
+
+
+class Device(Choice):
+    """Where a trace ran: the meta device, fake tensors, or real CPU tensors (a fallback)."""
+
+    META = "meta"
+    FAKE = "fake"
+    CPU = "cpu"

@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from bbswap.errors import ModelError, NotACNN
+from bbswap.kinds import Device
 from bbswap.tracing.sizes import SizeRule, SizeStep, chain_size, min_size, size_rule
 from bbswap.tracing.spatial_ops import (
     SPATIAL,
@@ -139,7 +140,7 @@ class Trace:
     params: int
     macs: int
     activation_bytes: int
-    device: str  # "meta", "fake" or "cpu"
+    device: Device
     note: str  # why the trace fell back to real tensors, or ""
     children: tuple[str, ...]  # top-level children in execution order
     modules: tuple[str, ...]  # every module path in execution order
@@ -624,7 +625,7 @@ def _run(model: nn.Module, x: torch.Tensor) -> tuple[_Recorder, Any]:
 
 
 def _summarise(
-    rec: _Recorder, x: torch.Tensor, out: Any, depth: int, device: str, note: str
+    rec: _Recorder, x: torch.Tensor, out: Any, depth: int, device: Device, note: str
 ) -> Trace:
     outs = _tensors(out)
     if not outs:
@@ -734,26 +735,27 @@ def trace_module(
     model: nn.Module,
     input_shape: Shape,
     depth: int = 1,
-    device: str = "meta",
+    device: Device | str = Device.META,
     note: str = "",
 ) -> Trace:
     """Trace a model that already exists: on the meta device if its parameters are
     there, else under FakeTensorMode so its real weights are neither copied nor used."""
-    if device == "meta":
+    device = Device.parse(device, "device")
+    if device is Device.META:
         with torch.device("meta"):
             x = torch.empty(input_shape)
             rec, out = _run(model, x)
-        return _summarise(rec, x, out, depth, "meta", note)
-    if device == "fake":
+        return _summarise(rec, x, out, depth, Device.META, note)
+    if device is Device.FAKE:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         with FakeTensorMode(allow_non_fake_inputs=True):
             x = torch.empty(input_shape)
             rec, out = _run(model, x)
-        return _summarise(rec, x, out, depth, "fake", note)
+        return _summarise(rec, x, out, depth, Device.FAKE, note)
     x = torch.zeros(input_shape)
     rec, out = _run(model, x)
-    return _summarise(rec, x, out, depth, "cpu", note)
+    return _summarise(rec, x, out, depth, Device.CPU, note)
 
 
 class _SkipMetaInit(TorchFunctionMode):
