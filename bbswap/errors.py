@@ -3,12 +3,16 @@
 Every error a user can cause is a :class:`BBSwapError`; the command line prints its
 message on one line to stderr and exits with status 2. Anything else is a bug and
 keeps its traceback.
+
+A message names the arguments it is about by their Python parameter (``input_shape``);
+the command line words the same message with its flags (``--input``, see :func:`flag`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
+# parameters whose flag is not their name with dashes
 FLAGS = {"input_shape": "--input", "strides": "--stride"}
 
 
