@@ -25,7 +25,7 @@ _API = {
     "resolve": "bbswap.backbones.registry",
     "list_backbones": "bbswap.backbones.registry",
     "inspect_backbone": "bbswap.tracing.inspection",
-    "report_dict": "bbswap.tracing.inspection",
+    "report_dict": "bbswap.cli.json_out",
     "trace": "bbswap.tracing.tracer",
     "trace_module": "bbswap.tracing.tracer",
     "load_recipe": "bbswap.recipes.toml_io",

@@ -3,25 +3,48 @@
 Every error a user can cause is a :class:`BBSwapError`; the command line prints its
 message on one line to stderr and exits with status 2. Anything else is a bug and
 keeps its traceback.
+
+A message names the arguments it is about by their Python parameter (``input_shape``);
+the command line words the same message with its flags (``--input``, see :func:`flag`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+
+# parameters whose flag is not their name with dashes
+FLAGS = {"input_shape": "--input", "strides": "--stride"}
 
 
 class BBSwapError(Exception):
     """A mistake in what the user asked for; the message says what and how to fix it.
 
-    ``brief`` is the same in a few words, for a cell of ``bbswap matrix``.
+    ``brief`` is the same in a few words, for a cell of ``bbswap matrix``. ``params``
+    are the arguments the message is about: it names each as ``{name}``, which reads
+    as the Python parameter in ``str(error)`` and as the flag in :meth:`as_flags`.
     """
 
     exit_code = 2
     brief_default = "error"
 
-    def __init__(self, message: str, brief: str | None = None) -> None:
-        super().__init__(message)
+    def __init__(
+        self, message: str, brief: str | None = None, *, params: Sequence[str] = ()
+    ) -> None:
+        self.template = message
+        self.params = tuple(params)
+        super().__init__(self.worded(str))
         self.brief = brief or self.brief_default
+
+    def worded(self, name_of: Callable[[str], str]) -> str:
+        """The message with each of ``params`` spelt by ``name_of``."""
+        text = self.template
+        for param in self.params:
+            text = text.replace("{" + param + "}", name_of(param))
+        return text
+
+    def as_flags(self) -> str:
+        """The message as the command line words it: ``--input``, not ``input_shape``."""
+        return self.worded(flag)
 
 
 class BackboneNotFound(BBSwapError):
@@ -37,7 +60,7 @@ class MissingDependency(BBSwapError):
 
 
 class InvalidArgument(BBSwapError):
-    """A malformed command-line value: --input, --sizes, --kw, --stride, ..."""
+    """A malformed argument: an input shape, a size list, a ``--kw`` value, a stride, ..."""
 
     brief_default = "bad argument"
 
@@ -76,6 +99,11 @@ class NotACNN(BBSwapError):
     """A backbone whose features are tokens or mixed by attention, not a CNN feature map."""
 
     brief_default = "not a CNN"
+
+
+def flag(param: str) -> str:
+    """The command-line option of a Python parameter: ``in_chans`` -> ``--in-chans``."""
+    return FLAGS.get(param, "--" + param.replace("_", "-"))
 
 
 def choices(values: Iterable[str], limit: int = 12) -> str:

@@ -1,4 +1,8 @@
-"""Parsing of command-line values: input shapes, size lists, ``--kw`` arguments."""
+"""Parsing of argument values: input shapes, size lists, strides, ``--kw`` arguments.
+
+Errors name the Python parameter as ``{name}`` (see :class:`bbswap.errors.BBSwapError`),
+so the command line can word them with its flags.
+"""
 
 from __future__ import annotations
 
@@ -15,48 +19,62 @@ _IDENT = re.compile(r"^[A-Za-z_]\w*$")
 MAX_DIM = 1 << 16  # a sane bound on a size, a channel count or a stride
 
 
-def parse_dims(text: str, what: str) -> tuple[int, ...]:
+def parse_dims(text: str, param: str, what: str = "") -> tuple[int, ...]:
+    """Integers joined by 'x'; ``param`` (and ``what`` after it) names the value in errors."""
+    name = f"{{{param}}}{what}"
     if len(text) > 100:
-        raise InvalidArgument(f"malformed {what} '{text[:40]}...': longer than 100 characters")
+        raise InvalidArgument(
+            f"malformed {name} '{text[:40]}...': longer than 100 characters", params=(param,)
+        )
     parts = text.lower().replace("×", "x").split("x")
     try:
         dims = tuple(int(p) for p in parts)
     except ValueError:
         raise InvalidArgument(
-            f"malformed {what} '{text}': expected integers joined by 'x'"
+            f"malformed {name} '{text}': expected integers joined by 'x'", params=(param,)
         ) from None
     if any(d <= 0 for d in dims):
-        raise InvalidArgument(f"malformed {what} '{text}': every dimension must be positive")
+        raise InvalidArgument(
+            f"malformed {name} '{text}': every dimension must be positive", params=(param,)
+        )
     if any(d > MAX_DIM for d in dims):
-        raise InvalidArgument(f"{what} '{text}': every dimension must be at most {MAX_DIM}")
+        raise InvalidArgument(
+            f"{name} '{text}': every dimension must be at most {MAX_DIM}", params=(param,)
+        )
     return dims
 
 
 def parse_input(text: str, in_chans: int | None) -> tuple[int, int, int, int]:
     """``NxCxHxW`` or ``HxW`` (N=1, C = the model's input channels)."""
-    dims = parse_dims(text, "--input")
+    dims = parse_dims(text, "input_shape")
     if len(dims) == 4:
         return (dims[0], dims[1], dims[2], dims[3])
     if len(dims) == 2:
         if in_chans is None:
             raise InvalidArgument(
-                f"--input '{text}' gives no channel count and the model's input channels "
-                "are unknown; give it as NxCxHxW"
+                f"{{input_shape}} '{text}' gives no channel count and the model's input "
+                "channels are unknown; give it as NxCxHxW",
+                params=("input_shape",),
             )
         return (1, in_chans, dims[0], dims[1])
-    raise InvalidArgument(f"malformed --input '{text}': expected NxCxHxW or HxW, e.g. 1x3x224x224")
+    raise InvalidArgument(
+        f"malformed {{input_shape}} '{text}': expected NxCxHxW or HxW, e.g. 1x3x224x224",
+        params=("input_shape",),
+    )
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
     """A comma-separated list of ``HxW`` sizes."""
     sizes = []
     for item in filter(None, (s.strip() for s in text.split(","))):
-        dims = parse_dims(item, "--sizes entry")
+        dims = parse_dims(item, "sizes", " entry")
         if len(dims) != 2:
-            raise InvalidArgument(f"malformed --sizes entry '{item}': expected HxW, e.g. 33x97")
+            raise InvalidArgument(
+                f"malformed {{sizes}} entry '{item}': expected HxW, e.g. 33x97", params=("sizes",)
+            )
         sizes.append((dims[0], dims[1]))
     if not sizes:
-        raise InvalidArgument("--sizes is empty: give sizes like 33x97,117x293")
+        raise InvalidArgument("{sizes} is empty: give sizes like 33x97,117x293", params=("sizes",))
     return sizes
 
 
@@ -114,12 +132,14 @@ def parse_stride(text: str | int | tuple[int, int]) -> tuple[int, int]:
         text = str(text)
     if isinstance(text, tuple):
         return (int(text[0]), int(text[1]))
-    dims = parse_dims(text, "--stride")
+    dims = parse_dims(text, "stride")
     if len(dims) == 1:
         return (dims[0], dims[0])
     if len(dims) == 2:
         return (dims[0], dims[1])
-    raise InvalidArgument(f"malformed --stride '{text}': expected 16 or HxW such as 32x4")
+    raise InvalidArgument(
+        f"malformed {{stride}} '{text}': expected 16 or HxW such as 32x4", params=("stride",)
+    )
 
 
 def parse_strides(text: str) -> list[int]:
@@ -129,8 +149,9 @@ def parse_strides(text: str) -> list[int]:
         part = part.strip()
         if not (part.isascii() and part.isdigit()) or int(part) < 1:
             raise InvalidArgument(
-                f"malformed --stride '{text}': expected positive integers separated by commas, "
-                "e.g. 8,16,32"
+                f"malformed {{strides}} '{text}': expected positive integers separated by "
+                "commas, e.g. 8,16,32",
+                params=("strides",),
             )
         out.append(int(part))
     return list(dict.fromkeys(out))

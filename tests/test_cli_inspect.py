@@ -475,3 +475,15 @@ def test_golden_fixture_compares_writes_and_explains(tmp_path):
         check_golden("sub/new.txt", "a\nb", update=False, root=tmp_path)
     check_golden("sub/new.txt", "a\nc\n", update=True, root=tmp_path)
     assert (tmp_path / "sub" / "new.txt").read_text() == "a\nc\n"
+
+
+def test_a_bad_choice_is_refused_by_the_option_parser_in_one_line():
+    line = assert_one_line_error(run("fit", "resnet18", "--mode", "squash"), "--mode 'squash'")
+    assert line.endswith("is not one of dilate, stride")
+    assert_one_line_error(run("inspect", "resnet18", "--no-such-option"), "--no-such-option")
+
+
+def test_choices_are_listed_in_help():
+    text = ok("fit", "--help")
+    for choices in ("[macs|depth|rf]", "[dilate|stride]", "[ceil|floor|any]"):
+        assert choices in text

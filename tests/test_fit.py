@@ -462,3 +462,16 @@ def test_fit_writes_nothing_to_a_non_terminal_stderr(monkeypatch):
     monkeypatch.setattr(bbswap.cli.render, "time", clock)
     result = ok(cli("fit", "resnet18", "--stride", 32, "--channels", 512))
     assert result.stderr == ""
+
+
+def test_candidates_keep_the_refusal_not_its_text():
+    from bbswap.errors import SurgeryError
+
+    result = fit("densenet100", channels=256, stride=8)
+    refused = [c for c in result.candidates if c.dilate_refused is not None]
+    assert refused, [c.label for c in result.candidates]
+    for c in refused:
+        assert isinstance(c.dilate_refused, SurgeryError) and c.mode == "stride"
+        assert c.note.startswith("dilate refused: ")
+        assert c.note.endswith(str(c.dilate_refused).split(": ", 1)[-1])
+    assert all(c.failure is None and not c.error for c in result.candidates if not c.failed)

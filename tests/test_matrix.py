@@ -334,3 +334,13 @@ def test_expand_orders_and_dedupes():
     assert expand(["densenet1?0"]) == ["densenet100"]
     assert expand([VIT]) == [VIT]  # a spec without wildcards stands as it is
     assert expand(["*net*"]) == [b.spec for b in bbswap.list_backbones() if "net" in b.spec]
+
+
+def test_a_row_holds_how_its_file_was_emitted_as_data():
+    from bbswap.search.matrix import Row
+
+    assert (Row("x").emit_mode, Row("x").emit) == ("", "")
+    assert (Row("x", emitted=True).emit_mode, Row("x", emitted=True).emit) == ("bundled",) * 2
+    imported = Row("x", emitted=True, import_reason="a lambda in forward")
+    assert imported.emit_mode == "--import"
+    assert imported.emit == "--import (a lambda in forward)"

@@ -268,7 +268,8 @@ def test_every_field_round_trips(tmp_path):
 
 
 def test_a_written_recipe_is_applied_like_the_original(tmp_path):
-    from bbswap.surgery.apply import apply_dict, apply_recipe
+    from bbswap.cli.json_out import apply_dict
+    from bbswap.surgery.apply import apply_recipe
 
     path = ROOT / "recipes" / "ocr-resnet34-h32-w4.toml"
     recipe = load_recipe(path)

@@ -20,8 +20,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
 from bbswap.cli.app import app
+from bbswap.cli.json_out import apply_dict
 from bbswap.recipes.toml_io import load_recipe
-from bbswap.surgery.apply import apply_dict, apply_recipe
+from bbswap.surgery.apply import apply_recipe
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 

@@ -15,9 +15,10 @@ from recipe_helpers import forward, one_thread, real_model
 from typer.testing import CliRunner
 
 from bbswap.cli.app import app
+from bbswap.cli.json_out import apply_dict
 from bbswap.recipes.schema import Recipe
 from bbswap.recipes.toml_io import load_recipe, recipe_from_dict
-from bbswap.surgery.apply import ApplyResult, apply_dict, apply_recipe
+from bbswap.surgery.apply import ApplyResult, apply_recipe
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 

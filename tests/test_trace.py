@@ -39,8 +39,9 @@ from thop.vision.basic_hooks import zero_ops
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from bbswap.cli.json_out import report_dict
 from bbswap.errors import ModelError
-from bbswap.tracing.inspection import inspect_backbone, report_dict
+from bbswap.tracing.inspection import inspect_backbone
 from bbswap.tracing.sizes import SizeStep, chain_size, min_size, size_rule, total_stride
 from bbswap.tracing.tracer import Trace, build_on_meta, trace, trace_module
 from bbswap.zoo import ZOO

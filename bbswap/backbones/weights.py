@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,23 +79,12 @@ def load_into(
                 )
         raise InvalidArgument(
             f"checkpoint {what} does not fit the backbone: {'; '.join(parts)}; "
-            "pass --partial to load the tensors that fit"
+            "pass {partial} to load the tensors that fit",
+            params=("partial",),
         )
     fitting = {k: v for k, v in state.items() if k in own and k not in wrong}
     model.load_state_dict(fitting, strict=False)
     return LoadReport(len(fitting), missing + wrong, unexpected)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def state_bytes(path: Path, state: dict[str, torch.Tensor]) -> bytes:
@@ -116,7 +103,3 @@ def state_bytes(path: Path, state: dict[str, torch.Tensor]) -> bytes:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     return buffer.getvalue()
-
-
-def save_state(path: Path, state: dict[str, torch.Tensor]) -> None:
-    atomic_write(path, state_bytes(path, state))

@@ -1,25 +1,83 @@
 """The ``bbswap`` command line: parse options, call the library, render.
 
 Every user mistake is a :class:`bbswap.errors.BBSwapError`; it is printed as one
-line on stderr with exit status 2. ``--debug`` shows the traceback instead.
+line on stderr with exit status 2, worded with the flags the user typed. A usage
+error (an unknown option, a value not among the choices) is one such line too.
+``--debug`` shows the traceback instead.
+
+Each command declares its arguments and options as a dataclass (see :func:`takes`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
 import sys
+import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
+from bbswap.codegen.outputs import check_output, write_files
 from bbswap.errors import BBSwapError, InvalidArgument
+from bbswap.kinds import Choice, Mode, Prefer, Rounding
+
+if TYPE_CHECKING:
+    from bbswap.codegen.export import Exported
+    from bbswap.recipes.schema import Recipe
+    from bbswap.search.fit import FitResult
+
+T = TypeVar("T")
+
+
+class NotAChoice(typer.BadParameter):
+    """A value not among an option's choices: ``--prefer 'speed' is not one of ...``."""
+
+    def format_message(self) -> str:
+        return self.message
+
+
+# typer's base of usage errors (it vendors click from 0.26 on), reached by a public name
+_UsageError: Any = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+@contextmanager
+def _usage_in_one_line() -> Iterator[None]:
+    """A usage error as one ``bbswap: error:`` line on stderr and exit status 2."""
+    try:
+        yield
+    except _UsageError as error:
+        if type(error).__name__ == "NoArgsIsHelpError":
+            raise  # bare ``bbswap``: the help is shown
+        message = " ".join(error.format_message().split())
+        sys.stderr.write(f"bbswap: error: {message}\n")
+        raise typer.Exit(2) from None
+
+
+class _Group(TyperGroup):
+    """The command group, with usage errors on one line."""
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any
+    ) -> Any:
+        with _usage_in_one_line():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _usage_in_one_line():
+            return super().invoke(ctx)
+
 
 app = typer.Typer(
     name="bbswap",
+    cls=_Group,
     help="Backbone surgery for PyTorch: inspect a CNN backbone, patch it to a target "
     "downsample and channel count, emit it as Python source.",
     no_args_is_help=True,
@@ -29,8 +87,54 @@ app = typer.Typer(
 
 _state = {"debug": False}
 
+
+def takes(options: type[T]) -> Callable[[Callable[[T], None]], Callable[..., None]]:
+    """Give a command its arguments and options as one ``options`` dataclass: typer reads
+    them from the fields (their ``Annotated`` types and defaults), in field order."""
+    hints = typing.get_type_hints(options, include_extras=True)
+    params = [
+        inspect.Parameter(
+            f.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=hints[f.name],
+            default=inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default,
+        )
+        for f in dataclasses.fields(options)  # type: ignore[arg-type]  # a dataclass type
+    ]
+
+    def wrap(command: Callable[[T], None]) -> Callable[..., None]:
+        def run(**given: Any) -> None:
+            command(options(**given))
+
+        run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]  # read by typer
+        run.__doc__ = command.__doc__
+        run.__name__ = command.__name__
+        return run
+
+    return wrap
+
+
+def _choice(kind: type[Choice], flag: str, help_text: str) -> Any:
+    """An option whose values are the members of ``kind``, listed in ``--help``."""
+
+    def parse(value: str | Choice) -> Choice:
+        if isinstance(value, kind):
+            return value
+        try:
+            return kind(value)
+        except ValueError:
+            raise NotAChoice(f"{flag} '{value}' is not one of {', '.join(kind.values())}") from None
+
+    metavar = "[" + "|".join(kind.values()) + "]"
+    return typer.Option(flag, parser=parse, metavar=metavar, help=help_text)
+
+
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")]
+BackboneArg = Annotated[str, typer.Argument(help="Backbone spec (see `bbswap list`).")]
 InputOpt = Annotated[str, typer.Option("--input", "-i", help="Dummy input as NxCxHxW or HxW.")]
+MaybeInputOpt = Annotated[
+    str | None, typer.Option("--input", "-i", help="Dummy input as NxCxHxW or HxW.")
+]
 KwOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -62,6 +166,19 @@ SafetensorsOpt = Annotated[
     bool, typer.Option(help="Write the carried weights as .safetensors instead of .pth.")
 ]
 ForceOpt = Annotated[bool, typer.Option(help="Overwrite existing output files.")]
+StrideOpt = Annotated[str | None, typer.Option(help="Target downsample: 16, or 32x4 (H x W).")]
+PreferOpt = Annotated[Prefer, _choice(Prefer, "--prefer", "Ranking: macs, depth or rf.")]
+ModeOpt = Annotated[Mode, _choice(Mode, "--mode", "Removing a stride: dilate or stride.")]
+FitRoundingOpt = Annotated[
+    Rounding,
+    _choice(Rounding, "--rounding", "Size rule of a --stride target: ceil, floor or any (either)."),
+]
+VerifyRoundingOpt = Annotated[
+    Rounding, _choice(Rounding, "--rounding", "Size rule of --stride: ceil, floor or any (either).")
+]
+MatrixRoundingOpt = Annotated[
+    Rounding, _choice(Rounding, "--rounding", "Size rule the targets accept: ceil, floor or any.")
+]
 
 
 def _console() -> Console:
@@ -78,7 +195,7 @@ def _guard(debug: bool) -> Iterator[None]:
     except BBSwapError as error:
         if debug or _state["debug"] or os.environ.get("BBSWAP_DEBUG"):
             raise
-        message = " ".join(str(error).split())
+        message = " ".join(error.as_flags().split())
         sys.stderr.write(f"bbswap: error: {message}\n")
         raise typer.Exit(error.exit_code) from None
 
@@ -92,375 +209,379 @@ def _main(debug: Debug = False) -> None:
     _state["debug"] = debug
 
 
-@app.command("list")
-def list_cmd(
+@dataclasses.dataclass(frozen=True)
+class ListArgs:
     pattern: Annotated[
         str, typer.Argument(help="fnmatch pattern; 'tv:*' or 'timm:*' lists those packages.")
-    ] = "*",
-    json_out: JsonOpt = False,
-    debug: Debug = False,
-) -> None:
+    ] = "*"
+    json_out: JsonOpt = False
+    debug: Debug = False
+
+
+@app.command("list")
+@takes(ListArgs)
+def list_cmd(a: ListArgs) -> None:
     """List the registered backbones."""
     from bbswap.backbones.registry import list_backbones
+    from bbswap.cli.json_out import list_dict
     from bbswap.cli.render import render_list
 
-    with _guard(debug):
-        rows = list_backbones(pattern)
-        if json_out:
-            _print_json(
-                {
-                    "schema": "bbswap.list/1",
-                    "backbones": [
-                        {
-                            "spec": r.spec,
-                            "family": r.family,
-                            "in_chans": r.in_chans,
-                            "description": r.description,
-                        }
-                        for r in rows
-                    ],
-                }
-            )
-            return
-        render_list(rows, _console())
+    with _guard(a.debug):
+        rows = list_backbones(a.pattern)
+        if a.json_out:
+            _print_json(list_dict(rows))
+        else:
+            render_list(rows, _console())
 
 
-@app.command("inspect")
-def inspect_cmd(
-    backbone: Annotated[str, typer.Argument(help="Backbone spec (see `bbswap list`).")],
-    input_shape: InputOpt = "1x3x224x224",
-    depth: Annotated[int, typer.Option(help="Module depth of the stage rows.")] = 1,
+@dataclasses.dataclass(frozen=True)
+class InspectArgs:
+    backbone: BackboneArg
+    input_shape: InputOpt = "1x3x224x224"
+    depth: Annotated[int, typer.Option(help="Module depth of the stage rows.")] = 1
     sizes: Annotated[
         str | None,
         typer.Option(help="Input sizes to check the size rule at, e.g. 33x97,117x293."),
-    ] = None,
-    kw: KwOpt = None,
-    json_out: JsonOpt = False,
-    debug: Debug = False,
-) -> None:
+    ] = None
+    kw: KwOpt = None
+    json_out: JsonOpt = False
+    debug: Debug = False
+
+
+@app.command("inspect")
+@takes(InspectArgs)
+def inspect_cmd(a: InspectArgs) -> None:
     """Trace a backbone and show its stages, costs and reduction points."""
+    from bbswap.cli.json_out import report_dict
     from bbswap.cli.render import render_inspect
     from bbswap.parsing import parse_kw, parse_sizes
-    from bbswap.tracing.inspection import inspect_backbone, report_dict
+    from bbswap.tracing.inspection import inspect_backbone
 
-    with _guard(debug):
+    with _guard(a.debug):
+        sizes = parse_sizes(a.sizes) if a.sizes is not None else ()
         report = inspect_backbone(
-            backbone,
-            input_shape,
-            depth=depth,
-            sizes=parse_sizes(sizes) if sizes is not None else (),
-            kwargs=parse_kw(kw),
+            a.backbone, a.input_shape, depth=a.depth, sizes=sizes, kwargs=parse_kw(a.kw)
         )
-        if json_out:
+        if a.json_out:
             _print_json(report_dict(report))
         else:
             render_inspect(report, _console())
 
 
-@app.command("apply")
-def apply_cmd(
-    backbone: Annotated[str, typer.Argument(help="Backbone spec (see `bbswap list`).")],
-    recipe: Annotated[str, typer.Argument(help="Recipe TOML file.")],
+@dataclasses.dataclass(frozen=True)
+class ApplyArgs:
+    backbone: BackboneArg
+    recipe: Annotated[str, typer.Argument(help="Recipe TOML file.")]
     input_shape: Annotated[
         str | None,
         typer.Option(
             "--input", "-i", help="Dummy input as NxCxHxW or HxW (default: the recipe's)."
         ),
-    ] = None,
-    kw: KwOpt = None,
-    output: OutOpt = None,
-    class_name: ClassNameOpt = None,
-    dropin: DropinOpt = False,
-    import_mode: ImportOpt = False,
-    weights: WeightsOpt = None,
-    partial: PartialOpt = False,
-    safetensors: SafetensorsOpt = False,
-    force: ForceOpt = False,
-    json_out: JsonOpt = False,
-    debug: Debug = False,
-) -> None:
+    ] = None
+    kw: KwOpt = None
+    output: OutOpt = None
+    class_name: ClassNameOpt = None
+    dropin: DropinOpt = False
+    import_mode: ImportOpt = False
+    weights: WeightsOpt = None
+    partial: PartialOpt = False
+    safetensors: SafetensorsOpt = False
+    force: ForceOpt = False
+    json_out: JsonOpt = False
+    debug: Debug = False
+
+
+@app.command("apply")
+@takes(ApplyArgs)
+def apply_cmd(a: ApplyArgs) -> None:
     """Apply a surgery recipe and show the stages before and after, and every edit.
 
     With -o, write the patched backbone as a standalone Python file (verified first)."""
-    from bbswap.cli.render import render_apply, render_export
+    from bbswap.cli.json_out import apply_dict
+    from bbswap.cli.render import render_apply
     from bbswap.parsing import parse_kw
     from bbswap.recipes.toml_io import load_recipe
-    from bbswap.surgery.apply import apply_dict, apply_recipe
+    from bbswap.surgery.apply import apply_recipe
 
-    with _guard(debug):
-        loaded = load_recipe(recipe)
-        if output is None:
-            _no_emit_options(class_name, dropin, import_mode, weights, partial, safetensors)
-            result = apply_recipe(backbone, loaded, input_shape, kwargs=parse_kw(kw))
+    with _guard(a.debug):
+        loaded, kwargs = load_recipe(a.recipe), parse_kw(a.kw)
+        exported = None
+        if a.output is None:
+            _no_emit_options(a, a.import_mode)
+            result = apply_recipe(a.backbone, loaded, a.input_shape, kwargs=kwargs)
         else:
-            from bbswap.codegen.export import export
-
-            exported = export(
-                backbone,
-                loaded,
-                output,
-                input_shape=input_shape,
-                kwargs=parse_kw(kw),
-                weights=weights,
-                partial=partial,
-                class_name=class_name,
-                dropin=dropin,
-                import_mode=import_mode,
-                force=force,
-                safetensors=safetensors,
-            )
+            exported = _export(a, a.backbone, loaded, a.input_shape, kwargs, a.import_mode)
             result = exported.result
-        if json_out:
-            data = apply_dict(result)
-            if output is not None:
-                data["written"] = export_dict(exported)
-            _print_json(data)
+        if a.json_out:
+            _print_json(_written(apply_dict(result), exported))
             return
-        console = _console()
-        render_apply(result, console)
-        if output is not None:
-            render_export(exported, console)
+        render_apply(result, _console())
+        _render_written(exported)
 
 
-@app.command("fit")
-def fit_cmd(
-    backbone: Annotated[str, typer.Argument(help="Backbone spec (see `bbswap list`).")],
-    channels: Annotated[int | None, typer.Option(help="Target output channels.")] = None,
-    stride: Annotated[
-        str | None, typer.Option(help="Target downsample: 16, or 32x4 (H x W).")
-    ] = None,
-    in_chans: Annotated[
-        int | None, typer.Option("--in-chans", help="Target input channels.")
-    ] = None,
-    input_shape: Annotated[
-        str | None, typer.Option("--input", "-i", help="Dummy input as NxCxHxW or HxW.")
-    ] = None,
+@dataclasses.dataclass(frozen=True)
+class FitArgs:
+    backbone: BackboneArg
+    channels: Annotated[int | None, typer.Option(help="Target output channels.")] = None
+    stride: StrideOpt = None
+    in_chans: Annotated[int | None, typer.Option("--in-chans", help="Target input channels.")] = (
+        None
+    )
+    input_shape: MaybeInputOpt = None
     like: Annotated[
         str | None,
         typer.Option(help="Take the target from another backbone: channels, input, sizes."),
-    ] = None,
-    prefer: Annotated[str, typer.Option(help="Ranking: macs, depth or rf.")] = "macs",
+    ] = None
+    prefer: PreferOpt = Prefer.MACS
     allow_truncate: Annotated[
         bool, typer.Option(help="Also consider cutting the body at a stage already at the stride.")
-    ] = False,
-    mode: Annotated[str, typer.Option(help="Removing a stride: dilate or stride.")] = "dilate",
-    rounding: Annotated[
-        str, typer.Option(help="Size rule of a --stride target: ceil, floor or any (either).")
-    ] = "ceil",
-    top: Annotated[int, typer.Option(help="Candidates to show.")] = 5,
+    ] = False
+    mode: ModeOpt = Mode.DILATE
+    rounding: FitRoundingOpt = Rounding.CEIL
+    top: Annotated[int, typer.Option(help="Candidates to show.")] = 5
     save_recipe: Annotated[
         str | None, typer.Option(help="Write the winner as a recipe TOML file.")
-    ] = None,
-    kw: KwOpt = None,
-    output: OutOpt = None,
-    class_name: ClassNameOpt = None,
-    dropin: DropinOpt = False,
-    weights: WeightsOpt = None,
-    partial: PartialOpt = False,
-    safetensors: SafetensorsOpt = False,
-    force: ForceOpt = False,
-    json_out: JsonOpt = False,
-    debug: Debug = False,
-) -> None:
+    ] = None
+    kw: KwOpt = None
+    output: OutOpt = None
+    class_name: ClassNameOpt = None
+    dropin: DropinOpt = False
+    weights: WeightsOpt = None
+    partial: PartialOpt = False
+    safetensors: SafetensorsOpt = False
+    force: ForceOpt = False
+    json_out: JsonOpt = False
+    debug: Debug = False
+
+
+@app.command("fit")
+@takes(FitArgs)
+def fit_cmd(a: FitArgs) -> None:
     """Find the cheapest exact surgery to a target stride and channel count."""
-    from pathlib import Path
+    from bbswap.cli.render import progress_bar
+    from bbswap.search.fit import winner_input, winner_recipe
 
-    from bbswap.cli.render import progress_bar, render_fit
-    from bbswap.parsing import parse_kw
-    from bbswap.recipes.toml_io import recipe_to_toml
-    from bbswap.search.fit import fit, fit_dict, recipe_header, winner_recipe
-
-    with _guard(debug):
-        if top < 1:
-            raise InvalidArgument(f"--top must be at least 1, got {top}")
-        if output is None:
-            _no_emit_options(class_name, dropin, False, weights, partial, safetensors)
-        recipe_path = Path(save_recipe) if save_recipe else None
-        if recipe_path is not None and recipe_path.exists() and not force:
-            raise InvalidArgument(f"{recipe_path} exists; pass --force to overwrite it")
-        with progress_bar(json_out) as progress:
-            result = fit(
-                backbone,
-                channels=channels,
-                stride=stride,
-                in_chans=in_chans,
-                input_shape=input_shape,
-                like=like,
-                prefer=prefer,
-                allow_truncate=allow_truncate,
-                mode=mode,
-                rounding=rounding,
-                kwargs=parse_kw(kw),
-                progress=progress,
-            )
-        source = result.source.input_shape
-        chans = result.winner.result.surgery.in_chans if result.winner.result else source[1]
-        input_text = f"{source[0]}x{chans}x{source[2]}x{source[3]}"
+    with _guard(a.debug):
+        recipe_path = _fit_preflight(a)
+        with progress_bar(a.json_out) as progress:
+            result = _run_fit(a, progress)
+        input_text = winner_input(result)
         recipe = winner_recipe(result, input_text)
+        also = {recipe_path: _recipe_text(recipe, result)} if recipe_path is not None else {}
         exported = None
-        if output is not None:
-            from bbswap.codegen.export import export
+        if a.output is not None:  # the recipe is written with the file, or not at all
+            exported = _export(a, result.backbone, recipe, input_text, also=also)
+        elif also:
+            write_files(also, a.force)
+        _fit_output(a, result, exported, recipe_path)
 
-            exported = export(
-                result.backbone,
-                recipe,
-                output,
-                input_shape=input_text,
-                weights=weights,
-                partial=partial,
-                class_name=class_name,
-                dropin=dropin,
-                force=force,
-                safetensors=safetensors,
-            )
+
+def _fit_preflight(a: FitArgs) -> Path | None:
+    """Check the options that need no backbone; the path to save the recipe to."""
+    if a.top < 1:
+        raise InvalidArgument(f"--top must be at least 1, got {a.top}")
+    if a.output is None:
+        _no_emit_options(a, False)
+    recipe_path = Path(a.save_recipe) if a.save_recipe else None
+    if recipe_path is not None:
+        check_output(recipe_path, a.force, "--save-recipe")
+    if a.output is not None:
+        check_output(Path(a.output), a.force, "-o")
+    return recipe_path
+
+
+def _run_fit(a: FitArgs, progress: Callable[[int, int], None] | None) -> FitResult:
+    from bbswap.parsing import parse_kw
+    from bbswap.search.fit import fit
+
+    return fit(
+        a.backbone,
+        channels=a.channels,
+        stride=a.stride,
+        in_chans=a.in_chans,
+        input_shape=a.input_shape,
+        like=a.like,
+        prefer=a.prefer,
+        allow_truncate=a.allow_truncate,
+        mode=a.mode,
+        rounding=a.rounding,
+        kwargs=parse_kw(a.kw),
+        progress=progress,
+    )
+
+
+def _recipe_text(recipe: Recipe, result: FitResult) -> bytes:
+    from bbswap.recipes.toml_io import recipe_to_toml
+    from bbswap.search.fit import recipe_header
+
+    return recipe_to_toml(recipe, recipe_header(result)).encode("utf-8")
+
+
+def _fit_output(
+    a: FitArgs, result: FitResult, exported: Exported | None, recipe_path: Path | None
+) -> None:
+    from bbswap.cli.json_out import fit_dict
+    from bbswap.cli.render import render_fit
+
+    if a.json_out:
+        data = _written(fit_dict(result, a.top), exported)
         if recipe_path is not None:
-            from bbswap.backbones.weights import atomic_write
-
-            text = recipe_to_toml(recipe, recipe_header(result))
-            atomic_write(recipe_path, text.encode("utf-8"))
-        if json_out:
-            data = fit_dict(result, top)
-            if exported is not None:
-                data["written"] = export_dict(exported)
-            if recipe_path is not None:
-                data["recipe"] = str(recipe_path)
-            _print_json(data)
-            return
-        console = _console()
-        render_fit(result, top, console)
-        if recipe_path is not None:
-            console.print(f"wrote {recipe_path} (replay it with `bbswap apply`)")
-        if exported is not None:
-            from bbswap.cli.render import render_export
-
-            render_export(exported, console)
+            data["recipe"] = str(recipe_path)
+        _print_json(data)
+        return
+    console = _console()
+    render_fit(result, a.top, console)
+    if recipe_path is not None:
+        console.print(f"wrote {recipe_path} (replay it with `bbswap apply`)")
+    _render_written(exported, console)
 
 
-def _no_emit_options(*values: object) -> None:
-    if any(values):
+def _no_emit_options(a: ApplyArgs | FitArgs, import_mode: bool) -> None:
+    if any((a.class_name, a.dropin, import_mode, a.weights, a.partial, a.safetensors)):
         raise InvalidArgument(
             "--class-name, --dropin, --import, --weights, --partial and --safetensors "
             "go with -o FILE.py"
         )
 
 
-def export_dict(exported: Any) -> dict[str, Any]:
-    return {
-        "path": str(exported.path),
-        "class_name": exported.emitted.class_name,
-        "weights": str(exported.weights_path) if exported.weights_path else None,
-        "checks": [
-            {"name": c.name, "ok": c.ok, "detail": c.detail} for c in exported.report.checks
-        ],
-    }
+def _export(
+    a: ApplyArgs | FitArgs,
+    backbone: Any,
+    recipe: Recipe,
+    input_shape: str | None,
+    kwargs: dict[str, Any] | None = None,
+    import_mode: bool = False,
+    also: dict[Path, bytes] | None = None,
+) -> Exported:
+    """Write the patched backbone to ``-o FILE.py`` as the emit options say."""
+    from bbswap.codegen.export import export
+
+    assert a.output is not None  # asked only with -o
+    return export(
+        backbone,
+        recipe,
+        a.output,
+        input_shape=input_shape,
+        kwargs=kwargs,
+        weights=a.weights,
+        partial=a.partial,
+        class_name=a.class_name,
+        dropin=a.dropin,
+        import_mode=import_mode,
+        force=a.force,
+        safetensors=a.safetensors,
+        also=also,
+    )
+
+
+def _written(data: dict[str, Any], exported: Exported | None) -> dict[str, Any]:
+    """A report's JSON with what ``-o`` wrote under ``written``."""
+    if exported is not None:
+        from bbswap.cli.json_out import export_dict
+
+        data["written"] = export_dict(exported)
+    return data
+
+
+def _render_written(exported: Exported | None, console: Console | None = None) -> None:
+    if exported is not None:
+        from bbswap.cli.render import render_export
+
+        render_export(exported, console or _console())
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyArgs:
+    target: Annotated[str, typer.Argument(help="FILE.py:Class to check.")]
+    weights: WeightsOpt = None
+    channels: Annotated[int | None, typer.Option(help="Expected output channels.")] = None
+    stride: Annotated[
+        str | None, typer.Option(help="Expected downsample: 16, or 32x4 (H x W).")
+    ] = None
+    rounding: VerifyRoundingOpt = Rounding.CEIL
+    like: Annotated[
+        str | None, typer.Option(help="Backbone spec whose output size must be matched.")
+    ] = None
+    sizes: Annotated[str | None, typer.Option(help="Input sizes to check, e.g. 33x97,117x293.")] = (
+        None
+    )
+    in_chans: Annotated[
+        int | None, typer.Option("--in-chans", help="Input channels (default: first conv's).")
+    ] = None
+    json_out: JsonOpt = False
+    debug: Debug = False
 
 
 @app.command("verify")
-def verify_cmd(
-    target: Annotated[str, typer.Argument(help="FILE.py:Class to check.")],
-    weights: WeightsOpt = None,
-    channels: Annotated[int | None, typer.Option(help="Expected output channels.")] = None,
-    stride: Annotated[
-        str | None, typer.Option(help="Expected downsample: 16, or 32x4 (H x W).")
-    ] = None,
-    rounding: Annotated[
-        str, typer.Option(help="Size rule of --stride: ceil, floor or any (either).")
-    ] = "ceil",
-    like: Annotated[
-        str | None, typer.Option(help="Backbone spec whose output size must be matched.")
-    ] = None,
-    sizes: Annotated[
-        str | None, typer.Option(help="Input sizes to check, e.g. 33x97,117x293.")
-    ] = None,
-    in_chans: Annotated[
-        int | None, typer.Option("--in-chans", help="Input channels (default: first conv's).")
-    ] = None,
-    json_out: JsonOpt = False,
-    debug: Debug = False,
-) -> None:
+@takes(VerifyArgs)
+def verify_cmd(a: VerifyArgs) -> None:
     """Check a generated or hand-edited backbone file: its output_size, channels, stride."""
+    from bbswap.cli.json_out import verify_dict
     from bbswap.cli.render import render_verify
+    from bbswap.verify.checks import require
     from bbswap.verify.file import check_file
 
-    with _guard(debug):
-        report = check_file(
-            target,
-            weights=weights,
-            channels=channels,
-            stride=stride,
-            like=like,
-            sizes=sizes,
-            in_chans=in_chans,
-            rounding=rounding,
-        )
-        if json_out:
-            _print_json(
-                {
-                    "schema": "bbswap.verify.checks/1",
-                    "target": report.target,
-                    "ok": report.ok,
-                    "checks": [
-                        {"name": c.name, "ok": c.ok, "detail": c.detail} for c in report.checks
-                    ],
-                }
-            )
+    with _guard(a.debug):
+        options = dataclasses.asdict(a)
+        for name in ("target", "json_out", "debug"):
+            del options[name]
+        report = check_file(a.target, **options)
+        if a.json_out:
+            _print_json(verify_dict(report))
         else:
             render_verify(report, _console())
-        from bbswap.verify.checks import require
-
         require(report)
 
 
-@app.command("matrix")
-def matrix_cmd(
+@dataclasses.dataclass(frozen=True)
+class MatrixArgs:
     patterns: Annotated[
         list[str],
         typer.Argument(help="Backbone specs or fnmatch patterns: 'tv:*', 'timm:resnet*', ..."),
-    ],
-    stride: Annotated[str, typer.Option(help="Target strides, comma-separated.")] = "8,16,32",
+    ]
+    stride: Annotated[str, typer.Option(help="Target strides, comma-separated.")] = "8,16,32"
     channels: Annotated[
         int | None, typer.Option(help="Target channels (default: each backbone's own).")
-    ] = None,
+    ] = None
     verify: Annotated[
         bool,
         typer.Option(
             help="Emit each winning plan with random weights and verify the file; "
             "--no-verify runs the meta-device steps only."
         ),
-    ] = True,
-    rounding: Annotated[
-        str, typer.Option(help="Size rule the targets accept: ceil, floor or any.")
-    ] = "any",
-    input_shape: Annotated[
-        str | None, typer.Option("--input", "-i", help="Dummy input as NxCxHxW or HxW.")
-    ] = None,
-    json_out: JsonOpt = False,
-    debug: Debug = False,
-) -> None:
+    ] = True
+    rounding: MatrixRoundingOpt = Rounding.ANY
+    input_shape: MaybeInputOpt = None
+    json_out: JsonOpt = False
+    debug: Debug = False
+
+
+@app.command("matrix")
+@takes(MatrixArgs)
+def matrix_cmd(a: MatrixArgs) -> None:
     """Which backbones reach which target strides, the MACs of each winning plan, and why not."""
+    from bbswap.cli.json_out import matrix_dict
     from bbswap.cli.render import progress_bar, render_matrix
     from bbswap.parsing import parse_strides
-    from bbswap.search.matrix import matrix, matrix_dict
+    from bbswap.search.matrix import matrix
 
-    with _guard(debug):
-        strides = parse_strides(stride)
-        if rounding not in ("ceil", "floor", "any"):
-            raise InvalidArgument(f"--rounding '{rounding}' is not one of ceil, floor, any")
-        with progress_bar(json_out, "trying backbones") as progress:
+    with _guard(a.debug):
+        strides = parse_strides(a.stride)
+        with progress_bar(a.json_out, "trying backbones") as progress:
             result = matrix(
-                patterns,
+                a.patterns,
                 strides=strides,
-                channels=channels,
-                verify=verify,
-                rounding=rounding,
-                input_shape=input_shape,
-                debug=debug or _state["debug"],
+                channels=a.channels,
+                verify=a.verify,
+                rounding=a.rounding,
+                input_shape=a.input_shape,
+                debug=a.debug or _state["debug"],
                 progress=progress,
             )
-        if json_out:
+        if a.json_out:
             _print_json(matrix_dict(result))
-            return
-        render_matrix(result, _console())
+        else:
+            render_matrix(result, _console())
 
 
 @app.command("ops")

@@ -19,7 +19,7 @@ from bbswap.tracing.tracer import SpatialOp, Stage, Trace, describe_factor
 if TYPE_CHECKING:
     from bbswap.backbones.registry import ListedBackbone
     from bbswap.codegen.export import Exported
-    from bbswap.search.fit import FitResult
+    from bbswap.search.fit import Candidate, FitResult
     from bbswap.search.matrix import Cell, Matrix
     from bbswap.surgery.apply import ApplyResult
     from bbswap.surgery.core import Edit
@@ -316,6 +316,42 @@ def render_export(exported: Exported, console: Console) -> None:
         )
 
 
+_FIT_COLUMNS = (
+    ("", "left"),
+    ("edits", "left"),
+    ("mode", "left"),
+    ("output", "left"),
+    ("MACs", "right"),
+    ("vs best", "right"),
+    ("params", "right"),
+    ("RF", "right"),
+    ("act.", "right"),
+    ("exact", "left"),
+)
+
+
+def _candidate_cells(c: Candidate, best: int) -> list[str | Text]:
+    """A fit candidate's row after its mark: its edits, costs, and whether it is exact."""
+    if c.failed:
+        refused = Text(f"refused: {c.error}", style="dim")
+        return [escape(c.label or "as is"), c.mode, "-", "-", "-", "-", "-", "-", refused]
+    t = c.trace
+    exact = "yes" if c.ok else "rounding" if c.rounding_only else "no"
+    if c.ok and c.dilate_refused is not None:
+        exact = "yes (dilate refused)"
+    return [
+        escape(c.label or "as is"),
+        c.mode,
+        shape(t.output_shape),
+        si(t.macs),
+        f"x{t.macs / best:.2f}" if best else "-",
+        count(t.params),
+        rf(t.receptive_field),
+        size_bytes(t.activation_bytes),
+        exact,
+    ]
+
+
 def render_fit(result: FitResult, top: int, console: Console) -> None:
     src = result.source
     winner = result.winner.trace.input_shape if result.winner.result else src.input_shape
@@ -326,51 +362,10 @@ def render_fit(result: FitResult, top: int, console: Console) -> None:
     )
     best = result.winner.trace.macs if result.winner.result else 0
     table = Table(header_style="bold", box=box.SIMPLE_HEAD)
-    for name, justify in (
-        ("", "left"),
-        ("edits", "left"),
-        ("mode", "left"),
-        ("output", "left"),
-        ("MACs", "right"),
-        ("vs best", "right"),
-        ("params", "right"),
-        ("RF", "right"),
-        ("act.", "right"),
-        ("exact", "left"),
-    ):
+    for name, justify in _FIT_COLUMNS:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]  # literal values
     for i, c in enumerate(result.candidates[:top]):
-        mark = "*" if i == 0 and c.ok else ""
-        if c.result is None or c.error:
-            table.add_row(
-                mark,
-                escape(c.label or "as is"),
-                c.mode,
-                "-",
-                "-",
-                "-",
-                "-",
-                "-",
-                "-",
-                Text(f"refused: {c.error}", style="dim"),
-            )
-            continue
-        t = c.trace
-        exact = "yes" if c.ok else "rounding" if c.rounding_only else "no"
-        if c.ok and c.note:
-            exact = f"yes ({c.note.split(':')[0]})"
-        table.add_row(
-            mark,
-            escape(c.label or "as is"),
-            c.mode,
-            shape(t.output_shape),
-            si(t.macs),
-            f"x{t.macs / best:.2f}" if best else "-",
-            count(t.params),
-            rf(t.receptive_field),
-            size_bytes(t.activation_bytes),
-            exact,
-        )
+        table.add_row("*" if i == 0 and c.ok else "", *_candidate_cells(c, best))
     console.print(table)
     w = result.winner
     if w.result is not None:
@@ -441,7 +436,7 @@ def render_matrix(result: Matrix, console: Console) -> None:
             cells += ["" for _ in result.strides[1:]]
         else:
             cells = [_matrix_cell(c) for c in row.cells]
-        extra = [escape(row.emit.split(" (")[0]) if row.emit else "-"] if result.verify else []
+        extra = [escape(row.emit_mode or "-")] if result.verify else []
         table.add_row(escape(row.spec), own, *cells, *extra, f"{row.seconds:.1f}s")
     console.print(table)
     for row in result.rows:
@@ -449,7 +444,7 @@ def render_matrix(result: Matrix, console: Console) -> None:
         why += [(f"1/{c.stride}", c.detail) for c in row.cells if not c.ok]
         for where, detail in why:
             console.print(f"  {escape(row.spec)} {escape(where)}: {escape(detail)}", soft_wrap=True)
-    for mode in dict.fromkeys(r.emit for r in result.rows if r.emit.startswith("--import")):
+    for mode in dict.fromkeys(r.emit for r in result.rows if r.import_reason):
         console.print(
             f"{escape(mode)}: {sum(r.emit == mode for r in result.rows)} backbones", soft_wrap=True
         )
@@ -498,9 +493,9 @@ def matrix_markdown(title: str, result: Matrix, families: dict[str, str] | None 
             ]
         cols = [f"`{row.spec}`", *([families.get(row.spec, "")] if families else []), own, *cells]
         if result.verify:
-            cols.append(row.emit.split(" (")[0] if row.emit else "-")
+            cols.append(row.emit_mode or "-")
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cols) + " |")
-    reasons = dict.fromkeys(r.emit for r in result.rows if r.emit.startswith("--import"))
+    reasons = dict.fromkeys(r.emit for r in result.rows if r.import_reason)
     if reasons:
         lines += ["", "Emitted in `--import` mode, and why:", ""]
         lines += [

@@ -15,20 +15,21 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bbswap.backbones.registry import Backbone, resolve
 from bbswap.errors import BBSwapError, InvalidArgument, SurgeryError, TargetError
-from bbswap.parsing import parse_dims, parse_stride
+from bbswap.kinds import Mode, Prefer, Rounding
+from bbswap.parsing import parse_stride
 from bbswap.recipes.channels import InChannels
 from bbswap.recipes.registry import make_op
 from bbswap.recipes.schema import Op, Recipe
 from bbswap.recipes.strides import Stride, exact_setting, stride_targets
 from bbswap.surgery.apply import ApplyResult, apply_traced
-from bbswap.tracing.inspection import first_conv_in_channels, inspect_backbone
-from bbswap.tracing.tracer import SpatialOp, Stage, Trace, build_any, trace
+from bbswap.tracing.inspection import choose_input, first_conv_in_channels, inspect_backbone
+from bbswap.tracing.tracer import SpatialOp, Stage, Trace, trace
 
 Size = tuple[int, int]
 PROBES: tuple[Size, ...] = (
@@ -87,10 +88,25 @@ class Candidate:
     mode: str
     order: int  # position of the earliest edited unit (later is better on ties)
     result: ApplyResult | None = None
-    error: str = ""
-    note: str = ""
+    failure: BBSwapError | None = None  # why it was refused, kept whole
+    dilate_refused: BBSwapError | None = None  # why dilate mode was not possible (then: stride)
     misses: list[tuple[Size, Size, Size]] = field(default_factory=list)  # size, got, want
     rule: str = ""  # the size rule an exact candidate follows: "ceil" or "floor"
+
+    @property
+    def failed(self) -> bool:
+        return self.result is None or self.failure is not None
+
+    @property
+    def error(self) -> str:
+        """Why it was refused, without the op's location."""
+        return _detail(self.failure) if self.failure is not None else ""
+
+    @property
+    def note(self) -> str:
+        if self.dilate_refused is None:
+            return ""
+        return f"dilate refused: {_detail(self.dilate_refused)}"
 
     @property
     def ok(self) -> bool:
@@ -108,6 +124,10 @@ class Candidate:
     def trace(self) -> Trace:
         assert self.result is not None  # only asked of evaluated candidates
         return self.result.after
+
+
+def _detail(error: BaseException) -> str:
+    return str(error).split(": ", 1)[-1]
 
 
 @dataclass(frozen=True)
@@ -222,43 +242,59 @@ def plan(
     down = features.downsample if features is not None else source.downsample
     have = (round(down[0]), round(down[1]))
     found = units(source, features)
-    head: list[Op] = []
-    if features is not None:
-        head.append(make_op("truncate", after=features.path))
-    src_chans = source.input_shape[1]
-    stem: list[Op] = []
-    if target.in_chans is not None and target.in_chans != src_chans:
-        strategy = "sum" if target.in_chans == 1 else "repeat"
-        stem.append(InChannels(channels=target.in_chans, strategy=strategy))
-
-    def tail(channels: int) -> list[Op]:
-        if channels == target.channels:
-            return []
-        return [make_op("project", channels=target.channels)]
-
-    feature_chans = out[1]
-    name = f"fit-{backbone.name}-c{target.channels}-s{_fmt(target.stride)}"
-    candidates: list[Candidate] = []
-
-    def add(
-        ops: list[Op], label: str, cmode: str, order: int, pool: list[Op] | None = None
-    ) -> None:
-        ops = stem + ops + head + (pool or []) + tail(feature_chans)
-        recipe = Recipe(name, tuple(ops), backbone.spec, f"fit target: {target.describe()}", "")
-        candidates.append(Candidate(recipe, label, cmode, order))
-
-    def factor(a: int, b: int) -> int:
-        return max(1, a // b) if a >= b else 1
-
-    remove = (factor(have[0], target.stride[0]), factor(have[1], target.stride[1]))
-    grow = (factor(target.stride[0], have[0]), factor(target.stride[1], have[1]))
     for i in range(2):
         big, small = max(have[i], target.stride[i]), min(have[i], target.stride[i])
         if big % small:
             raise TargetError(_infeasible(backbone, target, have, found))
+    stem = _stem_ops(source, target)
+    head = [make_op("truncate", after=features.path)] if features is not None else []
+    tail = _project(out[1], target)
+    name = f"fit-{backbone.name}-c{target.channels}-s{_fmt(target.stride)}"
+
+    def recipe(ops: list[Op]) -> Recipe:
+        return Recipe(name, tuple(ops), backbone.spec, f"fit target: {target.describe()}", "")
+
+    candidates = [
+        Candidate(recipe([*stem, *ops, *head, *pool, *tail]), label, cmode, order)
+        for ops, pool, label, cmode, order in _stride_plans(found, have, target, mode)
+    ]
+    if allow_truncate:
+        for stage in truncation_points(source, target.stride):
+            if features is not None and stage.path == features.path:
+                continue
+            ops = [*stem, make_op("truncate", after=stage.path), *_project(stage.channels, target)]
+            candidates.append(Candidate(recipe(ops), f"truncate after {stage.path}", "-", -1))
+    if not candidates:
+        raise TargetError(_infeasible(backbone, target, have, found))
+    return _dedupe(candidates)
+
+
+def _stem_ops(source: Trace, target: Target) -> list[Op]:
+    """The op that adapts the input channels, if the target changes them."""
+    if target.in_chans is None or target.in_chans == source.input_shape[1]:
+        return []
+    strategy = "sum" if target.in_chans == 1 else "repeat"
+    return [InChannels(channels=target.in_chans, strategy=strategy)]
+
+
+def _project(channels: int, target: Target) -> list[Op]:
+    return [] if channels == target.channels else [make_op("project", channels=target.channels)]
+
+
+def _factor(a: int, b: int) -> int:
+    return max(1, a // b) if a >= b else 1
+
+
+_Plan = tuple[list[Op], list[Op], str, str, int]  # stride ops, pooling, label, mode, order
+
+
+def _stride_plans(found: list[Unit], have: Size, target: Target, mode: str) -> Iterator[_Plan]:
+    """The stride changes that take the features from ``have`` to the target's stride."""
+    remove = (_factor(have[0], target.stride[0]), _factor(have[1], target.stride[1]))
+    grow = (_factor(target.stride[0], have[0]), _factor(target.stride[1], have[1]))
     symmetric = target.stride[0] == target.stride[1] and have[0] == have[1]
     if remove == (1, 1) and grow == (1, 1):
-        add([], "no stride change", "-", 10**9)
+        yield [], [], "no stride change", "-", 10**9
     combos = removals(found, (remove[0], remove[1]), symmetric) if remove != (1, 1) else [[]]
     for changes in combos:
         if not changes and remove != (1, 1):
@@ -266,38 +302,22 @@ def plan(
         order = min((u.order for u, _ in changes), default=10**9)
         label = [f"{u.at}: stride {_fmt(t)}" for u, t in changes]
         if grow == (1, 1):
-            add(_stride_ops(changes, mode), ", ".join(label), mode, order)
+            yield _stride_ops(changes, mode), [], ", ".join(label), mode, order
             continue
         pool = [make_op("pool", stride=grow, kind="avg", ceil_mode=True)]
-        add(
-            _stride_ops(changes, mode),
-            ", ".join([*label, f"avg-pool /{_fmt(grow)}"]),
-            mode,
-            order,
-            pool,
-        )
+        pooled = ", ".join([*label, f"avg-pool /{_fmt(grow)}"])
+        yield _stride_ops(changes, mode), pool, pooled, mode, order
         if not changes and found:
             # coarsen at the last reduction point, so every earlier layer keeps its resolution
             u = found[-1]
             more = (u.stride[0] * grow[0], u.stride[1] * grow[1])
-            add(
+            yield (
                 _stride_ops([(u, more)], "stride"),
+                [],
                 f"{u.at}: stride {_fmt(more)}",
                 "stride",
                 u.order,
             )
-    if allow_truncate:
-        for stage in truncation_points(source, target.stride):
-            if features is not None and stage.path == features.path:
-                continue
-            ops = [*stem, make_op("truncate", after=stage.path)]
-            if stage.channels != target.channels:
-                ops.append(make_op("project", channels=target.channels))
-            recipe = Recipe(name, tuple(ops), backbone.spec, f"fit target: {target.describe()}", "")
-            candidates.append(Candidate(recipe, f"truncate after {stage.path}", "-", -1))
-    if not candidates:
-        raise TargetError(_infeasible(backbone, target, have, found))
-    return _dedupe(candidates)
 
 
 def truncation_points(source: Trace, stride: Size) -> list[Stage]:
@@ -367,23 +387,23 @@ def evaluate(
     try:
         candidate.result = apply_traced(backbone, candidate.recipe, source, model)
     except SurgeryError as error:
-        if candidate.mode != "dilate":
-            candidate.error = str(error).split(": ", 1)[-1]
+        if candidate.mode != Mode.DILATE.value:
+            candidate.failure = error
             return candidate
         ops = tuple(
             replace(op, mode="stride") if isinstance(op, Stride) else op
             for op in candidate.recipe.ops
         )
         candidate.recipe = replace(candidate.recipe, ops=ops)
-        candidate.mode = "stride"
-        candidate.note = "dilate refused: " + str(error).split(": ", 1)[-1]
+        candidate.mode = Mode.STRIDE.value
+        candidate.dilate_refused = error
         return evaluate(backbone, source, model, candidate, target, probes)
     except BBSwapError as error:
-        candidate.error = str(error).split(": ", 1)[-1]
+        candidate.failure = error
         return candidate
     after = candidate.result.after
     if len(after.output_shape) != 4 or after.output_shape[1] != target.channels:
-        candidate.error = f"output {after.output_shape}"
+        candidate.failure = TargetError(f"output {after.output_shape}")
         return candidate
     first: list[tuple[Size, Size, Size]] | None = None
     for rule in target.rules:
@@ -410,10 +430,10 @@ def _misses(
     return misses
 
 
-_PREFER: dict[str, Callable[[Candidate], tuple[Any, ...]]] = {
-    "macs": lambda c: (c.trace.macs, -c.order),
-    "depth": lambda c: (-c.order, c.trace.macs),
-    "rf": lambda c: (-(c.trace.receptive_field[0] * c.trace.receptive_field[1]), c.trace.macs),
+_PREFER: dict[Prefer, Callable[[Candidate], tuple[Any, ...]]] = {
+    Prefer.MACS: lambda c: (c.trace.macs, -c.order),
+    Prefer.DEPTH: lambda c: (-c.order, c.trace.macs),
+    Prefer.RF: lambda c: (-(c.trace.receptive_field[0] * c.trace.receptive_field[1]), c.trace.macs),
 }
 
 
@@ -425,34 +445,25 @@ def fit(
     in_chans: int | None = None,
     input_shape: str | None = None,
     like: str | None = None,
-    prefer: str = "macs",
+    prefer: Prefer | str = Prefer.MACS,
     allow_truncate: bool = False,
-    mode: str = "dilate",
-    rounding: str = "ceil",
+    mode: Mode | str = Mode.DILATE,
+    rounding: Rounding | str = Rounding.CEIL,
     kwargs: dict[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> FitResult:
     """Search for the cheapest exact surgery to the target; candidates come ranked."""
-    if prefer not in _PREFER:
-        raise InvalidArgument(f"--prefer '{prefer}' is not one of {', '.join(_PREFER)}")
-    if mode not in ("dilate", "stride"):
-        raise InvalidArgument(f"--mode '{mode}' is not one of dilate, stride")
-    if rounding not in ("ceil", "floor", "any"):
-        raise InvalidArgument(f"--rounding '{rounding}' is not one of ceil, floor, any")
+    ranking = Prefer.parse(prefer, "prefer")
+    how = Mode.parse(mode, "mode")
+    rule = Rounding.parse(rounding, "rounding")
     backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
-    own = backbone.default_in_chans
-    if own is None:
-        own = first_conv_in_channels(build_any(backbone.build)) or 3
-    h, w, input_chans = 224, 224, None
-    if input_shape:
-        dims = parse_dims(input_shape, "--input")
-        if len(dims) not in (2, 4):
-            raise InvalidArgument(f"malformed --input '{input_shape}': expected NxCxHxW or HxW")
-        h, w = dims[-2], dims[-1]
-        input_chans = dims[1] if len(dims) == 4 else None
-    target = _target(channels, stride, in_chans if in_chans is not None else input_chans, like)
-    target = replace(target, rounding=rounding)
-    source, model = trace(lambda: backbone.build(in_chans=own), (1, own, h, w), name=backbone.spec)
+    shape, asked = choose_input(backbone, input_shape or None, keep_own=True)
+    target = _target(channels, stride, in_chans if in_chans is not None else asked, like)
+    target = replace(target, rounding=rule.value)
+    own = shape[1]
+    source, model = trace(
+        lambda: backbone.build(in_chans=own), (1, own, shape[2], shape[3]), name=backbone.spec
+    )
     if (
         target.in_chans is not None
         and target.in_chans != own
@@ -460,23 +471,46 @@ def fit(
     ):
         raise TargetError(f"{backbone.spec} has no stem conv whose input channels can change")
     probes = tuple(p for p in PROBES if target.size(*p) is not None) or PROBES
-    candidates = plan(backbone, source, target, mode=mode, allow_truncate=allow_truncate)
+    candidates = plan(backbone, source, target, mode=how.value, allow_truncate=allow_truncate)
+    done = _evaluate_all(backbone, source, model, candidates, target, probes, progress)
+    if not any(c.ok for c in done) and target.like is None:
+        done += _exact_variants(backbone, source, model, done, target, probes, progress)
+    ranked = _ranked(backbone, target, done, ranking)
+    return FitResult(backbone, target, source, ranked, len(done), probes, ranking.value)
+
+
+def _evaluate_all(
+    backbone: Backbone,
+    source: Trace,
+    model: Any,
+    candidates: list[Candidate],
+    target: Target,
+    probes: tuple[Size, ...],
+    progress: Callable[[int, int], None] | None,
+) -> list[Candidate]:
     done = []
     for i, c in enumerate(candidates):
         done.append(evaluate(backbone, source, model, c, target, probes))
         if progress is not None:
             progress(i + 1, len(candidates))
-    if not any(c.ok for c in done) and target.like is None:
-        done += _exact_variants(backbone, source, model, done, target, probes, progress)
-    evaluated = [c for c in done if c.result is not None and not c.error]
-    exact = sorted((c for c in evaluated if c.ok), key=_PREFER[prefer])
+    return done
+
+
+def _ranked(
+    backbone: Backbone, target: Target, done: list[Candidate], ranking: Prefer
+) -> tuple[Candidate, ...]:
+    """Exact candidates first, by ``ranking``; then the inexact, then the refused.
+    No exact one is an error that says why."""
+    evaluated = [c for c in done if not c.failed]
+    exact = sorted((c for c in evaluated if c.ok), key=_PREFER[ranking])
     rest = sorted((c for c in evaluated if not c.ok), key=lambda c: c.trace.macs)
-    failed = [c for c in done if c.result is None or c.error]
+    failed = [c for c in done if c.failed]
+    if exact:
+        return tuple(exact + rest + failed)
     if (
-        not exact
-        and rest
+        rest
         and all(c.rounding_only for c in rest)
-        and target.rounding != "any"
+        and target.rounding != Rounding.ANY.value
         and not target.like
     ):
         other = "floor" if target.rounding == "ceil" else "ceil"
@@ -484,23 +518,19 @@ def fit(
             f"every candidate on {backbone.spec} misses {target.describe()} only by rounding "
             f"(e.g. {rest[0].label or 'as is'} gives {_hw(rest[0].misses[0][1])} at "
             f"{_hw(rest[0].misses[0][0])}, not {_hw(rest[0].misses[0][2])}); "
-            f"pass --rounding {other} to accept {other}(H/S)"
+            f"pass {{rounding}} {other} to accept {other}(H/S)",
+            params=("rounding",),
         )
-    if not exact:
-        reasons = "; ".join(
-            f"{c.label or 'as is'}: "
-            + (
-                c.error
-                or f"misses at {_hw(c.misses[0][0])}: {_hw(c.misses[0][1])} != "
-                f"{_hw(c.misses[0][2])}"
-            )
-            for c in (rest + failed)[:3]
+    reasons = "; ".join(
+        f"{c.label or 'as is'}: "
+        + (
+            c.error
+            or f"misses at {_hw(c.misses[0][0])}: {_hw(c.misses[0][1])} != {_hw(c.misses[0][2])}"
         )
-        raise TargetError(
-            f"no candidate reaches {target.describe()} exactly on {backbone.spec} ({reasons})"
-        )
-    return FitResult(
-        backbone, target, source, tuple(exact + rest + failed), len(done), probes, prefer
+        for c in (rest + failed)[:3]
+    )
+    raise TargetError(
+        f"no candidate reaches {target.describe()} exactly on {backbone.spec} ({reasons})"
     )
 
 
@@ -520,7 +550,7 @@ def _exact_variants(
     for rule in target.rules:
         variants = []
         for c in done:
-            if c.result is None or c.error or not c.misses:
+            if c.failed or not c.misses:
                 continue
             fix = _inexact(c.trace, ids, rule)
             if not fix:
@@ -582,28 +612,34 @@ def _target(
     channels: int | None, stride: str | int | Size | None, in_chans: int | None, like: str | None
 ) -> Target:
     if channels is not None and channels <= 0:
-        raise TargetError(f"--channels must be positive, got {channels}")
+        raise TargetError(f"{{channels}} must be positive, got {channels}", params=("channels",))
     if in_chans is not None and in_chans <= 0:
-        raise TargetError(f"--in-chans must be positive, got {in_chans}")
+        raise TargetError(f"{{in_chans}} must be positive, got {in_chans}", params=("in_chans",))
     if like is None:
         if channels is None or stride is None:
-            raise InvalidArgument("give --channels and --stride, or --like BACKBONE")
+            raise InvalidArgument(
+                "give {channels} and {stride}, or {like} BACKBONE",
+                params=("channels", "stride", "like"),
+            )
         size = parse_stride(stride)
         if min(size) < 1:
-            raise TargetError(f"--stride must be at least 1, got {stride}")
+            raise TargetError(f"{{stride}} must be at least 1, got {stride}", params=("stride",))
         return Target(channels, size, in_chans)
     report = inspect_backbone(like, "64x64", sizes=[p for p in PROBES])
     other = report.features or None
     out_shape = other.out_shape if other is not None else report.trace.output_shape
     if len(out_shape) != 4:
-        raise TargetError(f"--like {like}: its output is not spatial")
+        raise TargetError(f"{{like}} {like}: its output is not spatial", params=("like",))
     down = other.downsample if other is not None else report.trace.downsample
     sizes = {c.input_hw: c.traced_hw for c in report.sizes if c.traced_hw is not None}
     if stride is not None and parse_stride(stride) != (
         round(down[0]),
         round(down[1]),
     ):
-        raise InvalidArgument(f"--stride {stride} contradicts --like {like} (1/{down[0]:g})")
+        raise InvalidArgument(
+            f"{{stride}} {stride} contradicts {{like}} {like} (1/{down[0]:g})",
+            params=("stride", "like"),
+        )
     return Target(
         channels if channels is not None else out_shape[1],
         (round(down[0]), round(down[1])),
@@ -613,54 +649,18 @@ def _target(
     )
 
 
-def fit_dict(result: FitResult, top: int) -> dict[str, Any]:
-    """The JSON form of a fit (schema ``bbswap.fit/1``)."""
-    winner = result.winner.trace.macs if result.winner.result else 0
-    rows = []
-    for c in result.candidates[:top]:
-        row: dict[str, Any] = {
-            "label": c.label,
-            "mode": c.mode,
-            "exact": c.ok,
-            "rounding_only": c.rounding_only,
-            "rule": c.rule or None,
-            "error": c.error or None,
-            "note": c.note or None,
-            "ops": [op.to_toml() for op in c.recipe.ops],
-        }
-        if c.result is not None:
-            t = c.trace
-            row.update(
-                output=list(t.output_shape),
-                macs=t.macs,
-                macs_ratio=t.macs / winner if winner else None,
-                params=t.params,
-                receptive_field=list(t.receptive_field),
-                activation_bytes=t.activation_bytes,
-            )
-        rows.append(row)
-    return {
-        "schema": "bbswap.fit/1",
-        "backbone": result.backbone.spec,
-        "target": {
-            "channels": result.target.channels,
-            "stride": list(result.target.stride),
-            "in_chans": result.target.in_chans,
-            "like": result.target.like,
-            "rounding": result.target.rounding,
-        },
-        "input": list(result.source.input_shape),
-        "evaluated": result.evaluated,
-        "probes": [list(p) for p in result.probes],
-        "prefer": result.prefer,
-        "candidates": rows,
-    }
+def winner_input(result: FitResult) -> str:
+    """The input of the winning plan, as NxCxHxW with the channels it takes."""
+    source = result.source.input_shape
+    w = result.winner
+    chans = w.result.surgery.in_chans if w.result is not None else source[1]
+    return f"{source[0]}x{chans}x{source[2]}x{source[3]}"
 
 
-def winner_recipe(result: FitResult, input_text: str) -> Recipe:
-    """The winning candidate as a recipe to save or emit."""
+def winner_recipe(result: FitResult, input_text: str | None = None) -> Recipe:
+    """The winning candidate as a recipe to save or emit (its input: ``winner_input``)."""
     c = result.winner
-    return replace(c.recipe, input=input_text)
+    return replace(c.recipe, input=input_text or winner_input(result))
 
 
 def recipe_header(result: FitResult) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 
 from bbswap.backbones.registry import Backbone, list_backbones, resolve
 from bbswap.errors import BBSwapError, InvalidArgument, NotACNN
+from bbswap.kinds import Rounding
 from bbswap.parsing import parse_input
 
 STRIDES = (8, 16, 32)
@@ -39,6 +40,7 @@ class Cell:
     verified: bool | None = None  # None: not asked
     reason: str = ""  # a few words, when not ok
     detail: str = ""  # the whole error message
+    bug: bool = False  # the error was not a user error (not a BBSwapError)
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,8 @@ class Row:
     channels: int | None = None  # of the source's feature map
     downsample: tuple[float, float] | None = None
     cells: tuple[Cell, ...] = ()
-    emit: str = ""  # "bundled" or "--import (<why>)"; "" when nothing was emitted
+    emitted: bool = False  # a winning plan was emitted (with ``verify``)
+    import_reason: str = ""  # why the emitted file imports the source backbone; "" bundled
     reason: str = ""  # why the backbone itself failed (refused, cannot be built)
     detail: str = ""
     seconds: float = 0.0
@@ -59,6 +62,20 @@ class Row:
     @property
     def ok(self) -> bool:
         return not self.reason and bool(self.cells) and all(c.ok for c in self.cells)
+
+    @property
+    def emit_mode(self) -> str:
+        """How the emitted file gets the backbone's code: "bundled" or "--import";
+        "" when nothing was emitted."""
+        if not self.emitted:
+            return ""
+        return "--import" if self.import_reason else "bundled"
+
+    @property
+    def emit(self) -> str:
+        """The mode with its reason: "bundled" or "--import (<why>)"."""
+        mode = self.emit_mode
+        return f"{mode} ({self.import_reason})" if self.import_reason else mode
 
 
 @dataclass(frozen=True)
@@ -104,7 +121,7 @@ def matrix(
     strides: Sequence[int] = STRIDES,
     channels: int | None = None,
     verify: bool = True,
-    rounding: str = "any",
+    rounding: Rounding | str = Rounding.ANY,
     input_shape: str | None = None,
     debug: bool = False,
     progress: Callable[[int, int], None] | None = None,
@@ -115,24 +132,24 @@ def matrix(
         raise InvalidArgument(f"--stride must list positive strides, got {list(strides)}")
     if channels is not None and channels < 1:
         raise InvalidArgument(f"--channels must be positive, got {channels}")
-    if rounding not in ("ceil", "floor", "any"):
-        raise InvalidArgument(f"--rounding '{rounding}' is not one of ceil, floor, any")
+    rule = Rounding.parse(rounding, "rounding").value
     if input_shape is not None:
-        parse_input(input_shape, 3)  # a malformed --input is the user's error, not a row's
+        parse_input(input_shape, 3)  # a malformed input shape is the user's error, not a row's
     specs = expand(pats)
     rows = []
     for i, spec in enumerate(specs):
-        rows.append(_row(spec, tuple(strides), channels, verify, rounding, input_shape, debug))
+        rows.append(_row(spec, tuple(strides), channels, verify, rule, input_shape, debug))
         if progress is not None:
             progress(i + 1, len(specs))
-    return Matrix(pats, tuple(strides), channels, verify, rounding, tuple(rows))
+    return Matrix(pats, tuple(strides), channels, verify, rule, tuple(rows))
 
 
 def brief(error: BaseException) -> tuple[str, str]:
-    """A few words and the whole message of an error; anything not a user error is a bug."""
-    message = " ".join(str(error).split())
+    """A few words and the whole message of an error (worded as ``bbswap fit`` says it);
+    anything not a user error is a bug."""
     if isinstance(error, BBSwapError):
-        return error.brief, message
+        return error.brief, " ".join(error.as_flags().split())
+    message = " ".join(str(error).split())
     where = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
     at = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
     return f"bug: {type(error).__name__}", f"{type(error).__name__}: {message}{at}"
@@ -164,14 +181,17 @@ def _row(
     stage = report.features
     out = stage.out_shape if stage is not None else report.trace.output_shape
     down = stage.downsample if stage is not None else report.trace.downsample
-    cells, emit = [], ""
+    cells, emitted = [], None
     for stride in strides:
-        cell, mode = _cell(backbone, stride, channels or out[1], verify, rounding, input_shape)
-        if debug and cell.reason.startswith("bug: "):
+        cell, how = _cell(backbone, stride, channels or out[1], verify, rounding, input_shape)
+        if debug and cell.bug:
             raise RuntimeError(f"{spec} at stride {stride}: {cell.detail}")
         cells.append(cell)
-        emit = emit or mode
-    return Row(spec, out[1], down, tuple(cells), emit, seconds=time.perf_counter() - start)
+        emitted = how if emitted is None else emitted
+    seconds = time.perf_counter() - start
+    if emitted is None:
+        return Row(spec, out[1], down, tuple(cells), seconds=seconds)
+    return Row(spec, out[1], down, tuple(cells), True, emitted, seconds=seconds)
 
 
 def _cell(
@@ -181,8 +201,10 @@ def _cell(
     verify: bool,
     rounding: str,
     input_shape: str | None,
-) -> tuple[Cell, str]:
-    from bbswap.search.fit import fit, winner_recipe
+) -> tuple[Cell, str | None]:
+    """The cell, and why its emitted file imports the backbone ("" if bundled, None if not
+    emitted)."""
+    from bbswap.search.fit import fit, winner_input, winner_recipe
 
     try:
         found = fit(
@@ -190,68 +212,28 @@ def _cell(
         )
     except Exception as error:  # reported in the cell
         reason, detail = brief(error)
-        return Cell(stride, False, reason=reason, detail=detail), ""
+        bug = not isinstance(error, BBSwapError)
+        return Cell(stride, False, reason=reason, detail=detail, bug=bug), None
     w = found.winner
     cell = Cell(stride, True, w.trace.macs, w.label, w.rule or found.target.rounding)
     if not verify:
-        return cell, ""
-    source = found.source.input_shape
-    chans = w.result.surgery.in_chans if w.result is not None else source[1]
-    text = f"{source[0]}x{chans}x{source[2]}x{source[3]}"
+        return cell, None
+    text = winner_input(found)
     try:
-        exported = _export(backbone, winner_recipe(found, text), text)
+        import_reason = _export(backbone, winner_recipe(found, text), text)
     except Exception as error:  # reported in the cell
         reason, detail = brief(error)
-        return Cell(stride, False, cell.macs, cell.plan, cell.rule, False, reason, detail), ""
-    return Cell(stride, True, cell.macs, cell.plan, cell.rule, True), exported
+        bug = not isinstance(error, BBSwapError)
+        failed = Cell(stride, False, cell.macs, cell.plan, cell.rule, False, reason, detail, bug)
+        return failed, None
+    return Cell(stride, True, cell.macs, cell.plan, cell.rule, True), import_reason
 
 
 def _export(backbone: Backbone, recipe: Any, input_text: str) -> str:
-    """Emit and verify one plan in a temporary folder; return how the file gets its code."""
+    """Emit and verify one plan in a temporary folder; return why the file imports the
+    source backbone ("" when it bundles its code)."""
     from bbswap.codegen.export import export
 
     with tempfile.TemporaryDirectory() as tmp:
         done = export(backbone, recipe, Path(tmp) / "backbone.py", input_shape=input_text)
-    reason = done.emitted.import_reason
-    return f"--import ({reason})" if reason else "bundled"
-
-
-def matrix_dict(result: Matrix) -> dict[str, Any]:
-    """The JSON form of a matrix (schema ``bbswap.search.matrix/1``)."""
-    return {
-        "schema": "bbswap.search.matrix/1",
-        "patterns": list(result.patterns),
-        "strides": list(result.strides),
-        "channels": result.channels,
-        "rounding": result.rounding,
-        "verify": result.verify,
-        "passed": result.passed,
-        "cnns": result.cnns,
-        "rows": [
-            {
-                "spec": r.spec,
-                "ok": r.ok,
-                "channels": r.channels,
-                "downsample": list(r.downsample) if r.downsample else None,
-                "emit": r.emit or None,
-                "reason": r.reason or None,
-                "refused": r.refused,
-                "detail": r.detail or None,
-                "seconds": round(r.seconds, 2),
-                "cells": [
-                    {
-                        "stride": c.stride,
-                        "ok": c.ok,
-                        "macs": c.macs,
-                        "plan": c.plan,
-                        "rule": c.rule or None,
-                        "verified": c.verified,
-                        "reason": c.reason or None,
-                        "detail": c.detail or None,
-                    }
-                    for c in r.cells
-                ],
-            }
-            for r in result.rows
-        ],
-    }
+    return done.emitted.import_reason or ""

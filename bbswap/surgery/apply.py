@@ -12,8 +12,8 @@ from bbswap.errors import InvalidArgument, SurgeryError
 from bbswap.parsing import parse_dims
 from bbswap.recipes.schema import Recipe
 from bbswap.surgery.core import Edit, Surgery
-from bbswap.tracing.inspection import first_conv_in_channels
-from bbswap.tracing.tracer import Stage, Trace, _ForwardFailed, build_any, trace, trace_module
+from bbswap.tracing.inspection import choose_input
+from bbswap.tracing.tracer import ForwardFailed, Stage, Trace, trace, trace_module
 
 Shape4 = tuple[int, int, int, int]
 
@@ -37,22 +37,9 @@ def source_input(backbone: Backbone, recipe: Recipe, input_text: str | None) -> 
     With an ``in_channels`` op the source keeps its own channels and the op changes
     them; without one a backbone that takes ``in_chans`` is built for the input's.
     """
-    text = input_text or recipe.input or ""
     changes_chans = any(op.op == "in_channels" for op in recipe.ops)
-    own = backbone.default_in_chans
-    if own is None:
-        own = first_conv_in_channels(build_any(backbone.build)) or 3
-    if not text:
-        return (1, own, 224, 224), own
-    dims = parse_dims(text, "--input")
-    if len(dims) == 2:
-        return (1, own, dims[0], dims[1]), own
-    if len(dims) != 4:
-        raise InvalidArgument(f"malformed --input '{text}': expected NxCxHxW or HxW")
-    n, c, h, w = dims
-    if changes_chans:
-        return (n, own, h, w), own
-    return (n, c, h, w), c
+    shape, _ = choose_input(backbone, input_text or recipe.input or None, keep_own=changes_chans)
+    return shape, shape[1]
 
 
 def apply_recipe(
@@ -73,12 +60,13 @@ def apply_recipe(
     shape, chans = source_input(backbone, recipe, input_shape)
     before, source = trace(lambda: backbone.build(in_chans=chans), shape, name=backbone.spec)
     result = apply_traced(backbone, recipe, before, source, model=model)
-    if input_shape and len(parse_dims(input_shape, "--input")) == 4:
-        wanted = parse_dims(input_shape, "--input")[1]
+    if input_shape and len(parse_dims(input_shape, "input_shape")) == 4:
+        wanted = parse_dims(input_shape, "input_shape")[1]
         if wanted != result.surgery.in_chans:
             raise InvalidArgument(
-                f"--input has {wanted} channels but the patched model takes "
-                f"{result.surgery.in_chans}"
+                f"{{input_shape}} has {wanted} channels but the patched model takes "
+                f"{result.surgery.in_chans}",
+                params=("input_shape",),
             )
     return result
 
@@ -100,7 +88,7 @@ def apply_traced(
     n, _, h, w = before.input_shape
     try:
         after = trace_module(patched, (n, surgery.in_chans, h, w), device=before.device)
-    except _ForwardFailed as failed:
+    except ForwardFailed as failed:
         where = f" in '{failed.stage}'" if failed.stage else ""
         raise SurgeryError(
             f"the patched model fails{where}: {type(failed.error).__name__}: "
@@ -134,47 +122,3 @@ def stage_diff(before: Trace, after: Trace) -> tuple[StageDiff, ...]:
     rows = [StageDiff(s.path, s, after_by_path.pop(s.path, None)) for s in before.stages]
     rows += [StageDiff(path, None, s) for path, s in after_by_path.items()]
     return tuple(rows)
-
-
-def _summary(t: Trace) -> dict[str, Any]:
-    return {
-        "input": list(t.input_shape),
-        "output": list(t.output_shape),
-        "downsample": list(t.downsample),
-        "receptive_field": list(t.receptive_field),
-        "params": t.params,
-        "macs": t.macs,
-        "activation_bytes": t.activation_bytes,
-    }
-
-
-def apply_dict(result: ApplyResult) -> dict[str, Any]:
-    """The JSON form of an apply result (schema ``bbswap.apply/1``)."""
-    rules = result.after.size_rules()
-    return {
-        "schema": "bbswap.apply/1",
-        "backbone": result.backbone.spec,
-        "recipe": result.recipe.name,
-        "before": _summary(result.before),
-        "after": _summary(result.after),
-        "size_rule": {"h": rules[0].format("H"), "w": rules[1].format("W")},
-        "stages": [
-            {
-                "path": d.path,
-                "before": None if d.before is None else list(d.before.out_shape),
-                "after": None if d.after is None else list(d.after.out_shape),
-            }
-            for d in stage_diff(result.before, result.after)
-        ],
-        "edits": [
-            {
-                "op_index": e.op_index,
-                "op": e.op,
-                "path": e.path,
-                "attribute": e.attribute,
-                "old": e.old,
-                "new": e.new,
-            }
-            for e in result.edits
-        ],
-    }

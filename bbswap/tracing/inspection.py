@@ -10,12 +10,12 @@ from torch import nn
 
 from bbswap.backbones.registry import Backbone, resolve
 from bbswap.errors import InvalidArgument, ModelError
-from bbswap.parsing import parse_input
+from bbswap.parsing import parse_dims, parse_input
 from bbswap.tracing.sizes import SizeRule
 from bbswap.tracing.tracer import (
+    ForwardFailed,
     Stage,
     Trace,
-    _ForwardFailed,
     build_any,
     forward_error,
     trace,
@@ -70,27 +70,71 @@ def first_conv_in_channels(model: nn.Module) -> int | None:
     return None
 
 
+def own_in_chans(backbone: Backbone) -> int | None:
+    """The input channels a backbone is built with by default (read off its first conv
+    when the registry does not say)."""
+    if backbone.default_in_chans is not None:
+        return backbone.default_in_chans
+    return first_conv_in_channels(build_any(backbone.build))
+
+
+def choose_input(
+    backbone: Backbone,
+    text: str | None,
+    *,
+    keep_own: bool = False,
+    fallback: int | None = 3,
+) -> tuple[Shape4, int | None]:
+    """The input the source backbone is traced with (its channels are the ones it is built
+    with), and the channel count an ``NxCxHxW`` text names (None for ``HxW`` or no text).
+
+    ``HxW`` or no text (224x224) takes the model's own channels, else ``fallback``;
+    ``NxCxHxW`` takes its own, unless ``keep_own``: the caller changes them later.
+    """
+    dims = parse_dims(text, "input_shape") if text is not None else (224, 224)
+    if len(dims) not in (2, 4):
+        raise InvalidArgument(
+            f"malformed {{input_shape}} '{text}': expected NxCxHxW or HxW, e.g. 1x3x224x224",
+            params=("input_shape",),
+        )
+    asked = dims[1] if len(dims) == 4 else None
+    n = dims[0] if len(dims) == 4 else 1
+    if asked is not None and not keep_own:
+        return (n, asked, dims[-2], dims[-1]), asked
+    own = own_in_chans(backbone)
+    if own is None and fallback is None:
+        parse_input(text or "", None)  # raises: HxW without a channel count
+    chans = own if own is not None else fallback
+    assert chans is not None  # parse_input raised above
+    return (n, chans, dims[-2], dims[-1]), asked
+
+
 def prepare(backbone: Backbone, input_shape: str | Sequence[int]) -> Prepared:
-    """Parse ``--input`` and decide the channel count the model is built with.
+    """Parse the input shape and decide the channel count the model is built with.
 
     A backbone that takes ``in_chans`` is built for the input's channel count; for
     ``HxW`` the channel count is the model's own (read off its first conv if needed).
     """
     if isinstance(input_shape, str):
-        in_chans = backbone.default_in_chans
-        if in_chans is None and input_shape.lower().count("x") == 1:
-            in_chans = first_conv_in_channels(build_any(backbone.build))
-        shape = parse_input(input_shape, in_chans)
+        shape, _ = choose_input(backbone, input_shape, fallback=None)
     else:
-        shape = tuple(int(v) for v in input_shape)  # type: ignore[assignment]  # checked below
-        if len(shape) != 4 or any(v <= 0 for v in shape):
-            raise InvalidArgument(f"input shape must be 4 positive integers, got {input_shape}")
+        shape = as_shape4(input_shape)
     chans = shape[1]
 
     def build() -> nn.Module:
         return backbone.build(in_chans=chans)
 
     return Prepared(backbone, shape, build)
+
+
+def as_shape4(input_shape: Sequence[int]) -> Shape4:
+    shape = tuple(int(v) for v in input_shape)
+    if len(shape) != 4 or min(shape) <= 0:
+        raise InvalidArgument(
+            f"{{input_shape}} must be 4 positive integers (N, C, H, W), got {input_shape}",
+            params=("input_shape",),
+        )
+    return (shape[0], shape[1], shape[2], shape[3])
 
 
 def check_sizes(
@@ -104,9 +148,9 @@ def check_sizes(
         predicted = result.output_size(h, w, features.chain if features else None)
         try:
             again = trace_module(model, (n, c, h, w), depth=result.depth, device=result.device)
-        except _ForwardFailed as failed:
+        except ForwardFailed as failed:
             raise ModelError(
-                f"--sizes {h}x{w}: {forward_error(failed, (n, c, h, w))}"
+                f"{{sizes}} {h}x{w}: {forward_error(failed, (n, c, h, w))}", params=("sizes",)
             ) from failed.error
         out = again.output_shape
         if features is not None:
@@ -126,17 +170,13 @@ def inspect_backbone(
 ) -> InspectReport:
     """Trace a backbone (a spec, a resolved :class:`Backbone` or a model instance)."""
     if depth < 1:
-        raise InvalidArgument(f"--depth must be at least 1, got {depth}")
+        raise InvalidArgument(f"{{depth}} must be at least 1, got {depth}", params=("depth",))
     if isinstance(spec, nn.Module):
         model = spec
         if isinstance(input_shape, str):
-            shape: tuple[int, ...] = parse_input(input_shape, first_conv_in_channels(model))
+            shape: Shape4 = parse_input(input_shape, first_conv_in_channels(model))
         else:
-            shape = tuple(int(v) for v in input_shape)
-            if len(shape) != 4 or min(shape) <= 0:
-                raise InvalidArgument(
-                    f"input shape must be 4 positive integers (N, C, H, W), got {input_shape}"
-                )
+            shape = as_shape4(input_shape)
         result = trace_instance(model, shape, depth, type(model).__name__)
         name = type(model).__name__
     else:
@@ -148,70 +188,3 @@ def inspect_backbone(
     features = result.features
     rules = result.size_rules(features.chain if features else None)
     return InspectReport(name, result, features, rules, checks)
-
-
-def report_dict(report: InspectReport) -> dict[str, Any]:
-    """The JSON form of an inspect report (schema ``bbswap.inspect/1``, see README)."""
-    t = report.trace
-    return {
-        "schema": "bbswap.inspect/1",
-        "backbone": report.backbone,
-        "input": list(t.input_shape),
-        "output": list(t.output_shape),
-        "device": t.device,
-        "note": t.note,
-        "downsample": list(t.downsample),
-        "receptive_field": list(t.receptive_field),
-        "params": t.params,
-        "macs": t.macs,
-        "activation_bytes": t.activation_bytes,
-        "features": None
-        if report.features is None
-        else {
-            "stage": report.features.path,
-            "output": list(report.features.out_shape),
-            "downsample": list(report.features.downsample),
-        },
-        "size_rule": {"h": report.rules[0].format("H"), "w": report.rules[1].format("W")},
-        "stages": [
-            {
-                "path": s.path,
-                "type": s.type,
-                "output": list(s.out_shape),
-                "channels": s.channels,
-                "downsample": list(s.downsample),
-                "receptive_field": list(s.receptive_field),
-                "params": s.params,
-                "macs": s.macs,
-                "activation_bytes": s.activation_bytes,
-                "functional": s.functional,
-            }
-            for s in t.stages
-        ],
-        "reductions": [
-            {
-                "id": r.id,
-                "owner": r.owner,
-                "kind": r.kind,
-                "op": r.op,
-                "stage": r.stage,
-                "kernel": list(r.kernel),
-                "stride": list(r.stride),
-                "padding": r.padding if isinstance(r.padding, str) else list(r.padding),
-                "dilation": list(r.dilation),
-                "rounding": r.rounding,
-                "input_hw": list(r.in_hw),
-                "output_hw": list(r.out_hw),
-            }
-            for r in t.reductions
-        ],
-        "sizes": [
-            {
-                "input": list(c.input_hw),
-                "predicted": list(c.predicted_hw),
-                "traced": list(c.traced_hw) if c.traced_hw else None,
-                "ok": c.ok,
-            }
-            for c in report.sizes
-        ],
-    }

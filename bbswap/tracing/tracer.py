@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_flatten
 
 from bbswap.backbones.guard import user_code
 from bbswap.errors import ModelError, NotACNN
+from bbswap.kinds import Device
 from bbswap.tracing.sizes import SizeRule, SizeStep, chain_size, min_size, size_rule
 from bbswap.tracing.spatial_ops import (
     SPATIAL,
@@ -141,7 +142,7 @@ class Trace:
     params: int
     macs: int
     activation_bytes: int
-    device: str  # "meta", "fake" or "cpu"
+    device: Device
     note: str  # why the trace fell back to real tensors, or ""
     children: tuple[str, ...]  # top-level children in execution order
     modules: tuple[str, ...]  # every module path in execution order
@@ -409,18 +410,7 @@ class _Mode(TorchFunctionMode):
         else:
             prefix = f"{owner}." if owner else ""
             op_id, kind = f"{prefix}{name}()" + (f"#{call}" if call else ""), "functional"
-        in_hw, out_hw = x_shape[-2:], tuple(y.shape[-2:])
-        rf, jump = list(info.rf), list(info.jump)
-        for axis in range(2):
-            steps = sa.steps[axis]
-            if sa.op.startswith("adaptive") and steps:
-                rf[axis] += (in_hw[axis] - 1) * jump[axis]
-                jump[axis] *= in_hw[axis] / max(out_hw[axis], 1)
-            elif sa.op in ("interpolate", "pixel-shuffle", "conv-transpose") and steps:
-                jump[axis] *= in_hw[axis] / max(out_hw[axis], 1)
-            elif sa.op != "pad":
-                rf[axis] += (sa.kernel[axis] - 1) * sa.dilation[axis] * jump[axis]
-                jump[axis] *= sa.stride[axis]
+        rf, jump = _grow_field(sa, x_shape[-2:], tuple(y.shape[-2:]), info)
         op = SpatialOp(
             id=op_id,
             owner=owner,
@@ -446,6 +436,24 @@ class _Mode(TorchFunctionMode):
         chain = info.chain + ((op_id,) if op.changes_size else ())
         fixed = info.fixed or any(st.kind == "fixed" for st in (*op.steps_h, *op.steps_w))
         return _TensorInfo((rf[0], rf[1]), (jump[0], jump[1]), chain, fixed, info.hw)
+
+
+def _grow_field(
+    sa: SpatialArgs, in_hw: Shape, out_hw: Shape, info: _TensorInfo
+) -> tuple[list[float], list[float]]:
+    """The receptive field and jump (input pixels per output step) after one op."""
+    rf, jump = list(info.rf), list(info.jump)
+    for axis in range(2):
+        steps = sa.steps[axis]
+        if sa.op.startswith("adaptive") and steps:
+            rf[axis] += (in_hw[axis] - 1) * jump[axis]
+            jump[axis] *= in_hw[axis] / max(out_hw[axis], 1)
+        elif sa.op in ("interpolate", "pixel-shuffle", "conv-transpose") and steps:
+            jump[axis] *= in_hw[axis] / max(out_hw[axis], 1)
+        elif sa.op != "pad":
+            rf[axis] += (sa.kernel[axis] - 1) * sa.dilation[axis] * jump[axis]
+            jump[axis] *= sa.stride[axis]
+    return rf, jump
 
 
 _RESHAPES = frozenset({"view", "reshape"})
@@ -573,7 +581,9 @@ class _TracerBug(RuntimeError):
     """Raised through the user's forward when recording a call fails; never wrapped."""
 
 
-class _ForwardFailed(Exception):
+class ForwardFailed(Exception):
+    """The user's forward raised; ``stage`` is the stage it had reached."""
+
     def __init__(self, stage: str, error: BaseException) -> None:
         super().__init__(str(error))
         self.stage = stage
@@ -615,12 +625,12 @@ def _run(model: nn.Module, x: torch.Tensor) -> tuple[_Recorder, Any]:
             where = f" in stage '{rec.stack[-1]}'" if rec.stack else ""
             raise ModelError(f"{error}{where}", brief=error.brief) from None
         except Exception as error:  # any failure of the user's forward
-            raise _ForwardFailed(rec.stack[-1] if rec.stack else "", error) from error
+            raise ForwardFailed(rec.stack[-1] if rec.stack else "", error) from error
     return rec, out
 
 
 def _summarise(
-    rec: _Recorder, x: torch.Tensor, out: Any, depth: int, device: str, note: str
+    rec: _Recorder, x: torch.Tensor, out: Any, depth: int, device: Device, note: str
 ) -> Trace:
     outs = _tensors(out)
     if not outs:
@@ -730,26 +740,27 @@ def trace_module(
     model: nn.Module,
     input_shape: Shape,
     depth: int = 1,
-    device: str = "meta",
+    device: Device | str = Device.META,
     note: str = "",
 ) -> Trace:
     """Trace a model that already exists: on the meta device if its parameters are
     there, else under FakeTensorMode so its real weights are neither copied nor used."""
-    if device == "meta":
+    device = Device.parse(device, "device")
+    if device is Device.META:
         with torch.device("meta"):
             x = torch.empty(input_shape)
             rec, out = _run(model, x)
-        return _summarise(rec, x, out, depth, "meta", note)
-    if device == "fake":
+        return _summarise(rec, x, out, depth, Device.META, note)
+    if device is Device.FAKE:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         with FakeTensorMode(allow_non_fake_inputs=True):
             x = torch.empty(input_shape)
             rec, out = _run(model, x)
-        return _summarise(rec, x, out, depth, "fake", note)
+        return _summarise(rec, x, out, depth, Device.FAKE, note)
     x = torch.zeros(input_shape)
     rec, out = _run(model, x)
-    return _summarise(rec, x, out, depth, "cpu", note)
+    return _summarise(rec, x, out, depth, Device.CPU, note)
 
 
 class _SkipMetaInit(TorchFunctionMode):
@@ -846,7 +857,7 @@ def _trace_built(
     else:
         try:
             return trace_module(model, input_shape, depth, "meta"), model
-        except _ForwardFailed as failed:
+        except ForwardFailed as failed:
             meta_error = failed.error
     note = (
         "traced on real CPU tensors: the model cannot run on the meta device "
@@ -856,7 +867,7 @@ def _trace_built(
     model = _build_real(build)
     try:
         return trace_module(model, input_shape, depth, "cpu", note), model
-    except _ForwardFailed as failed:
+    except ForwardFailed as failed:
         raise forward_error(failed, input_shape) from failed.error
 
 
@@ -875,7 +886,7 @@ def _require_small_enough(input_shape: Shape, why: BaseException | None) -> None
         )
 
 
-def forward_error(failed: _ForwardFailed, input_shape: Shape) -> ModelError:
+def forward_error(failed: ForwardFailed, input_shape: Shape) -> ModelError:
     """The one-line error for a model whose forward raised, naming the stage reached."""
     where = f" in stage '{failed.stage}'" if failed.stage else ""
     return ModelError(
@@ -901,7 +912,7 @@ def _trace_instance(model: nn.Module, input_shape: Shape, depth: int) -> Trace:
             return trace_module(model, input_shape, depth, "meta")
         with _preserved(model):
             return trace_module(model, input_shape, depth, "fake")
-    except _ForwardFailed as failed:
+    except ForwardFailed as failed:
         if on_meta:
             raise forward_error(failed, input_shape) from failed.error
         note = (
@@ -912,7 +923,7 @@ def _trace_instance(model: nn.Module, input_shape: Shape, depth: int) -> Trace:
     try:
         with _preserved(model):
             return trace_module(model, input_shape, depth, "cpu", note)
-    except _ForwardFailed as failed:
+    except ForwardFailed as failed:
         raise forward_error(failed, input_shape) from failed.error
 
 

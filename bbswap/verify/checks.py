@@ -287,6 +287,27 @@ def sweep_sizes(minimum: Size, count: int = 10, multiple: Size = (1, 1)) -> list
     return list(dict.fromkeys(round_up(size, multiple) for size in sizes))
 
 
+def _skip_failing_sizes(
+    model: nn.Module,
+    reference: nn.Module,
+    source: nn.Module,
+    in_chans: int,
+    compare_sizes: Sequence[Size],
+    sweep: Sequence[Size],
+) -> tuple[list[Size], list[Size], Check] | None:
+    """The sizes left to compare and sweep once those the source backbone fails at too
+    are dropped, and the check that says so; None when none is dropped."""
+    sizes = list(dict.fromkeys([*compare_sizes, *sweep]))
+    _, skipped = accepted_sizes(model, reference, source, in_chans, sizes)
+    if not skipped:
+        return None
+    compared = [z for z in compare_sizes if z not in skipped]
+    swept = [z for z in sweep if z not in skipped]
+    listed = ", ".join(f"{h}x{w}" for h, w in skipped)
+    detail = f"skipped {listed}: the source backbone fails there too"
+    return compared, swept, Check("sizes", bool(compared) and bool(swept), detail)
+
+
 def verify_model(
     model: nn.Module,
     target: str,
@@ -312,20 +333,11 @@ def verify_model(
     model.eval()
     if reference is not None and source is not None:
         reference.eval()
-        sizes = list(dict.fromkeys([*compare_sizes, *sweep]))
-        _, skipped = accepted_sizes(model, reference, source, in_chans, sizes)
-        if skipped:
-            compare_sizes = [z for z in compare_sizes if z not in skipped]
-            sweep = [z for z in sweep if z not in skipped]
-            listed = ", ".join(f"{h}x{w}" for h, w in skipped)
-            checks.append(
-                Check(
-                    "sizes",
-                    bool(compare_sizes) and bool(sweep),
-                    f"skipped {listed}: the source backbone fails there too",
-                )
-            )
-            if not checks[-1].ok:
+        skipped = _skip_failing_sizes(model, reference, source, in_chans, compare_sizes, sweep)
+        if skipped is not None:
+            compare_sizes, sweep, check = skipped
+            checks.append(check)
+            if not check.ok:
                 return VerifyReport(target, tuple(checks))
     try:
         if reference is not None:

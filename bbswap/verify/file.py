@@ -6,6 +6,7 @@ from pathlib import Path
 
 from bbswap.backbones.weights import read_checkpoint
 from bbswap.errors import InvalidArgument
+from bbswap.kinds import Rounding
 from bbswap.parsing import parse_sizes, parse_stride
 from bbswap.tracing.inspection import first_conv_in_channels, inspect_backbone
 from bbswap.verify.checks import VerifyReport, construct, import_file, verify_model
@@ -19,7 +20,7 @@ def like_sizes(spec: str, sizes: list[tuple[int, int]]) -> dict[tuple[int, int],
     out = {}
     for check in report.sizes:
         if check.traced_hw is None:
-            raise InvalidArgument(f"--like {spec}: its output is not spatial")
+            raise InvalidArgument(f"{{like}} {spec}: its output is not spatial", params=("like",))
         out[check.input_hw] = check.traced_hw
     return out
 
@@ -33,22 +34,26 @@ def check_file(
     like: str | None = None,
     sizes: str | None = None,
     in_chans: int | None = None,
-    rounding: str = "ceil",
+    rounding: Rounding | str = Rounding.CEIL,
 ) -> VerifyReport:
     path_text, sep, class_name = target.rpartition(":")
     if not sep or not class_name or not path_text.endswith(".py"):
         raise InvalidArgument(f"malformed target '{target}': expected FILE.py:Class")
     if channels is not None and channels <= 0:
-        raise InvalidArgument(f"--channels must be positive, got {channels}")
-    if rounding not in ("ceil", "floor", "any"):
-        raise InvalidArgument(f"--rounding '{rounding}' is not one of ceil, floor, any")
+        raise InvalidArgument(
+            f"{{channels}} must be positive, got {channels}", params=("channels",)
+        )
+    rule = Rounding.parse(rounding, "rounding")
     wanted_stride = parse_stride(stride) if stride is not None else None
     size_list = parse_sizes(sizes) if sizes is not None else DEFAULT_SIZES
     module = import_file(Path(path_text))
     model = construct(module, class_name, path_text)
     chans = in_chans or first_conv_in_channels(model)
     if chans is None:
-        raise InvalidArgument(f"cannot tell the input channels of {class_name}; pass --in-chans")
+        raise InvalidArgument(
+            f"cannot tell the input channels of {class_name}; pass {{in_chans}}",
+            params=("in_chans",),
+        )
     state = read_checkpoint(weights)[0] if weights is not None else None
     return verify_model(
         model,
@@ -58,6 +63,6 @@ def check_file(
         state=state,
         channels=channels,
         stride=wanted_stride,
-        rounding=rounding,
+        rounding=rule.value,
         like=(like, like_sizes(like, size_list)) if like is not None else None,
     )

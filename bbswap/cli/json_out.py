@@ -1,0 +1,264 @@
+"""The JSON form of every report, built from the library's data classes.
+
+Each ``*_dict`` function returns one ``--json`` document (its ``schema`` names it);
+the keys and their order are the documented format, see README.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from bbswap.backbones.registry import ListedBackbone
+    from bbswap.codegen.export import Exported
+    from bbswap.search.fit import Candidate, FitResult
+    from bbswap.search.matrix import Cell, Matrix, Row
+    from bbswap.surgery.apply import ApplyResult
+    from bbswap.surgery.core import Edit
+    from bbswap.tracing.inspection import InspectReport, SizeCheck
+    from bbswap.tracing.tracer import SpatialOp, Stage, Trace
+    from bbswap.verify.checks import Check, VerifyReport
+
+
+def list_dict(rows: Sequence[ListedBackbone]) -> dict[str, Any]:
+    """``bbswap list --json`` (schema ``bbswap.list/1``)."""
+    return {
+        "schema": "bbswap.list/1",
+        "backbones": [
+            {
+                "spec": r.spec,
+                "family": r.family,
+                "in_chans": r.in_chans,
+                "description": r.description,
+            }
+            for r in rows
+        ],
+    }
+
+
+def report_dict(report: InspectReport) -> dict[str, Any]:
+    """The JSON form of an inspect report (schema ``bbswap.inspect/1``, see README)."""
+    t = report.trace
+    f = report.features
+    return {
+        "schema": "bbswap.inspect/1",
+        "backbone": report.backbone,
+        "input": list(t.input_shape),
+        "output": list(t.output_shape),
+        "device": t.device,
+        "note": t.note,
+        "downsample": list(t.downsample),
+        "receptive_field": list(t.receptive_field),
+        "params": t.params,
+        "macs": t.macs,
+        "activation_bytes": t.activation_bytes,
+        "features": None
+        if f is None
+        else {"stage": f.path, "output": list(f.out_shape), "downsample": list(f.downsample)},
+        "size_rule": {"h": report.rules[0].format("H"), "w": report.rules[1].format("W")},
+        "stages": [_stage(s) for s in t.stages],
+        "reductions": [_reduction(r) for r in t.reductions],
+        "sizes": [_size_check(c) for c in report.sizes],
+    }
+
+
+def _stage(s: Stage) -> dict[str, Any]:
+    return {
+        "path": s.path,
+        "type": s.type,
+        "output": list(s.out_shape),
+        "channels": s.channels,
+        "downsample": list(s.downsample),
+        "receptive_field": list(s.receptive_field),
+        "params": s.params,
+        "macs": s.macs,
+        "activation_bytes": s.activation_bytes,
+        "functional": s.functional,
+    }
+
+
+def _reduction(r: SpatialOp) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "owner": r.owner,
+        "kind": r.kind,
+        "op": r.op,
+        "stage": r.stage,
+        "kernel": list(r.kernel),
+        "stride": list(r.stride),
+        "padding": r.padding if isinstance(r.padding, str) else list(r.padding),
+        "dilation": list(r.dilation),
+        "rounding": r.rounding,
+        "input_hw": list(r.in_hw),
+        "output_hw": list(r.out_hw),
+    }
+
+
+def _size_check(c: SizeCheck) -> dict[str, Any]:
+    return {
+        "input": list(c.input_hw),
+        "predicted": list(c.predicted_hw),
+        "traced": list(c.traced_hw) if c.traced_hw else None,
+        "ok": c.ok,
+    }
+
+
+def _summary(t: Trace) -> dict[str, Any]:
+    return {
+        "input": list(t.input_shape),
+        "output": list(t.output_shape),
+        "downsample": list(t.downsample),
+        "receptive_field": list(t.receptive_field),
+        "params": t.params,
+        "macs": t.macs,
+        "activation_bytes": t.activation_bytes,
+    }
+
+
+def apply_dict(result: ApplyResult) -> dict[str, Any]:
+    """The JSON form of an apply result (schema ``bbswap.apply/1``)."""
+    from bbswap.surgery.apply import stage_diff
+
+    rules = result.after.size_rules()
+    return {
+        "schema": "bbswap.apply/1",
+        "backbone": result.backbone.spec,
+        "recipe": result.recipe.name,
+        "before": _summary(result.before),
+        "after": _summary(result.after),
+        "size_rule": {"h": rules[0].format("H"), "w": rules[1].format("W")},
+        "stages": [
+            {
+                "path": d.path,
+                "before": None if d.before is None else list(d.before.out_shape),
+                "after": None if d.after is None else list(d.after.out_shape),
+            }
+            for d in stage_diff(result.before, result.after)
+        ],
+        "edits": [_edit(e) for e in result.edits],
+    }
+
+
+def _edit(e: Edit) -> dict[str, Any]:
+    return {
+        "op_index": e.op_index,
+        "op": e.op,
+        "path": e.path,
+        "attribute": e.attribute,
+        "old": e.old,
+        "new": e.new,
+    }
+
+
+def fit_dict(result: FitResult, top: int) -> dict[str, Any]:
+    """The JSON form of a fit (schema ``bbswap.fit/1``)."""
+    winner = result.winner.trace.macs if result.winner.result else 0
+    return {
+        "schema": "bbswap.fit/1",
+        "backbone": result.backbone.spec,
+        "target": {
+            "channels": result.target.channels,
+            "stride": list(result.target.stride),
+            "in_chans": result.target.in_chans,
+            "like": result.target.like,
+            "rounding": result.target.rounding,
+        },
+        "input": list(result.source.input_shape),
+        "evaluated": result.evaluated,
+        "probes": [list(p) for p in result.probes],
+        "prefer": result.prefer,
+        "candidates": [_candidate(c, winner) for c in result.candidates[:top]],
+    }
+
+
+def _candidate(c: Candidate, winner: int) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "label": c.label,
+        "mode": c.mode,
+        "exact": c.ok,
+        "rounding_only": c.rounding_only,
+        "rule": c.rule or None,
+        "error": c.error or None,
+        "note": c.note or None,
+        "ops": [op.to_toml() for op in c.recipe.ops],
+    }
+    if c.result is not None:
+        t = c.trace
+        row.update(
+            output=list(t.output_shape),
+            macs=t.macs,
+            macs_ratio=t.macs / winner if winner else None,
+            params=t.params,
+            receptive_field=list(t.receptive_field),
+            activation_bytes=t.activation_bytes,
+        )
+    return row
+
+
+def _checks(checks: Sequence[Check]) -> list[dict[str, Any]]:
+    return [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks]
+
+
+def export_dict(exported: Exported) -> dict[str, Any]:
+    """What ``-o FILE.py`` wrote, for the ``written`` key of apply and fit."""
+    return {
+        "path": str(exported.path),
+        "class_name": exported.emitted.class_name,
+        "weights": str(exported.weights_path) if exported.weights_path else None,
+        "checks": _checks(exported.report.checks),
+    }
+
+
+def verify_dict(report: VerifyReport) -> dict[str, Any]:
+    """``bbswap verify --json`` (schema ``bbswap.verify.checks/1``)."""
+    return {
+        "schema": "bbswap.verify.checks/1",
+        "target": report.target,
+        "ok": report.ok,
+        "checks": _checks(report.checks),
+    }
+
+
+def matrix_dict(result: Matrix) -> dict[str, Any]:
+    """The JSON form of a matrix (schema ``bbswap.search.matrix/1``)."""
+    return {
+        "schema": "bbswap.search.matrix/1",
+        "patterns": list(result.patterns),
+        "strides": list(result.strides),
+        "channels": result.channels,
+        "rounding": result.rounding,
+        "verify": result.verify,
+        "passed": result.passed,
+        "cnns": result.cnns,
+        "rows": [_row(r) for r in result.rows],
+    }
+
+
+def _row(r: Row) -> dict[str, Any]:
+    return {
+        "spec": r.spec,
+        "ok": r.ok,
+        "channels": r.channels,
+        "downsample": list(r.downsample) if r.downsample else None,
+        "emit": r.emit or None,
+        "reason": r.reason or None,
+        "refused": r.refused,
+        "detail": r.detail or None,
+        "seconds": round(r.seconds, 2),
+        "cells": [_cell(c) for c in r.cells],
+    }
+
+
+def _cell(c: Cell) -> dict[str, Any]:
+    return {
+        "stride": c.stride,
+        "ok": c.ok,
+        "macs": c.macs,
+        "plan": c.plan,
+        "rule": c.rule or None,
+        "verified": c.verified,
+        "reason": c.reason or None,
+        "detail": c.detail or None,
+    }

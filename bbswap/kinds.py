@@ -1,0 +1,66 @@
+"""The fixed sets of values bbswap's options take, as string enums.
+
+The command line offers each as a choice (``[macs|depth|rf]``); the library accepts a
+member or its string, and :meth:`Choice.parse` refuses anything else in one message.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TypeVar
+
+from bbswap.errors import InvalidArgument
+
+C = TypeVar("C", bound="Choice")
+
+
+class Choice(str, enum.Enum):
+    """A string enum whose members print as their value."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(str(m.value) for m in cls)
+
+    @classmethod
+    def parse(cls: type[C], value: str, param: str) -> C:
+        """The member named ``value``; ``param`` names the argument in the error."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise InvalidArgument(
+                f"{{{param}}} '{value}' is not one of {', '.join(cls.values())}", params=(param,)
+            ) from None
+
+
+class Mode(Choice):
+    """How a removed stride is made up for: dilate what follows, or not."""
+
+    DILATE = "dilate"
+    STRIDE = "stride"
+
+
+class Rounding(Choice):
+    """The output size rule a stride target accepts."""
+
+    CEIL = "ceil"
+    FLOOR = "floor"
+    ANY = "any"  # either
+
+
+class Prefer(Choice):
+    """How fit ranks the exact candidates."""
+
+    MACS = "macs"
+    DEPTH = "depth"
+    RF = "rf"
+
+
+class Device(Choice):
+    """Where a trace ran: the meta device, fake tensors, or real CPU tensors (a fallback)."""
+
+    META = "meta"
+    FAKE = "fake"
+    CPU = "cpu"
