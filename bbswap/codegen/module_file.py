@@ -22,11 +22,11 @@ from bbswap import __version__
 from bbswap.backbones.registry import Backbone
 from bbswap.codegen.source import (
     Imports,
-    _imported_names,
     bundle,
     file_source,
     forward_source,
     identifier,
+    imported_names,
     literal,
     module_source,
     string,
@@ -39,11 +39,11 @@ from bbswap.surgery.apply import ApplyResult
 from bbswap.surgery.core import (
     Edit,
     OwnerRewrite,
-    _ChildrenAsLeaves,
     child_name,
     fx_name,
     module_at,
     parent_path,
+    trace_children_as_leaves,
 )
 from bbswap.tracing.sizes import SizeStep
 from bbswap.tracing.tracer import describe_factor
@@ -130,7 +130,7 @@ def _defined_names(imports: Imports, local: set[str], wrappers: dict[str, str]) 
     """The top-level names the emitted file defines or imports, besides the patched class."""
     names = local | set(wrappers.values()) | _OWN_NAMES
     for line in imports.lines:
-        names.update(_imported_names(ast.parse(line).body[0]))
+        names.update(imported_names(ast.parse(line).body[0]))
     return names
 
 
@@ -437,26 +437,9 @@ def _root_class(
         graph = _trace_root(patched)
         comments = {}
     forward = forward_source(graph, imports, local, comments)
-    body = [f"body = {builder}"]
-    body += _edit_lines(result, wrappers)
-    body.append("# the source backbone's modules, under their own names (state_dict keys)")
-    new = {
-        e.path: result.surgery.new_modules[e.path]
-        for e in result.edits
-        if e.attribute == "(appended)"
-    }
-    for child in patched._modules:
-        if child in new:
-            body.append(_assign("self", child, new[child]))
-        else:
-            value = _get_attr("body", child)
-            body.append(_assign("self", child, value))
-    for pname, _ in patched.named_parameters(recurse=False):
-        body.append(_assign_attr("self", pname, _get_attr("body", pname)))
-    for bname, _ in patched.named_buffers(recurse=False):
-        body.append(_buffer_line(patched, bname, "body"))
+    body = [f"body = {builder}", *_edit_lines(result, wrappers), *_adopt_root(result, patched)]
     if dropin:
-        init_args = "*args: Any, **kwargs: Any"
+        init_args = ", *args: Any, **kwargs: Any"
         imports.add("from typing import Any")
         body.insert(0, "del args, kwargs  # a drop-in: the host's own arguments are ignored")
     else:
@@ -468,27 +451,47 @@ def _root_class(
         f"{rules[0].format('H')}, {rules[1].format('W')}."
     )
     init = "\n".join(wrap(line, 8) for line in ["super().__init__()", *body])
-    size_method = (
+    return (
+        f"class {name}(nn.Module):\n"
+        f"    {doc}\n\n"
+        f"    def __init__(self{init_args}) -> None:\n"
+        + init
+        + "\n\n"
+        + _indent(forward, 4)
+        + "\n\n"
+        + _indent(_output_size_method(result), 4)
+    )
+
+
+def _adopt_root(result: ApplyResult, patched: nn.Module) -> list[str]:
+    """The patched model's own children, parameters and buffers, taken from ``body``."""
+    lines = ["# the source backbone's modules, under their own names (state_dict keys)"]
+    new = {
+        e.path: result.surgery.new_modules[e.path]
+        for e in result.edits
+        if e.attribute == "(appended)"
+    }
+    for child in patched._modules:
+        lines.append(_assign("self", child, new.get(child, _get_attr("body", child))))
+    for pname, _ in patched.named_parameters(recurse=False):
+        lines.append(_assign_attr("self", pname, _get_attr("body", pname)))
+    for bname, _ in patched.named_buffers(recurse=False):
+        lines.append(_buffer_line(patched, bname, "body"))
+    return lines
+
+
+def _output_size_method(result: ApplyResult) -> str:
+    return (
         "@staticmethod\n"
         "def output_size(h: int, w: int) -> tuple[int, int]:\n"
         '    """The output (H, W) for an input of (h, w), from the reduction chain."""\n'
         "    return _through(_CHAIN_H, h), _through(_CHAIN_W, w)"
     )
-    return (
-        f"class {name}(nn.Module):\n"
-        f"    {doc}\n\n"
-        f"    def __init__(self{', ' + init_args if init_args else ''}) -> None:\n"
-        + init
-        + "\n\n"
-        + _indent(forward, 4)
-        + "\n\n"
-        + _indent(size_method, 4)
-    )
 
 
 def _trace_root(model: nn.Module) -> fx.Graph:
     try:
-        return _ChildrenAsLeaves().trace(model)
+        return trace_children_as_leaves(model)
     except Exception as error:  # fx raises many kinds of errors on dynamic code
         raise SurgeryError(
             f"cannot write the forward of {type(model).__name__}: not traceable with torch.fx "

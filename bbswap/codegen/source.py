@@ -245,7 +245,8 @@ def _top_level(tree: ast.Module) -> dict[str, ast.stmt]:
     return defs
 
 
-def _imported_names(stmt: ast.stmt) -> list[str]:
+def imported_names(stmt: ast.stmt) -> list[str]:
+    """The names an import statement binds."""
     if isinstance(stmt, ast.Import):
         return [(a.asname or a.name).split(".")[0] for a in stmt.names]
     if isinstance(stmt, ast.ImportFrom):
@@ -261,7 +262,7 @@ def bundle(source: str, roots: Iterable[str], origin: str, imports: Imports) -> 
         name: stmt
         for stmt in tree.body
         if isinstance(stmt, (ast.Import, ast.ImportFrom))
-        for name in _imported_names(stmt)
+        for name in imported_names(stmt)
     }
     needed: set[str] = set()
     used_imports: set[str] = set()
