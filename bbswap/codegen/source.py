@@ -15,6 +15,7 @@ import keyword
 import math
 import operator
 import sys
+import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import fx
+from torch import _jit_internal, fx, nn
 
 from bbswap.codegen.text import Place, as_source, is_plain_name
 from bbswap.errors import SurgeryError
@@ -124,8 +125,33 @@ def literal(value: Any, imports: Imports) -> str:
 
 def _call_args(node: fx.Node, imports: Imports, skip: int = 0) -> str:
     args = [literal(a, imports) for a in node.args[skip:]]
-    args += [f"{k}={literal(v, imports)}" for k, v in node.kwargs.items()]
+    defaults = _defaults(node.target) if node.op == "call_function" else {}
+    args += [
+        f"{k}={literal(v, imports)}"
+        for k, v in node.kwargs.items()
+        if not (k in defaults and _same(v, defaults[k]))
+    ]
     return ", ".join(args)
+
+
+def _defaults(target: Any) -> dict[str, Any]:
+    """The default values of a Python function's keyword arguments ({} for a builtin,
+    whose calls fx records as written)."""
+    dispatched = _jit_internal.boolean_dispatched.get(target)
+    if dispatched is not None:  # F.max_pool2d & co: both branches take the same arguments
+        target = dispatched["if_false"]
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+def _same(value: Any, default: Any) -> bool:
+    """Whether an argument repeats its default (``0`` is not ``False`` here)."""
+    if isinstance(value, fx.Node):
+        return False
+    return type(value) is type(default) and value == default
 
 
 def function_ref(target: Any, imports: Imports, local: set[str]) -> str:
@@ -162,9 +188,14 @@ _FUNCTIONAL_IDS = {F.max_pool2d, F.adaptive_max_pool2d, F.max_pool1d, F.max_pool
 
 
 def forward_source(
-    graph: fx.Graph, imports: Imports, local: set[str], comments: dict[str, str] | None = None
+    graph: fx.Graph,
+    imports: Imports,
+    local: set[str],
+    comments: dict[str, str] | None = None,
+    owner: nn.Module | None = None,
 ) -> str:
-    """A ``def forward`` for ``graph``: one statement per node."""
+    """A ``def forward`` for ``graph``: one statement per node; annotated with its return
+    type when ``owner`` (the module whose submodules the graph calls) shows it."""
     comments = comments or {}
     params: list[str] = []
     body: list[str] = []
@@ -189,7 +220,98 @@ def forward_source(
         elif node.op == "output":
             body.append(f"return {literal(node.args[0], imports)}")
     signature = ", ".join(["self", *params])
-    return f"def forward({signature}):\n" + "\n".join(wrap(line, 4, 96) for line in body)
+    returns = return_type(graph, owner) if owner is not None else ""
+    arrow = f" -> {returns}" if returns else ""
+    return f"def forward({signature}){arrow}:\n" + "\n".join(wrap(line, 4, 96) for line in body)
+
+
+# -- return types ---------------------------------------------------------------------------
+
+# Tensor methods that return one tensor, and torch functions that may return several
+_TENSOR_METHODS = frozenset(
+    {
+        "view", "reshape", "flatten", "permute", "transpose", "contiguous", "mean", "sum",
+        "add", "sub", "mul", "div", "sigmoid", "relu", "softmax", "unsqueeze", "squeeze",
+        "expand", "expand_as", "repeat", "clone", "float", "to", "type_as", "narrow", "flip",
+        "pow", "sqrt", "exp", "log", "abs", "neg", "clamp", "view_as", "masked_fill", "tanh",
+        "gelu", "matmul", "bmm",
+    }
+)  # fmt: skip
+_NOT_ONE_TENSOR = frozenset(
+    {
+        "split", "chunk", "unbind", "tensor_split", "max", "min", "sort", "topk", "meshgrid",
+        "broadcast_tensors", "unique", "max_pool1d_with_indices", "max_pool2d_with_indices",
+        "max_pool3d_with_indices", "size",
+    }
+)  # fmt: skip
+
+
+def return_type(graph: fx.Graph, owner: nn.Module) -> str:
+    """``torch.Tensor`` (or a tuple or list of them) when the graph's output surely is
+    one; "" when that is not known."""
+    out = next(n for n in graph.nodes if n.op == "output").args[0]
+    if isinstance(out, fx.Node):
+        return "torch.Tensor" if _is_tensor(out, owner) else ""
+    if (
+        isinstance(out, (tuple, list))
+        and out
+        and all(isinstance(a, fx.Node) and _is_tensor(a, owner) for a in out)
+    ):
+        if isinstance(out, list):
+            return "list[torch.Tensor]"
+        return "tuple[" + ", ".join("torch.Tensor" for _ in out) + "]"
+    return ""
+
+
+def _is_tensor(node: fx.Node, owner: nn.Module) -> bool:
+    if node.op == "placeholder":
+        return True  # every parameter is annotated torch.Tensor
+    if node.op == "get_attr":
+        return isinstance(_attr(owner, str(node.target)), torch.Tensor)
+    if node.op == "call_method":
+        return str(node.target) in _TENSOR_METHODS
+    if node.op == "call_module":
+        return _module_returns_tensor(owner.get_submodule(str(node.target)))
+    if node.op != "call_function":
+        return False
+    target = node.target
+    if target is operator.getitem:
+        obj = node.args[0]
+        return isinstance(obj, fx.Node) and _is_tensor(obj, owner)
+    if target in _INFIX:
+        return any(isinstance(a, fx.Node) and _is_tensor(a, owner) for a in node.args)
+    name = fx_name(target)
+    module = getattr(target, "__module__", None) or ""
+    torch_function = (
+        module.startswith("torch")
+        or target in _FUNCTIONAL_IDS
+        or any(getattr(m, name, None) is target for m in (torch, F))
+    )
+    return torch_function and name not in _NOT_ONE_TENSOR and not node.kwargs.get("return_indices")
+
+
+def _attr(owner: nn.Module, target: str) -> Any:
+    obj: Any = owner
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _module_returns_tensor(module: nn.Module) -> bool:
+    if isinstance(module, fx.GraphModule):
+        return return_type(module.graph, module) == "torch.Tensor"
+    if isinstance(module, nn.Sequential):
+        children = list(module)
+        return not children or _module_returns_tensor(children[-1])
+    cls = type(module)
+    if cls.__module__.startswith("torch.nn.modules."):
+        unsure = (nn.MultiheadAttention, nn.RNNBase, nn.ModuleList, nn.ModuleDict)
+        return not isinstance(module, unsure) and not getattr(module, "return_indices", False)
+    try:
+        hints = typing.get_type_hints(cls.forward)
+    except Exception:  # a forward's annotations may name anything, or fail to resolve
+        return False
+    return hints.get("return") is torch.Tensor
 
 
 def _function_call(node: fx.Node, imports: Imports, local: set[str]) -> str:
