@@ -20,6 +20,7 @@ from torch import fx, nn
 
 from bbswap import __version__
 from bbswap.backbones.registry import Backbone
+from bbswap.codegen.size_code import output_size_code
 from bbswap.codegen.source import (
     Imports,
     bundle,
@@ -45,7 +46,6 @@ from bbswap.surgery.core import (
     parent_path,
     trace_children_as_leaves,
 )
-from bbswap.tracing.sizes import SizeStep
 from bbswap.tracing.tracer import describe_factor
 
 _FAMILIES = {
@@ -106,7 +106,9 @@ def emit(
     body_source, builder, local, note, reason = _source_code(result.backbone, imports, import_mode)
     patched = result.model
     helpers, wrappers = _edited_classes(result, patched, imports, local)
+    chain, size_method = output_size_code(result.after)
     root = _root_class(result, patched, name, builder, wrappers, imports, local, dropin)
+    root += "\n\n" + _indent(size_method, 4)
     if name in _defined_names(imports, local, wrappers):
         raise SurgeryError(
             f"--class-name '{name}' is already a name in the emitted file (a bundled, "
@@ -114,7 +116,7 @@ def emit(
         )
     doc = _docstring(result, name, note, dropin)
     parts = [body_source] if body_source else []
-    parts += [*helpers, _output_size_code(result), root]
+    parts += [*helpers, *filter(None, [chain]), root]
     code = "\n\n\n".join(p.strip("\n") for p in parts)
     # isort's rule, as ruff applies it: two blank lines after the imports before a
     # definition, one before any other statement (or comment)
@@ -123,7 +125,7 @@ def emit(
     return Emitted(text, name, reason)
 
 
-_OWN_NAMES = {"Step", "_CHAIN_H", "_CHAIN_W", "_through"}  # defined by _output_size_code
+_OWN_NAMES = {"Step", "_CHAIN_H", "_CHAIN_W", "_through"}  # the output_size code may define them
 
 
 def _defined_names(imports: Imports, local: set[str], wrappers: dict[str, str]) -> set[str]:
@@ -219,7 +221,7 @@ def _edited_classes(
             raise SurgeryError(f"{owner} was not rewritten")  # a bug: finish() makes them
         rw = result.surgery.rewrites[owner]
         comments = _comments(gm.graph, rw)
-        forward = forward_source(gm.graph, imports, local, comments)
+        forward = forward_source(gm.graph, imports, local, comments, gm)
         adopt = _adopt_lines(gm, "base")
         key = forward + "\n".join(adopt)
         if key not in by_code:
@@ -436,7 +438,7 @@ def _root_class(
     else:
         graph = _trace_root(patched)
         comments = {}
-    forward = forward_source(graph, imports, local, comments)
+    forward = forward_source(graph, imports, local, comments, patched)
     body = [f"body = {builder}", *_edit_lines(result, wrappers), *_adopt_root(result, patched)]
     if dropin:
         init_args = ", *args: Any, **kwargs: Any"
@@ -454,12 +456,7 @@ def _root_class(
     return (
         f"class {name}(nn.Module):\n"
         f"    {doc}\n\n"
-        f"    def __init__(self{init_args}) -> None:\n"
-        + init
-        + "\n\n"
-        + _indent(forward, 4)
-        + "\n\n"
-        + _indent(_output_size_method(result), 4)
+        f"    def __init__(self{init_args}) -> None:\n" + init + "\n\n" + _indent(forward, 4)
     )
 
 
@@ -480,15 +477,6 @@ def _adopt_root(result: ApplyResult, patched: nn.Module) -> list[str]:
     return lines
 
 
-def _output_size_method(result: ApplyResult) -> str:
-    return (
-        "@staticmethod\n"
-        "def output_size(h: int, w: int) -> tuple[int, int]:\n"
-        '    """The output (H, W) for an input of (h, w), from the reduction chain."""\n'
-        "    return _through(_CHAIN_H, h), _through(_CHAIN_W, w)"
-    )
-
-
 def _trace_root(model: nn.Module) -> fx.Graph:
     try:
         return trace_children_as_leaves(model)
@@ -497,70 +485,6 @@ def _trace_root(model: nn.Module) -> fx.Graph:
             f"cannot write the forward of {type(model).__name__}: not traceable with torch.fx "
             f"({type(error).__name__}: {str(error).splitlines()[0]})"
         ) from error
-
-
-# -- output_size ----------------------------------------------------------------------------------
-
-
-def _output_size_code(result: ApplyResult) -> str:
-    t = result.after
-    rows_h: list[str] = []
-    rows_w: list[str] = []
-    by_id = {o.id: o for o in t.ops}
-    used: list[SizeStep] = []
-    for op_id in t.chain:
-        o = by_id[op_id]
-        for steps, rows in ((o.steps_h, rows_h), (o.steps_w, rows_w)):
-            for s in steps:
-                used.append(s)
-                rows.append(
-                    f'    ("{s.kind}", {s.kernel}, {s.stride}, {s.padding}, {s.dilation}, '
-                    f"{s.ceil}, {s.pool}, {s.value!r}),  # {as_source(op_id, Place.COMMENT)}"
-                )
-    table = (
-        "# The reduction chain from input to output, one step per size-changing op:\n"
-        "# (kind, kernel, stride, padding, dilation, ceil_mode, is_pool, value).\n"
-        + "Step = tuple[str, int, int, int, int, bool, bool, float]\n\n"
-        + _tuple_block("_CHAIN_H", rows_h)
-        + "\n"
-        + _tuple_block("_CHAIN_W", rows_w)
-    )
-    # optional branches, written only when the chain has such a step
-    pad = " if n >= value else 0" if any(s.kind == "pad" and s.value > 0 for s in used) else ""
-    fold = (
-        """
-        elif kind == "fold":  # a reshape folding s x s pixel blocks into channels
-            n = n // s if n % s == 0 else 0"""
-        if any(s.kind == "fold" for s in used)
-        else ""
-    )
-    helper = f'''def _through(chain: tuple[Step, ...], n: int) -> int:
-    """Apply PyTorch's output-size formulas of a chain of steps to one axis."""
-    for kind, k, s, p, d, ceil, pool, value in chain:
-        if kind == "fixed":
-            n = int(value)
-        elif kind == "scale":
-            n = int(n * value)
-        elif kind == "pad":
-            n = n + p{pad}
-        elif kind == "transpose":
-            n = (n - 1) * s - 2 * p + d * (k - 1) + int(value) + 1{fold}
-        else:
-            span = n + 2 * p - d * (k - 1) - 1
-            out = -(-span // s) + 1 if ceil else span // s + 1
-            if ceil and pool and (out - 1) * s >= n + p:
-                out -= 1
-            n = out
-        if n <= 0:  # too small: no output
-            return 0
-    return n'''
-    return table.rstrip("\n") + "\n\n\n" + helper
-
-
-def _tuple_block(name: str, rows: list[str]) -> str:
-    if not rows:
-        return f"{name}: tuple[Step, ...] = ()\n"
-    return f"{name}: tuple[Step, ...] = (\n" + "\n".join(rows) + "\n)\n"
 
 
 # -- the docstring ------------------------------------------------------------------------------
