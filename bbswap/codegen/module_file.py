@@ -13,8 +13,9 @@ from __future__ import annotations
 import ast
 import importlib
 import re
-from dataclasses import dataclass
-from typing import Any
+import textwrap
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 from torch import fx, nn
 
@@ -318,6 +319,18 @@ def _doc_line(text: str) -> str:
     return f'"""{as_source(text, Place.DOCSTRING)}"""'
 
 
+def _doc_block(summary: str, details: str, indent: int = 4) -> str:
+    """A docstring of a summary line and a paragraph, wrapped to fit 100 columns."""
+    pad = " " * indent
+    width = 100 - indent
+    head = textwrap.wrap(summary, width - 3, break_on_hyphens=False, break_long_words=False)
+    rest = textwrap.wrap(details, width, break_on_hyphens=False, break_long_words=False)
+    text = "\n".join(head) + "\n\n" + "\n".join(rest) + "\n"
+    lines = as_source(text, Place.DOCSTRING).split("\n")
+    inner = [lines[0], *(pad + line if line else "" for line in lines[1:-1])]
+    return '"""' + "\n".join(inner) + "\n" + pad + '"""'
+
+
 def _class_source(name: str, doc: str, init_args: str, init_body: list[str], forward: str) -> str:
     init = "\n".join(wrap(line, 8) for line in ["super().__init__()", *init_body])
     return (
@@ -354,49 +367,181 @@ def _set_expr(model: nn.Module, base: str, path: str, value: str) -> str:
     return _assign_attr(target, name, value)
 
 
-def _edit_lines(result: ApplyResult, wrappers: dict[str, str]) -> list[str]:
-    """The statements that turn the source backbone into the patched one."""
-    model = result.surgery.model  # has every edit's path, with the names they got
-    lines: list[str] = []
+@dataclass
+class _OpLines:
+    """What the patched class's ``__init__`` says about one recipe op, by where it goes."""
+
+    header: str  # "op 1: stride (at='layer4', ...)"
+    statements: list[tuple[str, str, str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # edits inside a rewritten forward
+    dropped: list[str] = field(default_factory=list)  # what a truncation leaves out
+    appended: list[str] = field(default_factory=list)  # new top-level modules
+
+    # a statement is (kind, path, attribute, value source); kind "attr" sets an attribute,
+    # "module" puts a module at ``path``, "raw" is the line itself (in ``value``)
+
+
+def _plan(result: ApplyResult) -> dict[int, _OpLines]:
+    """Every recipe op's lines, each edit in its place; a value set again later is kept
+    only where it is set last (a module put at a path also ends what came before there)."""
+    new = result.surgery.new_modules
+    plan = {
+        i: _OpLines(f"op {i}: {op.op} " + _op_summary(op.params))
+        for i, op in enumerate(result.recipe.ops)
+    }
     by_op: dict[int, list[Edit]] = {}
     for e in result.edits:
         by_op.setdefault(e.op_index, []).append(e)
     for index, edits in by_op.items():
-        op = result.recipe.ops[index]
-        lines.append(_comment(f"op {index}: {op.op} " + _op_summary(op.params)))
-        removed = [e.path for e in edits if e.attribute == "(removed)"]
+        lines, op = plan[index], result.recipe.ops[index]
         if op.op == "dropout":
-            lines += _dropout_loop(op, edits, model, result.surgery.new_modules)
+            model = result.surgery.model
+            lines.statements += [("raw", "", "", t) for t in _dropout_loop(op, edits, model, new)]
             continue
         for e in edits:
             if e.attribute == "(removed)":
-                continue
-            if (
-                e.path in result.surgery.new_modules
-                and "." not in e.path
-                and e.attribute == "(appended)"
-            ):
-                continue  # a new top-level module: built where the children are adopted
-            if e.path in result.surgery.new_modules:
-                lines.append(_set_expr(model, "body", e.path, result.surgery.new_modules[e.path]))
+                lines.dropped.append(e.path)
+            elif e.path in new and "." not in e.path and e.attribute == "(appended)":
+                lines.appended.append(e.path)  # built where the children are adopted
+            elif e.path in new:
+                _supersede(plan, e.path, "")
+                lines.statements.append(("module", e.path, "", new[e.path]))
             elif e.path.endswith(")") or ")#" in e.path:
-                lines.append(
-                    _comment(f"{e.path}: {e.attribute} {e.old} -> {e.new} (in the forward)")
-                )
+                change = f"{e.attribute} {e.old} -> {e.new}"
+                if lines.notes and lines.notes[-1].startswith(e.path + ": "):
+                    lines.notes[-1] += f", {change}"  # another argument of the same call
+                else:
+                    lines.notes.append(f"{e.path}: {change}")
             else:
-                target = _path_expr(model, "body", e.path)
-                lines.append(_assign_attr(target, e.attribute, literal(e.value, Imports())))
-        if removed:
-            lines.append(
-                _comment(f"the forward stops after {op['after']}; dropped: {', '.join(removed)}")
+                _supersede(plan, e.path, e.attribute)
+                lines.statements.append(("attr", e.path, e.attribute, literal(e.value, Imports())))
+    return plan
+
+
+def _supersede(plan: dict[int, _OpLines], path: str, attribute: str) -> None:
+    """Drop the earlier statements a new one at ``path`` makes pointless."""
+    for lines in plan.values():
+        lines.statements = [
+            st
+            for st in lines.statements
+            if st[0] == "raw"
+            or not (
+                (st[1] == path and st[2] == attribute)
+                or (not attribute and (st[1] == path or st[1].startswith(path + ".")))
             )
+        ]
+
+
+def _edit_lines(
+    result: ApplyResult, plan: dict[int, _OpLines], wrappers: dict[str, str], shown: set[int]
+) -> list[str]:
+    """The statements that turn the source backbone into the patched one; ``shown``
+    collects the ops whose full header has been written."""
+    model = result.surgery.model  # has every edit's path, with the names they got
+    lines: list[str] = []
+    for index, op in plan.items():
+        if op.statements or (op.notes and not wrappers):
+            lines += _comments_for(_head(op, index, shown))
+            lines += _statement_lines(model, op.statements)
+            lines += [_comment(f"{note} (in the forward)") for note in op.notes if not wrappers]
+        elif not (op.notes or op.dropped or op.appended):
+            lines += _comments_for(f"{_head(op, index, shown)}: nothing left to change")
     if wrappers:
         lines.append("# blocks whose forward the recipe rewrote")
+        for index, op in plan.items():
+            if op.notes:
+                head = _head(op, index, shown)
+                lines += _comments_for(f"{head}: " + "; ".join(op.notes) + " (in the forward)")
         for owner, cls in wrappers.items():
             lines.append(
                 _set_expr(model, "body", owner, f"{cls}({_path_expr(model, 'body', owner)})")
             )
     return lines
+
+
+def _head(op: _OpLines, index: int, shown: set[int]) -> str:
+    """The op's full header the first time, ``op N`` after that."""
+    if index in shown:
+        return f"op {index}"
+    shown.add(index)
+    return op.header
+
+
+def _comments_for(text: str, width: int = 90) -> list[str]:
+    """``text`` as comment lines of at most ``width`` characters after the ``# ``."""
+    body = as_source(text, Place.COMMENT)
+    return ["# " + line for line in textwrap.wrap(body, width, break_on_hyphens=False)]
+
+
+def _split_at_index(model: nn.Module, path: str) -> tuple[str, int, str] | None:
+    """``layer3.4.conv2`` -> (``layer3``, 4, ``conv2``): the first indexable step."""
+    parts = path.split(".")
+    module = model
+    for i, part in enumerate(parts):
+        if part.isdigit() and isinstance(module, (nn.Sequential, nn.ModuleList)):
+            return ".".join(parts[:i]), int(part), ".".join(parts[i + 1 :])
+        module = module._modules[part]  # type: ignore[assignment]  # present by construction
+    return None
+
+
+def _statement_lines(model: nn.Module, statements: list[tuple[str, str, str, str]]) -> list[str]:
+    """The statements as source; a run of three or more consecutive blocks of one
+    Sequential that get the very same settings becomes a loop over a slice of it."""
+    groups: list[tuple[tuple[str, int] | None, list[tuple[str, str, str, str]]]] = []
+    for st in statements:
+        where = _split_at_index(model, st[1]) if st[0] != "raw" else None
+        key = (where[0], where[1]) if where and where[2] else None
+        if key is not None and groups and groups[-1][0] == key:
+            groups[-1][1].append(st)
+        else:
+            groups.append((key, [st]))
+    lines: list[str] = []
+    i = 0
+    while i < len(groups):
+        j = i + 1
+        while j < len(groups) and _same_settings(model, groups[j - 1], groups[j]):
+            j += 1
+        if j - i >= 3:
+            lines += _loop(model, groups[i:j])
+        else:
+            lines += [_statement(model, st) for _, sts in groups[i:j] for st in sts]
+        i = j
+    return lines
+
+
+def _relative(model: nn.Module, key: tuple[str, int], st: tuple[str, str, str, str]) -> tuple:
+    prefix = f"{key[0]}.{key[1]}." if key[0] else f"{key[1]}."
+    return (st[0], st[1][len(prefix) :], st[2], st[3])
+
+
+def _same_settings(model: nn.Module, a: tuple, b: tuple) -> bool:
+    (ka, sa), (kb, sb) = a, b
+    if ka is None or kb is None or ka[0] != kb[0] or kb[1] != ka[1] + 1:
+        return False
+    return [_relative(model, ka, x) for x in sa] == [_relative(model, kb, x) for x in sb]
+
+
+def _loop(model: nn.Module, groups: list[tuple]) -> list[str]:
+    (container, first), last = groups[0][0], groups[-1][0][1]
+    seq = cast("nn.Sequential", module_at(model, container))  # indexable: _split_at_index
+    end = "" if last + 1 == len(seq) else str(last + 1)
+    block = seq[first]
+    lines = [f"for block in {_path_expr(model, 'body', container)}[{first}:{end}]:"]
+    for kind, rest, attr, value in (_relative(model, groups[0][0], x) for x in groups[0][1]):
+        if kind == "attr":
+            lines.append("    " + _assign_attr(_path_expr(block, "block", rest), attr, value))
+        else:
+            lines.append("    " + _set_expr(block, "block", rest, value))
+    return lines
+
+
+def _statement(model: nn.Module, st: tuple[str, str, str, str]) -> str:
+    kind, path, attr, value = st
+    if kind == "raw":
+        return value
+    if kind == "module":
+        return _set_expr(model, "body", path, value)
+    return _assign_attr(_path_expr(model, "body", path), attr, value)
 
 
 def _dropout_loop(op: Any, edits: list[Edit], model: nn.Module, new: dict[str, str]) -> list[str]:
@@ -439,7 +584,12 @@ def _root_class(
         graph = _trace_root(patched)
         comments = {}
     forward = forward_source(graph, imports, local, comments, patched)
-    body = [f"body = {builder}", *_edit_lines(result, wrappers), *_adopt_root(result, patched)]
+    plan, shown = _plan(result), set[int]()
+    body = [
+        f"body = {builder}",
+        *_edit_lines(result, plan, wrappers, shown),
+        *_adopt_root(result, patched, plan, shown),
+    ]
     if dropin:
         init_args = ", *args: Any, **kwargs: Any"
         imports.add("from typing import Any")
@@ -447,12 +597,12 @@ def _root_class(
     else:
         init_args = ""
     rules = result.after.size_rules()
-    doc = _doc_line(
-        f"{result.backbone.spec} patched by recipe {result.recipe.name}: "
+    doc = _doc_block(
+        f"{result.backbone.spec} patched by recipe {result.recipe.name}.",
         f"{result.after.output_shape[1]} channels at 1/{describe_factor(result.after.downsample)}; "
-        f"{rules[0].format('H')}, {rules[1].format('W')}."
+        f"{rules[0].format('H')}, {rules[1].format('W')}.",
     )
-    init = "\n".join(wrap(line, 8) for line in ["super().__init__()", *body])
+    init = "\n".join(_wrap_nested(line, 8) for line in ["super().__init__()", *body])
     return (
         f"class {name}(nn.Module):\n"
         f"    {doc}\n\n"
@@ -460,21 +610,40 @@ def _root_class(
     )
 
 
-def _adopt_root(result: ApplyResult, patched: nn.Module) -> list[str]:
-    """The patched model's own children, parameters and buffers, taken from ``body``."""
+def _adopt_root(
+    result: ApplyResult, patched: nn.Module, plan: dict[int, _OpLines], shown: set[int]
+) -> list[str]:
+    """The patched model's own children, parameters and buffers, taken from ``body``; a
+    truncation is noted here, an appended module under its op's comment."""
     lines = ["# the source backbone's modules, under their own names (state_dict keys)"]
-    new = {
-        e.path: result.surgery.new_modules[e.path]
-        for e in result.edits
-        if e.attribute == "(appended)"
-    }
+    for index, op in plan.items():
+        if op.dropped:
+            after = result.recipe.ops[index]["after"]
+            text = f"the forward stops after {after}; dropped: {', '.join(op.dropped)}"
+            lines += _comments_for(f"{_head(op, index, shown)}: {text}")
+    new = result.surgery.new_modules
+    made_by = {path: index for index, op in plan.items() for path in op.appended}
+    started: set[int] = set()
     for child in patched._modules:
-        lines.append(_assign("self", child, new.get(child, _get_attr("body", child))))
+        if child in made_by and child in new:
+            index = made_by[child]
+            if index not in started:  # the op's first module
+                started.add(index)
+                lines += _comments_for(_head(plan[index], index, shown))
+            lines.append(_assign("self", child, new[child]))
+        else:
+            lines.append(_assign("self", child, _get_attr("body", child)))
     for pname, _ in patched.named_parameters(recurse=False):
         lines.append(_assign_attr("self", pname, _get_attr("body", pname)))
     for bname, _ in patched.named_buffers(recurse=False):
         lines.append(_buffer_line(patched, bname, "body"))
     return lines
+
+
+def _wrap_nested(line: str, indent: int) -> str:
+    """``wrap`` for a line that may carry its own indentation (a loop's body)."""
+    code = line.lstrip(" ")
+    return wrap(code, indent + len(line) - len(code))
 
 
 def _trace_root(model: nn.Module) -> fx.Graph:
@@ -498,6 +667,25 @@ def _needs(backbone: Backbone, note: str) -> str:
     return f"needs torch and {package or backbone.source.split('.')[0]}"
 
 
+def _wrap_doc_line(line: str, width: int = 100) -> str:
+    """A docstring line wrapped to ``width``; a ``Key:   value`` line under its value."""
+    field = re.match(r"[A-Z][A-Za-z -]*: +", line)
+    indent = " " * len(field.group(0)) if field and field.group(0).endswith("  ") else ""
+    kept = textwrap.wrap(
+        line, width, subsequent_indent=indent, break_on_hyphens=False, break_long_words=False
+    )
+    return "\n".join(kept) if kept else line
+
+
+def _generated_by(backbone: Backbone, note: str) -> list[str]:
+    """The line on what made the file and what it needs; too long, it breaks before what
+    the file bundles, which stays in one piece."""
+    line = f"Generated by bbswap {__version__}; {_needs(backbone, note)}. This file {note}."
+    if len(line) <= 100 or not note.startswith("bundles "):
+        return [line]
+    return [line[: -len(note) - 2], note + "."]
+
+
 def _docstring(result: ApplyResult, name: str, note: str, dropin: bool) -> str:
     t, before = result.after, result.before
     rules = t.size_rules()
@@ -505,7 +693,7 @@ def _docstring(result: ApplyResult, name: str, note: str, dropin: bool) -> str:
     lines = [
         f"{name}: {result.backbone.spec} after backbone surgery (recipe {result.recipe.name}).",
         "",
-        f"Generated by bbswap {__version__}; {_needs(result.backbone, note)}. This file {note}.",
+        *_generated_by(result.backbone, note),
         "",
         f"Source backbone: {result.backbone.spec}",
         f"Traced input:    {shape(t.input_shape)} -> output {shape(t.output_shape)} "
@@ -521,8 +709,7 @@ def _docstring(result: ApplyResult, name: str, note: str, dropin: bool) -> str:
             f"Drop-in:         {name}(*args, **kwargs) ignores its arguments, so it can replace "
             "the host's class."
         )
-    lines += ["", "Recipe:", ""] + [
-        "    " + line if line else "" for line in recipe_text.splitlines()
-    ]
-    body = "\n".join(line.rstrip() for line in lines)
+    prose = "\n".join(_wrap_doc_line(line) for line in lines)
+    # the recipe flush left, as its file is written: it can be copied out as it is
+    body = "\n".join(line.rstrip() for line in [prose, "", "Recipe:", "", recipe_text])
     return f'"""{as_source(body + chr(10), Place.DOCSTRING)}"""'
