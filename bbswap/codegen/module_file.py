@@ -104,7 +104,10 @@ def emit(
     if not is_plain_name(name):
         raise SurgeryError(f"--class-name '{name}' is not a Python identifier")
     imports = Imports()
-    body_source, builder, local, note, reason = _source_code(result.backbone, imports, import_mode)
+    present = {type(m).__name__ for m in result.surgery.model.modules()}
+    body_source, builder, local, note, reason = _source_code(
+        result.backbone, imports, import_mode, present
+    )
     patched = result.model
     helpers, wrappers = _edited_classes(result, patched, imports, local)
     chain, size_method = output_size_code(result.after)
@@ -141,7 +144,7 @@ def _defined_names(imports: Imports, local: set[str], wrappers: dict[str, str]) 
 
 
 def _source_code(
-    backbone: Backbone, imports: Imports, import_mode: bool
+    backbone: Backbone, imports: Imports, import_mode: bool, present: set[str]
 ) -> tuple[str, str, set[str], str, str]:
     """Bundled (or imported) code of the source backbone; returns the code, the builder
     call, the names it defines, a note for the docstring and, in --import mode, why."""
@@ -177,7 +180,7 @@ def _source_code(
         origin = origin.rsplit("/", 1)[-1]
     else:
         text, origin = module_source(importlib.import_module(backbone.source)), backbone.source
-    b = bundle(text, [backbone.attr], origin, imports)
+    b = bundle(text, [backbone.attr], origin, imports, present)
     note = f"bundles {backbone.attr} and what it needs from {origin}"
     return "\n\n\n".join(b.sources), call, b.names, note, ""
 

@@ -376,8 +376,139 @@ def imported_names(stmt: ast.stmt) -> list[str]:
     return []
 
 
-def bundle(source: str, roots: Iterable[str], origin: str, imports: Imports) -> Bundle:
-    """Copy the definitions ``roots`` need from ``source`` (a whole module's text)."""
+class _References(ast.NodeVisitor):
+    """The names a definition uses as code, apart from those in its annotations."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+        self.annotations: list[ast.expr] = []
+
+    def visit_Name(self, node: ast.Name) -> None:
+        self.names.add(node.id)
+
+    def visit_arg(self, node: ast.arg) -> None:
+        if node.annotation is not None:
+            self.annotations.append(node.annotation)
+
+    def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+        if node.returns is not None:
+            self.annotations.append(node.returns)
+        for child in [*node.decorator_list, node.args, *node.body]:
+            self.visit(child)
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> None:
+        self.annotations.append(node.annotation)
+        for child in (node.target, node.value):
+            if child is not None:
+                self.visit(child)
+
+
+def _union_members(node: ast.expr) -> list[ast.expr]:
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        return _union_members(node.left) + _union_members(node.right)
+    return [node]
+
+
+def _annotation_edits(
+    source: str, annotation: ast.expr, absent: set[str]
+) -> tuple[list[tuple[ast.expr, str]], set[str]]:
+    """Rewrites of the ``A | B`` unions in an annotation that leave out the names in
+    ``absent``; returns them and the absent names still used (that no rewrite removes)."""
+    edits: list[tuple[ast.expr, str]] = []
+    todo: list[ast.AST] = [annotation]
+    still: set[str] = set()
+    while todo:
+        node = todo.pop()
+        members = _union_members(node) if isinstance(node, ast.expr) else [node]
+        if len(members) > 1:
+            kept = [m for m in members if not (isinstance(m, ast.Name) and m.id in absent)]
+            if kept and len(kept) < len(members):
+                text = " | ".join(ast.get_source_segment(source, m) or "" for m in kept)
+                edits.append((node, text))  # type: ignore[arg-type]  # members > 1: a BinOp
+                todo += kept
+                continue
+            todo += members
+            continue
+        if isinstance(node, ast.Name) and node.id in absent:
+            still.add(node.id)
+        todo += list(ast.iter_child_nodes(node))
+    return edits, still
+
+
+def _closure(defs: dict[str, ast.stmt], roots: Iterable[str]) -> set[str]:
+    """The definitions ``roots`` use as code, followed from one to the next."""
+    needed: set[str] = set()
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        refs = _References()
+        refs.visit(defs[name])
+        todo += [n for n in refs.names if n in defs and n not in needed]
+    return needed
+
+
+def _carried(
+    source: str, defs: dict[str, ast.stmt], roots: list[str]
+) -> tuple[set[str], dict[int, list[tuple[ast.expr, str]]]]:
+    """The definitions to carry and, per carried statement, the rewrites of annotations
+    that name a definition left behind (``type[BasicBlock | Bottleneck]`` in a file with
+    no BasicBlock). A definition an annotation needs in a way no rewrite removes is
+    carried after all."""
+    while True:
+        needed = _closure(defs, roots)
+        rewrites: dict[int, list[tuple[ast.expr, str]]] = {}
+        missing: set[str] = set()
+        for name in needed:
+            refs = _References()
+            refs.visit(defs[name])
+            for annotation in refs.annotations:
+                absent = {
+                    n.id
+                    for n in ast.walk(annotation)
+                    if isinstance(n, ast.Name) and n.id in defs and n.id not in needed
+                }
+                if absent:
+                    edits, still = _annotation_edits(source, annotation, absent)
+                    rewrites.setdefault(id(defs[name]), []).extend(edits)
+                    missing |= still
+        if not missing:
+            return needed, rewrites
+        roots = [*roots, *sorted(missing)]
+
+
+def _offset(lines: list[str], first: int, line: int, col: int) -> int:
+    """The character offset in the chunk starting at line ``first`` of ast's (line, byte
+    column) position."""
+    before = sum(len(text) + 1 for text in lines[first - 1 : line - 1])
+    return before + len(lines[line - 1].encode("utf-8")[:col].decode("utf-8"))
+
+
+def _chunk(lines: list[str], top: ast.stmt, edits: list[tuple[ast.expr, str]]) -> str:
+    start = min([top.lineno] + [d.lineno for d in getattr(top, "decorator_list", [])])
+    end = top.end_lineno or top.lineno
+    text = "\n".join(lines[start - 1 : end])
+    spans = {
+        (
+            _offset(lines, start, node.lineno, node.col_offset),
+            _offset(lines, start, node.end_lineno or node.lineno, node.end_col_offset or 0),
+        ): new
+        for node, new in edits
+    }
+    for (a, b), new in sorted(spans.items(), reverse=True):
+        text = text[:a] + new + text[b:]
+    return text
+
+
+def bundle(
+    source: str, roots: Iterable[str], origin: str, imports: Imports, present: Iterable[str] = ()
+) -> Bundle:
+    """Copy the definitions ``roots`` need from ``source`` (a whole module's text): those
+    their code uses, and the classes in ``present`` (of the modules in the built model)."""
     tree = ast.parse(source)
     defs = _top_level(tree)
     import_stmts = {
@@ -386,23 +517,18 @@ def bundle(source: str, roots: Iterable[str], origin: str, imports: Imports) -> 
         if isinstance(stmt, (ast.Import, ast.ImportFrom))
         for name in imported_names(stmt)
     }
-    needed: set[str] = set()
-    used_imports: set[str] = set()
-    todo = [r for r in roots if r in defs]
+    roots = list(roots)
     missing = [r for r in roots if r not in defs]
     if missing:
         raise SurgeryError(f"{origin} does not define {', '.join(missing)} at top level")
-    while todo:
-        name = todo.pop()
-        if name in needed:
-            continue
-        needed.add(name)
-        for node in ast.walk(defs[name]):
-            if isinstance(node, ast.Name):
-                if node.id in defs and node.id not in needed:
-                    todo.append(node.id)
-                elif node.id in import_stmts:
-                    used_imports.add(node.id)
+    used = [p for p in sorted(set(present)) if isinstance(defs.get(p), ast.ClassDef)]
+    needed, rewrites = _carried(source, defs, roots + used)
+    used_imports = {
+        node.id
+        for name in needed
+        for node in ast.walk(defs[name])
+        if isinstance(node, ast.Name) and node.id in import_stmts
+    }
     for name in sorted(used_imports):
         stmt = import_stmts[name]
         if isinstance(stmt, ast.ImportFrom) and stmt.module == "__future__":
@@ -421,9 +547,7 @@ def bundle(source: str, roots: Iterable[str], origin: str, imports: Imports) -> 
         if not names or id(top) in seen:
             continue
         seen.add(id(top))
-        start = min([top.lineno] + [d.lineno for d in getattr(top, "decorator_list", [])])
-        end = top.end_lineno or top.lineno
-        chunks.append("\n".join(lines[start - 1 : end]))
+        chunks.append(_chunk(lines, top, rewrites.get(id(top), [])))
     return Bundle(origin, chunks, needed)
 
 
