@@ -455,10 +455,36 @@ def _edit_lines(
             if op.notes:
                 head = _head(op, index, shown)
                 lines += _comments_for(f"{head}: " + "; ".join(op.notes) + " (in the forward)")
-        for owner, cls in wrappers.items():
-            lines.append(
-                _set_expr(model, "body", owner, f"{cls}({_path_expr(model, 'body', owner)})")
-            )
+        lines += _wrapper_lines(model, wrappers)
+    return lines
+
+
+def _wrapper_lines(model: nn.Module, wrappers: dict[str, str]) -> list[str]:
+    """``body.x = Cls(body.x)`` per rewritten block; three or more consecutive blocks of
+    one Sequential wrapped by the same class as a loop over their indices."""
+    runs: list[tuple[str, str, list[int]]] = []  # (container or owner, class, indices)
+    for owner, cls in wrappers.items():
+        where = _split_at_index(model, owner)
+        if where and not where[2]:
+            container, index = where[0], where[1]
+            last = runs[-1] if runs else None
+            if last and last[:2] == (container, cls) and last[2] and last[2][-1] + 1 == index:
+                last[2].append(index)
+                continue
+            runs.append((container, cls, [index]))
+        else:
+            runs.append((owner, cls, []))
+    lines = []
+    for path, cls, indices in runs:
+        if len(indices) >= 3:
+            seq = _path_expr(model, "body", path)
+            end = len(cast("nn.Sequential", module_at(model, path)))
+            stop = f"len({seq})" if indices[-1] + 1 == end else str(indices[-1] + 1)
+            lines += [f"for i in range({indices[0]}, {stop}):", f"    {seq}[i] = {cls}({seq}[i])"]
+            continue
+        for owner in [f"{path}.{i}" if path else str(i) for i in indices] or [path]:
+            value = f"{cls}({_path_expr(model, 'body', owner)})"
+            lines.append(_set_expr(model, "body", owner, value))
     return lines
 
 
