@@ -706,6 +706,14 @@ def _wrap_doc_line(line: str, width: int = 100) -> str:
     return "\n".join(kept) if kept else line
 
 
+def _size_rule_lines(rule: str, name: str) -> list[str]:
+    """The size rule and where it is computed; on two lines when one does not fit."""
+    head, tail = f"Size rule:       {rule}", f"({name}.output_size(h, w) computes it exactly)"
+    if len(head) + 1 + len(tail) <= 100:
+        return [f"{head} {tail}"]
+    return [head, " " * 17 + tail]
+
+
 def _generated_by(backbone: Backbone, note: str) -> list[str]:
     """The line on what made the file and what it needs; too long, it breaks before what
     the file bundles, which stays in one piece."""
@@ -728,8 +736,7 @@ def _docstring(result: ApplyResult, name: str, note: str, dropin: bool) -> str:
         f"Traced input:    {shape(t.input_shape)} -> output {shape(t.output_shape)} "
         f"(the source gave {shape(before.output_shape)} for {shape(before.input_shape)})",
         f"Downsample:      {describe_factor(t.downsample)}",
-        f"Size rule:       {rules[0].format('H')}, {rules[1].format('W')} "
-        f"({name}.output_size(h, w) computes it exactly)",
+        *_size_rule_lines(f"{rules[0].format('H')}, {rules[1].format('W')}", name),
         f"Params:          {count(t.params)}",
         f"MACs:            {count(t.macs)} at the traced input",
     ]
