@@ -322,14 +322,15 @@ def _doc_line(text: str) -> str:
     return f'"""{as_source(text, Place.DOCSTRING)}"""'
 
 
-def _doc_block(summary: str, details: str, indent: int = 4) -> str:
-    """A docstring of a summary line and a paragraph, wrapped to fit 100 columns."""
+def _class_doc(head: str, tail: str, indent: int = 4) -> str:
+    """A docstring of ``head`` and ``tail``: on one line when it fits in 100 columns, else
+    ``tail`` on a second line. Outside text is never wrapped: it is data, kept whole."""
+    one = f"{head} {tail}"
+    if indent + len(as_source(one, Place.DOCSTRING)) + 6 <= 100:
+        return _doc_line(one)
+    body = as_source(f"{head}\n{tail}\n", Place.DOCSTRING)
     pad = " " * indent
-    width = 100 - indent
-    head = textwrap.wrap(summary, width - 3, break_on_hyphens=False, break_long_words=False)
-    rest = textwrap.wrap(details, width, break_on_hyphens=False, break_long_words=False)
-    text = "\n".join(head) + "\n\n" + "\n".join(rest) + "\n"
-    lines = as_source(text, Place.DOCSTRING).split("\n")
+    lines = body.split("\n")
     inner = [lines[0], *(pad + line if line else "" for line in lines[1:-1])]
     return '"""' + "\n".join(inner) + "\n" + pad + '"""'
 
@@ -453,8 +454,8 @@ def _edit_lines(
         lines.append("# blocks whose forward the recipe rewrote")
         for index, op in plan.items():
             if op.notes:
-                head = _head(op, index, shown)
-                lines += _comments_for(f"{head}: " + "; ".join(op.notes) + " (in the forward)")
+                lines += _comments_for(f"{_head(op, index, shown)}, in the forward:")
+                lines += [line for note in op.notes for line in _comments_for(note)]
         lines += _wrapper_lines(model, wrappers)
     return lines
 
@@ -499,7 +500,10 @@ def _head(op: _OpLines, index: int, shown: set[int]) -> str:
 def _comments_for(text: str, width: int = 90) -> list[str]:
     """``text`` as comment lines of at most ``width`` characters after the ``# ``."""
     body = as_source(text, Place.COMMENT)
-    return ["# " + line for line in textwrap.wrap(body, width, break_on_hyphens=False)]
+    return [
+        "# " + line
+        for line in textwrap.wrap(body, width, break_on_hyphens=False, break_long_words=False)
+    ]
 
 
 def _split_at_index(model: nn.Module, path: str) -> tuple[str, int, str] | None:
@@ -626,9 +630,9 @@ def _root_class(
     else:
         init_args = ""
     rules = result.after.size_rules()
-    doc = _doc_block(
-        f"{result.backbone.spec} patched by recipe {result.recipe.name}.",
-        f"{result.after.output_shape[1]} channels at 1/{describe_factor(result.after.downsample)}; "
+    doc = _class_doc(
+        f"{result.backbone.spec} patched by recipe {result.recipe.name}: "
+        f"{result.after.output_shape[1]} channels at 1/{describe_factor(result.after.downsample)};",
         f"{rules[0].format('H')}, {rules[1].format('W')}.",
     )
     init = "\n".join(_wrap_nested(line, 8) for line in ["super().__init__()", *body])
@@ -696,16 +700,6 @@ def _needs(backbone: Backbone, note: str) -> str:
     return f"needs torch and {package or backbone.source.split('.')[0]}"
 
 
-def _wrap_doc_line(line: str, width: int = 100) -> str:
-    """A docstring line wrapped to ``width``; a ``Key:   value`` line under its value."""
-    field = re.match(r"[A-Z][A-Za-z -]*: +", line)
-    indent = " " * len(field.group(0)) if field and field.group(0).endswith("  ") else ""
-    kept = textwrap.wrap(
-        line, width, subsequent_indent=indent, break_on_hyphens=False, break_long_words=False
-    )
-    return "\n".join(kept) if kept else line
-
-
 def _size_rule_lines(rule: str, name: str) -> list[str]:
     """The size rule and where it is computed; on two lines when one does not fit."""
     head, tail = f"Size rule:       {rule}", f"({name}.output_size(h, w) computes it exactly)"
@@ -741,11 +735,11 @@ def _docstring(result: ApplyResult, name: str, note: str, dropin: bool) -> str:
         f"MACs:            {count(t.macs)} at the traced input",
     ]
     if dropin:
-        lines.append(
-            f"Drop-in:         {name}(*args, **kwargs) ignores its arguments, so it can replace "
-            "the host's class."
-        )
-    prose = "\n".join(_wrap_doc_line(line) for line in lines)
+        head = f"Drop-in:         {name}(*args, **kwargs) ignores its arguments,"
+        tail = "so it can replace the host's class."
+        fits = len(head) + 1 + len(tail) <= 100
+        lines += [f"{head} {tail}"] if fits else [head, " " * 17 + tail]
+    prose = "\n".join(lines)
     # the recipe flush left, as its file is written: it can be copied out as it is
     body = "\n".join(line.rstrip() for line in [prose, "", "Recipe:", "", recipe_text])
     return f'"""{as_source(body + chr(10), Place.DOCSTRING)}"""'
