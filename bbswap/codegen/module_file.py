@@ -328,11 +328,9 @@ def _class_doc(head: str, tail: str, indent: int = 4) -> str:
     one = f"{head} {tail}"
     if indent + len(as_source(one, Place.DOCSTRING)) + 6 <= 100:
         return _doc_line(one)
-    body = as_source(f"{head}\n{tail}\n", Place.DOCSTRING)
     pad = " " * indent
-    lines = body.split("\n")
-    inner = [lines[0], *(pad + line if line else "" for line in lines[1:-1])]
-    return '"""' + "\n".join(inner) + "\n" + pad + '"""'
+    text = as_source(head, Place.DOCSTRING) + f"\n{pad}" + as_source(tail, Place.DOCSTRING)
+    return f'"""{text}\n{pad}"""'
 
 
 def _class_source(name: str, doc: str, init_args: str, init_body: list[str], forward: str) -> str:
