@@ -40,10 +40,12 @@ from bbswap.backbones.registry import resolve
 from bbswap.cli.app import app
 from bbswap.codegen.export import export
 from bbswap.codegen.module_file import Emitted, emit
+from bbswap.codegen.size_code import closed_form
 from bbswap.errors import InvalidArgument, SurgeryError, VerificationError
 from bbswap.recipes.schema import Recipe
 from bbswap.recipes.toml_io import load_recipe
 from bbswap.surgery.apply import apply_recipe
+from bbswap.tracing.sizes import SizeStep, chain_size, min_size
 from bbswap.zoo import ZOO
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -266,6 +268,152 @@ def test_emitted_source_is_ruff_formatted(name, emitted_files):
     path = str(emitted_files[name])
     proc = _ruff("format", "--isolated", "--no-cache", "--line-length", "100", "--check", path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+GOLDEN_FILES = sorted((ROOT / "tests" / "goldens" / "emit").glob("*.py.txt"))
+
+
+@pytest.fixture(scope="module")
+def golden_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The emitted-source goldens as ``.py`` files, for ruff to check."""
+    folder = tmp_path_factory.mktemp("golden_py")
+    paths = []
+    for golden_file in GOLDEN_FILES:
+        path = folder / golden_file.name.replace("-", "_").removesuffix(".txt")
+        path.write_bytes(golden_file.read_bytes())
+        paths.append(path)
+    return paths
+
+
+def test_every_emitted_golden_passes_the_projects_own_ruff_configuration(golden_files):
+    config = str(ROOT / "pyproject.toml")
+    assert len(golden_files) == len(GOLDEN_CASES)
+    files = [str(p) for p in golden_files]
+    check = _ruff("check", "--config", config, "--no-cache", *files)
+    assert check.returncode == 0, check.stdout + check.stderr
+    formatted = _ruff("format", "--config", config, "--no-cache", "--check", *files)
+    assert formatted.returncode == 0, formatted.stdout + formatted.stderr
+
+
+def _patched_init(source: str, class_name: str) -> ast.FunctionDef:
+    tree = ast.parse(source)
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
+    return next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+
+
+@pytest.mark.parametrize("name", list(GOLDEN_CASES))
+def test_emitted_init_sets_each_attribute_once_and_has_no_orphan_comment(name, emitted):
+    e = emitted[name]
+    init = _patched_init(e.source, e.class_name)
+    targets = [ast.unparse(t) for st in init.body if isinstance(st, ast.Assign) for t in st.targets]
+    assert len(targets) == len(set(targets)), targets
+    # every comment line of __init__ is followed, after more comments, by a statement
+    lines = e.source.splitlines()[init.lineno : init.end_lineno]
+    for i, line in enumerate(lines):
+        if line.strip().startswith("#"):
+            rest = [x for x in lines[i + 1 :] if not x.strip().startswith("#")]
+            assert rest and rest[0].strip(), f"{line.strip()!r} stands above nothing"
+
+
+@pytest.mark.parametrize("name", ["resnet50-seed-hmer", "resnet50-os16-684"])
+def test_resnet50_bundle_carries_only_what_the_model_uses(name, emitted):
+    text = emitted[name].source
+    assert "BasicBlock" not in text
+    assert "class Bottleneck(nn.Module):" in text
+    assert "def conv3x3(" in text and "def conv1x1(" in text  # helpers the code calls
+    assert "block: type[Bottleneck]," in text
+
+
+@pytest.mark.parametrize("name", list(GOLDEN_CASES))
+def test_emitted_output_size_is_closed_form_when_the_chain_is(name, emitted, recipe_dir):
+    e = emitted[name]
+    assert "_through" not in e.source and "_CHAIN_H" not in e.source
+    tree = ast.parse(e.source)
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == e.class_name)
+    method = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "output_size")
+    namespace: dict[str, Any] = {}
+    exec(compile(ast.Module([method], []), name, "exec"), namespace)  # the method alone
+    size = namespace["output_size"]
+    result = apply_recipe(GOLDEN_CASES[name][0], _case_recipe(name, recipe_dir))
+    low_h, low_w = result.after.min_input()
+    for h, w in zip(range(low_h, low_h + 300), range(low_w, low_w + 300)):
+        assert size.__func__(h, w) == result.after.output_size(h, w), (h, w)
+
+
+def _window(k: int, s: int, p: int = 0, ceil: bool = False, pool: bool = False) -> SizeStep:
+    return SizeStep("window", k, s, p, 1, ceil, pool)
+
+
+@pytest.mark.parametrize(
+    ("steps", "expected"),
+    [
+        ([], "h"),
+        ([_window(7, 2, 3), _window(3, 2, 1, pool=True), _window(3, 2, 1)], "(h + 7) // 8"),
+        ([_window(2, 2, pool=True)] * 5, "h // 32"),
+        ([_window(7, 2, 3), _window(2, 2, ceil=True, pool=True)], "(h + 3) // 4"),
+        ([_window(3, 1), _window(3, 1)], "h - 4"),
+        ([_window(7, 2, 3), SizeStep("fixed", value=7.0), _window(3, 2, 1)], "4"),
+    ],
+)
+def test_closed_form_equals_the_step_chain(steps, expected):
+    form = closed_form(steps)
+    assert form is not None and form.expression("h") == expected
+    for n in range(1, 600):
+        assert form.at(n) == chain_size(steps, n), n
+
+
+def test_closed_form_guards_sizes_too_small_for_the_chain():
+    steps = [_window(7, 2, 0), _window(3, 2, 0)]
+    form = closed_form(steps)
+    assert form is not None and form.guard and form.minimum == min_size(steps)
+    assert all(form.at(n) == chain_size(steps, n) for n in range(1, 600))
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [
+        [_window(2, 2, 1, ceil=True, pool=True)],  # its last window can start in the padding
+        [SizeStep("pad", padding=2), _window(3, 2)],
+        [SizeStep("fold", stride=4)],
+        [SizeStep("transpose", 2, 2)],
+    ],
+)
+def test_no_closed_form_where_the_chain_does_not_reduce_to_one(steps):
+    assert closed_form(steps) is None
+
+
+def test_a_value_set_twice_is_written_once_with_its_final_value():
+    twice = recipe(
+        {"op": "stride", "at": "layer2", "stride": 1},
+        {"op": "stride", "at": "layer2", "stride": 2},
+        {"op": "truncate", "after": "layer4"},
+    )
+    text = emit(apply_recipe("resnet18", twice)).source
+    assert text.count("body.layer2[0].conv1.stride") == 1
+    assert "body.layer2[0].conv1.stride = (2, 2)" in text
+    assert "# op 0: stride (" in text and "# op 1: stride (" in text
+
+
+def test_a_run_of_identical_settings_is_a_loop():
+    result = apply_recipe(
+        "resnet50",
+        recipe({"op": "stride", "at": "layer3", "stride": 1, "mode": "dilate"}),
+    )
+    e = emit(result)
+    loop = (
+        "        for block in body.layer3[1:]:\n"
+        "            block.conv2.dilation = (2, 2)\n"
+        "            block.conv2.padding = (2, 2)\n"
+    )
+    assert loop in e.source
+    namespace: dict[str, Any] = {}
+    exec(compile(e.source, "loop.py", "exec"), namespace)
+    built = namespace[e.class_name]()
+    patched = {k: tuple(v.shape) for k, v in result.model.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in built.state_dict().items()} == patched
+    for i in range(1, 6):
+        conv = built.layer3[i].conv2
+        assert (conv.dilation, conv.padding) == ((2, 2), (2, 2))
 
 
 # -- round trips over the zoo and the op kinds --------------------------------------------------

@@ -13,20 +13,22 @@ from __future__ import annotations
 import ast
 import importlib
 import re
-from dataclasses import dataclass
-from typing import Any
+import textwrap
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 from torch import fx, nn
 
 from bbswap import __version__
 from bbswap.backbones.registry import Backbone
+from bbswap.codegen.size_code import output_size_code
 from bbswap.codegen.source import (
     Imports,
-    _imported_names,
     bundle,
     file_source,
     forward_source,
     identifier,
+    imported_names,
     literal,
     module_source,
     string,
@@ -39,13 +41,12 @@ from bbswap.surgery.apply import ApplyResult
 from bbswap.surgery.core import (
     Edit,
     OwnerRewrite,
-    _ChildrenAsLeaves,
     child_name,
     fx_name,
     module_at,
     parent_path,
+    trace_children_as_leaves,
 )
-from bbswap.tracing.sizes import SizeStep
 from bbswap.tracing.tracer import describe_factor
 
 _FAMILIES = {
@@ -103,10 +104,15 @@ def emit(
     if not is_plain_name(name):
         raise SurgeryError(f"--class-name '{name}' is not a Python identifier")
     imports = Imports()
-    body_source, builder, local, note, reason = _source_code(result.backbone, imports, import_mode)
+    present = {type(m).__name__ for m in result.surgery.model.modules()}
+    body_source, builder, local, note, reason = _source_code(
+        result.backbone, imports, import_mode, present
+    )
     patched = result.model
     helpers, wrappers = _edited_classes(result, patched, imports, local)
+    chain, size_method = output_size_code(result.after)
     root = _root_class(result, patched, name, builder, wrappers, imports, local, dropin)
+    root += "\n\n" + _indent(size_method, 4)
     if name in _defined_names(imports, local, wrappers):
         raise SurgeryError(
             f"--class-name '{name}' is already a name in the emitted file (a bundled, "
@@ -114,7 +120,7 @@ def emit(
         )
     doc = _docstring(result, name, note, dropin)
     parts = [body_source] if body_source else []
-    parts += [*helpers, _output_size_code(result), root]
+    parts += [*helpers, *filter(None, [chain]), root]
     code = "\n\n\n".join(p.strip("\n") for p in parts)
     # isort's rule, as ruff applies it: two blank lines after the imports before a
     # definition, one before any other statement (or comment)
@@ -123,14 +129,14 @@ def emit(
     return Emitted(text, name, reason)
 
 
-_OWN_NAMES = {"Step", "_CHAIN_H", "_CHAIN_W", "_through"}  # defined by _output_size_code
+_OWN_NAMES = {"Step", "_CHAIN_H", "_CHAIN_W", "_through"}  # the output_size code may define them
 
 
 def _defined_names(imports: Imports, local: set[str], wrappers: dict[str, str]) -> set[str]:
     """The top-level names the emitted file defines or imports, besides the patched class."""
     names = local | set(wrappers.values()) | _OWN_NAMES
     for line in imports.lines:
-        names.update(_imported_names(ast.parse(line).body[0]))
+        names.update(imported_names(ast.parse(line).body[0]))
     return names
 
 
@@ -138,7 +144,7 @@ def _defined_names(imports: Imports, local: set[str], wrappers: dict[str, str]) 
 
 
 def _source_code(
-    backbone: Backbone, imports: Imports, import_mode: bool
+    backbone: Backbone, imports: Imports, import_mode: bool, present: set[str]
 ) -> tuple[str, str, set[str], str, str]:
     """Bundled (or imported) code of the source backbone; returns the code, the builder
     call, the names it defines, a note for the docstring and, in --import mode, why."""
@@ -174,7 +180,7 @@ def _source_code(
         origin = origin.rsplit("/", 1)[-1]
     else:
         text, origin = module_source(importlib.import_module(backbone.source)), backbone.source
-    b = bundle(text, [backbone.attr], origin, imports)
+    b = bundle(text, [backbone.attr], origin, imports, present)
     note = f"bundles {backbone.attr} and what it needs from {origin}"
     return "\n\n\n".join(b.sources), call, b.names, note, ""
 
@@ -219,7 +225,7 @@ def _edited_classes(
             raise SurgeryError(f"{owner} was not rewritten")  # a bug: finish() makes them
         rw = result.surgery.rewrites[owner]
         comments = _comments(gm.graph, rw)
-        forward = forward_source(gm.graph, imports, local, comments)
+        forward = forward_source(gm.graph, imports, local, comments, gm)
         adopt = _adopt_lines(gm, "base")
         key = forward + "\n".join(adopt)
         if key not in by_code:
@@ -316,6 +322,17 @@ def _doc_line(text: str) -> str:
     return f'"""{as_source(text, Place.DOCSTRING)}"""'
 
 
+def _class_doc(head: str, tail: str, indent: int = 4) -> str:
+    """A docstring of ``head`` and ``tail``: on one line when it fits in 100 columns, else
+    ``tail`` on a second line. Outside text is never wrapped: it is data, kept whole."""
+    one = f"{head} {tail}"
+    if indent + len(as_source(one, Place.DOCSTRING)) + 6 <= 100:
+        return _doc_line(one)
+    pad = " " * indent
+    text = as_source(head, Place.DOCSTRING) + f"\n{pad}" + as_source(tail, Place.DOCSTRING)
+    return f'"""{text}\n{pad}"""'
+
+
 def _class_source(name: str, doc: str, init_args: str, init_body: list[str], forward: str) -> str:
     init = "\n".join(wrap(line, 8) for line in ["super().__init__()", *init_body])
     return (
@@ -352,49 +369,210 @@ def _set_expr(model: nn.Module, base: str, path: str, value: str) -> str:
     return _assign_attr(target, name, value)
 
 
-def _edit_lines(result: ApplyResult, wrappers: dict[str, str]) -> list[str]:
-    """The statements that turn the source backbone into the patched one."""
-    model = result.surgery.model  # has every edit's path, with the names they got
-    lines: list[str] = []
+@dataclass
+class _OpLines:
+    """What the patched class's ``__init__`` says about one recipe op, by where it goes."""
+
+    header: str  # "op 1: stride (at='layer4', ...)"
+    statements: list[tuple[str, str, str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # edits inside a rewritten forward
+    dropped: list[str] = field(default_factory=list)  # what a truncation leaves out
+    appended: list[str] = field(default_factory=list)  # new top-level modules
+
+    # a statement is (kind, path, attribute, value source); kind "attr" sets an attribute,
+    # "module" puts a module at ``path``, "raw" is the line itself (in ``value``)
+
+
+def _plan(result: ApplyResult) -> dict[int, _OpLines]:
+    """Every recipe op's lines, each edit in its place; a value set again later is kept
+    only where it is set last (a module put at a path also ends what came before there)."""
+    new = result.surgery.new_modules
+    plan = {
+        i: _OpLines(f"op {i}: {op.op} " + _op_summary(op.params))
+        for i, op in enumerate(result.recipe.ops)
+    }
     by_op: dict[int, list[Edit]] = {}
     for e in result.edits:
         by_op.setdefault(e.op_index, []).append(e)
     for index, edits in by_op.items():
-        op = result.recipe.ops[index]
-        lines.append(_comment(f"op {index}: {op.op} " + _op_summary(op.params)))
-        removed = [e.path for e in edits if e.attribute == "(removed)"]
+        lines, op = plan[index], result.recipe.ops[index]
         if op.op == "dropout":
-            lines += _dropout_loop(op, edits, model, result.surgery.new_modules)
+            model = result.surgery.model
+            lines.statements += [("raw", "", "", t) for t in _dropout_loop(op, edits, model, new)]
             continue
         for e in edits:
             if e.attribute == "(removed)":
-                continue
-            if (
-                e.path in result.surgery.new_modules
-                and "." not in e.path
-                and e.attribute == "(appended)"
-            ):
-                continue  # a new top-level module: built where the children are adopted
-            if e.path in result.surgery.new_modules:
-                lines.append(_set_expr(model, "body", e.path, result.surgery.new_modules[e.path]))
+                lines.dropped.append(e.path)
+            elif e.path in new and "." not in e.path and e.attribute == "(appended)":
+                lines.appended.append(e.path)  # built where the children are adopted
+            elif e.path in new:
+                _supersede(plan, e.path, "")
+                lines.statements.append(("module", e.path, "", new[e.path]))
             elif e.path.endswith(")") or ")#" in e.path:
-                lines.append(
-                    _comment(f"{e.path}: {e.attribute} {e.old} -> {e.new} (in the forward)")
-                )
+                change = f"{e.attribute} {e.old} -> {e.new}"
+                if lines.notes and lines.notes[-1].startswith(e.path + ": "):
+                    lines.notes[-1] += f", {change}"  # another argument of the same call
+                else:
+                    lines.notes.append(f"{e.path}: {change}")
             else:
-                target = _path_expr(model, "body", e.path)
-                lines.append(_assign_attr(target, e.attribute, literal(e.value, Imports())))
-        if removed:
-            lines.append(
-                _comment(f"the forward stops after {op['after']}; dropped: {', '.join(removed)}")
+                _supersede(plan, e.path, e.attribute)
+                lines.statements.append(("attr", e.path, e.attribute, literal(e.value, Imports())))
+    return plan
+
+
+def _supersede(plan: dict[int, _OpLines], path: str, attribute: str) -> None:
+    """Drop the earlier statements a new one at ``path`` makes pointless."""
+    for lines in plan.values():
+        lines.statements = [
+            st
+            for st in lines.statements
+            if st[0] == "raw"
+            or not (
+                (st[1] == path and st[2] == attribute)
+                or (not attribute and (st[1] == path or st[1].startswith(path + ".")))
             )
+        ]
+
+
+def _edit_lines(
+    result: ApplyResult, plan: dict[int, _OpLines], wrappers: dict[str, str], shown: set[int]
+) -> list[str]:
+    """The statements that turn the source backbone into the patched one; ``shown``
+    collects the ops whose full header has been written."""
+    model = result.surgery.model  # has every edit's path, with the names they got
+    lines: list[str] = []
+    for index, op in plan.items():
+        if op.statements or (op.notes and not wrappers):
+            lines += _comments_for(_head(op, index, shown))
+            lines += _statement_lines(model, op.statements)
+            lines += [_comment(f"{note} (in the forward)") for note in op.notes if not wrappers]
+        elif not (op.notes or op.dropped or op.appended):
+            lines += _comments_for(f"{_head(op, index, shown)}: nothing left to change")
     if wrappers:
         lines.append("# blocks whose forward the recipe rewrote")
-        for owner, cls in wrappers.items():
-            lines.append(
-                _set_expr(model, "body", owner, f"{cls}({_path_expr(model, 'body', owner)})")
-            )
+        for index, op in plan.items():
+            if op.notes:
+                lines += _comments_for(f"{_head(op, index, shown)}, in the forward:")
+                lines += [line for note in op.notes for line in _comments_for(note)]
+        lines += _wrapper_lines(model, wrappers)
     return lines
+
+
+def _wrapper_lines(model: nn.Module, wrappers: dict[str, str]) -> list[str]:
+    """``body.x = Cls(body.x)`` per rewritten block; three or more consecutive blocks of
+    one Sequential wrapped by the same class as a loop over their indices."""
+    runs: list[tuple[str, str, list[int]]] = []  # (container or owner, class, indices)
+    for owner, cls in wrappers.items():
+        where = _split_at_index(model, owner)
+        if where and not where[2]:
+            container, index = where[0], where[1]
+            last = runs[-1] if runs else None
+            if last and last[:2] == (container, cls) and last[2] and last[2][-1] + 1 == index:
+                last[2].append(index)
+                continue
+            runs.append((container, cls, [index]))
+        else:
+            runs.append((owner, cls, []))
+    lines = []
+    for path, cls, indices in runs:
+        if len(indices) >= 3:
+            seq = _path_expr(model, "body", path)
+            end = len(cast("nn.Sequential", module_at(model, path)))
+            stop = f"len({seq})" if indices[-1] + 1 == end else str(indices[-1] + 1)
+            lines += [f"for i in range({indices[0]}, {stop}):", f"    {seq}[i] = {cls}({seq}[i])"]
+            continue
+        for owner in [f"{path}.{i}" if path else str(i) for i in indices] or [path]:
+            value = f"{cls}({_path_expr(model, 'body', owner)})"
+            lines.append(_set_expr(model, "body", owner, value))
+    return lines
+
+
+def _head(op: _OpLines, index: int, shown: set[int]) -> str:
+    """The op's full header the first time, ``op N`` after that."""
+    if index in shown:
+        return f"op {index}"
+    shown.add(index)
+    return op.header
+
+
+def _comments_for(text: str, width: int = 90) -> list[str]:
+    """``text`` as comment lines of at most ``width`` characters after the ``# ``."""
+    body = as_source(text, Place.COMMENT)
+    return [
+        "# " + line
+        for line in textwrap.wrap(body, width, break_on_hyphens=False, break_long_words=False)
+    ]
+
+
+def _split_at_index(model: nn.Module, path: str) -> tuple[str, int, str] | None:
+    """``layer3.4.conv2`` -> (``layer3``, 4, ``conv2``): the first indexable step."""
+    parts = path.split(".")
+    module = model
+    for i, part in enumerate(parts):
+        if part.isdigit() and isinstance(module, (nn.Sequential, nn.ModuleList)):
+            return ".".join(parts[:i]), int(part), ".".join(parts[i + 1 :])
+        module = module._modules[part]  # type: ignore[assignment]  # present by construction
+    return None
+
+
+def _statement_lines(model: nn.Module, statements: list[tuple[str, str, str, str]]) -> list[str]:
+    """The statements as source; a run of three or more consecutive blocks of one
+    Sequential that get the very same settings becomes a loop over a slice of it."""
+    groups: list[tuple[tuple[str, int] | None, list[tuple[str, str, str, str]]]] = []
+    for st in statements:
+        where = _split_at_index(model, st[1]) if st[0] != "raw" else None
+        key = (where[0], where[1]) if where and where[2] else None
+        if key is not None and groups and groups[-1][0] == key:
+            groups[-1][1].append(st)
+        else:
+            groups.append((key, [st]))
+    lines: list[str] = []
+    i = 0
+    while i < len(groups):
+        j = i + 1
+        while j < len(groups) and _same_settings(model, groups[j - 1], groups[j]):
+            j += 1
+        if j - i >= 3:
+            lines += _loop(model, groups[i:j])
+        else:
+            lines += [_statement(model, st) for _, sts in groups[i:j] for st in sts]
+        i = j
+    return lines
+
+
+def _relative(model: nn.Module, key: tuple[str, int], st: tuple[str, str, str, str]) -> tuple:
+    prefix = f"{key[0]}.{key[1]}." if key[0] else f"{key[1]}."
+    return (st[0], st[1][len(prefix) :], st[2], st[3])
+
+
+def _same_settings(model: nn.Module, a: tuple, b: tuple) -> bool:
+    (ka, sa), (kb, sb) = a, b
+    if ka is None or kb is None or ka[0] != kb[0] or kb[1] != ka[1] + 1:
+        return False
+    return [_relative(model, ka, x) for x in sa] == [_relative(model, kb, x) for x in sb]
+
+
+def _loop(model: nn.Module, groups: list[tuple]) -> list[str]:
+    (container, first), last = groups[0][0], groups[-1][0][1]
+    seq = cast("nn.Sequential", module_at(model, container))  # indexable: _split_at_index
+    end = "" if last + 1 == len(seq) else str(last + 1)
+    block = seq[first]
+    lines = [f"for block in {_path_expr(model, 'body', container)}[{first}:{end}]:"]
+    for kind, rest, attr, value in (_relative(model, groups[0][0], x) for x in groups[0][1]):
+        if kind == "attr":
+            lines.append("    " + _assign_attr(_path_expr(block, "block", rest), attr, value))
+        else:
+            lines.append("    " + _set_expr(block, "block", rest, value))
+    return lines
+
+
+def _statement(model: nn.Module, st: tuple[str, str, str, str]) -> str:
+    kind, path, attr, value = st
+    if kind == "raw":
+        return value
+    if kind == "module":
+        return _set_expr(model, "body", path, value)
+    return _assign_attr(_path_expr(model, "body", path), attr, value)
 
 
 def _dropout_loop(op: Any, edits: list[Edit], model: nn.Module, new: dict[str, str]) -> list[str]:
@@ -436,128 +614,77 @@ def _root_class(
     else:
         graph = _trace_root(patched)
         comments = {}
-    forward = forward_source(graph, imports, local, comments)
-    body = [f"body = {builder}"]
-    body += _edit_lines(result, wrappers)
-    body.append("# the source backbone's modules, under their own names (state_dict keys)")
-    new = {
-        e.path: result.surgery.new_modules[e.path]
-        for e in result.edits
-        if e.attribute == "(appended)"
-    }
-    for child in patched._modules:
-        if child in new:
-            body.append(_assign("self", child, new[child]))
-        else:
-            value = _get_attr("body", child)
-            body.append(_assign("self", child, value))
-    for pname, _ in patched.named_parameters(recurse=False):
-        body.append(_assign_attr("self", pname, _get_attr("body", pname)))
-    for bname, _ in patched.named_buffers(recurse=False):
-        body.append(_buffer_line(patched, bname, "body"))
+    forward = forward_source(graph, imports, local, comments, patched)
+    plan, shown = _plan(result), set[int]()
+    body = [
+        f"body = {builder}",
+        *_edit_lines(result, plan, wrappers, shown),
+        *_adopt_root(result, patched, plan, shown),
+    ]
     if dropin:
-        init_args = "*args: Any, **kwargs: Any"
+        init_args = ", *args: Any, **kwargs: Any"
         imports.add("from typing import Any")
         body.insert(0, "del args, kwargs  # a drop-in: the host's own arguments are ignored")
     else:
         init_args = ""
     rules = result.after.size_rules()
-    doc = _doc_line(
+    doc = _class_doc(
         f"{result.backbone.spec} patched by recipe {result.recipe.name}: "
-        f"{result.after.output_shape[1]} channels at 1/{describe_factor(result.after.downsample)}; "
-        f"{rules[0].format('H')}, {rules[1].format('W')}."
+        f"{result.after.output_shape[1]} channels at 1/{describe_factor(result.after.downsample)};",
+        f"{rules[0].format('H')}, {rules[1].format('W')}.",
     )
-    init = "\n".join(wrap(line, 8) for line in ["super().__init__()", *body])
-    size_method = (
-        "@staticmethod\n"
-        "def output_size(h: int, w: int) -> tuple[int, int]:\n"
-        '    """The output (H, W) for an input of (h, w), from the reduction chain."""\n'
-        "    return _through(_CHAIN_H, h), _through(_CHAIN_W, w)"
-    )
+    init = "\n".join(_wrap_nested(line, 8) for line in ["super().__init__()", *body])
     return (
         f"class {name}(nn.Module):\n"
         f"    {doc}\n\n"
-        f"    def __init__(self{', ' + init_args if init_args else ''}) -> None:\n"
-        + init
-        + "\n\n"
-        + _indent(forward, 4)
-        + "\n\n"
-        + _indent(size_method, 4)
+        f"    def __init__(self{init_args}) -> None:\n" + init + "\n\n" + _indent(forward, 4)
     )
+
+
+def _adopt_root(
+    result: ApplyResult, patched: nn.Module, plan: dict[int, _OpLines], shown: set[int]
+) -> list[str]:
+    """The patched model's own children, parameters and buffers, taken from ``body``; a
+    truncation is noted here, an appended module under its op's comment."""
+    lines = ["# the source backbone's modules, under their own names (state_dict keys)"]
+    for index, op in plan.items():
+        if op.dropped:
+            after = result.recipe.ops[index]["after"]
+            text = f"the forward stops after {after}; dropped: {', '.join(op.dropped)}"
+            lines += _comments_for(f"{_head(op, index, shown)}: {text}")
+    new = result.surgery.new_modules
+    made_by = {path: index for index, op in plan.items() for path in op.appended}
+    started: set[int] = set()
+    for child in patched._modules:
+        if child in made_by and child in new:
+            index = made_by[child]
+            if index not in started:  # the op's first module
+                started.add(index)
+                lines += _comments_for(_head(plan[index], index, shown))
+            lines.append(_assign("self", child, new[child]))
+        else:
+            lines.append(_assign("self", child, _get_attr("body", child)))
+    for pname, _ in patched.named_parameters(recurse=False):
+        lines.append(_assign_attr("self", pname, _get_attr("body", pname)))
+    for bname, _ in patched.named_buffers(recurse=False):
+        lines.append(_buffer_line(patched, bname, "body"))
+    return lines
+
+
+def _wrap_nested(line: str, indent: int) -> str:
+    """``wrap`` for a line that may carry its own indentation (a loop's body)."""
+    code = line.lstrip(" ")
+    return wrap(code, indent + len(line) - len(code))
 
 
 def _trace_root(model: nn.Module) -> fx.Graph:
     try:
-        return _ChildrenAsLeaves().trace(model)
+        return trace_children_as_leaves(model)
     except Exception as error:  # fx raises many kinds of errors on dynamic code
         raise SurgeryError(
             f"cannot write the forward of {type(model).__name__}: not traceable with torch.fx "
             f"({type(error).__name__}: {str(error).splitlines()[0]})"
         ) from error
-
-
-# -- output_size ----------------------------------------------------------------------------------
-
-
-def _output_size_code(result: ApplyResult) -> str:
-    t = result.after
-    rows_h: list[str] = []
-    rows_w: list[str] = []
-    by_id = {o.id: o for o in t.ops}
-    used: list[SizeStep] = []
-    for op_id in t.chain:
-        o = by_id[op_id]
-        for steps, rows in ((o.steps_h, rows_h), (o.steps_w, rows_w)):
-            for s in steps:
-                used.append(s)
-                rows.append(
-                    f'    ("{s.kind}", {s.kernel}, {s.stride}, {s.padding}, {s.dilation}, '
-                    f"{s.ceil}, {s.pool}, {s.value!r}),  # {as_source(op_id, Place.COMMENT)}"
-                )
-    table = (
-        "# The reduction chain from input to output, one step per size-changing op:\n"
-        "# (kind, kernel, stride, padding, dilation, ceil_mode, is_pool, value).\n"
-        + "Step = tuple[str, int, int, int, int, bool, bool, float]\n\n"
-        + _tuple_block("_CHAIN_H", rows_h)
-        + "\n"
-        + _tuple_block("_CHAIN_W", rows_w)
-    )
-    # optional branches, written only when the chain has such a step
-    pad = " if n >= value else 0" if any(s.kind == "pad" and s.value > 0 for s in used) else ""
-    fold = (
-        """
-        elif kind == "fold":  # a reshape folding s x s pixel blocks into channels
-            n = n // s if n % s == 0 else 0"""
-        if any(s.kind == "fold" for s in used)
-        else ""
-    )
-    helper = f'''def _through(chain: tuple[Step, ...], n: int) -> int:
-    """Apply PyTorch's output-size formulas of a chain of steps to one axis."""
-    for kind, k, s, p, d, ceil, pool, value in chain:
-        if kind == "fixed":
-            n = int(value)
-        elif kind == "scale":
-            n = int(n * value)
-        elif kind == "pad":
-            n = n + p{pad}
-        elif kind == "transpose":
-            n = (n - 1) * s - 2 * p + d * (k - 1) + int(value) + 1{fold}
-        else:
-            span = n + 2 * p - d * (k - 1) - 1
-            out = -(-span // s) + 1 if ceil else span // s + 1
-            if ceil and pool and (out - 1) * s >= n + p:
-                out -= 1
-            n = out
-        if n <= 0:  # too small: no output
-            return 0
-    return n'''
-    return table.rstrip("\n") + "\n\n\n" + helper
-
-
-def _tuple_block(name: str, rows: list[str]) -> str:
-    if not rows:
-        return f"{name}: tuple[Step, ...] = ()\n"
-    return f"{name}: tuple[Step, ...] = (\n" + "\n".join(rows) + "\n)\n"
 
 
 # -- the docstring ------------------------------------------------------------------------------
@@ -571,6 +698,26 @@ def _needs(backbone: Backbone, note: str) -> str:
     return f"needs torch and {package or backbone.source.split('.')[0]}"
 
 
+def _size_rule_lines(rule: str, name: str) -> list[str]:
+    """The size rule and where it is computed; on two lines when one does not fit."""
+    head, tail = f"Size rule:       {rule}", f"({name}.output_size(h, w) computes it exactly)"
+    if len(head) + 1 + len(tail) <= 100:
+        return [f"{head} {tail}"]
+    return [head, " " * 17 + tail]
+
+
+def _generated_by(backbone: Backbone, note: str) -> list[str]:
+    """The line on what made the file and what it needs; too long, it breaks before what
+    the file bundles (which stays in one piece) or at the spaces of an import's note."""
+    line = f"Generated by bbswap {__version__}; {_needs(backbone, note)}. This file {note}."
+    if len(line) <= 100:
+        return [line]
+    if note.startswith("bundles "):
+        return [line[: -len(note) - 2], note + "."]
+    # an imported source: the note is this module's own words around a module name
+    return textwrap.wrap(line, 100, break_long_words=False, break_on_hyphens=False)
+
+
 def _docstring(result: ApplyResult, name: str, note: str, dropin: bool) -> str:
     t, before = result.after, result.before
     rules = t.size_rules()
@@ -578,24 +725,22 @@ def _docstring(result: ApplyResult, name: str, note: str, dropin: bool) -> str:
     lines = [
         f"{name}: {result.backbone.spec} after backbone surgery (recipe {result.recipe.name}).",
         "",
-        f"Generated by bbswap {__version__}; {_needs(result.backbone, note)}. This file {note}.",
+        *_generated_by(result.backbone, note),
         "",
         f"Source backbone: {result.backbone.spec}",
         f"Traced input:    {shape(t.input_shape)} -> output {shape(t.output_shape)} "
         f"(the source gave {shape(before.output_shape)} for {shape(before.input_shape)})",
         f"Downsample:      {describe_factor(t.downsample)}",
-        f"Size rule:       {rules[0].format('H')}, {rules[1].format('W')} "
-        f"({name}.output_size(h, w) computes it exactly)",
+        *_size_rule_lines(f"{rules[0].format('H')}, {rules[1].format('W')}", name),
         f"Params:          {count(t.params)}",
         f"MACs:            {count(t.macs)} at the traced input",
     ]
     if dropin:
-        lines.append(
-            f"Drop-in:         {name}(*args, **kwargs) ignores its arguments, so it can replace "
-            "the host's class."
-        )
-    lines += ["", "Recipe:", ""] + [
-        "    " + line if line else "" for line in recipe_text.splitlines()
-    ]
-    body = "\n".join(line.rstrip() for line in lines)
+        head = f"Drop-in:         {name}(*args, **kwargs) ignores its arguments,"
+        tail = "so it can replace the host's class."
+        fits = len(head) + 1 + len(tail) <= 100
+        lines += [f"{head} {tail}"] if fits else [head, " " * 17 + tail]
+    prose = "\n".join(lines)
+    # the recipe flush left, as its file is written: it can be copied out as it is
+    body = "\n".join(line.rstrip() for line in [prose, "", "Recipe:", "", recipe_text])
     return f'"""{as_source(body + chr(10), Place.DOCSTRING)}"""'

@@ -15,6 +15,7 @@ import keyword
 import math
 import operator
 import sys
+import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import fx
+from torch import _jit_internal, fx, nn
 
 from bbswap.codegen.text import Place, as_source, is_plain_name
 from bbswap.errors import SurgeryError
@@ -124,8 +125,33 @@ def literal(value: Any, imports: Imports) -> str:
 
 def _call_args(node: fx.Node, imports: Imports, skip: int = 0) -> str:
     args = [literal(a, imports) for a in node.args[skip:]]
-    args += [f"{k}={literal(v, imports)}" for k, v in node.kwargs.items()]
+    defaults = _defaults(node.target) if node.op == "call_function" else {}
+    args += [
+        f"{k}={literal(v, imports)}"
+        for k, v in node.kwargs.items()
+        if not (k in defaults and _same(v, defaults[k]))
+    ]
     return ", ".join(args)
+
+
+def _defaults(target: Any) -> dict[str, Any]:
+    """The default values of a Python function's keyword arguments ({} for a builtin,
+    whose calls fx records as written)."""
+    dispatched = _jit_internal.boolean_dispatched.get(target)
+    if dispatched is not None:  # F.max_pool2d & co: both branches take the same arguments
+        target = dispatched["if_false"]
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+def _same(value: Any, default: Any) -> bool:
+    """Whether an argument repeats its default (``0`` is not ``False`` here)."""
+    if isinstance(value, fx.Node):
+        return False
+    return type(value) is type(default) and value == default
 
 
 def function_ref(target: Any, imports: Imports, local: set[str]) -> str:
@@ -162,9 +188,14 @@ _FUNCTIONAL_IDS = {F.max_pool2d, F.adaptive_max_pool2d, F.max_pool1d, F.max_pool
 
 
 def forward_source(
-    graph: fx.Graph, imports: Imports, local: set[str], comments: dict[str, str] | None = None
+    graph: fx.Graph,
+    imports: Imports,
+    local: set[str],
+    comments: dict[str, str] | None = None,
+    owner: nn.Module | None = None,
 ) -> str:
-    """A ``def forward`` for ``graph``: one statement per node."""
+    """A ``def forward`` for ``graph``: one statement per node; annotated with its return
+    type when ``owner`` (the module whose submodules the graph calls) shows it."""
     comments = comments or {}
     params: list[str] = []
     body: list[str] = []
@@ -189,7 +220,98 @@ def forward_source(
         elif node.op == "output":
             body.append(f"return {literal(node.args[0], imports)}")
     signature = ", ".join(["self", *params])
-    return f"def forward({signature}):\n" + "\n".join(wrap(line, 4, 96) for line in body)
+    returns = return_type(graph, owner) if owner is not None else ""
+    arrow = f" -> {returns}" if returns else ""
+    return f"def forward({signature}){arrow}:\n" + "\n".join(wrap(line, 4, 96) for line in body)
+
+
+# -- return types ---------------------------------------------------------------------------
+
+# Tensor methods that return one tensor, and torch functions that may return several
+_TENSOR_METHODS = frozenset(
+    {
+        "view", "reshape", "flatten", "permute", "transpose", "contiguous", "mean", "sum",
+        "add", "sub", "mul", "div", "sigmoid", "relu", "softmax", "unsqueeze", "squeeze",
+        "expand", "expand_as", "repeat", "clone", "float", "to", "type_as", "narrow", "flip",
+        "pow", "sqrt", "exp", "log", "abs", "neg", "clamp", "view_as", "masked_fill", "tanh",
+        "gelu", "matmul", "bmm",
+    }
+)  # fmt: skip
+_NOT_ONE_TENSOR = frozenset(
+    {
+        "split", "chunk", "unbind", "tensor_split", "max", "min", "sort", "topk", "meshgrid",
+        "broadcast_tensors", "unique", "max_pool1d_with_indices", "max_pool2d_with_indices",
+        "max_pool3d_with_indices", "size",
+    }
+)  # fmt: skip
+
+
+def return_type(graph: fx.Graph, owner: nn.Module) -> str:
+    """``torch.Tensor`` (or a tuple or list of them) when the graph's output surely is
+    one; "" when that is not known."""
+    out = next(n for n in graph.nodes if n.op == "output").args[0]
+    if isinstance(out, fx.Node):
+        return "torch.Tensor" if _is_tensor(out, owner) else ""
+    if (
+        isinstance(out, (tuple, list))
+        and out
+        and all(isinstance(a, fx.Node) and _is_tensor(a, owner) for a in out)
+    ):
+        if isinstance(out, list):
+            return "list[torch.Tensor]"
+        return "tuple[" + ", ".join("torch.Tensor" for _ in out) + "]"
+    return ""
+
+
+def _is_tensor(node: fx.Node, owner: nn.Module) -> bool:
+    if node.op == "placeholder":
+        return True  # every parameter is annotated torch.Tensor
+    if node.op == "get_attr":
+        return isinstance(_attr(owner, str(node.target)), torch.Tensor)
+    if node.op == "call_method":
+        return str(node.target) in _TENSOR_METHODS
+    if node.op == "call_module":
+        return _module_returns_tensor(owner.get_submodule(str(node.target)))
+    if node.op != "call_function":
+        return False
+    target = node.target
+    if target is operator.getitem:
+        obj = node.args[0]
+        return isinstance(obj, fx.Node) and _is_tensor(obj, owner)
+    if target in _INFIX:
+        return any(isinstance(a, fx.Node) and _is_tensor(a, owner) for a in node.args)
+    name = fx_name(target)
+    module = getattr(target, "__module__", None) or ""
+    torch_function = (
+        module.startswith("torch")
+        or target in _FUNCTIONAL_IDS
+        or any(getattr(m, name, None) is target for m in (torch, F))
+    )
+    return torch_function and name not in _NOT_ONE_TENSOR and not node.kwargs.get("return_indices")
+
+
+def _attr(owner: nn.Module, target: str) -> Any:
+    obj: Any = owner
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _module_returns_tensor(module: nn.Module) -> bool:
+    if isinstance(module, fx.GraphModule):
+        return return_type(module.graph, module) == "torch.Tensor"
+    if isinstance(module, nn.Sequential):
+        children = list(module)
+        return not children or _module_returns_tensor(children[-1])
+    cls = type(module)
+    if cls.__module__.startswith("torch.nn.modules."):
+        unsure = (nn.MultiheadAttention, nn.RNNBase, nn.ModuleList, nn.ModuleDict)
+        return not isinstance(module, unsure) and not getattr(module, "return_indices", False)
+    try:
+        hints = typing.get_type_hints(cls.forward)
+    except Exception:  # a forward's annotations may name anything, or fail to resolve
+        return False
+    return hints.get("return") is torch.Tensor
 
 
 def _function_call(node: fx.Node, imports: Imports, local: set[str]) -> str:
@@ -245,7 +367,8 @@ def _top_level(tree: ast.Module) -> dict[str, ast.stmt]:
     return defs
 
 
-def _imported_names(stmt: ast.stmt) -> list[str]:
+def imported_names(stmt: ast.stmt) -> list[str]:
+    """The names an import statement binds."""
     if isinstance(stmt, ast.Import):
         return [(a.asname or a.name).split(".")[0] for a in stmt.names]
     if isinstance(stmt, ast.ImportFrom):
@@ -253,33 +376,159 @@ def _imported_names(stmt: ast.stmt) -> list[str]:
     return []
 
 
-def bundle(source: str, roots: Iterable[str], origin: str, imports: Imports) -> Bundle:
-    """Copy the definitions ``roots`` need from ``source`` (a whole module's text)."""
+class _References(ast.NodeVisitor):
+    """The names a definition uses as code, apart from those in its annotations."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+        self.annotations: list[ast.expr] = []
+
+    def visit_Name(self, node: ast.Name) -> None:
+        self.names.add(node.id)
+
+    def visit_arg(self, node: ast.arg) -> None:
+        if node.annotation is not None:
+            self.annotations.append(node.annotation)
+
+    def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+        if node.returns is not None:
+            self.annotations.append(node.returns)
+        for child in [*node.decorator_list, node.args, *node.body]:
+            self.visit(child)
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> None:
+        self.annotations.append(node.annotation)
+        for child in (node.target, node.value):
+            if child is not None:
+                self.visit(child)
+
+
+def _union_members(node: ast.expr) -> list[ast.expr]:
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        return _union_members(node.left) + _union_members(node.right)
+    return [node]
+
+
+def _annotation_edits(
+    source: str, annotation: ast.expr, absent: set[str]
+) -> tuple[list[tuple[ast.expr, str]], set[str]]:
+    """Rewrites of the ``A | B`` unions in an annotation that leave out the names in
+    ``absent``; returns them and the absent names still used (that no rewrite removes)."""
+    edits: list[tuple[ast.expr, str]] = []
+    todo: list[ast.AST] = [annotation]
+    still: set[str] = set()
+    while todo:
+        node = todo.pop()
+        members = _union_members(node) if isinstance(node, ast.expr) else [node]
+        if len(members) > 1:
+            kept = [m for m in members if not (isinstance(m, ast.Name) and m.id in absent)]
+            if kept and len(kept) < len(members):
+                text = " | ".join(ast.get_source_segment(source, m) or "" for m in kept)
+                edits.append((node, text))  # type: ignore[arg-type]  # members > 1: a BinOp
+                todo += kept
+                continue
+            todo += members
+            continue
+        if isinstance(node, ast.Name) and node.id in absent:
+            still.add(node.id)
+        todo += list(ast.iter_child_nodes(node))
+    return edits, still
+
+
+def _closure(defs: dict[str, ast.stmt], roots: Iterable[str]) -> set[str]:
+    """The definitions ``roots`` use as code, followed from one to the next."""
+    needed: set[str] = set()
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        refs = _References()
+        refs.visit(defs[name])
+        todo += [n for n in refs.names if n in defs and n not in needed]
+    return needed
+
+
+def _carried(
+    source: str, defs: dict[str, ast.stmt], roots: list[str]
+) -> tuple[set[str], dict[int, list[tuple[ast.expr, str]]]]:
+    """The definitions to carry and, per carried statement, the rewrites of annotations
+    that name a definition left behind (``type[BasicBlock | Bottleneck]`` in a file with
+    no BasicBlock). A definition an annotation needs in a way no rewrite removes is
+    carried after all."""
+    while True:
+        needed = _closure(defs, roots)
+        rewrites: dict[int, list[tuple[ast.expr, str]]] = {}
+        missing: set[str] = set()
+        for name in needed:
+            refs = _References()
+            refs.visit(defs[name])
+            for annotation in refs.annotations:
+                absent = {
+                    n.id
+                    for n in ast.walk(annotation)
+                    if isinstance(n, ast.Name) and n.id in defs and n.id not in needed
+                }
+                if absent:
+                    edits, still = _annotation_edits(source, annotation, absent)
+                    rewrites.setdefault(id(defs[name]), []).extend(edits)
+                    missing |= still
+        if not missing:
+            return needed, rewrites
+        roots = [*roots, *sorted(missing)]
+
+
+def _offset(lines: list[str], first: int, line: int, col: int) -> int:
+    """The character offset in the chunk starting at line ``first`` of ast's (line, byte
+    column) position."""
+    before = sum(len(text) + 1 for text in lines[first - 1 : line - 1])
+    return before + len(lines[line - 1].encode("utf-8")[:col].decode("utf-8"))
+
+
+def _chunk(lines: list[str], top: ast.stmt, edits: list[tuple[ast.expr, str]]) -> str:
+    start = min([top.lineno] + [d.lineno for d in getattr(top, "decorator_list", [])])
+    end = top.end_lineno or top.lineno
+    text = "\n".join(lines[start - 1 : end])
+    spans = {
+        (
+            _offset(lines, start, node.lineno, node.col_offset),
+            _offset(lines, start, node.end_lineno or node.lineno, node.end_col_offset or 0),
+        ): new
+        for node, new in edits
+    }
+    for (a, b), new in sorted(spans.items(), reverse=True):
+        text = text[:a] + new + text[b:]
+    return text
+
+
+def bundle(
+    source: str, roots: Iterable[str], origin: str, imports: Imports, present: Iterable[str] = ()
+) -> Bundle:
+    """Copy the definitions ``roots`` need from ``source`` (a whole module's text): those
+    their code uses, and the classes in ``present`` (of the modules in the built model)."""
     tree = ast.parse(source)
     defs = _top_level(tree)
     import_stmts = {
         name: stmt
         for stmt in tree.body
         if isinstance(stmt, (ast.Import, ast.ImportFrom))
-        for name in _imported_names(stmt)
+        for name in imported_names(stmt)
     }
-    needed: set[str] = set()
-    used_imports: set[str] = set()
-    todo = [r for r in roots if r in defs]
+    roots = list(roots)
     missing = [r for r in roots if r not in defs]
     if missing:
         raise SurgeryError(f"{origin} does not define {', '.join(missing)} at top level")
-    while todo:
-        name = todo.pop()
-        if name in needed:
-            continue
-        needed.add(name)
-        for node in ast.walk(defs[name]):
-            if isinstance(node, ast.Name):
-                if node.id in defs and node.id not in needed:
-                    todo.append(node.id)
-                elif node.id in import_stmts:
-                    used_imports.add(node.id)
+    used = [p for p in sorted(set(present)) if isinstance(defs.get(p), ast.ClassDef)]
+    needed, rewrites = _carried(source, defs, roots + used)
+    used_imports = {
+        node.id
+        for name in needed
+        for node in ast.walk(defs[name])
+        if isinstance(node, ast.Name) and node.id in import_stmts
+    }
     for name in sorted(used_imports):
         stmt = import_stmts[name]
         if isinstance(stmt, ast.ImportFrom) and stmt.module == "__future__":
@@ -298,9 +547,7 @@ def bundle(source: str, roots: Iterable[str], origin: str, imports: Imports) -> 
         if not names or id(top) in seen:
             continue
         seen.add(id(top))
-        start = min([top.lineno] + [d.lineno for d in getattr(top, "decorator_list", [])])
-        end = top.end_lineno or top.lineno
-        chunks.append("\n".join(lines[start - 1 : end]))
+        chunks.append(_chunk(lines, top, rewrites.get(id(top), [])))
     return Bundle(origin, chunks, needed)
 
 

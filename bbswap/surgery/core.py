@@ -278,9 +278,14 @@ class _ChildrenAsLeaves(fx.Tracer):
         return module_qualified_name != ""
 
 
+def trace_children_as_leaves(module: nn.Module) -> fx.Graph:
+    """The graph of ``module``'s own forward, every submodule call kept as a call."""
+    return _ChildrenAsLeaves().trace(module)
+
+
 def trace_forward(module: nn.Module, owner: str) -> fx.Graph:
     try:
-        return _ChildrenAsLeaves().trace(module)
+        return trace_children_as_leaves(module)
     except Exception as error:  # fx raises many kinds of errors on dynamic code
         name = owner or "the model"
         raise SurgeryError(
