@@ -4,8 +4,13 @@
 from __future__ import annotations
 
 import os
+import random
+import signal
 import stat
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -82,3 +87,56 @@ def test_unwritable_paths_are_refused_before_any_work(tmp_path: Path, case: str)
     with pytest.raises(InvalidArgument) as refused:
         check_output(path, force=False, what="-o")
     assert str(path) in str(refused.value)
+
+
+# -- a run that is stopped: the old pair of files or the new one, never a mix ----------------
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "named_models.py"
+RECIPE = 'name = "r{n}"\n[[ops]]\nop = "project"\nchannels = {c}\n'
+
+
+def _bbswap() -> str:
+    return str(Path(sys.executable).parent / "bbswap")
+
+
+def _apply(folder: Path, n: int) -> subprocess.Popen:
+    recipe = folder / f"r{n}.toml"
+    recipe.write_text(RECIPE.format(n=n, c=8 * n))
+    args = [_bbswap(), "apply", f"{FIXTURE}:Tagged", str(recipe), "--input", "1x3x32x32"]
+    args += ["-o", str(folder / "out.py"), "--weights", str(folder / "w.pth"), "--force"]
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _pair(folder: Path) -> tuple[bytes, bytes]:
+    return (folder / "out.py").read_bytes(), (folder / "out.pth").read_bytes()
+
+
+def test_a_stopped_run_leaves_the_old_pair_or_the_new_one(tmp_path: Path) -> None:
+    import torch
+
+    sys.path.insert(0, str(FIXTURE.parent))
+    try:
+        from named_models import Tagged
+    finally:
+        sys.path.remove(str(FIXTURE.parent))
+    torch.save(Tagged().state_dict(), tmp_path / "w.pth")
+    assert _apply(tmp_path, 2).wait() == 0
+    new = _pair(tmp_path)
+    assert _apply(tmp_path, 1).wait() == 0
+    old = _pair(tmp_path)
+    assert old != new
+    rng = random.Random(0)
+    for _ in range(4):
+        run = _apply(tmp_path, 2)
+        time.sleep(rng.uniform(0.5, 6.0))
+        run.send_signal(signal.SIGTERM)
+        code = run.wait()
+        now = _pair(tmp_path)
+        assert now in (old, new), "a mix of old and new files"
+        assert _leftovers(tmp_path) == []
+        assert run.stderr is not None and b"Traceback" not in run.stderr.read()
+        # 0: done before the signal; 143: stopped by the handler; -15: stopped before it
+        # was installed (while torch was still being imported)
+        assert code in (0, 143, -signal.SIGTERM)
+        if now == new:  # start again from the old pair
+            assert _apply(tmp_path, 1).wait() == 0

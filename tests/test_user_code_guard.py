@@ -77,3 +77,8 @@ def test_the_cpu_fallback_leaves_weights_and_buffers_as_they_were() -> None:
     after = model.state_dict(keep_vars=True)
     assert all(after[k] is tensors[k] for k in tensors)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_the_timeout_option_stops_an_endless_forward() -> None:
+    result = cli("inspect", f"{MODELS}:EndlessForward", "--input", "1x3x32x32", "--timeout", "2")
+    assert_one_line_error(result, "time limit of 2 s", "--timeout")

@@ -14,7 +14,9 @@ import dataclasses
 import inspect
 import json
 import os
+import signal
 import sys
+import threading
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,7 +27,9 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
+from bbswap.backbones.guard import DEFAULT_TIMEOUT, time_limit
 from bbswap.codegen.outputs import check_output, write_files
+from bbswap.codegen.text import Place, as_source
 from bbswap.errors import BBSwapError, InvalidArgument
 from bbswap.kinds import Choice, Mode, Prefer, Rounding
 
@@ -130,6 +134,14 @@ def _choice(kind: type[Choice], flag: str, help_text: str) -> Any:
 
 
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")]
+TimeoutOpt = Annotated[
+    float,
+    typer.Option(
+        "--timeout",
+        metavar="SECONDS",
+        help="Stop the model's own code (import, constructor, forward) after this long.",
+    ),
+]
 BackboneArg = Annotated[str, typer.Argument(help="Backbone spec (see `bbswap list`).")]
 InputOpt = Annotated[str, typer.Option("--input", "-i", help="Dummy input as NxCxHxW or HxW.")]
 MaybeInputOpt = Annotated[
@@ -188,16 +200,43 @@ def _console() -> Console:
 
 
 @contextmanager
-def _guard(debug: bool) -> Iterator[None]:
-    """Turn user errors into one line on stderr and exit status 2."""
+def _guard(debug: bool, timeout: float | None = DEFAULT_TIMEOUT) -> Iterator[None]:
+    """Turn user errors into one line on stderr and exit status 2; give the user's code
+    at most ``timeout`` seconds a stage; a stop signal ends the run cleanly."""
     try:
-        yield
+        with _terminated_as_interrupt(), time_limit(timeout):
+            yield
     except BBSwapError as error:
         if debug or _state["debug"] or os.environ.get("BBSWAP_DEBUG"):
             raise
-        message = " ".join(error.as_flags().split())
+        message = as_source(" ".join(error.as_flags().split()), Place.COMMENT)
         sys.stderr.write(f"bbswap: error: {message}\n")
         raise typer.Exit(error.exit_code) from None
+
+
+@contextmanager
+def _terminated_as_interrupt() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so that temporary files are removed on the way out
+    (exit status 143, as if killed)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        del frame
+        raise _Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    except _Terminated:
+        raise typer.Exit(128 + signal.SIGTERM) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(BaseException):
+    """A SIGTERM received while a command runs."""
 
 
 def _print_json(data: dict[str, Any]) -> None:
@@ -245,6 +284,7 @@ class InspectArgs:
     ] = None
     kw: KwOpt = None
     json_out: JsonOpt = False
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT
     debug: Debug = False
 
 
@@ -257,7 +297,7 @@ def inspect_cmd(a: InspectArgs) -> None:
     from bbswap.parsing import parse_kw, parse_sizes
     from bbswap.tracing.inspection import inspect_backbone
 
-    with _guard(a.debug):
+    with _guard(a.debug, a.timeout):
         sizes = parse_sizes(a.sizes) if a.sizes is not None else ()
         report = inspect_backbone(
             a.backbone, a.input_shape, depth=a.depth, sizes=sizes, kwargs=parse_kw(a.kw)
@@ -288,6 +328,7 @@ class ApplyArgs:
     safetensors: SafetensorsOpt = False
     force: ForceOpt = False
     json_out: JsonOpt = False
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT
     debug: Debug = False
 
 
@@ -303,7 +344,7 @@ def apply_cmd(a: ApplyArgs) -> None:
     from bbswap.recipes.toml_io import load_recipe
     from bbswap.surgery.apply import apply_recipe
 
-    with _guard(a.debug):
+    with _guard(a.debug, a.timeout):
         loaded, kwargs = load_recipe(a.recipe), parse_kw(a.kw)
         exported = None
         if a.output is None:
@@ -351,6 +392,7 @@ class FitArgs:
     safetensors: SafetensorsOpt = False
     force: ForceOpt = False
     json_out: JsonOpt = False
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT
     debug: Debug = False
 
 
@@ -361,7 +403,7 @@ def fit_cmd(a: FitArgs) -> None:
     from bbswap.cli.render import progress_bar
     from bbswap.search.fit import winner_input, winner_recipe
 
-    with _guard(a.debug):
+    with _guard(a.debug, a.timeout):
         recipe_path = _fit_preflight(a)
         with progress_bar(a.json_out) as progress:
             result = _run_fit(a, progress)
@@ -509,6 +551,7 @@ class VerifyArgs:
         int | None, typer.Option("--in-chans", help="Input channels (default: first conv's).")
     ] = None
     json_out: JsonOpt = False
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT
     debug: Debug = False
 
 
@@ -521,7 +564,7 @@ def verify_cmd(a: VerifyArgs) -> None:
     from bbswap.verify.checks import require
     from bbswap.verify.file import check_file
 
-    with _guard(a.debug):
+    with _guard(a.debug, a.timeout):
         options = dataclasses.asdict(a)
         for name in ("target", "json_out", "debug"):
             del options[name]
@@ -553,6 +596,7 @@ class MatrixArgs:
     rounding: MatrixRoundingOpt = Rounding.ANY
     input_shape: MaybeInputOpt = None
     json_out: JsonOpt = False
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT
     debug: Debug = False
 
 
@@ -565,7 +609,7 @@ def matrix_cmd(a: MatrixArgs) -> None:
     from bbswap.parsing import parse_strides
     from bbswap.search.matrix import matrix
 
-    with _guard(a.debug):
+    with _guard(a.debug, a.timeout):
         strides = parse_strides(a.stride)
         with progress_bar(a.json_out, "trying backbones") as progress:
             result = matrix(

@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from bbswap.surgery.core import EditKind
 from bbswap.tracing.tracer import SpatialOp, Stage, Trace, describe_factor
 
 if TYPE_CHECKING:
@@ -264,7 +265,7 @@ def _grouped(edits: Sequence[Edit]) -> list[list[Edit]]:
             e.old,
             e.new,
         )
-        if same and e.attribute == "(appended)":
+        if same and e.kind is EditKind.APPEND:
             groups[-1].append(e)
         else:
             groups.append([e])

@@ -36,10 +36,12 @@ from bbswap.codegen.source import (
 )
 from bbswap.codegen.text import Place, as_source, is_plain_name
 from bbswap.errors import InvalidArgument, SurgeryError
+from bbswap.recipes.structure import Dropout
 from bbswap.recipes.toml_io import recipe_to_toml
 from bbswap.surgery.apply import ApplyResult
 from bbswap.surgery.core import (
     Edit,
+    EditKind,
     OwnerRewrite,
     child_name,
     fx_name,
@@ -396,19 +398,19 @@ def _plan(result: ApplyResult) -> dict[int, _OpLines]:
         by_op.setdefault(e.op_index, []).append(e)
     for index, edits in by_op.items():
         lines, op = plan[index], result.recipe.ops[index]
-        if op.op == "dropout":
+        if isinstance(op, Dropout):
             model = result.surgery.model
             lines.statements += [("raw", "", "", t) for t in _dropout_loop(op, edits, model, new)]
             continue
         for e in edits:
-            if e.attribute == "(removed)":
+            if e.kind is EditKind.REMOVE:
                 lines.dropped.append(e.path)
-            elif e.path in new and "." not in e.path and e.attribute == "(appended)":
+            elif e.path in new and "." not in e.path and e.kind is EditKind.APPEND:
                 lines.appended.append(e.path)  # built where the children are adopted
             elif e.path in new:
                 _supersede(plan, e.path, "")
                 lines.statements.append(("module", e.path, "", new[e.path]))
-            elif e.path.endswith(")") or ")#" in e.path:
+            elif e.kind is EditKind.CALL:
                 change = f"{e.attribute} {e.old} -> {e.new}"
                 if lines.notes and lines.notes[-1].startswith(e.path + ": "):
                     lines.notes[-1] += f", {change}"  # another argument of the same call
@@ -575,12 +577,14 @@ def _statement(model: nn.Module, st: tuple[str, str, str, str]) -> str:
     return _assign_attr(_path_expr(model, "body", path), attr, value)
 
 
-def _dropout_loop(op: Any, edits: list[Edit], model: nn.Module, new: dict[str, str]) -> list[str]:
+def _dropout_loop(
+    op: Dropout, edits: list[Edit], model: nn.Module, new: dict[str, str]
+) -> list[str]:
     """``block.dropout = nn.Dropout(p)`` for every block of the op's class, as a loop."""
     names = {child_name(e.path) for e in edits}
     if len(names) != 1:  # a block already had a 'dropout' attribute: spell each one out
         return [_set_expr(model, "body", e.path, new[e.path]) for e in edits]
-    cls = op["block"]
+    cls = op.block
     return [
         f"for block in [m for m in body.modules() if type(m).__name__ == {string(cls)}]:",
         "    " + _assign_attr("block", names.pop(), new[edits[0].path]),
@@ -649,7 +653,7 @@ def _adopt_root(
     lines = ["# the source backbone's modules, under their own names (state_dict keys)"]
     for index, op in plan.items():
         if op.dropped:
-            after = result.recipe.ops[index]["after"]
+            after = result.recipe.ops[index]["after"]  # a truncate op's field
             text = f"the forward stops after {after}; dropped: {', '.join(op.dropped)}"
             lines += _comments_for(f"{_head(op, index, shown)}: {text}")
     new = result.surgery.new_modules

@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_flatten
 from bbswap.backbones.guard import user_code
 from bbswap.errors import ModelError, NotACNN
 from bbswap.kinds import Device
+from bbswap.tracing.ids import call_id
 from bbswap.tracing.sizes import SizeRule, SizeStep, chain_size, min_size, size_rule
 from bbswap.tracing.spatial_ops import (
     SPATIAL,
@@ -408,8 +409,7 @@ class _Mode(TorchFunctionMode):
         if module_kind:
             op_id, kind = owner, "module"
         else:
-            prefix = f"{owner}." if owner else ""
-            op_id, kind = f"{prefix}{name}()" + (f"#{call}" if call else ""), "functional"
+            op_id, kind = call_id(owner, name, call), "functional"
         rf, jump = _grow_field(sa, x_shape[-2:], tuple(y.shape[-2:]), info)
         op = SpatialOp(
             id=op_id,
@@ -711,8 +711,7 @@ def _stages(rec: _Recorder, depth: int, functional: bool = True) -> tuple[Stage,
     for c in rec.calls if functional else []:
         if not _expanded(rec, c.owner, depth):
             continue
-        prefix = f"{c.owner}." if c.owner else ""
-        path = f"{prefix}{c.name}()" + (f"#{c.call}" if c.call else "")
+        path = call_id(c.owner, c.name, c.call)
         if path in seen:
             continue
         seen.add(path)
