@@ -78,19 +78,53 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     return sizes
 
 
+MAX_DATA_BYTES = 1 << 20  # a config file is a few kilobytes
+MAX_YAML_ALIASES = 100  # enough for any config; an alias bomb has millions
+MAX_LITERAL_CHARS = 10_000
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_DATA_BYTES + 1)
+    except OSError as error:
+        raise InvalidArgument(f"{what}: cannot read {path}: {error.strerror or error}") from None
+    if len(raw) > MAX_DATA_BYTES:
+        raise InvalidArgument(f"{what}: {path} is larger than {MAX_DATA_BYTES >> 10} KiB")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidArgument(f"{what}: {path} is not UTF-8 text (byte {error.start})") from None
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses a document with more than a few aliases."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        aliases = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                self.aliases += 1
+                if self.aliases > MAX_YAML_ALIASES:
+                    raise yaml.YAMLError(f"more than {MAX_YAML_ALIASES} aliases")
+            return super().compose_node(parent, index)
+
+    return yaml.load(text, Loader=Loader)  # a SafeLoader subclass
+
+
 def load_data_file(path_text: str, what: str) -> Any:
     """The content of a YAML or JSON file."""
     path = Path(path_text)
     if not path.is_file():
         raise InvalidArgument(f"{what}: file not found: {path_text}")
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path, what)
     try:
         if path.suffix.lower() == ".json":
             return json.loads(text)
         if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            return yaml.safe_load(text)
+            return _load_yaml(text)
     except Exception as error:  # yaml and json raise their own error types
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InvalidArgument(f"{what}: cannot parse {path_text}: {first}") from error
@@ -115,8 +149,15 @@ def parse_kw(items: list[str] | None) -> dict[str, Any]:
 def parse_kw_value(key: str, value: str) -> Any:
     if value.startswith("@"):
         return load_data_file(value[1:], f"--kw {key}")
+    if len(value) > MAX_LITERAL_CHARS:
+        raise InvalidArgument(
+            f"--kw value for '{key}' is longer than {MAX_LITERAL_CHARS} characters; "
+            "put it in a file and pass @file.yaml"
+        )
     try:
         return ast.literal_eval(value)
+    except (RecursionError, MemoryError):
+        raise InvalidArgument(f"--kw value for '{key}' is nested too deeply") from None
     except (ValueError, SyntaxError):
         if _WORD.match(value):
             return value

@@ -13,7 +13,8 @@ import string
 from pathlib import Path
 
 import pytest
-from cli_helpers import assert_one_line_error, cli
+import torch
+from cli_helpers import assert_one_line_error, cli, import_plain
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -140,3 +141,98 @@ def test_the_cpu_fallback_refuses_an_input_too_large_for_real_tensors() -> None:
 @pytest.mark.parametrize("text", ["1x3x99999999x9", "1x3x" + "9" * 20 + "x9", "9" * 200])
 def test_enormous_input_sizes_are_refused_before_any_work(text: str) -> None:
     assert_one_line_error(cli("inspect", MODEL, "--input", text), "--input")
+
+
+def test_apply_without_an_in_channels_op_builds_for_the_inputs_channels(tmp_path: Path) -> None:
+    """A one-channel --input and no in_channels op: the source is built with one channel,
+    and so is the emitted file's builder."""
+    recipe, out = tmp_path / "r.toml", tmp_path / "t.py"
+    recipe.write_text('name = "r"\n[[ops]]\nop = "truncate"\nafter = "layer4"\n')
+    result = cli("apply", "resnet18", recipe, "--input", "1x1x64x64", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    module = import_plain(out)
+    model = module.ResNet18C512S32().eval()
+    assert model.conv1.in_channels == 1
+    assert tuple(model(torch.zeros(1, 1, 64, 64)).shape) == (1, 512, 2, 2)
+
+
+_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+    f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+    for i in range(20)
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "fragment"),
+    [
+        ("bad.yaml", b"tag: \xff\xfe\n", "not UTF-8"),
+        ("bomb.yaml", _BOMB.encode(), "aliases"),
+        ("deep.json", b"[" * 100_000 + b"]" * 100_000, "cannot parse"),
+        ("big.yaml", b"# " + b"x" * (1 << 21), "larger than"),
+    ],
+    ids=["not-utf8", "alias-bomb", "deep-json", "too-large"],
+)
+def test_broken_kw_files_are_one_line(name: str, data: bytes, fragment: str, tmp_path) -> None:
+    (tmp_path / name).write_bytes(data)
+    result = cli("inspect", MODEL, "--kw", f"tag=@{tmp_path / name}", "--input", "1x3x32x32")
+    assert_one_line_error(result, fragment)
+
+
+@pytest.mark.parametrize(
+    "value", ["[" + "1, " * 50_000 + "]", "(" * 3000 + ")" * 3000, "[" * 60 + "]" * 60 + "x"]
+)
+def test_enormous_or_nested_kw_literals_are_one_line(value: str) -> None:
+    result = cli("inspect", MODEL, "--kw", f"tag={value}", "--input", "1x3x32x32")
+    assert_one_line_error(result, "--kw")
+
+
+def _checkpoint(kind: str, path: Path) -> None:
+    from named_models import Tagged  # type: ignore[import-not-found]
+
+    state = Tagged().state_dict()
+    if kind == "meta":
+        state = {k: v.to("meta") for k, v in state.items()}
+    elif kind == "sparse":
+        state = {k: v.to_sparse() if v.dim() == 1 else v for k, v in state.items()}
+    if kind == "garbage":
+        path.write_bytes(b"\x80\x02not a pickle at all")
+    elif kind == "bad-safetensors":
+        path.write_bytes(b"\xff" * 8 + b"{not json")
+    else:
+        torch.save(state, path)
+
+
+@pytest.mark.parametrize("kind", ["meta", "sparse", "garbage", "bad-safetensors"])
+def test_broken_checkpoints_are_one_line_and_nothing_is_written(kind: str, tmp_path: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(MODEL.rpartition(":")[0]).parent))
+    try:
+        suffix = ".safetensors" if kind == "bad-safetensors" else ".pth"
+        ckpt = tmp_path / f"ckpt{suffix}"
+        _checkpoint(kind, ckpt)
+    finally:
+        sys.path.pop(0)
+    recipe, out = tmp_path / "r.toml", tmp_path / "out" / "t.py"
+    out.parent.mkdir()
+    recipe.write_text('name = "r"\n[[ops]]\nop = "project"\nchannels = 8\n')
+    result = cli("apply", MODEL, recipe, "--input", "1x3x32x32", "-o", out, "--weights", ckpt)
+    assert_one_line_error(result, str(ckpt))
+    assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [
+        ("", "--class-name is empty"),
+        ("Ａbc", "Python reads the name as 'Abc'"),
+        ("a\x1bb", "'a\\x1bb' is not a Python identifier"),
+    ],
+)
+def test_class_names_that_python_would_not_read_back(name: str, fragment: str, tmp_path) -> None:
+    recipe, out = tmp_path / "r.toml", tmp_path / "t.py"
+    recipe.write_text('name = "r"\n[[ops]]\nop = "project"\nchannels = 8\n')
+    result = cli("apply", MODEL, recipe, "--input", "1x3x32x32", "-o", out, "--class-name", name)
+    assert_one_line_error(result, fragment)
+    assert not out.exists()

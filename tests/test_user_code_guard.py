@@ -82,3 +82,17 @@ def test_the_cpu_fallback_leaves_weights_and_buffers_as_they_were() -> None:
 def test_the_timeout_option_stops_an_endless_forward() -> None:
     result = cli("inspect", f"{MODELS}:EndlessForward", "--input", "1x3x32x32", "--timeout", "2")
     assert_one_line_error(result, "time limit of 2 s", "--timeout")
+
+
+def test_verify_never_passes_a_file_whose_forward_exits() -> None:
+    result = cli("verify", f"{MODELS}:ExitsInForward", "--channels", "8", "--stride", "2")
+    assert_one_line_error(result, "sys.exit(None)")
+
+
+def test_a_model_that_prints_leaves_json_output_parseable() -> None:
+    import json
+
+    result = cli("inspect", f"{MODELS}:Chatty", "--input", "1x3x32x32", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["output"] == [1, 8, 16, 16]
+    assert "forward of Chatty" in result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,11 @@ class LoadReport:
     missing: tuple[str, ...]
     unexpected: tuple[str, ...]
     note: str = ""
+
+
+def _first(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
@@ -35,10 +41,15 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
             raise MissingDependency(
                 "reading .safetensors needs safetensors: pip install 'bbswap[safetensors]'"
             ) from None
-        state: object = load_file(str(path))
+        try:
+            state: object = load_file(str(path))
+        except Exception as error:  # safetensors raises its own error types
+            raise InvalidArgument(f"cannot read checkpoint {path}: {_first(error)}") from None
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch notes that it checks sparse tensors
+                warnings.simplefilter("ignore", UserWarning)
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises several types for unreadable files
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise InvalidArgument(f"cannot read checkpoint {path}: {first}") from None
@@ -52,6 +63,12 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise InvalidArgument(f"{path} does not hold a state_dict (a mapping of names to tensors)")
+    odd = [k for k, v in state.items() if v.is_meta or v.layout != torch.strided]
+    if odd:
+        raise InvalidArgument(
+            f"{path}: tensor '{odd[0]}' holds no dense values (a meta or sparse tensor); "
+            "a checkpoint must hold the weights themselves"
+        )
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
         notes.append("removed the 'module.' prefix")

@@ -10,6 +10,7 @@ Each command declares its arguments and options as a dataclass (see :func:`takes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -200,11 +201,16 @@ def _console() -> Console:
 
 
 @contextmanager
-def _guard(debug: bool, timeout: float | None = DEFAULT_TIMEOUT) -> Iterator[None]:
+def _guard(
+    debug: bool, timeout: float | None = DEFAULT_TIMEOUT, json_out: bool = False
+) -> Iterator[None]:
     """Turn user errors into one line on stderr and exit status 2; give the user's code
-    at most ``timeout`` seconds a stage; a stop signal ends the run cleanly."""
+    at most ``timeout`` seconds a stage; a stop signal ends the run cleanly. With
+    ``json_out`` whatever the model itself prints goes to stderr, so stdout stays JSON."""
+    _json_stream[:] = [sys.stdout]
+    quiet = contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext()
     try:
-        with _terminated_as_interrupt(), time_limit(timeout):
+        with _terminated_as_interrupt(), time_limit(timeout), quiet:
             yield
     except BBSwapError as error:
         if debug or _state["debug"] or os.environ.get("BBSWAP_DEBUG"):
@@ -239,8 +245,12 @@ class _Terminated(BaseException):
     """A SIGTERM received while a command runs."""
 
 
+_json_stream: list[Any] = []  # the stdout of the running command, for its JSON
+
+
 def _print_json(data: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    out = _json_stream[0] if _json_stream else sys.stdout
+    out.write(json.dumps(data, indent=2) + "\n")
 
 
 @app.callback()
@@ -297,7 +307,7 @@ def inspect_cmd(a: InspectArgs) -> None:
     from bbswap.parsing import parse_kw, parse_sizes
     from bbswap.tracing.inspection import inspect_backbone
 
-    with _guard(a.debug, a.timeout):
+    with _guard(a.debug, a.timeout, a.json_out):
         sizes = parse_sizes(a.sizes) if a.sizes is not None else ()
         report = inspect_backbone(
             a.backbone, a.input_shape, depth=a.depth, sizes=sizes, kwargs=parse_kw(a.kw)
@@ -344,7 +354,7 @@ def apply_cmd(a: ApplyArgs) -> None:
     from bbswap.recipes.toml_io import load_recipe
     from bbswap.surgery.apply import apply_recipe
 
-    with _guard(a.debug, a.timeout):
+    with _guard(a.debug, a.timeout, a.json_out):
         loaded, kwargs = load_recipe(a.recipe), parse_kw(a.kw)
         exported = None
         if a.output is None:
@@ -403,7 +413,7 @@ def fit_cmd(a: FitArgs) -> None:
     from bbswap.cli.render import progress_bar
     from bbswap.search.fit import winner_input, winner_recipe
 
-    with _guard(a.debug, a.timeout):
+    with _guard(a.debug, a.timeout, a.json_out):
         recipe_path = _fit_preflight(a)
         with progress_bar(a.json_out) as progress:
             result = _run_fit(a, progress)
@@ -564,9 +574,9 @@ def verify_cmd(a: VerifyArgs) -> None:
     from bbswap.verify.checks import require
     from bbswap.verify.file import check_file
 
-    with _guard(a.debug, a.timeout):
+    with _guard(a.debug, a.timeout, a.json_out):
         options = dataclasses.asdict(a)
-        for name in ("target", "json_out", "debug"):
+        for name in ("target", "json_out", "debug", "timeout"):
             del options[name]
         report = check_file(a.target, **options)
         if a.json_out:
@@ -609,7 +619,7 @@ def matrix_cmd(a: MatrixArgs) -> None:
     from bbswap.parsing import parse_strides
     from bbswap.search.matrix import matrix
 
-    with _guard(a.debug, a.timeout):
+    with _guard(a.debug, a.timeout, a.json_out):
         strides = parse_strides(a.stride)
         with progress_bar(a.json_out, "trying backbones") as progress:
             result = matrix(

@@ -14,6 +14,7 @@ import ast
 import importlib
 import re
 import textwrap
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -91,6 +92,25 @@ class Emitted:
     import_reason: str = ""  # why the source backbone is imported, not bundled; "" if bundled
 
 
+def _require_class_name(name: str) -> None:
+    shown = f"'{as_source(name, Place.COMMENT)}'"
+    if not name:
+        raise SurgeryError(
+            "{class_name} is empty; give a Python identifier", params=("class_name",)
+        )
+    normal = unicodedata.normalize("NFKC", name)
+    if name.isidentifier() and normal != name:
+        raise SurgeryError(
+            f"{{class_name}} {shown} is not written as Python reads it: Python reads the name "
+            f"as '{as_source(normal, Place.COMMENT)}'; use that spelling",
+            params=("class_name",),
+        )
+    if not is_plain_name(name):
+        raise SurgeryError(
+            f"{{class_name}} {shown} is not a Python identifier", params=("class_name",)
+        )
+
+
 def emit(
     result: ApplyResult,
     *,
@@ -100,15 +120,14 @@ def emit(
 ) -> Emitted:
     """The source of a standalone module for a patched backbone."""
     after = result.after
-    name = class_name or default_class_name(
-        result.backbone.name, after.output_shape[1], after.downsample
-    )
-    if not is_plain_name(name):
-        raise SurgeryError(f"--class-name '{name}' is not a Python identifier")
+    name = class_name
+    if name is None:
+        name = default_class_name(result.backbone.name, after.output_shape[1], after.downsample)
+    _require_class_name(name)
     imports = Imports()
     present = {type(m).__name__ for m in result.surgery.model.modules()}
     body_source, builder, local, note, reason = _source_code(
-        result.backbone, imports, import_mode, present
+        result.backbone, imports, import_mode, present, result.before.input_shape[1]
     )
     patched = result.model
     helpers, wrappers = _edited_classes(result, patched, imports, local)
@@ -146,12 +165,12 @@ def _defined_names(imports: Imports, local: set[str], wrappers: dict[str, str]) 
 
 
 def _source_code(
-    backbone: Backbone, imports: Imports, import_mode: bool, present: set[str]
+    backbone: Backbone, imports: Imports, import_mode: bool, present: set[str], in_chans: int
 ) -> tuple[str, str, set[str], str, str]:
     """Bundled (or imported) code of the source backbone; returns the code, the builder
     call, the names it defines, a note for the docstring and, in --import mode, why."""
     args = ", ".join(
-        f"{k}={_safe_literal(k, v)}" for k, v in sorted(_build_kwargs(backbone).items())
+        f"{k}={_safe_literal(k, v)}" for k, v in sorted(_build_kwargs(backbone, in_chans).items())
     )
     call = f"{backbone.attr}({args})"
     if backbone.kind == "tv":
@@ -187,10 +206,12 @@ def _source_code(
     return "\n\n\n".join(b.sources), call, b.names, note, ""
 
 
-def _build_kwargs(backbone: Backbone) -> dict[str, Any]:
+def _build_kwargs(backbone: Backbone, in_chans: int) -> dict[str, Any]:
+    """The source backbone's constructor arguments, ``in_chans`` those it was traced with
+    (the input's, when no op changes them)."""
     kwargs = dict(backbone.kwargs)
-    if backbone.takes_in_chans and "in_chans" not in kwargs and backbone.in_chans is not None:
-        kwargs["in_chans"] = backbone.in_chans
+    if backbone.takes_in_chans and "in_chans" not in kwargs:
+        kwargs["in_chans"] = in_chans
     return kwargs
 
 

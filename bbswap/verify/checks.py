@@ -14,6 +14,7 @@ import importlib.abc
 import importlib.util
 import math
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bbswap.backbones.guard import user_code
 from bbswap.errors import InvalidArgument, ModelError, VerificationError
 
 Size = tuple[int, int]
@@ -84,7 +86,8 @@ def import_file(path: Path, isolated: bool = True) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses and TorchScript look classes up here
     try:
-        with without_bbswap() if isolated else contextlib.nullcontext():
+        blocked = without_bbswap() if isolated else contextlib.nullcontext()
+        with user_code(f"importing {path}"), blocked:
             spec.loader.exec_module(module)
     except Exception as error:
         del sys.modules[name]
@@ -113,7 +116,7 @@ def construct(module: ModuleType, class_name: str, where: str) -> nn.Module:
             f"{where} has no nn.Module class '{class_name}' (classes: {', '.join(found)})"
         )
     try:
-        with without_bbswap():
+        with user_code(f"{class_name}()"), without_bbswap():
             return cls()
     except Exception as error:
         raise VerificationError(
@@ -125,7 +128,10 @@ def run(model: nn.Module, shape: Sequence[int], seed: int = 0) -> torch.Tensor:
     """The model's (first tensor) output for a seeded random input, in eval mode."""
     torch.manual_seed(seed)
     x = torch.randn(*shape)
-    with torch.no_grad():
+    with torch.no_grad(), user_code("the model's forward"), warnings.catch_warnings():
+        # torch's notes on how it runs a layer (an even kernel with padding='same' copies
+        # its input) say nothing about the check's result
+        warnings.simplefilter("ignore", UserWarning)
         out = model(x)
     if isinstance(out, (tuple, list)):
         out = out[0]
@@ -139,6 +145,8 @@ def run(model: nn.Module, shape: Sequence[int], seed: int = 0) -> torch.Tensor:
 def _fails(model: nn.Module, in_chans: int, size: Size) -> bool:
     try:
         run(model, (1, in_chans, *size))
+    except ModelError:  # an exit, an interrupt or the time limit: nothing was checked
+        raise
     except Exception:  # any failure of the model's forward at this size
         return True
     return False
