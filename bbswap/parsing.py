@@ -83,18 +83,20 @@ MAX_YAML_ALIASES = 100  # enough for any config; an alias bomb has millions
 MAX_LITERAL_CHARS = 10_000
 
 
-def _read_text(path: Path, what: str) -> str:
+def read_small_text(path: Path, limit: int = MAX_DATA_BYTES) -> str:
+    """A UTF-8 text file of at most ``limit`` bytes; a ValueError says what is wrong
+    (the caller words it as its own error)."""
     try:
         with path.open("rb") as f:
-            raw = f.read(MAX_DATA_BYTES + 1)
+            raw = f.read(limit + 1)
     except OSError as error:
-        raise InvalidArgument(f"{what}: cannot read {path}: {error.strerror or error}") from None
-    if len(raw) > MAX_DATA_BYTES:
-        raise InvalidArgument(f"{what}: {path} is larger than {MAX_DATA_BYTES >> 10} KiB")
+        raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
+    if len(raw) > limit:
+        raise ValueError(f"{path} is larger than {limit >> 10} KiB")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise InvalidArgument(f"{what}: {path} is not UTF-8 text (byte {error.start})") from None
+        raise ValueError(f"{path} is not UTF-8 text (byte {error.start})") from None
 
 
 def _load_yaml(text: str) -> Any:
@@ -119,7 +121,10 @@ def load_data_file(path_text: str, what: str) -> Any:
     path = Path(path_text)
     if not path.is_file():
         raise InvalidArgument(f"{what}: file not found: {path_text}")
-    text = _read_text(path, what)
+    try:
+        text = read_small_text(path)
+    except ValueError as error:
+        raise InvalidArgument(f"{what}: {error}") from None
     try:
         if path.suffix.lower() == ".json":
             return json.loads(text)

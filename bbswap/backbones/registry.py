@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import enum
 import fnmatch
 import importlib
 import importlib.util
@@ -35,12 +36,25 @@ from bbswap.errors import BackboneNotFound, BBSwapError, MissingDependency, Mode
 from bbswap.zoo import ZOO
 
 
+class BackboneKind(str, enum.Enum):
+    """Where a backbone's code comes from."""
+
+    ZOO = "zoo"  # bbswap's own zoo
+    TV = "tv"  # a torchvision builder
+    TIMM = "timm"  # timm.create_model
+    FILE = "file"  # a user's file, by path
+    MODULE = "module"  # a user's module, by import name
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(frozen=True)
 class Backbone:
     """A resolved backbone spec: how to build it and what is known about it."""
 
     spec: str
-    kind: str  # "zoo", "tv", "timm", "file" or "module"
+    kind: BackboneKind
     name: str
     factory: Callable[..., nn.Module] = field(repr=False, compare=False)
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -93,7 +107,7 @@ def resolve(spec: str, kwargs: dict[str, Any] | None = None) -> Backbone:
         module = importlib.import_module(f"bbswap.zoo.{module_name}")
         return Backbone(
             spec=spec,
-            kind="zoo",
+            kind=BackboneKind.ZOO,
             name=spec,
             factory=getattr(module, func),
             kwargs=kwargs,
@@ -163,16 +177,8 @@ def _torchvision(spec: str, kwargs: dict[str, Any]) -> Backbone:
             warnings.filterwarnings("ignore", "The default weight initialization", FutureWarning)
             return builder(weights=None, **kw)
 
-    return Backbone(
-        spec=spec,
-        kind="tv",
-        name=name,
-        factory=factory,
-        kwargs=kwargs,
-        in_chans=3,
-        source=builder.__module__,
-        attr=name,
-    )
+    source = builder.__module__
+    return Backbone(spec, BackboneKind.TV, name, factory, kwargs, 3, source=source, attr=name)
 
 
 def _timm(spec: str, kwargs: dict[str, Any]) -> Backbone:
@@ -186,17 +192,8 @@ def _timm(spec: str, kwargs: dict[str, Any]) -> Backbone:
     def factory(**kw: Any) -> nn.Module:
         return timm.create_model(name, pretrained=False, **kw)
 
-    return Backbone(
-        spec=spec,
-        kind="timm",
-        name=name,
-        factory=factory,
-        kwargs=kwargs,
-        in_chans=3,
-        takes_in_chans=True,
-        source="timm",
-        attr=name,
-    )
+    kind, takes = BackboneKind.TIMM, True
+    return Backbone(spec, kind, name, factory, kwargs, 3, takes, source="timm", attr=name)
 
 
 def _user(spec: str, kwargs: dict[str, Any]) -> Backbone:
@@ -208,7 +205,7 @@ def _user(spec: str, kwargs: dict[str, Any]) -> Backbone:
         )
     if where.endswith(".py") or "/" in where or "\\" in where:
         module = _import_file(Path(where))
-        kind, source = "file", where
+        kind, source = BackboneKind.FILE, where
     else:
         try:
             with user_code(f"importing {where}"):
@@ -219,7 +216,7 @@ def _user(spec: str, kwargs: dict[str, Any]) -> Backbone:
             raise ModelError(
                 f"importing module '{where}' raised {type(error).__name__}: {error}"
             ) from error
-        kind, source = "module", where
+        kind, source = BackboneKind.MODULE, where
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         found = _buildable_names(module)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import nn
@@ -72,10 +71,10 @@ def _conv_like(conv: nn.Conv2d, channels: int) -> tuple[Callable[[], nn.Conv2d],
 
 
 @dataclass(frozen=True)
-class InChannels(Op):
-    op_kind: ClassVar[OpKind] = OpKind.IN_CHANNELS
-    summary: ClassVar[str] = "change the stem conv's input channels, adapting its weights"
-    fields: ClassVar[tuple[Field, ...]] = (
+class InChannels(Op, kind=OpKind.IN_CHANNELS):
+    """change the stem conv's input channels, adapting its weights"""
+
+    fields = (
         Field(
             "channels",
             "int",
@@ -169,10 +168,10 @@ def need_spatial(surgery: Surgery, where: str, what: str) -> None:
 
 
 @dataclass(frozen=True)
-class Project(Op):
-    op_kind: ClassVar[OpKind] = OpKind.PROJECT
-    summary: ClassVar[str] = "append a 1x1 conv (no bias) + BatchNorm (+ activation) to C channels"
-    fields: ClassVar[tuple[Field, ...]] = (
+class Project(Op, kind=OpKind.PROJECT):
+    """append a 1x1 conv (no bias) + BatchNorm (+ activation) to C channels"""
+
+    fields = (
         Field("channels", "int", "output channels", required=True, minimum=1, maximum=MAX_CHANNELS),
         Field(
             "activation",

@@ -88,6 +88,14 @@ class Op:
     summary: ClassVar[str]
     fields: ClassVar[tuple[Field, ...]]
 
+    def __init_subclass__(cls, kind: OpKind | None = None, **rest: Any) -> None:
+        """``class Stride(Op, kind=OpKind.STRIDE)``; the class docstring is the summary
+        that ``bbswap ops`` shows."""
+        super().__init_subclass__(**rest)
+        if kind is not None:
+            cls.op_kind = kind
+            cls.summary = " ".join((cls.__doc__ or "").split())
+
     def __post_init__(self) -> None:
         checked = check_params(self.fields, self.params, f"op {self.op_kind}")
         for name, value in checked.items():

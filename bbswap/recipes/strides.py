@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from bbswap.errors import RecipeError, SurgeryError, choices
 from bbswap.recipes.schema import MAX_STRIDE, Field, Op, OpKind
@@ -214,12 +214,10 @@ def _dilate(s: Surgery, o: SpatialOp, factors: list[int], where: str) -> None:
 
 
 @dataclass(frozen=True)
-class Stride(Op):
-    op_kind: ClassVar[OpKind] = OpKind.STRIDE
-    summary: ClassVar[str] = (
-        "change the stride of a reduction point or of every one in a stage, per axis"
-    )
-    fields: ClassVar[tuple[Field, ...]] = (
+class Stride(Op, kind=OpKind.STRIDE):
+    """change the stride of a reduction point or of every one in a stage, per axis"""
+
+    fields = (
         Field("at", "str", "a reduction point id or a stage path", required=True),
         Field(
             "stride",
@@ -351,13 +349,11 @@ def _exact_values(o: SpatialOp, now: dict[str, Any], rule: str, where: str) -> d
 
 
 @dataclass(frozen=True)
-class Exact(Op):
-    op_kind: ClassVar[OpKind] = OpKind.EXACT
-    summary: ClassVar[str] = (
-        "pad (and for a pooling, round) reduction points so each gives exactly ceil(H/S) or "
-        "floor(H/S) for every input size"
-    )
-    fields: ClassVar[tuple[Field, ...]] = (
+class Exact(Op, kind=OpKind.EXACT):
+    """pad (and for a pooling, round) reduction points so each gives exactly ceil(H/S) or
+    floor(H/S) for every input size"""
+
+    fields = (
         Field("at", "str", "a reduction point id or a stage path", required=True),
         Field("rule", "str", "the size rule", default="ceil", choices=("ceil", "floor")),
     )

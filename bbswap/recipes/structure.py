@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 from torch import nn
 
@@ -43,12 +42,10 @@ def _dropped(trace: Trace, after: str) -> list[str]:
 
 
 @dataclass(frozen=True)
-class Truncate(Op):
-    op_kind: ClassVar[OpKind] = OpKind.TRUNCATE
-    summary: ClassVar[str] = "drop everything after a stage (for zoo models: the classifier head)"
-    fields: ClassVar[tuple[Field, ...]] = (
-        Field("after", "str", "the last stage to keep", required=True),
-    )
+class Truncate(Op, kind=OpKind.TRUNCATE):
+    """drop everything after a stage (for zoo models: the classifier head)"""
+
+    fields = (Field("after", "str", "the last stage to keep", required=True),)
     after: str
 
     def validate(self, trace: Trace, where: str) -> None:
@@ -71,10 +68,10 @@ class Truncate(Op):
 
 
 @dataclass(frozen=True)
-class Pool(Op):
-    op_kind: ClassVar[OpKind] = OpKind.POOL
-    summary: ClassVar[str] = "append an average or max pooling reduction, per axis"
-    fields: ClassVar[tuple[Field, ...]] = (
+class Pool(Op, kind=OpKind.POOL):
+    """append an average or max pooling reduction, per axis"""
+
+    fields = (
         Field(
             "stride",
             "pair",
@@ -105,10 +102,10 @@ class Pool(Op):
 
 
 @dataclass(frozen=True)
-class Dropout(Op):
-    op_kind: ClassVar[OpKind] = OpKind.DROPOUT
-    summary: ClassVar[str] = "add Dropout(p) after every block of a given class"
-    fields: ClassVar[tuple[Field, ...]] = (
+class Dropout(Op, kind=OpKind.DROPOUT):
+    """add Dropout(p) after every block of a given class"""
+
+    fields = (
         Field("block", "str", "the block class name, e.g. Bottleneck", required=True),
         Field("p", "float", "the drop probability", default=0.2, minimum=0.0, maximum=1.0),
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bbswap.errors import RecipeError, choices
+from bbswap.parsing import read_small_text
 from bbswap.recipes.registry import op_from_table
 from bbswap.recipes.schema import Recipe
 
@@ -29,16 +30,9 @@ def load_recipe(path: str | Path) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_RECIPE_BYTES + 1)
-    except OSError as error:
-        raise RecipeError(f"cannot read recipe {path}: {error.strerror or error}") from None
-    if len(raw) > MAX_RECIPE_BYTES:
-        raise RecipeError(f"{path}: larger than {MAX_RECIPE_BYTES // 1024} KiB; not a recipe")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise RecipeError(f"{path}: not UTF-8 text (byte {error.start}); not a recipe") from None
+        text = read_small_text(path, MAX_RECIPE_BYTES)
+    except ValueError as error:
+        raise RecipeError(f"recipe {error}; not a recipe") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
