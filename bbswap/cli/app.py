@@ -566,7 +566,7 @@ def verify_cmd(a: VerifyArgs) -> None:
 
     with _guard(a.debug, a.timeout):
         options = dataclasses.asdict(a)
-        for name in ("target", "json_out", "debug"):
+        for name in ("target", "json_out", "debug", "timeout"):
             del options[name]
         report = check_file(a.target, **options)
         if a.json_out:
