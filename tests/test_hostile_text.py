@@ -161,6 +161,45 @@ def test_hostile_module_names_stay_data(data: st.DataObject, tmp_path_factory) -
     assert built(torch.zeros(1, 3, 16, 16)).shape == (1, 8, 8, 8)
 
 
+@pytest.fixture(scope="module")
+def tagged_result():
+    return apply_recipe(f"{FIXTURE}:Tagged", _recipe("plain", "plain"), "1x3x32x32")
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_a_hostile_weights_file_name_stays_data(
+    data: st.DataObject, tagged_result, tmp_path: Path
+) -> None:
+    """The weights file's name (the ``-o`` name's) is a string constant of the file and a
+    line of its docstring, nothing else."""
+    marker = tmp_path / "ran"
+    name = data.draw(_payloads(marker), label="name") + ".pth"
+    digest = "0123456789abcdef" * 4
+    source = emit(tagged_result, weights=(name, digest)).source
+    plain = emit(tagged_result, weights=("plain.pth", digest)).source
+    assert _blanked(source) == _blanked(plain)
+    tree = ast.parse(source)
+    (assign,) = [
+        n
+        for n in tree.body
+        if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "WEIGHTS_FILE"
+    ]
+    assert ast.literal_eval(assign.value) == name
+    assert f"Weights:         {name}, beside this file" in (
+        ast.get_docstring(tree, clean=False) or ""
+    )
+    out = tmp_path / "emitted.py"
+    out.write_text(source, encoding="utf-8")
+    module = _import(out)
+    assert vars(module)["WEIGHTS_FILE"] == name
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("text", ['x"""; import os; """', 'a"', "\\N{x}", "\x00\x1b", "é\u2028"])
 def test_as_source_reads_back_as_the_text(text: str) -> None:
     assert ast.literal_eval(as_source(text, Place.STRING)) == text

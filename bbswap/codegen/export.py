@@ -1,8 +1,12 @@
 """Emit a patched backbone to disk: build it with real weights, write the source,
-prove the file equal to the in-memory model, then write the file and its weights."""
+prove the file equal to the in-memory model, then write the file and its weights.
+
+The weights' bytes are made before the source: the source records their SHA-256, and the
+file verified (its loader included) is the one written, next to those very bytes."""
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +18,12 @@ from bbswap.backbones.registry import Backbone, resolve
 from bbswap.backbones.weights import LoadReport, load_into, read_checkpoint, state_bytes
 from bbswap.codegen.module_file import Emitted, emit
 from bbswap.codegen.outputs import check_output, write_files
+from bbswap.codegen.weights_code import ERROR_CLASS, LOADER
 from bbswap.errors import InvalidArgument
 from bbswap.recipes.schema import Recipe
 from bbswap.surgery.apply import ApplyResult, apply_recipe, source_input
 from bbswap.verify.checks import (
+    Check,
     VerifyReport,
     construct,
     import_file,
@@ -99,21 +105,30 @@ def export(
         if note:
             load = LoadReport(load.loaded, load.missing, load.unexpected, note)
     result = apply_recipe(backbone, recipe, input_shape, model=model)
-    emitted = emit(result, class_name=class_name, dropin=dropin, import_mode=import_mode)
-    report = check_emitted(emitted, result, source=model)
-    require(report)
     files = {**(also or {})}
-    if weights_path is not None:
+    carried, recorded = None, None
+    if weights_path is not None:  # the exact bytes written, hashed into the emitted file
         files[weights_path] = state_bytes(weights_path, result.model.state_dict())
+        carried = (weights_path.name, files[weights_path])
+        recorded = (weights_path.name, hashlib.sha256(files[weights_path]).hexdigest())
+    emitted = emit(
+        result, class_name=class_name, dropin=dropin, import_mode=import_mode, weights=recorded
+    )
+    report = check_emitted(emitted, result, source=model, weights=carried)
+    require(report)
     files[path] = emitted.source.encode("utf-8")  # last: the file that names the others
     write_files(files, force)
     return Exported(path, weights_path, emitted, result, report, load)
 
 
 def check_emitted(
-    emitted: Emitted, result: ApplyResult, source: torch.nn.Module | None = None
+    emitted: Emitted,
+    result: ApplyResult,
+    source: torch.nn.Module | None = None,
+    weights: tuple[str, bytes] | None = None,
 ) -> VerifyReport:
-    """Import the emitted source without bbswap and compare it with the patched model."""
+    """Import the emitted source without bbswap and compare it with the patched model;
+    with ``weights`` (the weights file's name and bytes), check its loader, too."""
     after = result.after
     minimum = after.min_input()
     rules = after.size_rules()
@@ -124,7 +139,7 @@ def check_emitted(
         module = import_file(file)
         model = construct(module, emitted.class_name, "the emitted file")
         _, c, h, w = after.input_shape
-        return verify_model(
+        report = verify_model(
             model,
             f"the emitted {emitted.class_name}",
             in_chans=c,
@@ -139,3 +154,36 @@ def check_emitted(
             state=result.model.state_dict(),
             source=source.eval() if source is not None else None,
         )
+        if weights is None:
+            return report
+        (Path(tmp) / weights[0]).write_bytes(weights[1])
+        cls = getattr(module, emitted.class_name)
+        check = check_loader(cls, Path(tmp) / weights[0], result.model.state_dict())
+        return VerifyReport(report.target, (*report.checks, check))
+
+
+def check_loader(cls: type, file: Path, state: dict[str, torch.Tensor]) -> Check:
+    """The emitted class's loader gives the carried weights from ``file`` (the one beside
+    the module) and refuses a file of other bytes."""
+    try:
+        loaded = getattr(cls, LOADER)().state_dict()
+    except Exception as error:  # whatever the loader raises, the check reports it
+        return Check("loader", False, f"{LOADER}() failed: {type(error).__name__}: {error}")
+    if list(loaded) != list(state) or not all(torch.equal(loaded[k], state[k]) for k in state):
+        return Check("loader", False, f"{LOADER}() gives other tensors than the carried weights")
+    other = file.parent / "other" / file.name
+    other.parent.mkdir(exist_ok=True)
+    other.write_bytes(b"not the weights")
+    if not _refuses(cls, other):
+        return Check("loader", False, f"{LOADER}() loads a file of other bytes")
+    return Check(
+        "loader", True, f"{LOADER}() loads {file.name} (SHA-256 checked) and refuses other bytes"
+    )
+
+
+def _refuses(cls: type, file: Path) -> bool:
+    try:
+        getattr(cls, LOADER)(file)
+    except Exception as error:  # the file's own error class, defined in the emitted module
+        return type(error).__name__ == ERROR_CLASS
+    return False

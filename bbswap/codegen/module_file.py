@@ -5,7 +5,9 @@ recipe in full, traced shapes, params, MACs, size rule); the imports; the source
 backbone's code, bundled from the file that defines it (only the definitions it
 needs); one class per rewritten forward; and the patched class, whose ``__init__``
 builds the source backbone and applies every edit as an explicit statement with a
-comment naming its recipe op, and whose ``forward`` is one statement per call.
+comment naming its recipe op, and whose ``forward`` is one statement per call. With
+carried weights it also records the weights file's name and SHA-256, and the patched class
+gets a loader that refuses any file of other bytes (:mod:`bbswap.codegen.weights_code`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from bbswap.codegen.source import (
     wrap,
 )
 from bbswap.codegen.text import Place, as_source, is_plain_name
+from bbswap.codegen.weights_code import IMPORTS, LOADER, WeightsCode, weights_code
 from bbswap.errors import InvalidArgument, SurgeryError
 from bbswap.recipes.structure import Dropout
 from bbswap.recipes.toml_io import recipe_to_toml
@@ -117,8 +120,11 @@ def emit(
     class_name: str | None = None,
     dropin: bool = False,
     import_mode: bool = False,
+    weights: tuple[str, str] | None = None,
 ) -> Emitted:
-    """The source of a standalone module for a patched backbone."""
+    """The source of a standalone module for a patched backbone. With ``weights`` (the
+    weights file's name and SHA-256), the file records them and gains a loader that
+    refuses any file of other bytes."""
     after = result.after
     name = class_name
     if name is None:
@@ -132,16 +138,20 @@ def emit(
     patched = result.model
     helpers, wrappers = _edited_classes(result, patched, imports, local)
     chain, size_method = output_size_code(result.after)
-    root = _root_class(result, patched, name, builder, wrappers, imports, local, dropin)
+    loader = weights_code(name, *weights) if weights is not None else None
+    root = _root_class(result, patched, name, builder, wrappers, imports, local, dropin, loader)
     root += "\n\n" + _indent(size_method, 4)
-    if name in _defined_names(imports, local, wrappers):
+    if name in _defined_names(imports, local, wrappers) | (loader.names if loader else set()):
         raise SurgeryError(
             f"--class-name '{name}' is already a name in the emitted file (a bundled, "
             "generated or imported definition); choose another name"
         )
-    doc = _docstring(result, name, note, dropin)
+    if loader is not None:
+        _claim_names(loader, imports, local, wrappers)
+        root += "\n\n" + _indent(loader.method, 4)
+    doc = _docstring(result, name, note, dropin, weights)
     parts = [body_source] if body_source else []
-    parts += [*helpers, *filter(None, [chain]), root]
+    parts += [*helpers, *filter(None, [chain, loader.constants if loader else None]), root]
     code = "\n\n\n".join(p.strip("\n") for p in parts)
     # isort's rule, as ruff applies it: two blank lines after the imports before a
     # definition, one before any other statement (or comment)
@@ -159,6 +169,22 @@ def _defined_names(imports: Imports, local: set[str], wrappers: dict[str, str]) 
     for line in imports.lines:
         names.update(imported_names(ast.parse(line).body[0]))
     return names
+
+
+def _claim_names(
+    loader: WeightsCode, imports: Imports, local: set[str], wrappers: dict[str, str]
+) -> None:
+    """Add the loader's imports, refusing a name the rest of the file already gives another
+    meaning (the same import, made by the bundled code too, is no clash)."""
+    taken = _defined_names(imports, local, wrappers)
+    for taken_name in sorted(loader.names & taken):
+        if IMPORTS.get(taken_name) not in imports.lines:
+            raise SurgeryError(
+                f"the emitted file's weights loader needs the top-level name {taken_name}, "
+                "which the bundled code already defines"
+            )
+    for line in IMPORTS.values():
+        imports.add(line)
 
 
 # -- the source backbone ----------------------------------------------------------------------
@@ -345,15 +371,17 @@ def _doc_line(text: str) -> str:
     return f'"""{as_source(text, Place.DOCSTRING)}"""'
 
 
-def _class_doc(head: str, tail: str, indent: int = 4) -> str:
+def _class_doc(head: str, tail: str, indent: int = 4, more: tuple[str, ...] = ()) -> str:
     """A docstring of ``head`` and ``tail``: on one line when it fits in 100 columns, else
-    ``tail`` on a second line. Outside text is never wrapped: it is data, kept whole."""
+    ``tail`` on a second line; ``more`` lines, if any, follow as a paragraph. Outside text
+    is never wrapped: it is data, kept whole."""
     one = f"{head} {tail}"
-    if indent + len(as_source(one, Place.DOCSTRING)) + 6 <= 100:
+    if not more and indent + len(as_source(one, Place.DOCSTRING)) + 6 <= 100:
         return _doc_line(one)
     pad = " " * indent
-    text = as_source(head, Place.DOCSTRING) + f"\n{pad}" + as_source(tail, Place.DOCSTRING)
-    return f'"""{text}\n{pad}"""'
+    lines = [head, tail, *(["", *more] if more else [])]
+    text = "\n".join(pad + as_source(line, Place.DOCSTRING) if line else "" for line in lines)
+    return f'"""{text[indent:]}\n{pad}"""'
 
 
 def _class_source(name: str, doc: str, init_args: str, init_body: list[str], forward: str) -> str:
@@ -631,6 +659,7 @@ def _root_class(
     imports: Imports,
     local: set[str],
     dropin: bool,
+    loader: WeightsCode | None = None,
 ) -> str:
     rw = result.surgery.rewrites.get("")
     if isinstance(patched, fx.GraphModule) and rw is not None:
@@ -657,6 +686,7 @@ def _root_class(
         f"{result.backbone.spec} patched by recipe {result.recipe.name}: "
         f"{result.after.output_shape[1]} channels at 1/{describe_factor(result.after.downsample)};",
         f"{rules[0].format('H')}, {rules[1].format('W')}.",
+        more=loader.class_doc if loader else (),
     )
     init = "\n".join(_wrap_nested(line, 8) for line in ["super().__init__()", *body])
     return (
@@ -743,7 +773,20 @@ def _generated_by(backbone: Backbone, note: str) -> list[str]:
     return textwrap.wrap(line, 100, break_long_words=False, break_on_hyphens=False)
 
 
-def _docstring(result: ApplyResult, name: str, note: str, dropin: bool) -> str:
+def _weights_lines(name: str, weights: tuple[str, str]) -> list[str]:
+    """Where the weights are and what loads them; on two lines when one does not fit."""
+    head = f"Weights:         {weights[0]}, beside this file (SHA-256 checked);"
+    tail = f"{name}.{LOADER}() loads them."
+    return [f"{head} {tail}"] if len(head) + 1 + len(tail) <= 100 else [head, " " * 17 + tail]
+
+
+def _docstring(
+    result: ApplyResult,
+    name: str,
+    note: str,
+    dropin: bool,
+    weights: tuple[str, str] | None = None,
+) -> str:
     t, before = result.after, result.before
     rules = t.size_rules()
     recipe_text = recipe_to_toml(result.recipe).rstrip()
@@ -765,6 +808,8 @@ def _docstring(result: ApplyResult, name: str, note: str, dropin: bool) -> str:
         tail = "so it can replace the host's class."
         fits = len(head) + 1 + len(tail) <= 100
         lines += [f"{head} {tail}"] if fits else [head, " " * 17 + tail]
+    if weights is not None:
+        lines += _weights_lines(name, weights)
     prose = "\n".join(lines)
     # the recipe flush left, as its file is written: it can be copied out as it is
     body = "\n".join(line.rstrip() for line in [prose, "", "Recipe:", "", recipe_text])
