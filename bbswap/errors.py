@@ -27,6 +27,13 @@ class BBSwapError(Exception):
     exit_code = 2
     brief_default = "error"
 
+    def __init_subclass__(cls, brief: str | None = None, **kwargs: object) -> None:
+        """``class X(BBSwapError, brief="...")``: the brief of X's errors that give none
+        (without one, X keeps its base's)."""
+        super().__init_subclass__(**kwargs)
+        if brief is not None:
+            cls.brief_default = brief
+
     def __init__(
         self, message: str, brief: str | None = None, *, params: Sequence[str] = ()
     ) -> None:
@@ -47,58 +54,40 @@ class BBSwapError(Exception):
         return self.worded(flag)
 
 
-class BackboneNotFound(BBSwapError):
+class BackboneNotFound(BBSwapError, brief="unknown backbone"):
     """A backbone spec names nothing that can be built."""
 
-    brief_default = "unknown backbone"
 
-
-class MissingDependency(BBSwapError):
+class MissingDependency(BBSwapError, brief="missing package"):
     """An optional package needed for a spec or output is not installed."""
 
-    brief_default = "missing package"
 
-
-class InvalidArgument(BBSwapError):
+class InvalidArgument(BBSwapError, brief="bad argument"):
     """A malformed argument: an input shape, a size list, a ``--kw`` value, a stride, ..."""
 
-    brief_default = "bad argument"
 
-
-class ModelError(BBSwapError):
+class ModelError(BBSwapError, brief="build or forward fails"):
     """The user's model raised in its constructor or its forward."""
 
-    brief_default = "build or forward fails"
 
-
-class RecipeError(BBSwapError):
+class RecipeError(BBSwapError, brief="bad recipe"):
     """A recipe file or one of its ops is invalid."""
 
-    brief_default = "bad recipe"
 
-
-class SurgeryError(BBSwapError):
+class SurgeryError(BBSwapError, brief="surgery refused"):
     """An op cannot be applied to this backbone as asked."""
 
-    brief_default = "surgery refused"
 
-
-class TargetError(BBSwapError):
+class TargetError(BBSwapError, brief="no exact plan"):
     """A fit target that no candidate reaches."""
 
-    brief_default = "no exact plan"
 
-
-class VerificationError(BBSwapError):
+class VerificationError(BBSwapError, brief="verification fails"):
     """A generated or hand-edited file does not match what it claims."""
 
-    brief_default = "verification fails"
 
-
-class NotACNN(BBSwapError):
+class NotACNN(BBSwapError, brief="not a CNN"):
     """A backbone whose features are tokens or mixed by attention, not a CNN feature map."""
-
-    brief_default = "not a CNN"
 
 
 def flag(param: str) -> str:

@@ -95,8 +95,16 @@ _state = {"debug": False}
 
 def takes(options: type[T]) -> Callable[[Callable[[T], None]], Callable[..., None]]:
     """Give a command its arguments and options as one ``options`` dataclass: typer reads
-    them from the fields (their ``Annotated`` types and defaults), in field order."""
+    them from the fields (their ``Annotated`` types and defaults), in field order, the
+    class's own fields first, then those of each base (:class:`EmitArgs`, :class:`RunArgs`)."""
     hints = typing.get_type_hints(options, include_extras=True)
+    fields = dataclasses.fields(options)  # type: ignore[arg-type]  # a dataclass type
+    mro = options.__mro__
+    # the nearest class's fields first: the command's own, then those of its bases
+    near = {
+        f.name: next(i for i, c in enumerate(mro) if f.name in inspect.get_annotations(c))
+        for f in fields
+    }
     params = [
         inspect.Parameter(
             f.name,
@@ -104,7 +112,7 @@ def takes(options: type[T]) -> Callable[[Callable[[T], None]], Callable[..., Non
             annotation=hints[f.name],
             default=inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default,
         )
-        for f in dataclasses.fields(options)  # type: ignore[arg-type]  # a dataclass type
+        for f in sorted(fields, key=lambda f: near[f.name])
     ]
 
     def wrap(command: Callable[[T], None]) -> Callable[..., None]:
@@ -283,8 +291,17 @@ def list_cmd(a: ListArgs) -> None:
             render_list(rows, _console())
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunArgs:
+    """The options every command that runs model code takes, after its own."""
+
+    json_out: JsonOpt = False
+    timeout: TimeoutOpt = DEFAULT_TIMEOUT
+    debug: Debug = False
+
+
 @dataclasses.dataclass(frozen=True)
-class InspectArgs:
+class InspectArgs(RunArgs):
     backbone: BackboneArg
     input_shape: InputOpt = "1x3x224x224"
     depth: Annotated[int, typer.Option(help="Module depth of the stage rows.")] = 1
@@ -293,9 +310,6 @@ class InspectArgs:
         typer.Option(help="Input sizes to check the size rule at, e.g. 33x97,117x293."),
     ] = None
     kw: KwOpt = None
-    json_out: JsonOpt = False
-    timeout: TimeoutOpt = DEFAULT_TIMEOUT
-    debug: Debug = False
 
 
 @app.command("inspect")
@@ -318,8 +332,26 @@ def inspect_cmd(a: InspectArgs) -> None:
             render_inspect(report, _console())
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EmitArgs(RunArgs):
+    """The options ``apply`` and ``fit`` share: what ``-o FILE.py`` writes."""
+
+    output: OutOpt = None
+    class_name: ClassNameOpt = None
+    dropin: DropinOpt = False
+    weights: WeightsOpt = None
+    partial: PartialOpt = False
+    safetensors: SafetensorsOpt = False
+    force: ForceOpt = False
+
+    def export_options(self, import_mode: bool = False) -> dict[str, Any]:
+        """The keyword arguments of :func:`bbswap.codegen.export.export` these options set."""
+        names = ("weights", "partial", "class_name", "dropin", "force", "safetensors")
+        return {"import_mode": import_mode, **{n: getattr(self, n) for n in names}}
+
+
 @dataclasses.dataclass(frozen=True)
-class ApplyArgs:
+class ApplyArgs(EmitArgs):
     backbone: BackboneArg
     recipe: Annotated[str, typer.Argument(help="Recipe TOML file.")]
     input_shape: Annotated[
@@ -329,17 +361,7 @@ class ApplyArgs:
         ),
     ] = None
     kw: KwOpt = None
-    output: OutOpt = None
-    class_name: ClassNameOpt = None
-    dropin: DropinOpt = False
     import_mode: ImportOpt = False
-    weights: WeightsOpt = None
-    partial: PartialOpt = False
-    safetensors: SafetensorsOpt = False
-    force: ForceOpt = False
-    json_out: JsonOpt = False
-    timeout: TimeoutOpt = DEFAULT_TIMEOUT
-    debug: Debug = False
 
 
 @app.command("apply")
@@ -371,7 +393,7 @@ def apply_cmd(a: ApplyArgs) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class FitArgs:
+class FitArgs(EmitArgs):
     backbone: BackboneArg
     channels: Annotated[int | None, typer.Option(help="Target output channels.")] = None
     stride: StrideOpt = None
@@ -394,16 +416,6 @@ class FitArgs:
         str | None, typer.Option(help="Write the winner as a recipe TOML file.")
     ] = None
     kw: KwOpt = None
-    output: OutOpt = None
-    class_name: ClassNameOpt = None
-    dropin: DropinOpt = False
-    weights: WeightsOpt = None
-    partial: PartialOpt = False
-    safetensors: SafetensorsOpt = False
-    force: ForceOpt = False
-    json_out: JsonOpt = False
-    timeout: TimeoutOpt = DEFAULT_TIMEOUT
-    debug: Debug = False
 
 
 @app.command("fit")
@@ -488,7 +500,7 @@ def _fit_output(
     _render_written(exported, console)
 
 
-def _no_emit_options(a: ApplyArgs | FitArgs, import_mode: bool) -> None:
+def _no_emit_options(a: EmitArgs, import_mode: bool) -> None:
     if any((a.class_name, a.dropin, import_mode, a.weights, a.partial, a.safetensors)):
         raise InvalidArgument(
             "--class-name, --dropin, --import, --weights, --partial and --safetensors "
@@ -497,7 +509,7 @@ def _no_emit_options(a: ApplyArgs | FitArgs, import_mode: bool) -> None:
 
 
 def _export(
-    a: ApplyArgs | FitArgs,
+    a: EmitArgs,
     backbone: Any,
     recipe: Recipe,
     input_shape: str | None,
@@ -515,14 +527,8 @@ def _export(
         a.output,
         input_shape=input_shape,
         kwargs=kwargs,
-        weights=a.weights,
-        partial=a.partial,
-        class_name=a.class_name,
-        dropin=a.dropin,
-        import_mode=import_mode,
-        force=a.force,
-        safetensors=a.safetensors,
         also=also,
+        **a.export_options(import_mode),
     )
 
 
@@ -543,7 +549,7 @@ def _render_written(exported: Exported | None, console: Console | None = None) -
 
 
 @dataclasses.dataclass(frozen=True)
-class VerifyArgs:
+class VerifyArgs(RunArgs):
     target: Annotated[str, typer.Argument(help="FILE.py:Class to check.")]
     weights: WeightsOpt = None
     channels: Annotated[int | None, typer.Option(help="Expected output channels.")] = None
@@ -560,9 +566,6 @@ class VerifyArgs:
     in_chans: Annotated[
         int | None, typer.Option("--in-chans", help="Input channels (default: first conv's).")
     ] = None
-    json_out: JsonOpt = False
-    timeout: TimeoutOpt = DEFAULT_TIMEOUT
-    debug: Debug = False
 
 
 @app.command("verify")
@@ -587,7 +590,7 @@ def verify_cmd(a: VerifyArgs) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class MatrixArgs:
+class MatrixArgs(RunArgs):
     patterns: Annotated[
         list[str],
         typer.Argument(help="Backbone specs or fnmatch patterns: 'tv:*', 'timm:resnet*', ..."),
@@ -605,9 +608,6 @@ class MatrixArgs:
     ] = True
     rounding: MatrixRoundingOpt = Rounding.ANY
     input_shape: MaybeInputOpt = None
-    json_out: JsonOpt = False
-    timeout: TimeoutOpt = DEFAULT_TIMEOUT
-    debug: Debug = False
 
 
 @app.command("matrix")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from bbswap.records import attrs
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -26,15 +28,7 @@ def list_dict(rows: Sequence[ListedBackbone]) -> dict[str, Any]:
     """``bbswap list --json`` (schema ``bbswap.list/1``)."""
     return {
         "schema": "bbswap.list/1",
-        "backbones": [
-            {
-                "spec": r.spec,
-                "family": r.family,
-                "in_chans": r.in_chans,
-                "description": r.description,
-            }
-            for r in rows
-        ],
+        "backbones": [attrs(r, "spec", "family", "in_chans", "description") for r in rows],
     }
 
 
@@ -81,11 +75,7 @@ def _stage(s: Stage) -> dict[str, Any]:
 
 def _reduction(r: SpatialOp) -> dict[str, Any]:
     return {
-        "id": r.id,
-        "owner": r.owner,
-        "kind": r.kind,
-        "op": r.op,
-        "stage": r.stage,
+        **attrs(r, "id", "owner", "kind", "op", "stage"),
         "kernel": list(r.kernel),
         "stride": list(r.stride),
         "padding": r.padding if isinstance(r.padding, str) else list(r.padding),
@@ -142,14 +132,7 @@ def apply_dict(result: ApplyResult) -> dict[str, Any]:
 
 
 def _edit(e: Edit) -> dict[str, Any]:
-    return {
-        "op_index": e.op_index,
-        "op": e.op,
-        "path": e.path,
-        "attribute": e.attribute,
-        "old": e.old,
-        "new": e.new,
-    }
+    return attrs(e, "op_index", "op", "path", "attribute", "old", "new")
 
 
 def fit_dict(result: FitResult, top: int) -> dict[str, Any]:
@@ -238,9 +221,7 @@ def matrix_dict(result: Matrix) -> dict[str, Any]:
 
 def _row(r: Row) -> dict[str, Any]:
     return {
-        "spec": r.spec,
-        "ok": r.ok,
-        "channels": r.channels,
+        **attrs(r, "spec", "ok", "channels"),
         "downsample": list(r.downsample) if r.downsample else None,
         "emit": r.emit or None,
         "reason": r.reason or None,
@@ -253,10 +234,7 @@ def _row(r: Row) -> dict[str, Any]:
 
 def _cell(c: Cell) -> dict[str, Any]:
     return {
-        "stride": c.stride,
-        "ok": c.ok,
-        "macs": c.macs,
-        "plan": c.plan,
+        **attrs(c, "stride", "ok", "macs", "plan"),
         "rule": c.rule or None,
         "verified": c.verified,
         "reason": c.reason or None,

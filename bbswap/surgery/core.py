@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from bbswap.errors import SurgeryError
+from bbswap.records import attrs
 from bbswap.tracing.ids import PointId
 from bbswap.tracing.tracer import SpatialOp, Trace
 
@@ -262,13 +263,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _call_values(op: SpatialOp) -> dict[str, Any]:
-    return {
-        "kernel_size": op.kernel,
-        "stride": op.stride,
-        "padding": op.padding,
-        "dilation": op.dilation,
-        "ceil_mode": op.ceil_mode,
-    }
+    return {"kernel_size": op.kernel, **attrs(op, "stride", "padding", "dilation", "ceil_mode")}
 
 
 class _ChildrenAsLeaves(fx.Tracer):
