@@ -76,12 +76,7 @@ class InChannels(Op, kind=OpKind.IN_CHANNELS):
 
     fields = (
         Field(
-            "channels",
-            "int",
-            "the new number of input channels",
-            required=True,
-            minimum=1,
-            maximum=MAX_CHANNELS,
+            "channels", "int", "new input channels", required=True, minimum=1, maximum=MAX_CHANNELS
         ),
         Field("strategy", "str", "how weights are adapted", choices=STRATEGIES),
         Field(

@@ -73,12 +73,7 @@ class Pool(Op, kind=OpKind.POOL):
 
     fields = (
         Field(
-            "stride",
-            "pair",
-            "the pooling stride, or [h, w]",
-            required=True,
-            minimum=1,
-            maximum=MAX_STRIDE,
+            "stride", "pair", "its stride, or [h, w]", required=True, minimum=1, maximum=MAX_STRIDE
         ),
         Field("kind", "str", "avg or max", default="avg", choices=("avg", "max")),
         Field("kernel", "pair", "the window (default: the stride)", minimum=1, maximum=MAX_STRIDE),
