@@ -51,8 +51,6 @@ def output_paths(
     path = Path(out)
     if path.suffix != ".py":
         raise InvalidArgument(f"-o {out}: the output must be a .py file")
-    if not path.parent.exists():
-        raise InvalidArgument(f"-o {out}: folder {path.parent} does not exist")
     weights_path = path.with_suffix(".safetensors" if safetensors else ".pth") if weights else None
     for p in (path, weights_path):
         if p is not None:
