@@ -96,3 +96,22 @@ def test_a_model_that_prints_leaves_json_output_parseable() -> None:
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["output"] == [1, 8, 16, 16]
     assert "forward of Chatty" in result.stderr
+
+
+def test_the_time_limit_also_holds_outside_the_main_thread() -> None:
+    import threading
+
+    errors: list[str] = []
+
+    def run() -> None:
+        try:
+            with time_limit(1):
+                inspect_backbone(f"{MODELS}:EndlessForward", "1x3x32x32")
+        except ModelError as error:
+            errors.append(str(error))
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive()
+    assert len(errors) == 1 and "time limit of 1 s" in errors[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
 import signal
 import threading
 import time
@@ -52,15 +53,19 @@ def _on_alarm(signum: int, frame: FrameType | None) -> None:
 
 @contextlib.contextmanager
 def _alarm(seconds: float | None) -> Iterator[None]:
-    """SIGALRM after ``seconds`` (main thread only; elsewhere no limit). A guard inside
+    """SIGALRM after ``seconds`` in the main thread, a timer elsewhere. A guard inside
     another keeps the outer deadline when that is sooner."""
     outer = _deadline.get()
     now = time.monotonic()
     end = now + seconds if seconds is not None else None
     if outer is not None and (end is None or outer < end):
         end = outer
-    if end is None or threading.current_thread() is not threading.main_thread():
+    if end is None:
         yield
+        return
+    if threading.current_thread() is not threading.main_thread():
+        with _thread_alarm(end - now):
+            yield
         return
     previous = signal.signal(signal.SIGALRM, _on_alarm)
     token = _deadline.set(end)
@@ -73,6 +78,29 @@ def _alarm(seconds: float | None) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
         if outer is not None:  # the outer guard's alarm goes on
             signal.setitimer(signal.ITIMER_REAL, max(outer - time.monotonic(), 1e-3))
+
+
+@contextlib.contextmanager
+def _thread_alarm(seconds: float) -> Iterator[None]:
+    """Outside the main thread no signal can be used: a timer raises TimedOut in this
+    thread instead (at its next bytecode, so a Python loop is stopped)."""
+    ident, lock, done = threading.get_ident(), threading.Lock(), [False]
+
+    def stop() -> None:
+        with lock:  # never once the block is over
+            if not done[0]:
+                exc = ctypes.py_object(TimedOut)
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), exc)
+
+    timer = threading.Timer(max(seconds, 1e-3), stop)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        with lock:
+            done[0] = True
+        timer.cancel()
 
 
 @contextlib.contextmanager
