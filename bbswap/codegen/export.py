@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ from bbswap.codegen.outputs import check_output, write_files
 from bbswap.codegen.weights_code import ERROR_CLASS, LOADER
 from bbswap.errors import InvalidArgument
 from bbswap.recipes.schema import Recipe
-from bbswap.surgery.apply import ApplyResult, apply_recipe, source_input
+from bbswap.surgery.apply import ApplyResult, apply_recipe, run_ops, source_input
+from bbswap.tracing.tracer import Trace
 from bbswap.verify.checks import (
     Check,
     VerifyReport,
@@ -59,13 +61,15 @@ def output_paths(
 
 
 def compare_sizes(
-    h: int, w: int, minimum: tuple[int, int], multiple: tuple[int, int] = (1, 1)
+    downsample: tuple[float, float], minimum: tuple[int, int], multiple: tuple[int, int] = (1, 1)
 ) -> list[tuple[int, int]]:
-    """The traced size (capped for speed on a CPU) and two odd sizes (the next multiples
-    for a backbone that takes only multiples of some size)."""
-    h0, w0 = min(h, 128), min(w, 160)
+    """Two small odd sizes at which to compare values: one whose output is about 4
+    pixels a side (so that every tap of a dilated 3x3 conv sees data), one smaller; at
+    least the smallest valid input, and the next multiples for a backbone that takes only
+    multiples of some size."""
+    dh, dw = (min(max(int(d), 1), 64) for d in downsample)
     mh, mw = minimum
-    sizes = [(h0, w0), (h0 | 1, (w0 + 2) | 1), (max(mh, 31) | 1, max(mw, 45) | 1)]
+    sizes = [(max(mh, 4 * dh) | 1, max(mw, 4 * dw + 2) | 1), (max(mh, 17) | 1, max(mw, 23) | 1)]
     return list(dict.fromkeys(round_up(size, multiple) for size in sizes))
 
 
@@ -102,7 +106,10 @@ def export(
         load = load_into(model, state, weights, partial)
         if note:
             load = LoadReport(load.loaded, load.missing, load.unexpected, note)
-    result = apply_recipe(backbone, recipe, input_shape, model=model)
+    # planned and traced on the meta device, then applied to ``model`` itself (built here
+    # for this alone), so the weights are held once
+    result = apply_recipe(backbone, recipe, input_shape)
+    result = replace(result, model=run_ops(model, result.before, recipe, in_place=True).finish())
     files = {**(also or {})}
     carried, recorded = None, None
     if weights_path is not None:  # the exact bytes written, hashed into the emitted file
@@ -112,45 +119,60 @@ def export(
     emitted = emit(
         result, class_name=class_name, dropin=dropin, import_mode=import_mode, weights=recorded
     )
-    report = check_emitted(emitted, result, source=model, weights=carried)
+    source = lambda: backbone.build(in_chans=chans)  # noqa: E731  # built only if asked
+    report = check_emitted(emitted, result, source=source, weights=carried)
     require(report)
     files[path] = emitted.source.encode("utf-8")  # last: the file that names the others
     write_files(files, force)
     return Exported(path, weights_path, emitted, result, report, load)
 
 
-def check_emitted(
-    emitted: Emitted,
-    result: ApplyResult,
-    source: torch.nn.Module | None = None,
-    weights: tuple[str, bytes] | None = None,
-) -> VerifyReport:
-    """Import the emitted source without bbswap and compare it with the patched model;
-    with ``weights`` (the weights file's name and bytes), check its loader, too."""
-    after = result.after
+def check_sizes(after: Trace) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The sizes an emitted file is checked at: values at two small odd ones, shapes at
+    those and twelve more (ten small ones from the smallest valid input up, and two
+    multiples of 32, for a backbone that takes no other sizes)."""
     minimum = after.min_input()
     rules = after.size_rules()
     multiple = (rules[0].multiple, rules[1].multiple)
+    sweep = [
+        *sweep_sizes(minimum, multiple=multiple),
+        (max(64, minimum[0] + 31) // 32 * 32, 96),
+        (160, 224),
+    ]
+    return compare_sizes(after.downsample, minimum, multiple), sweep
+
+
+def check_emitted(
+    emitted: Emitted,
+    result: ApplyResult,
+    source: Callable[[], torch.nn.Module] | None = None,
+    weights: tuple[str, bytes] | None = None,
+) -> VerifyReport:
+    """Import the emitted source without bbswap and check it against the patched model:
+    its shapes at 12 sizes and more on the meta device, its values at two small odd
+    sizes on real tensors, with the patched model's own weights loaded strictly (and
+    shared, not copied). ``source`` builds the unpatched backbone, asked for only where
+    the file fails (and built on the meta device when it runs there). With ``weights``
+    (the weights file's name and bytes), check its loader, too."""
+    after = result.after
+    compared, swept = check_sizes(after)
     with tempfile.TemporaryDirectory() as tmp:
         file = Path(tmp) / "bbswap_emitted.py"
         file.write_text(emitted.source, encoding="utf-8")
         module = import_file(file)
-        model = construct(module, emitted.class_name, "the emitted file")
-        _, c, h, w = after.input_shape
+        where = "the emitted file"
+        model = construct(module, emitted.class_name, where, on_meta=True)
+        c = after.input_shape[1]
         report = verify_model(
             model,
             f"the emitted {emitted.class_name}",
             in_chans=c,
+            rebuild=lambda: construct(module, emitted.class_name, where),
             reference=result.model,
-            compare_sizes=compare_sizes(h, w, minimum, multiple),
-            # and two multiples of 32, for a backbone that takes no other sizes
-            sweep=[
-                *sweep_sizes(minimum, multiple=multiple),
-                (max(64, minimum[0] + 31) // 32 * 32, 96),
-                (160, 224),
-            ],
+            compare_sizes=compared,
+            sweep=swept,
             state=result.model.state_dict(),
-            source=source.eval() if source is not None else None,
+            source=source,
         )
         if weights is None:
             return report

@@ -99,9 +99,10 @@ def apply_traced(
     )
 
 
-def run_ops(model: nn.Module, before: Trace, recipe: Recipe) -> Surgery:
-    """Apply every op of ``recipe`` to a copy of ``model``."""
-    surgery = Surgery(model, before)
+def run_ops(model: nn.Module, before: Trace, recipe: Recipe, *, in_place: bool = False) -> Surgery:
+    """Apply every op of ``recipe`` to a copy of ``model`` (to ``model`` itself with
+    ``in_place``, for a model made for this alone)."""
+    surgery = Surgery(model, before, in_place=in_place)
     for index, op in enumerate(recipe.ops):
         surgery.op_index, surgery.op_name = index, op.op
         op.apply(surgery, recipe.where(index))

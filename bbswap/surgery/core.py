@@ -138,8 +138,10 @@ def child_name(path: str) -> str:
 class Surgery:
     """A copy of a backbone being patched, and the record of what was done."""
 
-    def __init__(self, model: nn.Module, trace: Trace) -> None:
-        self.model = copy.deepcopy(model)
+    def __init__(self, model: nn.Module, trace: Trace, *, in_place: bool = False) -> None:
+        # ``in_place``: for a model the caller made for this surgery alone (no copy of
+        # its weights is kept)
+        self.model = model if in_place else copy.deepcopy(model)
         self.trace = trace
         self.edits: list[Edit] = []
         self.rewrites: dict[str, OwnerRewrite] = {}

@@ -323,6 +323,35 @@ def meta_result(name: str, args: tuple, kwargs: dict, spatial: SpatialArgs | Non
     return None
 
 
+def meta_refusal(name: str, args: tuple, kwargs: dict, spatial: SpatialArgs | None) -> str:
+    """Why a call on meta tensors that :func:`meta_result` leaves to torch cannot work,
+    or "" when it may: tensors that do not concatenate or broadcast, or a window larger
+    than its padded input. torch's own meta kernels say so too, but some first import
+    its compiler stack, which costs seconds, for a call bound to fail."""
+    if name in ("cat", "concat", "concatenate"):
+        tensors = list(args[0] if args else kwargs.get("tensors", ()))
+        fit = _cat(args, kwargs) is not None
+    elif name in _POINTWISE or (name.startswith("__") and name.strip("_") in _POINTWISE):
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        fit = bool(tensors) and _broadcast([tuple(t.shape) for t in tensors]) is not None
+    else:
+        return _too_small(name, args, kwargs, spatial)
+    if fit or not tensors or not all(isinstance(t, torch.Tensor) and t.is_meta for t in tensors):
+        return ""
+    shapes = ", ".join("x".join(map(str, t.shape)) for t in tensors)
+    return f"{name} of tensors of shapes {shapes}, which do not fit together"
+
+
+def _too_small(name: str, args: tuple, kwargs: dict, spatial: SpatialArgs | None) -> str:
+    x = args[0] if args else kwargs.get("input")
+    if spatial is None or not isinstance(x, torch.Tensor) or not x.is_meta or x.dim() != 4:
+        return ""
+    out = [_through(steps, size) for steps, size in zip(spatial.steps, x.shape[-2:])]
+    if min(out) > 0:
+        return ""
+    return f"{name} on an input of {x.shape[-2]}x{x.shape[-1]}, too small for its window"
+
+
 def _through(steps: tuple[SizeStep, ...], size: int) -> int:
     for step in steps:
         size = step.out_size(size)

@@ -15,7 +15,7 @@ import importlib.util
 import math
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -26,6 +26,8 @@ from torch import nn
 
 from bbswap.backbones.guard import user_code
 from bbswap.errors import InvalidArgument, ModelError, VerificationError
+from bbswap.tracing.meta_run import any_on_meta, meta_copy, on_meta, run_on_meta
+from bbswap.tracing.tracer import build_on_meta
 
 Size = tuple[int, int]
 TOLERANCE = 1e-5
@@ -106,7 +108,11 @@ def _first_line(error: BaseException) -> str:
     return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
-def construct(module: ModuleType, class_name: str, where: str) -> nn.Module:
+def construct(
+    module: ModuleType, class_name: str, where: str, *, on_meta: bool = False
+) -> nn.Module:
+    """An instance of the file's class; with ``on_meta``, built on the meta device (no
+    weights allocated or initialised) when its constructor runs there, else on the CPU."""
     cls = getattr(module, class_name, None)
     if not isinstance(cls, type) or not issubclass(cls, nn.Module):
         found = sorted(
@@ -115,6 +121,10 @@ def construct(module: ModuleType, class_name: str, where: str) -> nn.Module:
         raise InvalidArgument(
             f"{where} has no nn.Module class '{class_name}' (classes: {', '.join(found)})"
         )
+    if on_meta:
+        built = _construct_on_meta(cls, class_name)
+        if built is not None:
+            return built
     try:
         with user_code(f"{class_name}()"), without_bbswap():
             return cls()
@@ -122,6 +132,30 @@ def construct(module: ModuleType, class_name: str, where: str) -> nn.Module:
         raise VerificationError(
             f"constructing {class_name}() failed: {type(error).__name__}: {_first_line(error)}"
         ) from error
+
+
+def _construct_on_meta(cls: type[nn.Module], class_name: str) -> nn.Module | None:
+    """The class built on the meta device, or None when its constructor needs real data
+    (or leaves a tensor off the meta device): it is then built on the CPU."""
+    try:
+        with user_code(f"{class_name}()"), without_bbswap():
+            model = build_on_meta(cls)
+    except ModelError:
+        raise
+    except Exception:  # a constructor that computes with real data
+        return None
+    return model if on_meta(model) else None
+
+
+def _first_output(out: Any) -> torch.Tensor:
+    """A model's (first tensor) output."""
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if isinstance(out, dict):
+        out = next(iter(out.values()))
+    if not isinstance(out, torch.Tensor):
+        raise VerificationError(f"the model returned {type(out).__name__}, not a tensor")
+    return out
 
 
 def run(model: nn.Module, shape: Sequence[int], seed: int = 0) -> torch.Tensor:
@@ -133,18 +167,25 @@ def run(model: nn.Module, shape: Sequence[int], seed: int = 0) -> torch.Tensor:
         # its input) say nothing about the check's result
         warnings.simplefilter("ignore", UserWarning)
         out = model(x)
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if isinstance(out, dict):
-        out = next(iter(out.values()))
-    if not isinstance(out, torch.Tensor):
-        raise VerificationError(f"the model returned {type(out).__name__}, not a tensor")
-    return out
+    return _first_output(out)
+
+
+def run_meta(model: nn.Module, shape: Sequence[int]) -> torch.Tensor:
+    """The model's (first tensor) output on the meta device: only its shape is real."""
+    with user_code("the model's forward"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        out = run_on_meta(model, shape)
+    return _first_output(out)
 
 
 def _fails(model: nn.Module, in_chans: int, size: Size) -> bool:
+    """Whether the model's forward fails at this size: on the meta device for a model
+    built there, else on real tensors."""
     try:
-        run(model, (1, in_chans, *size))
+        if on_meta(model):
+            run_meta(model, (1, in_chans, *size))
+        else:
+            run(model, (1, in_chans, *size))
     except ModelError:  # an exit, an interrupt or the time limit: nothing was checked
         raise
     except Exception:  # any failure of the model's forward at this size
@@ -152,45 +193,42 @@ def _fails(model: nn.Module, in_chans: int, size: Size) -> bool:
     return False
 
 
-def accepted_sizes(
-    candidate: nn.Module,
-    reference: nn.Module | None,
-    source: nn.Module | None,
-    in_chans: int,
-    sizes: Sequence[Size],
-) -> tuple[list[Size], list[Size]]:
-    """The sizes to check, and those skipped: where the file, the patched model and the
-    source backbone all fail alike (DLA and HRNet take only multiples of 32). A size the
-    source takes and the file does not is kept, so that its failure is reported."""
-    keep, skipped = [], []
-    for size in sizes:
-        if (
-            reference is not None
-            and source is not None
-            and _fails(candidate, in_chans, size)
-            and _fails(reference, in_chans, size)
-            and _fails(source, in_chans, size)
-        ):
-            skipped.append(size)
-        else:
-            keep.append(size)
-    return keep, skipped
+def meta_shapes(
+    model: nn.Module, in_chans: int, sizes: Sequence[Size]
+) -> dict[Size, tuple[int, ...]]:
+    """The output shape at each size from a run on the meta device, for a model built
+    there (none otherwise); a size whose meta run fails is left out, for real tensors to
+    decide (torch cannot run every op on meta)."""
+    if not on_meta(model):
+        return {}
+    model.eval()
+    shapes = {}
+    for h, w in sizes:
+        try:
+            shapes[(h, w)] = tuple(run_meta(model, (1, in_chans, h, w)).shape)
+        except ModelError:  # an exit, an interrupt or the time limit
+            raise
+        except Exception:  # this size, or this model, fails on meta: real tensors decide
+            continue
+    return shapes
 
 
 def compare_outputs(
     candidate: nn.Module, reference: nn.Module, in_chans: int, sizes: Sequence[Size]
-) -> Check:
-    """Both models in eval mode give the same outputs at every size (max abs difference)."""
+) -> tuple[Check, dict[Size, tuple[int, ...]]]:
+    """Both models in eval mode give the same outputs at every size (max abs
+    difference); and the candidate's output shape at each size."""
     worst, where = 0.0, ""
+    shapes: dict[Size, tuple[int, ...]] = {}
     for h, w in sizes:
         a = run(candidate, (1, in_chans, h, w))
         b = run(reference, (1, in_chans, h, w))
+        shapes[(h, w)] = tuple(a.shape)
         if a.shape != b.shape:
-            return Check(
-                "outputs",
-                False,
-                f"at {h}x{w} the file gives {_dims(a.shape)}, the patched model {_dims(b.shape)}",
+            detail = (
+                f"at {h}x{w} the file gives {_dims(a.shape)}, the patched model {_dims(b.shape)}"
             )
+            return Check("outputs", False, detail), shapes
         diff = float((a - b).abs().max()) if a.numel() else 0.0
         if diff > worst or math.isnan(diff):
             worst, where = diff, f"{h}x{w}"
@@ -199,7 +237,7 @@ def compare_outputs(
     detail = f"max |difference| {worst:.2e} over {sizes_text}" + (
         "" if ok else f" (worst at {where})"
     )
-    return Check("outputs", ok, detail)
+    return Check("outputs", ok, detail), shapes
 
 
 def _dims(shape: Sequence[int]) -> str:
@@ -209,6 +247,7 @@ def _dims(shape: Sequence[int]) -> str:
 def output_shapes(
     model: nn.Module, in_chans: int, sizes: Sequence[Size]
 ) -> dict[Size, tuple[int, ...]]:
+    """The output shape at each size on real tensors."""
     return {(h, w): tuple(run(model, (1, in_chans, h, w)).shape) for h, w in sizes}
 
 
@@ -273,12 +312,38 @@ def check_like(
     return Check("like", True, f"same output size as {name} at {len(shapes)} sizes")
 
 
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> Check:
+def load_weights(
+    model: nn.Module, state: dict[str, torch.Tensor], what: str, *, assign: bool = False
+) -> Check:
+    """Load ``state`` with strict=True; with ``assign`` (a model built on the meta
+    device) its tensors become the model's own, so the weights are held once."""
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=assign)
     except RuntimeError as error:
         return Check("weights", False, f"{what} do not load: {_first_line(error)}")
     return Check("weights", True, f"{len(state)} tensors from {what} load with strict=True")
+
+
+def _on_real_tensors(
+    model: nn.Module,
+    state: dict[str, torch.Tensor] | None,
+    rebuild: Callable[[], nn.Module] | None,
+) -> tuple[nn.Module, Check | None]:
+    """The file's model on real tensors, given ``state`` (the weights check, if any). A
+    model built on the meta device takes the weights in place; it is built again on the
+    CPU (``rebuild``) when it has no weights to take or keeps a tensor that the state
+    does not hold (a buffer left out of ``state_dict``)."""
+    if on_meta(model):
+        if state is not None:
+            check = load_weights(model, state, "the carried weights", assign=True)
+            if not check.ok or not any_on_meta(model):
+                return model, check
+        if rebuild is None:
+            raise VerificationError("the model was built on the meta device and cannot run")
+        model = rebuild()
+    if state is None:
+        return model, None
+    return model, load_weights(model, state, "the carried weights")
 
 
 def round_up(size: Size, multiple: Size) -> Size:
@@ -296,24 +361,95 @@ def sweep_sizes(minimum: Size, count: int = 10, multiple: Size = (1, 1)) -> list
 
 
 def _skip_failing_sizes(
-    model: nn.Module,
-    reference: nn.Module,
-    source: nn.Module,
-    in_chans: int,
-    compare_sizes: Sequence[Size],
-    sweep: Sequence[Size],
-) -> tuple[list[Size], list[Size], Check] | None:
-    """The sizes left to compare and sweep once those the source backbone fails at too
-    are dropped, and the check that says so; None when none is dropped."""
-    sizes = list(dict.fromkeys([*compare_sizes, *sweep]))
-    _, skipped = accepted_sizes(model, reference, source, in_chans, sizes)
-    if not skipped:
-        return None
-    compared = [z for z in compare_sizes if z not in skipped]
-    swept = [z for z in sweep if z not in skipped]
-    listed = ", ".join(f"{h}x{w}" for h, w in skipped)
-    detail = f"skipped {listed}: the source backbone fails there too"
-    return compared, swept, Check("sizes", bool(compared) and bool(swept), detail)
+    reference: nn.Module, source: nn.Module, in_chans: int, failing: Sequence[Size]
+) -> list[Size]:
+    """Of the sizes the file fails at, those the patched model and the source backbone
+    fail at too (DLA and HRNet take only multiples of 32). A size the source takes and
+    the file does not is kept, so that its failure is reported."""
+    return [
+        size
+        for size in failing
+        if _fails(source, in_chans, size) and _fails(reference, in_chans, size)
+    ]
+
+
+def _stand_ins(
+    reference: nn.Module, source: Callable[[], nn.Module], in_chans: int, good: Size | None
+) -> tuple[nn.Module, nn.Module]:
+    """The patched model and the source backbone to try the file's failing sizes on: on
+    the meta device if they run there at ``good`` (a size the file runs at on meta), so
+    that a failure there is the size's and not the device's; else on real tensors."""
+    twin = meta_copy(reference)
+    if good is None or not on_meta(twin) or _fails(twin, in_chans, good):
+        twin = reference
+    try:
+        built: nn.Module | None = build_on_meta(source)
+    except ModelError:
+        raise
+    except Exception:  # a constructor that needs real data
+        built = None
+    if built is None or good is None or not on_meta(built) or _fails(built, in_chans, good):
+        built = source()
+    return twin, built
+
+
+def _try_shapes(
+    model: nn.Module, in_chans: int, sizes: Sequence[Size]
+) -> tuple[dict[Size, tuple[int, ...]], dict[Size, Exception]]:
+    """Real runs at ``sizes``: the output shapes, and the errors where the model fails."""
+    shapes, errors = {}, {}
+    for h, w in sizes:
+        try:
+            shapes[(h, w)] = tuple(run(model, (1, in_chans, h, w)).shape)
+        except (ModelError, VerificationError):  # an exit, the time limit, not a tensor
+            raise
+        except Exception as error:  # any failure of the model's forward at this size
+            errors[(h, w)] = error
+    return shapes, errors
+
+
+def _agreement(
+    meta: dict[Size, tuple[int, ...]], real: dict[Size, tuple[int, ...]]
+) -> Check | None:
+    """A failed check where a meta run and a real one give different shapes."""
+    for (h, w), shape in real.items():
+        if (h, w) in meta and meta[(h, w)] != shape:
+            return Check(
+                "shapes",
+                False,
+                f"at {h}x{w} the output is {_dims(shape)} on real tensors but "
+                f"{_dims(meta[(h, w)])} on the meta device",
+            )
+    return None
+
+
+def _smallest(sizes: Sequence[Size]) -> list[Size]:
+    """The smallest of ``sizes`` by area, as a list (empty when there is none)."""
+    return [min(sizes, key=lambda z: (z[0] * z[1], z))] if sizes else []
+
+
+def _failed(target: str, error: BaseException) -> ModelError:
+    return ModelError(f"running {target} failed: {type(error).__name__}: {_first_line(error)}")
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """The sizes to compare values at and those to check shapes at."""
+
+    compare: tuple[Size, ...]
+    sweep: tuple[Size, ...]
+
+    @property
+    def all(self) -> list[Size]:
+        return list(dict.fromkeys([*self.compare, *self.sweep]))
+
+    def without(self, skipped: Sequence[Size]) -> _Sizes:
+        """These sizes less ``skipped``; values are compared at the smallest size left
+        when no size to compare them at is."""
+        sweep = tuple(z for z in self.sweep if z not in skipped)
+        compare = tuple(z for z in self.compare if z not in skipped)
+        left = [z for z in self.all if z not in skipped]
+        return _Sizes(compare or tuple(_smallest(left)), sweep)
 
 
 def verify_model(
@@ -321,6 +457,7 @@ def verify_model(
     target: str,
     *,
     in_chans: int,
+    rebuild: Callable[[], nn.Module] | None = None,
     reference: nn.Module | None = None,
     compare_sizes: Sequence[Size] = (),
     sweep: Sequence[Size] = (),
@@ -329,45 +466,112 @@ def verify_model(
     stride: Size | None = None,
     rounding: str = "ceil",
     like: tuple[str, dict[Size, tuple[int, int]]] | None = None,
-    source: nn.Module | None = None,
+    source: Callable[[], nn.Module] | None = None,
 ) -> VerifyReport:
-    """Run the checks that apply; the model is put in eval mode. With a ``source`` (the
-    unpatched backbone, in eval mode), sizes it fails at as the file does are skipped."""
+    """Run the checks that apply; the models are put in eval mode.
+
+    ``model`` is the file's model, built on the meta device if it could be (``rebuild``
+    builds it on the CPU). Its output shape at every size comes from a meta run, where
+    nothing is allocated; real tensors run where values are compared (``compare_sizes``,
+    against ``reference``), where a meta run fails, and at the smallest size when no
+    other real run is made, so that the meta runs are checked against a real one. With a
+    ``source`` (a builder of the unpatched backbone), sizes that the file, the patched
+    model and the source all fail at are skipped; when that leaves no size to compare
+    values at, they are compared at the smallest size left.
+    """
     checks: list[Check] = [Check("import", True, "imports and constructs without bbswap")]
-    if state is not None:
-        checks.append(load_weights(model, state, "the carried weights"))
-        if not checks[-1].ok:
-            return VerifyReport(target, tuple(checks))
-    model.eval()
-    if reference is not None and source is not None:
-        reference.eval()
-        skipped = _skip_failing_sizes(model, reference, source, in_chans, compare_sizes, sweep)
-        if skipped is not None:
-            compare_sizes, sweep, check = skipped
-            checks.append(check)
-            if not check.ok:
-                return VerifyReport(target, tuple(checks))
+    plan = _Sizes(tuple(compare_sizes), tuple(sweep))
+    meta = meta_shapes(model, in_chans, plan.all)
+    model, loaded = _on_real_tensors(model, state, rebuild)
+    checks += [loaded] if loaded is not None else []
+    if loaded is not None and not loaded.ok:
+        return VerifyReport(target, tuple(checks))
+    for m in (model, reference):
+        if m is not None:
+            m.eval()
+    plan, real, skipping = _real_runs(model, target, in_chans, plan, meta, reference, source)
+    checks += [skipping] if skipping is not None else []
+    if skipping is not None and not skipping.ok:
+        return VerifyReport(target, tuple(checks))
+    if reference is not None:
+        compared, values = _compare(model, reference, in_chans, plan.compare, target)
+        checks.append(compared)
+        real |= values
+    checks += [c for c in [_agreement(meta, real)] if c is not None]
+    shapes = {z: real[z] if z in real else meta[z] for z in plan.all}
+    checks += _shape_checks(model, shapes, reference is not None, channels, stride, rounding, like)
+    return VerifyReport(target, tuple(checks))
+
+
+def _real_runs(
+    model: nn.Module,
+    target: str,
+    in_chans: int,
+    plan: _Sizes,
+    meta: dict[Size, tuple[int, ...]],
+    reference: nn.Module | None,
+    source: Callable[[], nn.Module] | None,
+) -> tuple[_Sizes, dict[Size, tuple[int, ...]], Check | None]:
+    """Real runs where the meta runs gave no shape (at the smallest size when they gave
+    every one and nothing else runs for real); sizes the source fails at too are dropped
+    from ``plan``, any other failure is the file's error. The sizes left, the real shapes
+    and the check that names the sizes skipped (None when none is)."""
+    unknown = [z for z in plan.all if z not in meta]
+    if not unknown and reference is None:
+        unknown = _smallest(plan.all)
+    real, errors = _try_shapes(model, in_chans, unknown)
+    check = None
+    if errors and reference is not None and source is not None:
+        good = next(iter(meta), None)
+        stand_ins = _stand_ins(reference, source, in_chans, good)
+        skipped = _skip_failing_sizes(*stand_ins, in_chans, list(errors))
+        if skipped:
+            plan = plan.without(skipped)
+            check = _sizes_check(skipped, plan.compare, plan.sweep)
+        errors = {z: e for z, e in errors.items() if z not in skipped}
+    if errors:
+        raise _failed(target, next(iter(errors.values())))
+    return plan, real, check
+
+
+def _compare(
+    model: nn.Module, reference: nn.Module, in_chans: int, sizes: Sequence[Size], target: str
+) -> tuple[Check, dict[Size, tuple[int, ...]]]:
     try:
-        if reference is not None:
-            reference.eval()
-            checks.append(compare_outputs(model, reference, in_chans, compare_sizes))
-        shapes = output_shapes(model, in_chans, sweep)
-    except VerificationError:
+        return compare_outputs(model, reference, in_chans, sizes)
+    except (ModelError, VerificationError):
         raise
-    except Exception as error:
-        raise ModelError(
-            f"running {target} failed: {type(error).__name__}: {_first_line(error)}"
-        ) from error
+    except Exception as error:  # a forward that fails on real tensors
+        raise _failed(target, error) from error
+
+
+def _sizes_check(skipped: Sequence[Size], compared: Sequence[Size], swept: Sequence[Size]) -> Check:
+    listed = ", ".join(f"{h}x{w}" for h, w in skipped)
+    detail = f"skipped {listed}: the source backbone fails there too"
+    return Check("sizes", bool(compared) and bool(swept), detail)
+
+
+def _shape_checks(
+    model: nn.Module,
+    shapes: dict[Size, tuple[int, ...]],
+    has_reference: bool,
+    channels: int | None,
+    stride: Size | None,
+    rounding: str,
+    like: tuple[str, dict[Size, tuple[int, int]]] | None,
+) -> list[Check]:
+    checks = []
     spatial = all(len(s) == 4 for s in shapes.values())
-    if spatial and (hasattr(type(model), "output_size") or reference is not None):
+    if spatial and (hasattr(type(model), "output_size") or has_reference):
         checks.append(check_output_size(model, shapes))
     if channels is not None:
         checks.append(check_channels(shapes, channels))
     if stride is not None:
         checks.append(check_stride(shapes, stride, rounding))
     if like is not None:
-        checks.append(check_like(shapes, like[1], like[0]))
-    return VerifyReport(target, tuple(checks))
+        name, sizes = like
+        checks.append(check_like({z: s for z, s in shapes.items() if z in sizes}, sizes, name))
+    return checks
 
 
 def require(report: VerifyReport) -> None:
