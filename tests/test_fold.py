@@ -123,7 +123,7 @@ def test_fit_halves_the_stride_beside_the_blur(written):
     assert all(c["ok"] for c in checks.values()), checks
     # sizes are drawn from the multiples of 4 above the smallest input: none is skipped
     assert "sizes" not in checks
-    assert checks["output_size"]["detail"].startswith("matches the real output at ")
+    assert checks["output_size"]["detail"].startswith("matches the model's output at ")
 
 
 def test_emitted_file_loads_the_source_checkpoint_and_follows_the_rule(written):

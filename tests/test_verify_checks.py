@@ -102,9 +102,7 @@ def runs(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[tuple[int, ...]]]:
     return seen
 
 
-def test_a_correct_file_runs_real_tensors_only_where_values_are_compared(
-    emitted, patched, runs
-):
+def test_a_correct_file_runs_real_tensors_only_where_values_are_compared(emitted, patched, runs):
     report = check_emitted(emitted, patched)
     assert report.ok, report.checks
     compared, swept = check_sizes(patched.after)
@@ -116,7 +114,7 @@ def test_a_correct_file_runs_real_tensors_only_where_values_are_compared(
     assert sorted(runs["real"]) == sorted([(1, c, *z) for z in compared] * 2)
     assert runs["meta"] == [(1, c, *z) for z in sizes]
     by_name = {check.name: check for check in report.checks}
-    assert by_name["output_size"].detail == f"matches the real output at {len(sizes)} sizes"
+    assert by_name["output_size"].detail == f"matches the model's output at {len(sizes)} sizes"
     assert by_name["weights"].ok and "strict=True" in by_name["weights"].detail
 
 
@@ -312,7 +310,7 @@ def test_a_constructor_that_computes_with_data_is_built_on_the_cpu(emitted, patc
     assert runs["meta"] == []  # built on the CPU: every shape from a real run
     assert {r[-2:] for r in runs["real"]} == sizes
     by_name = {check.name: check for check in report.checks}
-    assert by_name["output_size"].detail == f"matches the real output at {len(sizes)} sizes"
+    assert by_name["output_size"].detail == f"matches the model's output at {len(sizes)} sizes"
 
 
 EVEN_ONLY = '''

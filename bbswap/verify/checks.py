@@ -1,9 +1,13 @@
 """Checks that a generated (or hand-edited) backbone file is what it claims to be.
 
-The file is imported in a fresh namespace in which ``bbswap`` cannot be imported,
-constructed, given weights, and run on real CPU tensors: against a reference model
-(the in-memory patched model when emitting), against its own ``output_size``, and
-against a target channel count, downsample factor or another backbone's sizes.
+The file is imported in a fresh namespace in which ``bbswap`` cannot be imported and
+constructed on the meta device. Every shape fact comes from runs there, which allocate
+nothing: its output shape at each size, checked against its own ``output_size``, a target
+channel count, downsample factor or another backbone's sizes. Real CPU tensors run only
+where values are compared, against a reference model (the in-memory patched model when
+emitting, whose weights the file takes as they are, strictly, without a copy), or at one
+size otherwise, and their shapes must agree with the meta runs. A file that cannot be
+built or run on the meta device runs on real tensors instead.
 """
 
 from __future__ import annotations
@@ -158,11 +162,29 @@ def _first_output(out: Any) -> torch.Tensor:
     return out
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread for a real run: the runs here are small, so a second thread
+    gains little, while with other processes busy on the cores OpenMP's waiting threads
+    make a small conv ten times slower or more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run(model: nn.Module, shape: Sequence[int], seed: int = 0) -> torch.Tensor:
     """The model's (first tensor) output for a seeded random input, in eval mode."""
     torch.manual_seed(seed)
     x = torch.randn(*shape)
-    with torch.no_grad(), user_code("the model's forward"), warnings.catch_warnings():
+    with (
+        torch.no_grad(),
+        _one_thread(),
+        user_code("the model's forward"),
+        warnings.catch_warnings(),
+    ):
         # torch's notes on how it runs a layer (an even kernel with padding='same' copies
         # its input) say nothing about the check's result
         warnings.simplefilter("ignore", UserWarning)
@@ -264,7 +286,7 @@ def check_output_size(model: nn.Module, shapes: dict[Size, tuple[int, ...]]) -> 
                 False,
                 f"output_size({h}, {w}) says {_dims(said)} but the model gives {_dims(real)}",
             )
-    return Check("output_size", True, f"matches the real output at {len(shapes)} sizes")
+    return Check("output_size", True, f"matches the model's output at {len(shapes)} sizes")
 
 
 def check_channels(shapes: dict[Size, tuple[int, ...]], channels: int) -> Check:
