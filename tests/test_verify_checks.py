@@ -122,7 +122,7 @@ def test_the_weights_are_held_once(emitted, patched, tmp_path):
     """A file built on the meta device takes the patched model's tensors themselves."""
     file = tmp_path / "shared.py"
     file.write_text(emitted.source, encoding="utf-8")
-    model = checks.construct(checks.import_file(file), emitted.class_name, "it", on_meta=True)
+    model = checks.construct(checks.import_file(file), emitted.class_name, "it", meta=True)
     assert on_meta(model)
     state = patched.model.state_dict()
     compared, swept = check_sizes(patched.after)

@@ -161,7 +161,7 @@ def check_emitted(
         file.write_text(emitted.source, encoding="utf-8")
         module = import_file(file)
         where = "the emitted file"
-        model = construct(module, emitted.class_name, where, on_meta=True)
+        model = construct(module, emitted.class_name, where, meta=True)
         c = after.input_shape[1]
         report = verify_model(
             model,

@@ -112,10 +112,8 @@ def _first_line(error: BaseException) -> str:
     return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
-def construct(
-    module: ModuleType, class_name: str, where: str, *, on_meta: bool = False
-) -> nn.Module:
-    """An instance of the file's class; with ``on_meta``, built on the meta device (no
+def construct(module: ModuleType, class_name: str, where: str, *, meta: bool = False) -> nn.Module:
+    """An instance of the file's class; with ``meta``, built on the meta device (no
     weights allocated or initialised) when its constructor runs there, else on the CPU."""
     cls = getattr(module, class_name, None)
     if not isinstance(cls, type) or not issubclass(cls, nn.Module):
@@ -125,7 +123,7 @@ def construct(
         raise InvalidArgument(
             f"{where} has no nn.Module class '{class_name}' (classes: {', '.join(found)})"
         )
-    if on_meta:
+    if meta:
         built = _construct_on_meta(cls, class_name)
         if built is not None:
             return built

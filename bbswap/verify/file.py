@@ -47,7 +47,7 @@ def check_file(
     wanted_stride = parse_stride(stride) if stride is not None else None
     size_list = parse_sizes(sizes) if sizes is not None else DEFAULT_SIZES
     module = import_file(Path(path_text))
-    model = construct(module, class_name, path_text, on_meta=True)
+    model = construct(module, class_name, path_text, meta=True)
     chans = in_chans or first_conv_in_channels(model)
     if chans is None:
         raise InvalidArgument(
