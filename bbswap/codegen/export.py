@@ -119,7 +119,10 @@ def export(
     emitted = emit(
         result, class_name=class_name, dropin=dropin, import_mode=import_mode, weights=recorded
     )
-    source = lambda: backbone.build(in_chans=chans)  # noqa: E731  # built only if asked
+
+    def source() -> torch.nn.Module:  # the unpatched backbone, built only if asked for
+        return backbone.build(in_chans=chans)
+
     report = check_emitted(emitted, result, source=source, weights=carried)
     require(report)
     files[path] = emitted.source.encode("utf-8")  # last: the file that names the others
