@@ -2,12 +2,14 @@
 
 The checks of ``export`` take every shape fact (``output_size`` at twelve sizes and more,
 which sizes the source backbone takes) from runs on the meta device, and run real tensors
-only where values are compared, at two small odd sizes. These tests show that nothing got
-weaker for it: files tampered with after emission (an ``output_size`` wrong at one size
-of the sweep, a forward whose shape is wrong at one size, values off by 1e-3, a tensor
-too many, a forward that behaves otherwise on meta) all fail, and files the meta device
-cannot take (a buffer outside the state dict, a constructor that computes with data, a
-backbone that takes only even sizes) are still checked, on real tensors.
+only where values are compared, at two small odd sizes. These tests show that the checks
+still catch what real runs at every size caught: files tampered with after emission (an
+``output_size`` wrong at one size of the sweep, a forward whose shape is wrong at one
+size, values off by 1e-3, a tensor too many, a forward that behaves otherwise on meta)
+all fail; files the meta device cannot take whole (a buffer outside the state dict, a
+constructor that computes with data) are still checked, on real tensors; and of a
+backbone that takes only even sizes, the odd ones are skipped because the source fails
+there too, while a size only the file fails at is an error.
 
 The tampering is appended to the emitted source, so the file's own code is unchanged
 and the change is plain to read here.
