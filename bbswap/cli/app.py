@@ -405,6 +405,13 @@ class FitArgs(EmitArgs):
         str | None,
         typer.Option(help="Take the target from another backbone: channels, input, sizes."),
     ] = None
+    like_kw: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--like-kw",
+            help="Constructor argument of the --like backbone, as --kw takes them; repeatable.",
+        ),
+    ] = None
     prefer: PreferOpt = Prefer.MACS
     allow_truncate: Annotated[
         bool, typer.Option(help="Also consider cutting the body at a stage already at the stride.")
@@ -465,6 +472,7 @@ def _run_fit(a: FitArgs, progress: Callable[[int, int], None] | None) -> FitResu
         in_chans=a.in_chans,
         input_shape=a.input_shape,
         like=a.like,
+        like_kw=parse_kw(a.like_kw, "--like-kw"),
         prefer=a.prefer,
         allow_truncate=a.allow_truncate,
         mode=a.mode,
@@ -608,6 +616,10 @@ class MatrixArgs(RunArgs):
     ] = True
     rounding: MatrixRoundingOpt = Rounding.ANY
     input_shape: MaybeInputOpt = None
+    in_chans: Annotated[
+        int | None,
+        typer.Option("--in-chans", help="Input channels of every plan (default: each backbone's)."),
+    ] = None
 
 
 @app.command("matrix")
@@ -629,6 +641,7 @@ def matrix_cmd(a: MatrixArgs) -> None:
                 verify=a.verify,
                 rounding=a.rounding,
                 input_shape=a.input_shape,
+                in_chans=a.in_chans,
                 debug=a.debug or _state["debug"],
                 progress=progress,
             )

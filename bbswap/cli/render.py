@@ -376,6 +376,10 @@ def render_fit(result: FitResult, top: int, console: Console) -> None:
             f"output {shape(w.trace.output_shape)}, "
             f"{count(w.trace.macs)} MACs, {h.format('H')}, {wr.format('W')}"
         )
+    console.print(
+        f"probe sizes: {', '.join(shape(p) for p in result.probes)} "
+        f"(from {shape(result.smallest)}, the smallest input accepted)"
+    )
     hidden = len(result.candidates) - top
     if hidden > 0:
         console.print(f"({hidden} more candidates; --top {len(result.candidates)} shows all)")

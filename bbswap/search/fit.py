@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bbswap.backbones.registry import Backbone, resolve
-from bbswap.errors import BBSwapError, InvalidArgument, SurgeryError, TargetError
+from bbswap.errors import BBSwapError, InvalidArgument, ModelError, SurgeryError, TargetError
 from bbswap.kinds import Mode, Prefer, Rounding
 from bbswap.parsing import parse_stride
 from bbswap.recipes.channels import InChannels
@@ -28,10 +28,21 @@ from bbswap.recipes.registry import make_op
 from bbswap.recipes.schema import Op, Recipe
 from bbswap.recipes.strides import Stride, exact_setting, stride_targets
 from bbswap.surgery.apply import ApplyResult, apply_traced
-from bbswap.tracing.inspection import choose_input, first_conv_in_channels, inspect_backbone
-from bbswap.tracing.tracer import SpatialOp, Stage, Trace, trace
+from bbswap.tracing.inspection import choose_input, first_conv_in_channels
+from bbswap.tracing.sizes import from_smallest
+from bbswap.tracing.tracer import (
+    ForwardFailed,
+    SpatialOp,
+    Stage,
+    Trace,
+    forward_error,
+    trace,
+    trace_module,
+)
 
 Size = tuple[int, int]
+# the probe sizes of a model that takes any input; moved up to the smallest input the models
+# of a fit accept (``from_smallest``), so a model that rejects 1x1 is never probed below it
 PROBES: tuple[Size, ...] = (
     (1, 1), (7, 9), (15, 17), (31, 33), (33, 97), (64, 64), (65, 127), (117, 293), (128, 316),
     (255, 257),
@@ -117,7 +128,10 @@ class Candidate:
         return (
             self.result is not None
             and bool(self.misses)
-            and all(abs(g[0] - w[0]) <= 1 and abs(g[1] - w[1]) <= 1 for _, g, w in self.misses)
+            and all(
+                min(g) > 0 and abs(g[0] - w[0]) <= 1 and abs(g[1] - w[1]) <= 1
+                for _, g, w in self.misses
+            )
         )
 
     @property
@@ -137,8 +151,9 @@ class FitResult:
     source: Trace
     candidates: tuple[Candidate, ...]  # ranked: exact ones first
     evaluated: int
-    probes: tuple[Size, ...]
+    probes: tuple[Size, ...]  # every candidate's output size is checked at each of these
     prefer: str
+    smallest: Size = (1, 1)  # the smallest input the source (and the like-backbone) accept
 
     @property
     def winner(self) -> Candidate:
@@ -423,8 +438,8 @@ def _misses(
     for h, w in probes:
         want = target.size(h, w)
         got = after.output_size(h, w)
-        if want is None or min(got) <= 0 or min(want) <= 0:
-            continue
+        if want is None or min(want) <= 0:
+            continue  # no output wanted there (floor(H/S) of an input below S)
         if got != want:
             misses.append(((h, w), got, want))
     return misses
@@ -445,6 +460,7 @@ def fit(
     in_chans: int | None = None,
     input_shape: str | None = None,
     like: str | None = None,
+    like_kw: Mapping[str, Any] | None = None,
     prefer: Prefer | str = Prefer.MACS,
     allow_truncate: bool = False,
     mode: Mode | str = Mode.DILATE,
@@ -452,31 +468,68 @@ def fit(
     kwargs: dict[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> FitResult:
-    """Search for the cheapest exact surgery to the target; candidates come ranked."""
+    """Search for the cheapest exact surgery to the target; candidates come ranked.
+
+    The target is ``channels`` at ``stride`` (rounded as ``rounding`` says), or the output
+    of the backbone ``like``, built with the constructor arguments ``like_kw``. Output
+    sizes are checked at probe sizes that start from the smallest input the source (and
+    ``like``) accept (``FitResult.smallest``, ``FitResult.probes``).
+    """
     ranking = Prefer.parse(prefer, "prefer")
     how = Mode.parse(mode, "mode")
     rule = Rounding.parse(rounding, "rounding")
+    if like is None and like_kw:
+        raise InvalidArgument(
+            "{like_kw} gives the constructor arguments of the {like} backbone; give {like} too",
+            params=("like_kw", "like"),
+        )
     backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
     shape, asked = choose_input(backbone, input_shape or None, keep_own=True)
-    target = _target(channels, stride, in_chans if in_chans is not None else asked, like)
-    target = replace(target, rounding=rule.value)
+    chans = in_chans if in_chans is not None else asked
+    target = _target(channels, stride, chans, like)
     own = shape[1]
     source, model = trace(
         lambda: backbone.build(in_chans=own), (1, own, shape[2], shape[3]), name=backbone.spec
     )
+    other = _like_traced(like, like_kw, (shape[2], shape[3])) if like is not None else None
+    smallest, multiple = accepted_input(source, *([other[0]] if other is not None else []))
+    probes = from_smallest(PROBES, smallest, multiple)
+    if like is not None and other is not None:
+        target = _like_target(channels, stride, chans, like, *other, probes)
+    target = replace(target, rounding=rule.value)
     if (
         target.in_chans is not None
         and target.in_chans != own
         and first_conv_in_channels(model) is None
     ):
         raise TargetError(f"{backbone.spec} has no stem conv whose input channels can change")
-    probes = tuple(p for p in PROBES if target.size(*p) is not None) or PROBES
     candidates = plan(backbone, source, target, mode=how.value, allow_truncate=allow_truncate)
     done = _evaluate_all(backbone, source, model, candidates, target, probes, progress)
     if not any(c.ok for c in done) and target.like is None:
         done += _exact_variants(backbone, source, model, done, target, probes, progress)
     ranked = _ranked(backbone, target, done, ranking)
-    return FitResult(backbone, target, source, ranked, len(done), probes, ranking.value)
+    return FitResult(backbone, target, source, ranked, len(done), probes, ranking.value, smallest)
+
+
+def accepted_input(*traces: Trace) -> tuple[Size, Size]:
+    """The smallest input H and W that every one of ``traces`` accepts, and the multiple
+    each must be of (a stem that folds 4x4 blocks into channels takes multiples of 4)."""
+    low, step = [1, 1], [1, 1]
+    for t in traces:
+        features = t.features
+        rules = t.size_rules(features.chain if features is not None else None)
+        for axis, smallest in enumerate(t.min_input()):
+            low[axis] = max(low[axis], smallest)
+            step[axis] = math.lcm(step[axis], rules[axis].multiple)
+    return (low[0], low[1]), (step[0], step[1])
+
+
+def _like_traced(like: str, like_kw: Mapping[str, Any] | None, hw: Size) -> tuple[Trace, Any]:
+    """The ``like`` backbone, built with ``like_kw`` and traced at the source's input size
+    with its own input channels; and the model."""
+    other = resolve(like, dict(like_kw or {}))
+    shape, _ = choose_input(other, _hw(hw))
+    return trace(lambda: other.build(in_chans=shape[1]), shape, name=other.spec)
 
 
 def _evaluate_all(
@@ -611,6 +664,8 @@ def _inexact_ops(ops: list[SpatialOp], source_ids: set[str], rule: str) -> list[
 def _target(
     channels: int | None, stride: str | int | Size | None, in_chans: int | None, like: str | None
 ) -> Target:
+    """The target of a stride; with ``like``, the arguments checked and a placeholder
+    (:func:`_like_target` makes the target once that backbone is traced)."""
     if channels is not None and channels <= 0:
         raise TargetError(f"{{channels}} must be positive, got {channels}", params=("channels",))
     if in_chans is not None and in_chans <= 0:
@@ -625,28 +680,59 @@ def _target(
         if min(size) < 1:
             raise TargetError(f"{{stride}} must be at least 1, got {stride}", params=("stride",))
         return Target(channels, size, in_chans)
-    report = inspect_backbone(like, "64x64", sizes=[p for p in PROBES])
-    other = report.features or None
-    out_shape = other.out_shape if other is not None else report.trace.output_shape
+    return Target(channels or 0, (1, 1), in_chans, like)
+
+
+def _like_target(
+    channels: int | None,
+    stride: str | int | Size | None,
+    in_chans: int | None,
+    like: str,
+    other: Trace,
+    model: Any,
+    probes: tuple[Size, ...],
+) -> Target:
+    """The output of the traced ``like`` backbone: its channels (unless ``channels``),
+    downsample, input channels (unless ``in_chans``) and real output size at each probe."""
+    features = other.features
+    out_shape = features.out_shape if features is not None else other.output_shape
     if len(out_shape) != 4:
         raise TargetError(f"{{like}} {like}: its output is not spatial", params=("like",))
-    down = other.downsample if other is not None else report.trace.downsample
-    sizes = {c.input_hw: c.traced_hw for c in report.sizes if c.traced_hw is not None}
-    if stride is not None and parse_stride(stride) != (
-        round(down[0]),
-        round(down[1]),
-    ):
+    down = features.downsample if features is not None else other.downsample
+    have = (round(down[0]), round(down[1]))
+    if stride is not None and parse_stride(stride) != have:
         raise InvalidArgument(
-            f"{{stride}} {stride} contradicts {{like}} {like} (1/{down[0]:g})",
+            f"{{stride}} {stride} contradicts {{like}} {like} (1/{_fmt(have)})",
             params=("stride", "like"),
         )
     return Target(
         channels if channels is not None else out_shape[1],
-        (round(down[0]), round(down[1])),
-        in_chans if in_chans is not None else report.trace.input_shape[1],
+        have,
+        in_chans if in_chans is not None else other.input_shape[1],
         like,
-        sizes,
+        _like_sizes(like, other, model, probes),
     )
+
+
+def _like_sizes(like: str, other: Trace, model: Any, probes: tuple[Size, ...]) -> dict[Size, Size]:
+    """The ``like`` backbone's output size at each probe, from a trace at that size."""
+    n, c = other.input_shape[:2]
+    features = other.features
+    sizes: dict[Size, Size] = {}
+    for h, w in probes:
+        try:
+            again = trace_module(model, (n, c, h, w), depth=other.depth, device=other.device)
+        except ForwardFailed as failed:
+            raise ModelError(
+                f"{{like}} {like} fails at {h}x{w}, which its size rule accepts: "
+                + str(forward_error(failed, (n, c, h, w))),
+                params=("like",),
+            ) from failed.error
+        stage = again.stage(features.path) if features is not None else None
+        out = stage.out_shape if stage is not None else again.output_shape
+        if len(out) == 4:
+            sizes[(h, w)] = (out[-2], out[-1])
+    return sizes
 
 
 def winner_input(result: FitResult) -> str:

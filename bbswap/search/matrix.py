@@ -1,10 +1,12 @@
 """The support matrix: which backbones reach which targets, and why not.
 
 :func:`matrix` expands one or more spec patterns (``tv:*``, ``timm:resnet*``, zoo names),
-then, for each backbone, inspects it on the meta device and runs :func:`bbswap.search.fit.fit`
-for every stride asked. With ``verify`` (the default), each winning plan is also built with
-random weights, emitted to a temporary file and checked by round trip, as ``bbswap fit -o``
-does; without it, only the meta-device steps run, in seconds per backbone.
+then, for each backbone, inspects it on the meta device with its own input channels (those
+of its first conv, for a file of the user's) and runs :func:`bbswap.search.fit.fit` for every
+stride asked (to ``in_chans`` input channels, when given). With ``verify`` (the default),
+each winning plan is also built with random weights, emitted to a temporary file and checked
+by round trip, as ``bbswap fit -o`` does; without it, only the meta-device steps run, in
+seconds per backbone.
 
 One backbone's failure never stops the sweep: its row says what failed in a few words.
 """
@@ -58,6 +60,7 @@ class Row:
     seconds: float = 0.0
 
     refused: bool = False  # not a CNN (a transformer, a token model): refused by design
+    in_chans: int | None = None  # the input channels it was inspected with: its own
 
     @property
     def ok(self) -> bool:
@@ -123,22 +126,32 @@ def matrix(
     verify: bool = True,
     rounding: Rounding | str = Rounding.ANY,
     input_shape: str | None = None,
+    in_chans: int | None = None,
     debug: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> Matrix:
-    """Try every backbone the patterns name at every stride; see the module docstring."""
+    """Try every backbone the patterns name at every stride; see the module docstring.
+
+    Each backbone is inspected with its own input channels; with ``in_chans`` every plan
+    also adapts the stem to that many (as ``fit`` does with ``in_chans``)."""
     pats = (patterns,) if isinstance(patterns, str) else tuple(patterns)
     if not strides or min(strides) < 1:
         raise InvalidArgument(f"--stride must list positive strides, got {list(strides)}")
     if channels is not None and channels < 1:
         raise InvalidArgument(f"--channels must be positive, got {channels}")
+    if in_chans is not None and in_chans < 1:
+        raise InvalidArgument(
+            f"{{in_chans}} must be positive, got {in_chans}", params=("in_chans",)
+        )
     rule = Rounding.parse(rounding, "rounding").value
     if input_shape is not None:
         parse_input(input_shape, 3)  # a malformed input shape is the user's error, not a row's
     specs = expand(pats)
     rows = []
     for i, spec in enumerate(specs):
-        rows.append(_row(spec, tuple(strides), channels, verify, rule, input_shape, debug))
+        rows.append(
+            _row(spec, tuple(strides), channels, verify, rule, (input_shape, in_chans), debug)
+        )
         if progress is not None:
             progress(i + 1, len(specs))
     return Matrix(pats, tuple(strides), channels, verify, rule, tuple(rows))
@@ -161,15 +174,19 @@ def _row(
     channels: int | None,
     verify: bool,
     rounding: str,
-    input_shape: str | None,
+    given: tuple[str | None, int | None],
     debug: bool,
 ) -> Row:
-    from bbswap.tracing.inspection import inspect_backbone
+    """One backbone's row; ``given`` holds the input shape and the input channels asked."""
+    from bbswap.tracing.inspection import choose_input, inspect_backbone
 
     start = time.perf_counter()
+    input_shape, in_chans = given
     try:
         backbone = resolve(spec)
-        report = inspect_backbone(backbone, input_shape or "1x3x224x224")
+        # its own input channels: those of its first conv when the registry does not know
+        shape, _ = choose_input(backbone, input_shape, keep_own=True, fallback=in_chans or 3)
+        report = inspect_backbone(backbone, shape)
     except Exception as error:  # one backbone's failure is a row, not the end of the sweep
         if debug:
             raise
@@ -183,15 +200,16 @@ def _row(
     down = stage.downsample if stage is not None else report.trace.downsample
     cells, emitted = [], None
     for stride in strides:
-        cell, how = _cell(backbone, stride, channels or out[1], verify, rounding, input_shape)
+        cell, how = _cell(backbone, stride, channels or out[1], verify, rounding, given)
         if debug and cell.bug:
             raise RuntimeError(f"{spec} at stride {stride}: {cell.detail}")
         cells.append(cell)
         emitted = how if emitted is None else emitted
     seconds = time.perf_counter() - start
+    own = shape[1]
     if emitted is None:
-        return Row(spec, out[1], down, tuple(cells), seconds=seconds)
-    return Row(spec, out[1], down, tuple(cells), True, emitted, seconds=seconds)
+        return Row(spec, out[1], down, tuple(cells), seconds=seconds, in_chans=own)
+    return Row(spec, out[1], down, tuple(cells), True, emitted, seconds=seconds, in_chans=own)
 
 
 def _cell(
@@ -200,15 +218,21 @@ def _cell(
     channels: int,
     verify: bool,
     rounding: str,
-    input_shape: str | None,
+    given: tuple[str | None, int | None],
 ) -> tuple[Cell, str | None]:
     """The cell, and why its emitted file imports the backbone ("" if bundled, None if not
     emitted)."""
     from bbswap.search.fit import fit, winner_input, winner_recipe
 
+    input_shape, in_chans = given
     try:
         found = fit(
-            backbone, channels=channels, stride=stride, rounding=rounding, input_shape=input_shape
+            backbone,
+            channels=channels,
+            stride=stride,
+            rounding=rounding,
+            input_shape=input_shape,
+            in_chans=in_chans,
         )
     except Exception as error:  # reported in the cell
         reason, detail = brief(error)
