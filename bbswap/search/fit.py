@@ -529,7 +529,12 @@ def _like_traced(like: str, like_kw: Mapping[str, Any] | None, hw: Size) -> tupl
     with its own input channels; and the model."""
     other = resolve(like, dict(like_kw or {}))
     shape, _ = choose_input(other, _hw(hw))
-    return trace(lambda: other.build(in_chans=shape[1]), shape, name=other.spec)
+    try:
+        return trace(lambda: other.build(in_chans=shape[1]), shape, name=other.spec)
+    except ModelError as error:  # said of the like-backbone, which the user may not suspect
+        raise ModelError(
+            "{like} " + like + ": " + error.template, params=("like", *error.params)
+        ) from error
 
 
 def _evaluate_all(
