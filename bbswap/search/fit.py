@@ -486,17 +486,18 @@ def fit(
     backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
     shape, asked = choose_input(backbone, input_shape or None, keep_own=True)
     chans = in_chans if in_chans is not None else asked
-    target = _target(channels, stride, chans, like)
+    _check_counts(channels, chans)
+    other = _like_traced(like, like_kw, (shape[2], shape[3])) if like is not None else None
+    target = _target(channels, stride, chans, like, other[0] if other is not None else None)
+    target = replace(target, rounding=rule.value)
     own = shape[1]
     source, model = trace(
         lambda: backbone.build(in_chans=own), (1, own, shape[2], shape[3]), name=backbone.spec
     )
-    other = _like_traced(like, like_kw, (shape[2], shape[3])) if like is not None else None
     smallest, multiple = accepted_input(source, *([other[0]] if other is not None else []))
     probes = from_smallest(PROBES, smallest, multiple)
-    if like is not None and other is not None:
-        target = _like_target(channels, stride, chans, like, *other, probes)
-    target = replace(target, rounding=rule.value)
+    if like is not None and other is not None:  # its real output size at each probe
+        target = replace(target, like_sizes=_like_sizes(like, *other, probes))
     if (
         target.in_chans is not None
         and target.in_chans != own
@@ -666,16 +667,23 @@ def _inexact_ops(ops: list[SpatialOp], source_ids: set[str], rule: str) -> list[
     return fix
 
 
-def _target(
-    channels: int | None, stride: str | int | Size | None, in_chans: int | None, like: str | None
-) -> Target:
-    """The target of a stride; with ``like``, the arguments checked and a placeholder
-    (:func:`_like_target` makes the target once that backbone is traced)."""
+def _check_counts(channels: int | None, in_chans: int | None) -> None:
     if channels is not None and channels <= 0:
         raise TargetError(f"{{channels}} must be positive, got {channels}", params=("channels",))
     if in_chans is not None and in_chans <= 0:
         raise TargetError(f"{{in_chans}} must be positive, got {in_chans}", params=("in_chans",))
-    if like is None:
+
+
+def _target(
+    channels: int | None,
+    stride: str | int | Size | None,
+    in_chans: int | None,
+    like: str | None,
+    other: Trace | None,
+) -> Target:
+    """The target of a stride, or of the ``like`` backbone traced as ``other`` (its output
+    sizes come later, at the probes)."""
+    if like is None or other is None:
         if channels is None or stride is None:
             raise InvalidArgument(
                 "give {channels} and {stride}, or {like} BACKBONE",
@@ -685,7 +693,7 @@ def _target(
         if min(size) < 1:
             raise TargetError(f"{{stride}} must be at least 1, got {stride}", params=("stride",))
         return Target(channels, size, in_chans)
-    return Target(channels or 0, (1, 1), in_chans, like)
+    return _like_target(channels, stride, in_chans, like, other)
 
 
 def _like_target(
@@ -694,11 +702,9 @@ def _like_target(
     in_chans: int | None,
     like: str,
     other: Trace,
-    model: Any,
-    probes: tuple[Size, ...],
 ) -> Target:
     """The output of the traced ``like`` backbone: its channels (unless ``channels``),
-    downsample, input channels (unless ``in_chans``) and real output size at each probe."""
+    downsample and input channels (unless ``in_chans``)."""
     features = other.features
     out_shape = features.out_shape if features is not None else other.output_shape
     if len(out_shape) != 4:
@@ -715,7 +721,7 @@ def _like_target(
         have,
         in_chans if in_chans is not None else other.input_shape[1],
         like,
-        _like_sizes(like, other, model, probes),
+        {},
     )
 
 
