@@ -178,7 +178,19 @@ ImportOpt = Annotated[
     bool, typer.Option("--import", help="Import the source backbone instead of bundling it.")
 ]
 WeightsOpt = Annotated[
-    str | None, typer.Option(help="Checkpoint (.pth, .pt or .safetensors) of the source backbone.")
+    str | None,
+    typer.Option(
+        help="Checkpoint (.pth, .pt or .safetensors) of the source backbone, or a folder "
+        "holding one."
+    ),
+]
+PretrainedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--pretrained",
+        help="tv: and timm: specs: the builder's own weights (torchvision or timm fetches "
+        "and caches them).",
+    ),
 ]
 PartialOpt = Annotated[
     bool, typer.Option(help="Load the checkpoint tensors that fit; report the rest.")
@@ -340,13 +352,14 @@ class EmitArgs(RunArgs):
     class_name: ClassNameOpt = None
     dropin: DropinOpt = False
     weights: WeightsOpt = None
+    pretrained: PretrainedOpt = False
     partial: PartialOpt = False
     safetensors: SafetensorsOpt = False
     force: ForceOpt = False
 
     def export_options(self, import_mode: bool = False) -> dict[str, Any]:
         """The keyword arguments of :func:`bbswap.codegen.export.export` these options set."""
-        names = ("weights", "partial", "class_name", "dropin", "force", "safetensors")
+        names = ("weights", "pretrained", "partial", "class_name", "dropin", "force", "safetensors")
         return {"import_mode": import_mode, **{n: getattr(self, n) for n in names}}
 
 
@@ -506,6 +519,8 @@ def _no_emit_options(a: EmitArgs, import_mode: bool) -> None:
             "--class-name, --dropin, --import, --weights, --partial and --safetensors "
             "go with -o FILE.py"
         )
+    if a.pretrained:
+        raise InvalidArgument("--pretrained goes with -o FILE.py (the weights it writes)")
 
 
 def _export(
