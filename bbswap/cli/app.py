@@ -494,6 +494,10 @@ def _fit_preflight(a: FitArgs) -> Path | None:
         check_output(recipe_path, a.force, "--save-recipe")
     if a.output is not None:
         check_output(Path(a.output), a.force, "-o")
+        from bbswap.codegen.export import weights_options
+        from bbswap.parsing import parse_kw
+
+        weights_options(a.backbone, parse_kw(a.kw), a.weights, a.pretrained)
     return recipe_path
 
 

@@ -105,16 +105,9 @@ def export(
     the emitted docstring records where they came from and that file's SHA-256."""
     for extra in also or {}:
         check_output(extra, force, "output")
-    if pretrained and weights is not None:
-        raise InvalidArgument(
-            "{pretrained} and {weights} are two sources of weights; give one",
-            params=("pretrained", "weights"),
-        )
-    backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
-    backbone = backbone.with_pretrained() if pretrained else backbone
-    carry = weights is not None or backbone.pretrained
+    backbone, checkpoint = weights_options(spec, kwargs, weights, pretrained)
+    carry = checkpoint is not None or backbone.pretrained
     path, weights_path = output_paths(out, carry, safetensors, force)
-    checkpoint = checkpoint_file(weights) if weights is not None else None
     _, chans = source_input(backbone, recipe, input_shape)
     torch.manual_seed(seed)
     model, load, source = _source_model(backbone, chans, checkpoint, partial)
@@ -138,6 +131,24 @@ def export(
     files[path] = emitted.source.encode("utf-8")  # last: the file that names the others
     write_files(files, force)
     return Exported(path, weights_path, emitted, result, report, load, source)
+
+
+def weights_options(
+    spec: str | Backbone,
+    kwargs: dict[str, Any] | None,
+    weights: str | Path | None,
+    pretrained: bool,
+) -> tuple[Backbone, Path | None]:
+    """The backbone (asking for its builder's own weights with ``pretrained``) and the
+    checkpoint file ``weights`` names (the one in a folder), checked before any work."""
+    if pretrained and weights is not None:
+        raise InvalidArgument(
+            "{pretrained} and {weights} are two sources of weights; give one",
+            params=("pretrained", "weights"),
+        )
+    backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
+    backbone = backbone.with_pretrained() if pretrained else backbone
+    return backbone, checkpoint_file(weights) if weights is not None else None
 
 
 def _source_model(
