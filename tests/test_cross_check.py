@@ -131,7 +131,7 @@ def test_the_command_prints_the_figures_and_what_each_misses_and_in_json():
     text = ok(cli("inspect", "resnet18", "--input", "1x3x64x64", "--cross-check")).stdout
     assert "cross-check  input 1x3x64x64" in text
     for counter, (params, macs) in direct.items():
-        assert f"{macs:,}" in text
+        assert f"{params:,}" in text and f"{macs:,}" in text
         line = next(x for x in text.splitlines() if x.startswith(f"{counter}: "))
         assert "misses" in line
     assert "bbswap finds 0 MACs in functional calls" in text

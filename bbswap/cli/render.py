@@ -550,9 +550,9 @@ def render_cross_check(check: CrossCheck, console: Console) -> None:
     console.print(table)
     for c in check.counts:
         words = c.counts + (f"; {c.misses}" if c.misses else "")
-        console.print(f"{c.counter}: {escape(words)}", soft_wrap=True)
+        console.print(f"{c.counter}: {escape(words)}")
         if c.error:
-            console.print(f"  {c.counter} failed {escape(c.error)}", soft_wrap=True)
+            console.print(f"  {c.counter} failed {escape(c.error)}")
     console.print(
         f"bbswap finds {count(check.functional_macs)} MACs in functional calls outside "
         "leaf modules (what module-call counters cannot see)"
