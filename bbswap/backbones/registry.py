@@ -270,7 +270,13 @@ def _torchvision(spec: str, kwargs: dict[str, Any]) -> Backbone:
             return builder(weights=None, **kw)
 
     def with_weights(**kw: Any) -> nn.Module:
-        return builder(weights=tv.models.get_model_weights(name).DEFAULT, **kw)
+        # the model the emitted file builds (weights=None), with the DEFAULT weights loaded
+        # as the builder loads them: the settings some builders change for their weights
+        # (inception_v3's transform_input) stay the caller's, so the file matches
+        model = factory(**kw)
+        weights = tv.models.get_model_weights(name).DEFAULT
+        model.load_state_dict(weights.get_state_dict(progress=True, check_hash=True))
+        return model
 
     def locate(model: nn.Module) -> WeightsSource:
         del model  # torchvision keeps the file under its URL's name in torch's hub cache
