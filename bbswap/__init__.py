@@ -25,6 +25,7 @@ _API = {
     "resolve": "bbswap.backbones.registry",
     "list_backbones": "bbswap.backbones.registry",
     "inspect_backbone": "bbswap.tracing.inspection",
+    "cross_check": "bbswap.tracing.cross_check",
     "report_dict": "bbswap.cli.json_out",
     "trace": "bbswap.tracing.tracer",
     "trace_module": "bbswap.tracing.tracer",

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from bbswap.codegen.export import Exported
     from bbswap.recipes.schema import Recipe
     from bbswap.search.fit import FitResult
+    from bbswap.tracing.cross_check import CrossCheck
+    from bbswap.tracing.inspection import InspectReport
 
 T = TypeVar("T")
 
@@ -178,7 +180,19 @@ ImportOpt = Annotated[
     bool, typer.Option("--import", help="Import the source backbone instead of bundling it.")
 ]
 WeightsOpt = Annotated[
-    str | None, typer.Option(help="Checkpoint (.pth, .pt or .safetensors) of the source backbone.")
+    str | None,
+    typer.Option(
+        help="Checkpoint (.pth, .pt or .safetensors) of the source backbone, or a folder "
+        "holding one."
+    ),
+]
+PretrainedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--pretrained",
+        help="tv: and timm: specs: the builder's own weights (torchvision or timm fetches "
+        "and caches them).",
+    ),
 ]
 PartialOpt = Annotated[
     bool, typer.Option(help="Load the checkpoint tensors that fit; report the rest.")
@@ -310,6 +324,13 @@ class InspectArgs(RunArgs):
         typer.Option(help="Input sizes to check the size rule at, e.g. 33x97,117x293."),
     ] = None
     kw: KwOpt = None
+    cross_check: Annotated[
+        bool,
+        typer.Option(
+            "--cross-check",
+            help="Also count params and MACs with thop and torchinfo, and say what each misses.",
+        ),
+    ] = False
 
 
 @app.command("inspect")
@@ -323,13 +344,34 @@ def inspect_cmd(a: InspectArgs) -> None:
 
     with _guard(a.debug, a.timeout, a.json_out):
         sizes = parse_sizes(a.sizes) if a.sizes is not None else ()
+        kwargs = parse_kw(a.kw)
         report = inspect_backbone(
-            a.backbone, a.input_shape, depth=a.depth, sizes=sizes, kwargs=parse_kw(a.kw)
+            a.backbone, a.input_shape, depth=a.depth, sizes=sizes, kwargs=kwargs
         )
+        checked = _cross_check(a, report, kwargs) if a.cross_check else None
         if a.json_out:
-            _print_json(report_dict(report))
-        else:
-            render_inspect(report, _console())
+            _print_json(_with_cross_check(report_dict(report), checked))
+            return
+        console = _console()
+        render_inspect(report, console)
+        if checked is not None:
+            from bbswap.cli.render import render_cross_check
+
+            render_cross_check(checked, console)
+
+
+def _cross_check(a: InspectArgs, report: InspectReport, kwargs: dict[str, Any]) -> CrossCheck:
+    from bbswap.tracing.cross_check import cross_check
+
+    return cross_check(a.backbone, a.input_shape, kwargs=kwargs, ours=report.trace)
+
+
+def _with_cross_check(data: dict[str, Any], checked: CrossCheck | None) -> dict[str, Any]:
+    if checked is not None:
+        from bbswap.cli.json_out import cross_check_dict
+
+        data["cross_check"] = cross_check_dict(checked)
+    return data
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -340,13 +382,14 @@ class EmitArgs(RunArgs):
     class_name: ClassNameOpt = None
     dropin: DropinOpt = False
     weights: WeightsOpt = None
+    pretrained: PretrainedOpt = False
     partial: PartialOpt = False
     safetensors: SafetensorsOpt = False
     force: ForceOpt = False
 
     def export_options(self, import_mode: bool = False) -> dict[str, Any]:
         """The keyword arguments of :func:`bbswap.codegen.export.export` these options set."""
-        names = ("weights", "partial", "class_name", "dropin", "force", "safetensors")
+        names = ("weights", "pretrained", "partial", "class_name", "dropin", "force", "safetensors")
         return {"import_mode": import_mode, **{n: getattr(self, n) for n in names}}
 
 
@@ -458,6 +501,10 @@ def _fit_preflight(a: FitArgs) -> Path | None:
         check_output(recipe_path, a.force, "--save-recipe")
     if a.output is not None:
         check_output(Path(a.output), a.force, "-o")
+        from bbswap.codegen.export import weights_options
+        from bbswap.parsing import parse_kw
+
+        weights_options(a.backbone, parse_kw(a.kw), a.weights, a.pretrained)
     return recipe_path
 
 
@@ -514,6 +561,8 @@ def _no_emit_options(a: EmitArgs, import_mode: bool) -> None:
             "--class-name, --dropin, --import, --weights, --partial and --safetensors "
             "go with -o FILE.py"
         )
+    if a.pretrained:
+        raise InvalidArgument("--pretrained goes with -o FILE.py (the weights it writes)")
 
 
 def _export(

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from bbswap.search.matrix import Cell, Matrix, Row
     from bbswap.surgery.apply import ApplyResult
     from bbswap.surgery.core import Edit
+    from bbswap.tracing.cross_check import CrossCheck
     from bbswap.tracing.inspection import InspectReport, SizeCheck
     from bbswap.tracing.tracer import SpatialOp, Stage, Trace
     from bbswap.verify.checks import Check, VerifyReport
@@ -191,7 +192,17 @@ def export_dict(exported: Exported) -> dict[str, Any]:
         "class_name": exported.emitted.class_name,
         "weights": str(exported.weights_path) if exported.weights_path else None,
         "checks": _checks(exported.report.checks),
+        "weights_source": _weights_source(exported),
     }
+
+
+def _weights_source(exported: Exported) -> dict[str, Any] | None:
+    """Where the source backbone's weights came from (None: random weights)."""
+    source = exported.weights_source
+    if source is None:
+        return None
+    path = str(source.path) if source.path is not None else None
+    return {"origin": source.origin, "path": path, "sha256": source.sha256}
 
 
 def verify_dict(report: VerifyReport) -> dict[str, Any]:
@@ -239,4 +250,27 @@ def _cell(c: Cell) -> dict[str, Any]:
         "verified": c.verified,
         "reason": c.reason or None,
         "detail": c.detail or None,
+    }
+
+
+def cross_check_dict(check: CrossCheck) -> dict[str, Any]:
+    """The ``cross_check`` key of ``bbswap inspect --cross-check --json``."""
+    return {
+        "input": list(check.input_shape),
+        "functional_macs": check.functional_macs,
+        "counts": [
+            {
+                "counter": str(c.counter),
+                "device": c.device,
+                "input": list(c.input_shape),
+                "params": c.params,
+                "macs": c.macs,
+                "bbswap_params": c.bbswap_params,
+                "bbswap_macs": c.bbswap_macs,
+                "counts": c.counts,
+                "misses": c.misses,
+                "error": c.error or None,
+            }
+            for c in check.counts
+        ],
     }

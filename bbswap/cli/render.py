@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from bbswap.search.matrix import Cell, Matrix
     from bbswap.surgery.apply import ApplyResult
     from bbswap.surgery.core import Edit
+    from bbswap.tracing.cross_check import CrossCheck
     from bbswap.tracing.inspection import InspectReport
     from bbswap.verify.checks import VerifyReport
 
@@ -519,3 +520,44 @@ def matrix_markdown(title: str, result: Matrix, families: dict[str, str] | None 
         lines += ["", "Failures, with the whole message:", ""]
         lines += [f"- `{spec}`{where}: {detail}" for spec, where, detail in failures]
     return "\n".join(lines) + "\n"
+
+
+def render_cross_check(check: CrossCheck, console: Console) -> None:
+    """bbswap's, thop's and torchinfo's totals in one table, and what each counts."""
+    table = Table(
+        title=f"cross-check  input {shape(check.input_shape)}",
+        title_justify="left",
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+    )
+    for name, justify in (
+        ("counter", "left"),
+        ("device", "left"),
+        ("input", "left"),
+        ("params", "right"),
+        ("MACs", "right"),
+        ("bbswap MACs", "right"),
+        ("vs bbswap", "right"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]  # rich's literal
+    for c in check.counts:
+        diff = c.macs_difference
+        table.add_row(
+            str(c.counter),
+            c.device,
+            shape(c.input_shape),
+            count(c.params) if c.params is not None else "-",
+            count(c.macs) if c.macs is not None else "failed",
+            count(c.bbswap_macs),
+            f"{diff:+,}" if diff is not None else "-",
+        )
+    console.print(table)
+    for c in check.counts:
+        words = c.counts + (f"; {c.misses}" if c.misses else "")
+        console.print(f"{c.counter}: {escape(words)}")
+        if c.error:
+            console.print(f"  {c.counter} failed {escape(c.error)}")
+    console.print(
+        f"bbswap finds {count(check.functional_macs)} MACs in functional calls outside "
+        "leaf modules (what module-call counters cannot see)"
+    )

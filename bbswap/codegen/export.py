@@ -15,7 +15,15 @@ from typing import Any
 import torch
 
 from bbswap.backbones.registry import Backbone, resolve
-from bbswap.backbones.weights import LoadReport, load_into, read_checkpoint, state_bytes
+from bbswap.backbones.weights import (
+    LoadReport,
+    WeightsSource,
+    checkpoint_file,
+    load_into,
+    read_checkpoint,
+    source_of,
+    state_bytes,
+)
 from bbswap.codegen.module_file import Emitted, emit
 from bbswap.codegen.outputs import check_output, write_files
 from bbswap.codegen.weights_code import ERROR_CLASS, LOADER
@@ -42,6 +50,7 @@ class Exported:
     result: ApplyResult
     report: VerifyReport
     load: LoadReport | None
+    weights_source: WeightsSource | None = None  # where the source backbone's weights came from
 
 
 def output_paths(
@@ -76,7 +85,8 @@ def export(
     *,
     input_shape: str | None = None,
     kwargs: dict[str, Any] | None = None,
-    weights: str | None = None,
+    weights: str | Path | None = None,
+    pretrained: bool = False,
     partial: bool = False,
     class_name: str | None = None,
     dropin: bool = False,
@@ -88,20 +98,19 @@ def export(
 ) -> Exported:
     """Build ``recipe`` on ``spec`` with real weights, emit it, verify the file by round
     trip, then write it (and the carried weights, and any files in ``also``) as one
-    transaction: all or nothing, every path checked before any work."""
+    transaction: all or nothing, every path checked before any work.
+
+    The weights are random (from ``seed``) unless ``weights`` names a checkpoint (or a
+    folder holding one) or ``pretrained`` asks a ``tv:``/``timm:`` builder for its own;
+    the emitted docstring records where they came from and that file's SHA-256."""
     for extra in also or {}:
         check_output(extra, force, "output")
-    backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
-    path, weights_path = output_paths(out, weights is not None, safetensors, force)
+    backbone, checkpoint = weights_options(spec, kwargs, weights, pretrained)
+    carry = checkpoint is not None or backbone.pretrained
+    path, weights_path = output_paths(out, carry, safetensors, force)
     _, chans = source_input(backbone, recipe, input_shape)
     torch.manual_seed(seed)
-    model = backbone.build(in_chans=chans)
-    load = None
-    if weights is not None:
-        state, note = read_checkpoint(weights)
-        load = load_into(model, state, weights, partial)
-        if note:
-            load = LoadReport(load.loaded, load.missing, load.unexpected, note)
+    model, load, source = _source_model(backbone, chans, checkpoint, partial)
     result = apply_recipe(backbone, recipe, input_shape, model=model)
     files = {**(also or {})}
     carried, recorded = None, None
@@ -110,13 +119,54 @@ def export(
         carried = (weights_path.name, files[weights_path])
         recorded = (weights_path.name, hashlib.sha256(files[weights_path]).hexdigest())
     emitted = emit(
-        result, class_name=class_name, dropin=dropin, import_mode=import_mode, weights=recorded
+        result,
+        class_name=class_name,
+        dropin=dropin,
+        import_mode=import_mode,
+        weights=recorded,
+        weights_source=source,
     )
     report = check_emitted(emitted, result, source=model, weights=carried)
     require(report)
     files[path] = emitted.source.encode("utf-8")  # last: the file that names the others
     write_files(files, force)
-    return Exported(path, weights_path, emitted, result, report, load)
+    return Exported(path, weights_path, emitted, result, report, load, source)
+
+
+def weights_options(
+    spec: str | Backbone,
+    kwargs: dict[str, Any] | None,
+    weights: str | Path | None,
+    pretrained: bool,
+) -> tuple[Backbone, Path | None]:
+    """The backbone (asking for its builder's own weights with ``pretrained``) and the
+    checkpoint file ``weights`` names (the one in a folder), checked before any work."""
+    if pretrained and weights is not None:
+        raise InvalidArgument(
+            "{pretrained} and {weights} are two sources of weights; give one",
+            params=("pretrained", "weights"),
+        )
+    backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
+    backbone = backbone.with_pretrained() if pretrained else backbone
+    return backbone, checkpoint_file(weights) if weights is not None else None
+
+
+def _source_model(
+    backbone: Backbone, chans: int, checkpoint: Path | None, partial: bool
+) -> tuple[torch.nn.Module, LoadReport | None, WeightsSource | None]:
+    """The source backbone with its weights: the builder's own, a checkpoint's or random;
+    the load report of a checkpoint, and where the weights came from."""
+    if backbone.pretrained:
+        model, source = backbone.build_pretrained(in_chans=chans)
+        return model, None, source
+    model = backbone.build(in_chans=chans)
+    if checkpoint is None:
+        return model, None, None
+    state, note = read_checkpoint(checkpoint)
+    load = load_into(model, state, str(checkpoint), partial)
+    if note:
+        load = LoadReport(load.loaded, load.missing, load.unexpected, note)
+    return model, load, source_of("checkpoint", checkpoint)
 
 
 def check_emitted(

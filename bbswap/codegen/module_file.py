@@ -24,6 +24,7 @@ from torch import fx, nn
 
 from bbswap import __version__
 from bbswap.backbones.registry import Backbone
+from bbswap.backbones.weights import WeightsSource
 from bbswap.codegen.size_code import output_size_code
 from bbswap.codegen.source import (
     Imports,
@@ -121,10 +122,12 @@ def emit(
     dropin: bool = False,
     import_mode: bool = False,
     weights: tuple[str, str] | None = None,
+    weights_source: WeightsSource | None = None,
 ) -> Emitted:
     """The source of a standalone module for a patched backbone. With ``weights`` (the
     weights file's name and SHA-256), the file records them and gains a loader that
-    refuses any file of other bytes."""
+    refuses any file of other bytes; ``weights_source`` (where the source backbone's
+    weights came from) goes in the docstring."""
     after = result.after
     name = class_name
     if name is None:
@@ -149,7 +152,7 @@ def emit(
     if loader is not None:
         _claim_names(loader, imports, local, wrappers)
         root += "\n\n" + _indent(loader.method, 4)
-    doc = _docstring(result, name, note, dropin, weights)
+    doc = _docstring(result, name, note, dropin, weights, weights_source)
     parts = [body_source] if body_source else []
     parts += [*helpers, *filter(None, [chain, loader.constants if loader else None]), root]
     code = "\n\n\n".join(p.strip("\n") for p in parts)
@@ -780,12 +783,24 @@ def _weights_lines(name: str, weights: tuple[str, str]) -> list[str]:
     return [f"{head} {tail}"] if len(head) + 1 + len(tail) <= 100 else [head, " " * 17 + tail]
 
 
+def _source_lines(source: WeightsSource) -> list[str]:
+    """Where the source backbone's weights came from: what chose them, the file read
+    (alone on its line, however long) and its SHA-256."""
+    lines = [f"Weights from:    {source.origin}"]
+    if source.path is not None:
+        lines.append(" " * 17 + str(source.path))
+    if source.sha256 is not None:
+        lines.append(" " * 17 + f"(SHA-256 {source.sha256})")
+    return lines
+
+
 def _docstring(
     result: ApplyResult,
     name: str,
     note: str,
     dropin: bool,
     weights: tuple[str, str] | None = None,
+    source: WeightsSource | None = None,
 ) -> str:
     t, before = result.after, result.before
     rules = t.size_rules()
@@ -808,6 +823,8 @@ def _docstring(
         tail = "so it can replace the host's class."
         fits = len(head) + 1 + len(tail) <= 100
         lines += [f"{head} {tail}"] if fits else [head, " " * 17 + tail]
+    if source is not None:
+        lines += _source_lines(source)
     if weights is not None:
         lines += _weights_lines(name, weights)
     prose = "\n".join(lines)
