@@ -44,6 +44,7 @@ class BackboneKind(str, enum.Enum):
     TIMM = "timm"  # timm.create_model
     FILE = "file"  # a user's file, by path
     MODULE = "module"  # a user's module, by import name
+    INSTANCE = "instance"  # a model instance whose builder is not known
 
     def __str__(self) -> str:
         return self.value

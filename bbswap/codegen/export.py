@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from bbswap.backbones.registry import Backbone, resolve
+from bbswap.backbones.instance import as_backbone, require_emittable
+from bbswap.backbones.registry import Backbone
 from bbswap.backbones.weights import LoadReport, load_into, read_checkpoint, state_bytes
 from bbswap.codegen.module_file import Emitted, emit
 from bbswap.codegen.outputs import check_output, write_files
@@ -70,7 +71,7 @@ def compare_sizes(
 
 
 def export(
-    spec: str | Backbone,
+    spec: str | Backbone | torch.nn.Module,
     recipe: Recipe,
     out: str | Path,
     *,
@@ -91,8 +92,10 @@ def export(
     transaction: all or nothing, every path checked before any work."""
     for extra in also or {}:
         check_output(extra, force, "output")
-    backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
-    path, weights_path = output_paths(out, weights is not None, safetensors, force)
+    backbone = as_backbone(spec, kwargs)
+    require_emittable(backbone)
+    carry = weights is not None or isinstance(spec, torch.nn.Module)
+    path, weights_path = output_paths(out, carry, safetensors, force)
     _, chans = source_input(backbone, recipe, input_shape)
     torch.manual_seed(seed)
     model = backbone.build(in_chans=chans)

@@ -23,6 +23,7 @@ from typing import Any, cast
 from torch import fx, nn
 
 from bbswap import __version__
+from bbswap.backbones.instance import require_emittable
 from bbswap.backbones.registry import Backbone
 from bbswap.codegen.size_code import output_size_code
 from bbswap.codegen.source import (
@@ -125,6 +126,7 @@ def emit(
     """The source of a standalone module for a patched backbone. With ``weights`` (the
     weights file's name and SHA-256), the file records them and gains a loader that
     refuses any file of other bytes."""
+    require_emittable(result.backbone)
     after = result.after
     name = class_name
     if name is None:

@@ -17,9 +17,10 @@ import itertools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bbswap.backbones.registry import Backbone, resolve
+from bbswap.backbones.instance import as_backbone
+from bbswap.backbones.registry import Backbone
 from bbswap.errors import BBSwapError, InvalidArgument, SurgeryError, TargetError
 from bbswap.kinds import Mode, Prefer, Rounding
 from bbswap.parsing import parse_stride
@@ -30,6 +31,9 @@ from bbswap.recipes.strides import Stride, exact_setting, stride_targets
 from bbswap.surgery.apply import ApplyResult, apply_traced
 from bbswap.tracing.inspection import choose_input, first_conv_in_channels, inspect_backbone
 from bbswap.tracing.tracer import SpatialOp, Stage, Trace, trace
+
+if TYPE_CHECKING:
+    from torch import nn
 
 Size = tuple[int, int]
 PROBES: tuple[Size, ...] = (
@@ -438,7 +442,7 @@ _PREFER: dict[Prefer, Callable[[Candidate], tuple[Any, ...]]] = {
 
 
 def fit(
-    spec: str | Backbone,
+    spec: str | Backbone | nn.Module,
     *,
     channels: int | None = None,
     stride: str | int | Size | None = None,
@@ -456,7 +460,7 @@ def fit(
     ranking = Prefer.parse(prefer, "prefer")
     how = Mode.parse(mode, "mode")
     rule = Rounding.parse(rounding, "rounding")
-    backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
+    backbone = as_backbone(spec, kwargs)
     shape, asked = choose_input(backbone, input_shape or None, keep_own=True)
     target = _target(channels, stride, in_chans if in_chans is not None else asked, like)
     target = replace(target, rounding=rule.value)

@@ -7,7 +7,8 @@ from typing import Any
 
 from torch import nn
 
-from bbswap.backbones.registry import Backbone, resolve
+from bbswap.backbones.instance import as_backbone, real_copy
+from bbswap.backbones.registry import Backbone
 from bbswap.errors import InvalidArgument, SurgeryError
 from bbswap.parsing import parse_dims
 from bbswap.recipes.schema import Recipe
@@ -43,7 +44,7 @@ def source_input(backbone: Backbone, recipe: Recipe, input_text: str | None) -> 
 
 
 def apply_recipe(
-    spec: str | Backbone,
+    spec: str | Backbone | nn.Module,
     recipe: Recipe,
     input_shape: str | None = None,
     *,
@@ -56,7 +57,9 @@ def apply_recipe(
     backbone with real weights) is given, the same ops are applied to a copy of it too,
     and ``result.model`` is that patched copy. ``model`` itself is never changed.
     """
-    backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
+    backbone = as_backbone(spec, kwargs)
+    if isinstance(spec, nn.Module) and model is None:
+        model = real_copy(spec)
     shape, chans = source_input(backbone, recipe, input_shape)
     before, source = trace(lambda: backbone.build(in_chans=chans), shape, name=backbone.spec)
     result = apply_traced(backbone, recipe, before, source, model=model)
