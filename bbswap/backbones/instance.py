@@ -87,11 +87,24 @@ def instance_backbone(model: nn.Module, kwargs: dict[str, Any] | None = None) ->
         source = type(model).__module__
         kind, unknown = BackboneKind.INSTANCE, found
         return InstanceBackbone(
-            name, kind, name, factory, dict(kwargs or {}), in_chans, source=source, attr=name,
+            name,
+            kind,
+            name,
+            factory,
+            dict(kwargs or {}),
+            in_chans,
+            source=source,
+            attr=name,
             unknown=unknown,
         )
     return InstanceBackbone(
-        found.spec, found.kind, found.name, factory, found.kwargs, in_chans, source=found.source,
+        found.spec,
+        found.kind,
+        found.name,
+        factory,
+        found.kwargs,
+        in_chans,
+        source=found.source,
         attr=found.attr,
     )
 

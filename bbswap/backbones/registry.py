@@ -93,7 +93,25 @@ class ListedBackbone:
 
 
 def resolve(spec: str, kwargs: dict[str, Any] | None = None) -> Backbone:
-    """Resolve a backbone spec; raise :class:`BackboneNotFound` with near matches."""
+    """Resolve a backbone spec to a :class:`Backbone`, which knows how to build it and
+    where its code comes from; nothing is built (a user's file or module is imported).
+
+    Args:
+        spec: A zoo name (``"resnet50"``), ``"tv:NAME"``, ``"timm:NAME"``,
+            ``"path/to/file.py:Name"`` or ``"package.module:Name"``.
+        kwargs: Constructor arguments, passed to the builder on every build.
+
+    Returns:
+        The :class:`Backbone`.
+
+    Raises:
+        BackboneNotFound: Nothing by that name; the message lists near matches.
+
+    Example::
+
+        backbone = bbswap.resolve("models/densenet.py:DenseNet", {"growth_rate": 24})
+        model = backbone.build(in_chans=1)
+    """
     kwargs = dict(kwargs or {})
     spec = spec.strip()
     if spec.startswith("tv:"):
@@ -127,7 +145,21 @@ def resolve(spec: str, kwargs: dict[str, Any] | None = None) -> Backbone:
 
 
 def list_backbones(pattern: str = "*") -> list[ListedBackbone]:
-    """Zoo entries matching an fnmatch pattern; ``tv:*`` / ``timm:*`` list those packages."""
+    """The backbones ``bbswap list`` shows: zoo entries matching an fnmatch pattern, and
+    torchvision's or timm's models for a pattern starting ``tv:`` or ``timm:``.
+
+    Args:
+        pattern: An fnmatch pattern: ``"*"`` (the zoo), ``"resnet*"``, ``"tv:*"``,
+            ``"timm:resnet*"``.
+
+    Returns:
+        A list of :class:`ListedBackbone` (``spec``, ``family``, ``in_chans``,
+        ``description``).
+
+    Example::
+
+        [b.spec for b in bbswap.list_backbones("resnet*")]    # ['resnet18', ..., 'resnet152']
+    """
     rows = [
         ListedBackbone(e.name, e.family, e.in_chans, e.description)
         for e in ZOO.values()

@@ -33,7 +33,19 @@ def list_dict(rows: Sequence[ListedBackbone]) -> dict[str, Any]:
 
 
 def report_dict(report: InspectReport) -> dict[str, Any]:
-    """The JSON form of an inspect report (schema ``bbswap.inspect/1``, see README)."""
+    """The JSON form of an inspect report (schema ``bbswap.inspect/1``, see README and
+    ``docs/schemas/inspect.schema.json``), as ``bbswap inspect --json`` prints it.
+
+    Args:
+        report: What :func:`~bbswap.tracing.inspection.inspect_backbone` returned.
+
+    Returns:
+        A dict of JSON types only.
+
+    Example::
+
+        json.dumps(bbswap.report_dict(bbswap.inspect_backbone("resnet50")))
+    """
     t = report.trace
     f = report.features
     return {

@@ -44,6 +44,15 @@ class Exported:
     report: VerifyReport
     load: LoadReport | None
 
+    def __repr__(self) -> str:
+        """``Exported(backbone.py + backbone.pth, class ResNet50C684S16, 5 checks ok)``."""
+        files = f"{self.path}" + (f" + {self.weights_path}" if self.weights_path else "")
+        state = "ok" if self.report.ok else "failed"
+        return (
+            f"Exported({files}, class {self.emitted.class_name}, "
+            f"{len(self.report.checks)} checks {state})"
+        )
+
 
 def output_paths(
     out: str | Path, weights: bool, safetensors: bool, force: bool
@@ -87,9 +96,50 @@ def export(
     seed: int = 0,
     also: dict[Path, bytes] | None = None,
 ) -> Exported:
-    """Build ``recipe`` on ``spec`` with real weights, emit it, verify the file by round
+    """Build ``recipe`` on a backbone with real weights, emit it, verify the file by round
     trip, then write it (and the carried weights, and any files in ``also``) as one
-    transaction: all or nothing, every path checked before any work."""
+    transaction: all or nothing, every path checked before any work.
+
+    A model instance given as ``spec`` is emitted from the builder that makes the same
+    model (a zoo entry, a torchvision builder, a timm architecture, or its class called
+    with ``kwargs``), bundled or imported as that spec would be, and its own weights are
+    carried into ``FILE.pth``; when no builder makes the same model, a one-line error says
+    so before any work. The instance is never changed.
+
+    Args:
+        spec: A backbone spec, a resolved :class:`~bbswap.backbones.registry.Backbone`, or
+            a model instance (an ``nn.Module``).
+        recipe: The recipe to apply.
+        out: The ``.py`` file to write.
+        input_shape: The dummy input, ``"NxCxHxW"`` or ``"HxW"``; default the recipe's.
+        kwargs: Constructor arguments for a spec; for a model instance, the arguments it
+            was constructed with.
+        weights: A checkpoint (``.pth``, ``.pt`` or ``.safetensors``) to load into the
+            source backbone; its weights are carried into ``FILE.pth`` beside ``out``.
+        partial: Load ``weights`` non-strictly, reporting missing and unexpected keys.
+        class_name: The emitted class's name; default from the backbone and the target.
+        dropin: Give the class a constructor that accepts and ignores any arguments.
+        import_mode: Import the source backbone from its package instead of bundling it.
+        force: Replace existing files.
+        safetensors: Write the carried weights as ``.safetensors`` instead of ``.pth``.
+        seed: The random seed of the weights of a backbone built without a checkpoint.
+        also: More files to write in the same transaction, as ``{path: bytes}``.
+
+    Returns:
+        An :class:`Exported`: the paths written, the emitted source, the apply result,
+        the verification report and how the checkpoint loaded.
+
+    Raises:
+        VerificationError: The emitted file failed a check (nothing is written).
+
+    Example::
+
+        found = bbswap.fit("resnet50", channels=684, stride=16, in_chans=1)
+        bbswap.export("resnet50", bbswap.winner_recipe(found), "backbone.py")
+        model = torchvision.models.resnet18()
+        bbswap.export(model, bbswap.winner_recipe(bbswap.fit(model, channels=256, stride=16)),
+                      "resnet18_s16.py")                # also writes resnet18_s16.pth
+    """
     for extra in also or {}:
         check_output(extra, force, "output")
     backbone = as_backbone(spec, kwargs)
