@@ -187,4 +187,5 @@ def test_repr_of_a_matrix_and_a_verify_report() -> None:
         "Matrix(resnet18; strides 16, 32; 1 of 1 CNNs reach every target, 0 refused)"
     )
     checks = (Check("import", True, "x" * 500), Check("outputs", False, "y" * 500))
-    assert repr(VerifyReport("f.py:Net", checks)) == "VerifyReport(f.py:Net, failed outputs, 2 checks)"
+    shown = repr(VerifyReport("f.py:Net", checks))
+    assert shown == "VerifyReport(f.py:Net, failed outputs, 2 checks)"

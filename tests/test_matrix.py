@@ -202,7 +202,7 @@ def test_json(tmp_path):
     data = json.loads(
         ok(cli("matrix", "resnet18", VIT, "--stride", 16, "--json", "--no-verify")).stdout
     )
-    assert data["schema"] == "bbswap.search.matrix/1"
+    assert data["schema"] == "bbswap.matrix/1"
     assert data["patterns"] == ["resnet18", VIT]
     assert data["strides"] == [16]
     assert (data["channels"], data["rounding"], data["verify"], data["passed"]) == (
