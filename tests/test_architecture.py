@@ -136,9 +136,9 @@ def _length(func: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
     """Its lines, its docstring not counted: parameters and examples are documented in full."""
     lines = (func.end_lineno or func.lineno) - func.lineno + 1
     first = func.body[0]
-    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
-        if isinstance(first.value.value, str):
-            lines -= (first.end_lineno or first.lineno) - first.lineno + 1
+    value = first.value if isinstance(first, ast.Expr) else None
+    if isinstance(value, ast.Constant) and isinstance(value.value, str):
+        lines -= (first.end_lineno or first.lineno) - first.lineno + 1
     return lines
 
 
@@ -162,6 +162,7 @@ def test_the_checker_sees_cycles_and_private_imports() -> None:
 
 
 def test_the_length_counts_code_not_the_docstring() -> None:
-    tree = ast.parse('def f(a):\n    """Doc.\n\n    Args:\n        a: A.\n    """\n    b = a\n    return b\n')
+    source = 'def f(a):\n    """Doc.\n\n    Args:\n        a: A.\n    """\n    b = a\n    return b'
+    tree = ast.parse(source)
     func = next(_functions(tree))
     assert _length(func) == 3  # the def line and two statements
