@@ -235,3 +235,18 @@ def test_a_torchvision_instance_with_other_arguments_needs_them() -> None:
     assert instance_backbone(model).kind is BackboneKind.INSTANCE
     named = instance_backbone(model, {"num_classes": 5})
     assert (named.spec, named.kwargs) == ("tv:resnet18", {"num_classes": 5})
+
+
+def test_an_instance_on_the_meta_device_is_planned_but_has_no_weights_to_emit(
+    tmp_path: Path,
+) -> None:
+    with torch.device("meta"):
+        model = torchvision.models.resnet18()
+    recipe = bbswap.winner_recipe(bbswap.fit(model, channels=64, stride=16))
+    result = bbswap.apply_recipe(model, recipe)
+    assert result.after.output_shape == (1, 64, 14, 14)
+    assert all(p.is_meta for p in result.model.parameters())
+    with pytest.raises(ModelError, match="on the meta device: it has no weights") as refused:
+        bbswap.export(model, recipe, tmp_path / "m.py")
+    assert "\n" not in str(refused.value)
+    assert list(tmp_path.iterdir()) == []

@@ -134,7 +134,17 @@ def meta_copy(model: nn.Module) -> nn.Module:
 
 def real_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` on the CPU, with its weights and without its hooks."""
+    if not has_weights(model):
+        raise ModelError(
+            f"the {type(model).__name__} instance is on the meta device: it has no weights to "
+            "copy; build it on the CPU (or load a checkpoint into it) first"
+        )
     return _without_hooks(_deep_copy(model, {})).to("cpu")
+
+
+def has_weights(model: nn.Module) -> bool:
+    """Whether no parameter or buffer of ``model`` is on the meta device."""
+    return not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
 
 
 def _deep_copy(model: nn.Module, memo: dict[int, Any]) -> nn.Module:

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from bbswap.backbones.instance import as_backbone, real_copy
+from bbswap.backbones.instance import as_backbone, has_weights, real_copy
 from bbswap.backbones.registry import Backbone
 from bbswap.errors import InvalidArgument, SurgeryError
 from bbswap.parsing import parse_dims
@@ -96,7 +96,7 @@ def apply_recipe(
         weighted(torch.randn(1, 1, 128, 316)).shape    # torch.Size([1, 684, 8, 20])
     """
     backbone = as_backbone(spec, kwargs)
-    if isinstance(spec, nn.Module) and model is None:
+    if isinstance(spec, nn.Module) and model is None and has_weights(spec):
         model = real_copy(spec)
     shape, chans = source_input(backbone, recipe, input_shape)
     before, source = trace(lambda: backbone.build(in_chans=chans), shape, name=backbone.spec)
