@@ -19,9 +19,19 @@ FLAGS = {"input_shape": "--input", "strides": "--stride"}
 class BBSwapError(Exception):
     """A mistake in what the user asked for; the message says what and how to fix it.
 
-    ``brief`` is the same in a few words, for a cell of ``bbswap matrix``. ``params``
-    are the arguments the message is about: it names each as ``{name}``, which reads
-    as the Python parameter in ``str(error)`` and as the flag in :meth:`as_flags`.
+    Args:
+        message: The message; each of ``params`` appears in it as ``{name}``, which reads
+            as the Python parameter in ``str(error)`` and as the flag in :meth:`as_flags`.
+        brief: The same in a few words, for a cell of ``bbswap matrix``; default the
+            class's.
+        params: The arguments the message is about.
+
+    Example::
+
+        try:
+            bbswap.fit("resnet50", channels=684, stride=0)
+        except bbswap.BBSwapError as error:
+            print(error)   # malformed stride '0': every dimension must be positive
     """
 
     exit_code = 2

@@ -56,6 +56,7 @@ class BackboneKind(str, enum.Enum):
     TIMM = "timm"  # timm.create_model
     FILE = "file"  # a user's file, by path
     MODULE = "module"  # a user's module, by import name
+    INSTANCE = "instance"  # a model instance whose builder is not known
 
     def __str__(self) -> str:
         return self.value
@@ -151,10 +152,27 @@ class ListedBackbone:
 def resolve(
     spec: str, kwargs: dict[str, Any] | None = None, *, pretrained: bool = False
 ) -> Backbone:
-    """Resolve a backbone spec; raise :class:`BackboneNotFound` with near matches.
+    """Resolve a backbone spec to a :class:`Backbone`, which knows how to build it and
+    where its code comes from; nothing is built (a user's file or module is imported).
 
-    ``pretrained`` (``tv:`` and ``timm:`` specs only) asks for the builder's own weights
-    when the backbone is exported; ``kwargs`` may say ``pretrained=True`` for them too.
+    Args:
+        spec: A zoo name (``"resnet50"``), ``"tv:NAME"``, ``"timm:NAME"``,
+            ``"path/to/file.py:Name"`` or ``"package.module:Name"``.
+        kwargs: Constructor arguments, passed to the builder on every build;
+            ``pretrained=True`` among them means the same as ``pretrained``.
+        pretrained: For ``tv:`` and ``timm:`` specs only: the builder's own weights are
+            carried when the backbone is exported.
+
+    Returns:
+        The :class:`Backbone`.
+
+    Raises:
+        BackboneNotFound: Nothing by that name; the message lists near matches.
+
+    Example::
+
+        backbone = bbswap.resolve("models/densenet.py:DenseNet", {"growth_rate": 24})
+        model = backbone.build(in_chans=1)
     """
     kwargs = dict(kwargs or {})
     spec = spec.strip()
@@ -196,7 +214,21 @@ def _resolve(spec: str, kwargs: dict[str, Any]) -> Backbone:
 
 
 def list_backbones(pattern: str = "*") -> list[ListedBackbone]:
-    """Zoo entries matching an fnmatch pattern; ``tv:*`` / ``timm:*`` list those packages."""
+    """The backbones ``bbswap list`` shows: zoo entries matching an fnmatch pattern, and
+    torchvision's or timm's models for a pattern starting ``tv:`` or ``timm:``.
+
+    Args:
+        pattern: An fnmatch pattern: ``"*"`` (the zoo), ``"resnet*"``, ``"tv:*"``,
+            ``"timm:resnet*"``.
+
+    Returns:
+        A list of :class:`ListedBackbone` (``spec``, ``family``, ``in_chans``,
+        ``description``).
+
+    Example::
+
+        [b.spec for b in bbswap.list_backbones("resnet*")]    # ['resnet18', ..., 'resnet152']
+    """
     rows = [
         ListedBackbone(e.name, e.family, e.in_chans, e.description)
         for e in ZOO.values()

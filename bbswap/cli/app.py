@@ -701,12 +701,16 @@ def matrix_cmd(a: MatrixArgs) -> None:
 
 
 @app.command("ops")
-def ops_cmd(debug: Debug = False) -> None:
+def ops_cmd(debug: Debug = False, json_out: JsonOpt = False) -> None:
     """List the recipe ops and their fields."""
+    from bbswap.cli.json_out import ops_dict
     from bbswap.cli.render import render_ops
-    from bbswap.recipes.registry import describe_ops
+    from bbswap.recipes.registry import OPS, describe_ops
 
-    with _guard(debug):
+    with _guard(debug, json_out=json_out):
+        if json_out:
+            _print_json(ops_dict(OPS))
+            return
         render_ops(describe_ops(), _console())
 
 

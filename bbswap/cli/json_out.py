@@ -1,7 +1,8 @@
 """The JSON form of every report, built from the library's data classes.
 
-Each ``*_dict`` function returns one ``--json`` document (its ``schema`` names it);
-the keys and their order are the documented format, see README.
+Each ``*_dict`` function returns one ``--json`` document (its ``schema`` names it,
+``bbswap.<command>/1``); the keys and their order are the documented format, see README.
+Each schema is a JSON Schema file in ``docs/schemas/`` (``<command>.schema.json``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
 
     from bbswap.backbones.registry import ListedBackbone
     from bbswap.codegen.export import Exported
+    from bbswap.recipes.schema import Field, Op
     from bbswap.search.fit import Candidate, FitResult
     from bbswap.search.matrix import Cell, Matrix, Row
     from bbswap.surgery.apply import ApplyResult
@@ -34,7 +36,19 @@ def list_dict(rows: Sequence[ListedBackbone]) -> dict[str, Any]:
 
 
 def report_dict(report: InspectReport) -> dict[str, Any]:
-    """The JSON form of an inspect report (schema ``bbswap.inspect/1``, see README)."""
+    """The JSON form of an inspect report (schema ``bbswap.inspect/1``, see README and
+    ``docs/schemas/inspect.schema.json``), as ``bbswap inspect --json`` prints it.
+
+    Args:
+        report: What :func:`~bbswap.tracing.inspection.inspect_backbone` returned.
+
+    Returns:
+        A dict of JSON types only.
+
+    Example::
+
+        json.dumps(bbswap.report_dict(bbswap.inspect_backbone("resnet50")))
+    """
     t = report.trace
     f = report.features
     return {
@@ -206,9 +220,9 @@ def _weights_source(exported: Exported) -> dict[str, Any] | None:
 
 
 def verify_dict(report: VerifyReport) -> dict[str, Any]:
-    """``bbswap verify --json`` (schema ``bbswap.verify.checks/1``)."""
+    """``bbswap verify --json`` (schema ``bbswap.verify/1``)."""
     return {
-        "schema": "bbswap.verify.checks/1",
+        "schema": "bbswap.verify/1",
         "target": report.target,
         "ok": report.ok,
         "checks": _checks(report.checks),
@@ -216,9 +230,9 @@ def verify_dict(report: VerifyReport) -> dict[str, Any]:
 
 
 def matrix_dict(result: Matrix) -> dict[str, Any]:
-    """The JSON form of a matrix (schema ``bbswap.search.matrix/1``)."""
+    """The JSON form of a matrix (schema ``bbswap.matrix/1``)."""
     return {
-        "schema": "bbswap.search.matrix/1",
+        "schema": "bbswap.matrix/1",
         "patterns": list(result.patterns),
         "strides": list(result.strides),
         "channels": result.channels,
@@ -273,4 +287,25 @@ def cross_check_dict(check: CrossCheck) -> dict[str, Any]:
             }
             for c in check.counts
         ],
+    }
+def ops_dict(ops: dict[str, type[Op]]) -> dict[str, Any]:
+    """``bbswap ops --json`` (schema ``bbswap.ops/1``): every op and its fields."""
+    return {
+        "schema": "bbswap.ops/1",
+        "ops": [
+            {"op": name, "summary": cls.summary, "fields": [_field(f) for f in cls.fields]}
+            for name, cls in ops.items()
+        ],
+    }
+
+
+def _field(f: Field) -> dict[str, Any]:
+    default = list(f.default) if isinstance(f.default, tuple) else f.default
+    return {
+        **attrs(f, "name", "kind", "required"),
+        "default": default,
+        "choices": list(f.choices),
+        "minimum": f.minimum,
+        "exclusive_maximum": f.maximum,
+        "help": f.help,
     }

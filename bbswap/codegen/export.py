@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from bbswap.backbones.registry import Backbone, resolve
+from bbswap.backbones.instance import as_backbone, require_emittable
+from bbswap.backbones.registry import Backbone
 from bbswap.backbones.weights import (
     LoadReport,
     WeightsSource,
@@ -52,6 +53,15 @@ class Exported:
     load: LoadReport | None
     weights_source: WeightsSource | None = None  # where the source backbone's weights came from
 
+    def __repr__(self) -> str:
+        """``Exported(backbone.py + backbone.pth, class ResNet50C684S16, 5 checks ok)``."""
+        files = f"{self.path}" + (f" + {self.weights_path}" if self.weights_path else "")
+        state = "ok" if self.report.ok else "failed"
+        return (
+            f"Exported({files}, class {self.emitted.class_name}, "
+            f"{len(self.report.checks)} checks {state})"
+        )
+
 
 def output_paths(
     out: str | Path, weights: bool, safetensors: bool, force: bool
@@ -79,7 +89,7 @@ def compare_sizes(
 
 
 def export(
-    spec: str | Backbone,
+    spec: str | Backbone | torch.nn.Module,
     recipe: Recipe,
     out: str | Path,
     *,
@@ -96,17 +106,60 @@ def export(
     seed: int = 0,
     also: dict[Path, bytes] | None = None,
 ) -> Exported:
-    """Build ``recipe`` on ``spec`` with real weights, emit it, verify the file by round
+    """Build ``recipe`` on a backbone with real weights, emit it, verify the file by round
     trip, then write it (and the carried weights, and any files in ``also``) as one
     transaction: all or nothing, every path checked before any work.
 
     The weights are random (from ``seed``) unless ``weights`` names a checkpoint (or a
     folder holding one) or ``pretrained`` asks a ``tv:``/``timm:`` builder for its own;
-    the emitted docstring records where they came from and that file's SHA-256."""
+    the emitted docstring records where they came from and that file's SHA-256.
+
+    A model instance given as ``spec`` is emitted from the builder that makes the same
+    model (a zoo entry, a torchvision builder, a timm architecture, or its class called
+    with ``kwargs``), bundled or imported as that spec would be, and its own weights are
+    carried into ``FILE.pth``; when no builder makes the same model, a one-line error says
+    so before any work. The instance is never changed.
+
+    Args:
+        spec: A backbone spec, a resolved :class:`~bbswap.backbones.registry.Backbone`, or
+            a model instance (an ``nn.Module``).
+        recipe: The recipe to apply.
+        out: The ``.py`` file to write.
+        input_shape: The dummy input, ``"NxCxHxW"`` or ``"HxW"``; default the recipe's.
+        kwargs: Constructor arguments for a spec; for a model instance, the arguments it
+            was constructed with.
+        weights: A checkpoint (``.pth``, ``.pt`` or ``.safetensors``), or a folder holding
+            one, to load into the source backbone; its weights are carried into
+            ``FILE.pth`` beside ``out``.
+        pretrained: Carry the ``tv:``/``timm:`` builder's own weights instead.
+        partial: Load ``weights`` non-strictly, reporting missing and unexpected keys.
+        class_name: The emitted class's name; default from the backbone and the target.
+        dropin: Give the class a constructor that accepts and ignores any arguments.
+        import_mode: Import the source backbone from its package instead of bundling it.
+        force: Replace existing files.
+        safetensors: Write the carried weights as ``.safetensors`` instead of ``.pth``.
+        seed: The random seed of the weights of a backbone built without a checkpoint.
+        also: More files to write in the same transaction, as ``{path: bytes}``.
+
+    Returns:
+        An :class:`Exported`: the paths written, the emitted source, the apply result,
+        the verification report and how the checkpoint loaded.
+
+    Raises:
+        VerificationError: The emitted file failed a check (nothing is written).
+
+    Example::
+
+        found = bbswap.fit("resnet50", channels=684, stride=16, in_chans=1)
+        bbswap.export("resnet50", bbswap.winner_recipe(found), "backbone.py")
+        model = torchvision.models.resnet18()
+        bbswap.export(model, bbswap.winner_recipe(bbswap.fit(model, channels=256, stride=16)),
+                      "resnet18_s16.py")                # also writes resnet18_s16.pth
+    """
     for extra in also or {}:
         check_output(extra, force, "output")
     backbone, checkpoint = weights_options(spec, kwargs, weights, pretrained)
-    carry = checkpoint is not None or backbone.pretrained
+    carry = checkpoint is not None or backbone.pretrained or isinstance(spec, torch.nn.Module)
     path, weights_path = output_paths(out, carry, safetensors, force)
     _, chans = source_input(backbone, recipe, input_shape)
     torch.manual_seed(seed)
@@ -134,7 +187,7 @@ def export(
 
 
 def weights_options(
-    spec: str | Backbone,
+    spec: str | Backbone | torch.nn.Module,
     kwargs: dict[str, Any] | None,
     weights: str | Path | None,
     pretrained: bool,
@@ -146,7 +199,8 @@ def weights_options(
             "{pretrained} and {weights} are two sources of weights; give one",
             params=("pretrained", "weights"),
         )
-    backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
+    backbone = as_backbone(spec, kwargs)
+    require_emittable(backbone)
     backbone = backbone.with_pretrained() if pretrained else backbone
     return backbone, checkpoint_file(weights) if weights is not None else None
 

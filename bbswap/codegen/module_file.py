@@ -23,6 +23,7 @@ from typing import Any, cast
 from torch import fx, nn
 
 from bbswap import __version__
+from bbswap.backbones.instance import require_emittable
 from bbswap.backbones.registry import Backbone
 from bbswap.backbones.weights import WeightsSource
 from bbswap.codegen.size_code import output_size_code
@@ -95,6 +96,10 @@ class Emitted:
     class_name: str
     import_reason: str = ""  # why the source backbone is imported, not bundled; "" if bundled
 
+    def __repr__(self) -> str:
+        """``Emitted(class ResNet50C684S16, 112 lines)``: not the source itself."""
+        return f"Emitted(class {self.class_name}, {self.source.count(chr(10))} lines)"
+
 
 def _require_class_name(name: str) -> None:
     shown = f"'{as_source(name, Place.COMMENT)}'"
@@ -124,10 +129,29 @@ def emit(
     weights: tuple[str, str] | None = None,
     weights_source: WeightsSource | None = None,
 ) -> Emitted:
-    """The source of a standalone module for a patched backbone. With ``weights`` (the
-    weights file's name and SHA-256), the file records them and gains a loader that
-    refuses any file of other bytes; ``weights_source`` (where the source backbone's
-    weights came from) goes in the docstring."""
+    """The source of a standalone module for a patched backbone, in memory; nothing is
+    checked or written (:func:`~bbswap.codegen.export.export` does both).
+
+    Args:
+        result: What :func:`~bbswap.surgery.apply.apply_recipe` returned.
+        class_name: The emitted class's name; default from the backbone and the target
+            (``ResNet50C684S16``).
+        dropin: Give the class a constructor that accepts and ignores any arguments.
+        import_mode: Import the source backbone from its package instead of bundling it.
+        weights: The weights file's name and SHA-256: the file records them and gains a
+            loader that refuses any file of other bytes.
+        weights_source: Where the source backbone's weights came from; the docstring
+            records it.
+
+    Returns:
+        An :class:`Emitted`: the ``source`` text and the ``class_name``.
+
+    Example::
+
+        result = bbswap.apply_recipe("resnet50", bbswap.load_recipe("r.toml"))
+        print(bbswap.emit(result, class_name="Backbone").source)
+    """
+    require_emittable(result.backbone)
     after = result.after
     name = class_name
     if name is None:

@@ -16,7 +16,23 @@ OPS: dict[str, type[Op]] = {
 
 
 def make_op(name: str, **params: Any) -> Op:
-    """An op built the way a recipe file's op is read (defaults filled, values checked)."""
+    """An op built the way a recipe file's op is read: defaults filled, values checked.
+
+    Args:
+        name: The op (``bbswap ops`` lists them): ``"in_channels"``, ``"stride"``,
+            ``"exact"``, ``"truncate"``, ``"project"``, ``"pool"`` or ``"dropout"``.
+        **params: The op's fields, as in a recipe's ``[[ops]]`` table (a tuple is taken
+            as a list; ``None`` as left out).
+
+    Returns:
+        The :class:`~bbswap.recipes.schema.Op`.
+
+    Example::
+
+        ops = (bbswap.make_op("stride", at="layer4", stride=1, mode="dilate"),
+               bbswap.make_op("project", channels=256))
+        recipe = bbswap.Recipe("resnet18-s16", ops, backbone="resnet18")
+    """
     if name not in OPS:
         raise RecipeError(f"unknown op {name!r} (valid: {choices(sorted(OPS))})")
     raw = {k: list(v) if isinstance(v, tuple) else v for k, v in params.items() if v is not None}

@@ -25,7 +25,24 @@ MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; a larger file is 
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and check a recipe file."""
+    """Read and check a recipe file (TOML): every field's form is checked here; the names
+    it gives (stages, reduction points) are checked against the backbone when applied.
+
+    Args:
+        path: The ``.toml`` file.
+
+    Returns:
+        The :class:`~bbswap.recipes.schema.Recipe`.
+
+    Raises:
+        RecipeError: The file is missing or malformed; the message names the op's index,
+            the field, the bad value and the valid choices.
+
+    Example::
+
+        recipe = bbswap.load_recipe("recipes/seed-hmer-resnet50.toml")
+        recipe.name, [op.op for op in recipe.ops]   # ('seed-hmer-resnet50', ['in_channels', ...])
+    """
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
@@ -72,7 +89,19 @@ def recipe_from_dict(data: Mapping[str, Any], source: str = "") -> Recipe:
 
 def recipe_to_toml(recipe: Recipe, header: str = "") -> str:
     """Serialise a recipe as its files are written: top-level fields, then one
-    ``[[ops]]`` table per op; ``header`` becomes a leading comment block."""
+    ``[[ops]]`` table per op. :func:`load_recipe` reads it back to an equal recipe.
+
+    Args:
+        recipe: The recipe.
+        header: Text for a leading comment block (each line prefixed with ``# ``).
+
+    Returns:
+        The TOML text.
+
+    Example::
+
+        text = bbswap.recipe_to_toml(bbswap.winner_recipe(found), "the winner of a fit")
+    """
     top: dict[str, Any] = {"name": recipe.name}
     for key in ("description", "backbone", "input"):
         if getattr(recipe, key):

@@ -17,8 +17,9 @@ import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from bbswap.backbones.instance import as_backbone
 from bbswap.backbones.registry import Backbone, resolve
 from bbswap.errors import BBSwapError, InvalidArgument, ModelError, SurgeryError, TargetError
 from bbswap.kinds import Mode, Prefer, Rounding
@@ -27,6 +28,7 @@ from bbswap.recipes.channels import InChannels
 from bbswap.recipes.registry import make_op
 from bbswap.recipes.schema import Op, Recipe
 from bbswap.recipes.strides import Stride, exact_setting, stride_targets
+from bbswap.records import short_count
 from bbswap.surgery.apply import ApplyResult, apply_traced
 from bbswap.tracing.inspection import choose_input, first_conv_in_channels
 from bbswap.tracing.sizes import from_smallest
@@ -39,6 +41,9 @@ from bbswap.tracing.tracer import (
     trace,
     trace_module,
 )
+
+if TYPE_CHECKING:
+    from torch import nn
 
 Size = tuple[int, int]
 # the probe sizes of a model that takes any input; moved up to the smallest input the models
@@ -104,6 +109,14 @@ class Candidate:
     misses: list[tuple[Size, Size, Size]] = field(default_factory=list)  # size, got, want
     rule: str = ""  # the size rule an exact candidate follows: "ceil" or "floor"
 
+    def __repr__(self) -> str:
+        """``Candidate(layer4: stride 1, dilate, exact, 5.22G MACs)``."""
+        head = f"Candidate({self.label or 'as is'}, {self.mode}"
+        if self.failed:
+            return f"{head}, refused: {self.error or 'not evaluated'})"
+        state = "exact" if self.ok else "rounding only" if self.rounding_only else "inexact"
+        return f"{head}, {state}, {short_count(self.trace.macs)} MACs)"
+
     @property
     def failed(self) -> bool:
         return self.result is None or self.failure is not None
@@ -154,6 +167,15 @@ class FitResult:
     probes: tuple[Size, ...]  # every candidate's output size is checked at each of these
     prefer: str
     smallest: Size = (1, 1)  # the smallest input the source (and the like-backbone) accept
+
+    def __repr__(self) -> str:
+        """``FitResult(resnet50 -> 684 channels at 1/16, ceil rounding; 5 candidates,
+        winner layer4: stride 1 (dilate), 5.22G MACs)``."""
+        w = self.winner
+        return (
+            f"FitResult({self.backbone.spec} -> {self.target.describe()}; {self.evaluated} "
+            f"candidates, winner {w.label or 'as is'} ({w.mode}), {short_count(w.trace.macs)} MACs)"
+        )
 
     @property
     def winner(self) -> Candidate:
@@ -453,7 +475,7 @@ _PREFER: dict[Prefer, Callable[[Candidate], tuple[Any, ...]]] = {
 
 
 def fit(
-    spec: str | Backbone,
+    spec: str | Backbone | nn.Module,
     *,
     channels: int | None = None,
     stride: str | int | Size | None = None,
@@ -468,12 +490,52 @@ def fit(
     kwargs: dict[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> FitResult:
-    """Search for the cheapest exact surgery to the target; candidates come ranked.
+    """Search for the cheapest exact surgery that makes a backbone produce ``channels``
+    channels at 1/``stride``; the candidates come ranked, the winner first.
 
-    The target is ``channels`` at ``stride`` (rounded as ``rounding`` says), or the output
-    of the backbone ``like``, built with the constructor arguments ``like_kw``. Output
-    sizes are checked at probe sizes that start from the smallest input the source (and
-    ``like``) accept (``FitResult.smallest``, ``FitResult.probes``).
+    The backbone is traced once on the meta device and every candidate recipe is applied
+    and traced there, so nothing is allocated. A model instance is never changed: the
+    search works on a meta copy of it.
+
+    Args:
+        spec: A backbone spec (``"resnet50"``, ``"tv:resnet18"``, ``"timm:resnet18"``,
+            ``"path/to/file.py:Name"``), a resolved :class:`~bbswap.backbones.registry.Backbone`,
+            or a model instance (an ``nn.Module``).
+        channels: The output channels wanted (a 1x1 projection is appended when needed).
+            Optional with ``like``, which then gives them.
+        stride: The downsample wanted: ``16``, ``"16"``, ``(32, 4)`` or ``"32x4"`` (H x W).
+        in_chans: The input channels the patched backbone takes (the stem conv is
+            adapted); default the ones ``input_shape`` names, else the backbone's own.
+        input_shape: The dummy input, ``"NxCxHxW"`` or ``"HxW"``; default 224x224.
+        like: Another backbone spec whose output channels and exact output sizes to match
+            instead of a ``stride`` rule.
+        like_kw: The constructor arguments of the ``like`` backbone.
+        prefer: How exact candidates rank: ``"macs"`` (fewest first), ``"depth"`` (the
+            latest stage changed first) or ``"rf"`` (largest receptive field first).
+        allow_truncate: Also consider cutting the body after a stage already at the stride.
+        mode: ``"dilate"`` (dilate what follows a removed stride) or ``"stride"``.
+        rounding: The size rule wanted: ``"ceil"`` (``ceil(H/S)``), ``"floor"`` or
+            ``"any"`` (either, ceil first).
+        kwargs: Constructor arguments for a spec; for a model instance, the arguments it
+            was constructed with (they name its builder when the winner is emitted).
+        progress: Called as ``progress(done, total)`` after each candidate is evaluated.
+
+    Output sizes are checked at probe sizes that start from the smallest input the source
+    (and ``like``) accept (``FitResult.smallest``, ``FitResult.probes``).
+
+    Returns:
+        A :class:`FitResult`: ``candidates`` ranked, ``winner`` the first of them.
+
+    Raises:
+        TargetError: No candidate reaches the target exactly (the message says why).
+        BBSwapError: A bad value; the message names the parameter and the valid choices.
+
+    Example::
+
+        found = bbswap.fit("resnet50", channels=684, stride=16, in_chans=1,
+                           input_shape="1x1x128x316")
+        found.winner.label, found.winner.trace.macs    # ('layer4: stride 1', 5218230272)
+        bbswap.fit(torchvision.models.resnet18(), channels=256, stride=16)
     """
     ranking = Prefer.parse(prefer, "prefer")
     how = Mode.parse(mode, "mode")
@@ -483,7 +545,7 @@ def fit(
             "{like_kw} gives the constructor arguments of the {like} backbone; give {like} too",
             params=("like_kw", "like"),
         )
-    backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
+    backbone = as_backbone(spec, kwargs)
     shape, asked = choose_input(backbone, input_shape or None, keep_own=True)
     chans = in_chans if in_chans is not None else asked
     _check_counts(channels, chans)
@@ -755,7 +817,22 @@ def winner_input(result: FitResult) -> str:
 
 
 def winner_recipe(result: FitResult, input_text: str | None = None) -> Recipe:
-    """The winning candidate as a recipe to save or emit (its input: ``winner_input``)."""
+    """The winning candidate of a fit as a recipe, to save or to emit.
+
+    Args:
+        result: What :func:`fit` returned.
+        input_text: The recipe's traced input, ``"NxCxHxW"``; default the source's input
+            with the channels the winner takes (:func:`winner_input`).
+
+    Returns:
+        The winner's :class:`~bbswap.recipes.schema.Recipe`.
+
+    Example::
+
+        found = bbswap.fit("resnet50", channels=684, stride=16, in_chans=1)
+        recipe = bbswap.winner_recipe(found)
+        open("r.toml", "w").write(bbswap.recipe_to_toml(recipe))
+    """
     c = result.winner
     return replace(c.recipe, input=input_text or winner_input(result))
 

@@ -90,6 +90,14 @@ class Matrix:
     rounding: str
     rows: tuple[Row, ...]
 
+    def __repr__(self) -> str:
+        """``Matrix(resnet18 tv:alexnet; strides 8, 16, 32; 2 of 2 CNNs reach every target)``."""
+        strides = ", ".join(map(str, self.strides))
+        return (
+            f"Matrix({' '.join(self.patterns)}; strides {strides}; {self.passed} of {self.cnns} "
+            f"CNNs reach every target, {len(self.rows) - self.cnns} refused)"
+        )
+
     @property
     def passed(self) -> int:
         return sum(r.ok for r in self.rows)
@@ -130,15 +138,43 @@ def matrix(
     debug: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> Matrix:
-    """Try every backbone the patterns name at every stride; see the module docstring.
+    """Try every backbone the patterns name at every stride: inspect and fit on the meta
+    device, then (with ``verify``) emit each winning plan with random weights to a
+    temporary file and verify it by round trip. One backbone's failure is its row's
+    reason; it never stops the sweep.
 
-    Each backbone is inspected with its own input channels; with ``in_chans`` every plan
-    also adapts the stem to that many (as ``fit`` does with ``in_chans``)."""
+    Args:
+        patterns: Backbone specs or fnmatch patterns (``"tv:*"``, ``"timm:resnet*"``), one
+            or a sequence.
+        strides: The target strides.
+        channels: The target channels; default each backbone's own.
+        verify: Emit and verify each winning plan (slower); ``False`` runs the meta-device
+            steps only.
+        rounding: The size rule: ``"any"`` (ceil or floor), ``"ceil"`` or ``"floor"``.
+        input_shape: The dummy input, ``"NxCxHxW"`` or ``"HxW"``; default 1x3x224x224.
+        in_chans: Adapt every plan's stem to this many input channels (as ``fit`` does);
+            each backbone is inspected with its own input channels either way.
+        debug: Raise the first unexpected error (a bug) instead of reporting it in a cell.
+        progress: Called as ``progress(done, total)`` after each backbone.
+
+    Returns:
+        A :class:`Matrix`: one :class:`Row` per backbone, one :class:`Cell` per stride.
+
+    Example::
+
+        table = bbswap.matrix(["tv:resnet*", "tv:vit_b_16"], strides=(16,), channels=256,
+                              verify=False)
+        [(row.spec, row.refused, [c.macs for c in row.cells]) for row in table.rows]
+    """
     pats = (patterns,) if isinstance(patterns, str) else tuple(patterns)
     if not strides or min(strides) < 1:
-        raise InvalidArgument(f"--stride must list positive strides, got {list(strides)}")
+        raise InvalidArgument(
+            f"{{strides}} must list positive strides, got {list(strides)}", params=("strides",)
+        )
     if channels is not None and channels < 1:
-        raise InvalidArgument(f"--channels must be positive, got {channels}")
+        raise InvalidArgument(
+            f"{{channels}} must be positive, got {channels}", params=("channels",)
+        )
     if in_chans is not None and in_chans < 1:
         raise InvalidArgument(
             f"{{in_chans}} must be positive, got {in_chans}", params=("in_chans",)
