@@ -288,6 +288,8 @@ def cross_check_dict(check: CrossCheck) -> dict[str, Any]:
             for c in check.counts
         ],
     }
+
+
 def ops_dict(ops: dict[str, type[Op]]) -> dict[str, Any]:
     """``bbswap ops --json`` (schema ``bbswap.ops/1``): every op and its fields."""
     return {
