@@ -192,10 +192,19 @@ def cross_check(
     kwargs: dict[str, Any] | None = None,
     ours: Trace | None = None,
 ) -> CrossCheck:
-    """thop's and torchinfo's params and MACs for a backbone beside bbswap's.
+    """thop's and torchinfo's params and MACs for a backbone beside bbswap's, each with
+    what its counter counts and misses.
 
-    ``ours`` is bbswap's trace at this input when the caller has one already
-    (:func:`bbswap.tracing.inspection.inspect_backbone` made it); else it is traced here.
+    Args:
+        spec: A backbone spec or a resolved :class:`~bbswap.backbones.registry.Backbone`.
+        input_shape: The input, ``"NxCxHxW"`` or ``"HxW"``.
+        kwargs: Constructor arguments for a spec.
+        ours: bbswap's trace at this input when the caller has one already
+            (:func:`~bbswap.tracing.inspection.inspect_backbone` made it); else it is
+            traced here.
+
+    Returns:
+        A :class:`CrossCheck`: one :class:`Count` per counter, bbswap's first.
 
     Example::
 
