@@ -18,9 +18,10 @@ so the emitter can write them out as code.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -303,8 +304,13 @@ def _require_fx_names(graph: fx.Graph, owner: str) -> None:
 
 
 def rewrite_forward(module: nn.Module, rw: OwnerRewrite, owner: str) -> fx.GraphModule:
-    """Trace ``module``'s forward, apply the rewrite, return an equivalent GraphModule."""
-    graph = trace_forward(module, owner)
+    """Trace ``module``'s forward, apply the rewrite, return an equivalent GraphModule.
+
+    The modules the rewrite appends are hidden from the trace: a container that runs its
+    children (an ``nn.Sequential``, the model itself or a block of it) would run them as
+    well, and the appended output would then run them a second time."""
+    with _hidden(module, [name for name, _ in rw.append]):
+        graph = trace_forward(module, owner)
     for edit in rw.calls:
         node = _nth_call(graph, edit.func, edit.call, owner)
         names = _CALL_PARAMS.get(edit.func)
@@ -338,6 +344,23 @@ def rewrite_forward(module: nn.Module, rw: OwnerRewrite, owner: str) -> fx.Graph
     gm.recompile()
     _keep_child_order(gm, module)
     return gm
+
+
+@contextlib.contextmanager
+def _hidden(module: nn.Module, names: list[str]) -> Iterator[None]:
+    """``module`` without its children ``names`` for the duration; their order is kept."""
+    if not names:
+        yield
+        return
+    children = module._modules
+    saved = dict(children)
+    for name in names:
+        del children[name]
+    try:
+        yield
+    finally:
+        children.clear()
+        children.update(saved)
 
 
 def _nth_call(graph: fx.Graph, func: str, call: int, owner: str) -> fx.Node:
