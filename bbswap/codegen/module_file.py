@@ -51,8 +51,8 @@ from bbswap.surgery.core import (
     fx_name,
     module_at,
     parent_path,
-    trace_children_as_leaves,
 )
+from bbswap.surgery.fx_trace import trace_children_as_leaves
 from bbswap.tracing.tracer import describe_factor
 
 _FAMILIES = {
@@ -735,6 +735,8 @@ def _wrap_nested(line: str, indent: int) -> str:
 def _trace_root(model: nn.Module) -> fx.Graph:
     try:
         return trace_children_as_leaves(model)
+    except SurgeryError:
+        raise
     except Exception as error:  # fx raises many kinds of errors on dynamic code
         raise SurgeryError(
             f"cannot write the forward of {type(model).__name__}: not traceable with torch.fx "

@@ -28,6 +28,7 @@ from bbswap.recipes.registry import make_op
 from bbswap.recipes.schema import Op, Recipe
 from bbswap.recipes.strides import Stride, exact_setting, stride_targets
 from bbswap.surgery.apply import ApplyResult, apply_traced
+from bbswap.surgery.fx_trace import require_one_forward
 from bbswap.tracing.inspection import choose_input, first_conv_in_channels, inspect_backbone
 from bbswap.tracing.tracer import SpatialOp, Stage, Trace, trace
 
@@ -470,6 +471,7 @@ def fit(
         and first_conv_in_channels(model) is None
     ):
         raise TargetError(f"{backbone.spec} has no stem conv whose input channels can change")
+    require_one_forward(model)  # its forward is written out in every plan
     probes = tuple(p for p in PROBES if target.size(*p) is not None) or PROBES
     candidates = plan(backbone, source, target, mode=how.value, allow_truncate=allow_truncate)
     done = _evaluate_all(backbone, source, model, candidates, target, probes, progress)

@@ -12,6 +12,7 @@ from bbswap.errors import InvalidArgument, SurgeryError
 from bbswap.parsing import parse_dims
 from bbswap.recipes.schema import Recipe
 from bbswap.surgery.core import Edit, Surgery
+from bbswap.surgery.fx_trace import require_one_forward
 from bbswap.tracing.inspection import choose_input
 from bbswap.tracing.tracer import ForwardFailed, Stage, Trace, trace, trace_module
 
@@ -59,6 +60,7 @@ def apply_recipe(
     backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
     shape, chans = source_input(backbone, recipe, input_shape)
     before, source = trace(lambda: backbone.build(in_chans=chans), shape, name=backbone.spec)
+    require_one_forward(source)  # the emitted file writes the model's forward out
     result = apply_traced(backbone, recipe, before, source, model=model)
     if input_shape and len(parse_dims(input_shape, "input_shape")) == 4:
         wanted = parse_dims(input_shape, "input_shape")[1]

@@ -31,6 +31,7 @@ from torch import fx, nn
 
 from bbswap.errors import SurgeryError
 from bbswap.records import attrs
+from bbswap.surgery.fx_trace import trace_children_as_leaves
 from bbswap.tracing.ids import PointId
 from bbswap.tracing.tracer import SpatialOp, Trace
 
@@ -267,21 +268,11 @@ def _call_values(op: SpatialOp) -> dict[str, Any]:
     return {"kernel_size": op.kernel, **attrs(op, "stride", "padding", "dilation", "ceil_mode")}
 
 
-class _ChildrenAsLeaves(fx.Tracer):
-    """Trace one module's own forward; every submodule call stays a call."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name != ""
-
-
-def trace_children_as_leaves(module: nn.Module) -> fx.Graph:
-    """The graph of ``module``'s own forward, every submodule call kept as a call."""
-    return _ChildrenAsLeaves().trace(module)
-
-
 def trace_forward(module: nn.Module, owner: str) -> fx.Graph:
     try:
-        return trace_children_as_leaves(module)
+        return trace_children_as_leaves(module, owner)
+    except SurgeryError:
+        raise
     except Exception as error:  # fx raises many kinds of errors on dynamic code
         name = owner or "the model"
         raise SurgeryError(
