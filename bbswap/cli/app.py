@@ -165,6 +165,15 @@ KwOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON.")]
+SourceOutputOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--source-output",
+        metavar="INDEX|KEY",
+        help="For a forward that returns several tensors: the one to work on "
+        "(default: the largest downsample).",
+    ),
+]
 OutOpt = Annotated[
     str | None, typer.Option("--output", "-o", help="Write the patched backbone to FILE.py.")
 ]
@@ -310,6 +319,7 @@ class InspectArgs(RunArgs):
         typer.Option(help="Input sizes to check the size rule at, e.g. 33x97,117x293."),
     ] = None
     kw: KwOpt = None
+    source_output: SourceOutputOpt = None
 
 
 @app.command("inspect")
@@ -324,7 +334,12 @@ def inspect_cmd(a: InspectArgs) -> None:
     with _guard(a.debug, a.timeout, a.json_out):
         sizes = parse_sizes(a.sizes) if a.sizes is not None else ()
         report = inspect_backbone(
-            a.backbone, a.input_shape, depth=a.depth, sizes=sizes, kwargs=parse_kw(a.kw)
+            a.backbone,
+            a.input_shape,
+            depth=a.depth,
+            sizes=sizes,
+            kwargs=parse_kw(a.kw),
+            source_output=a.source_output,
         )
         if a.json_out:
             _print_json(report_dict(report))
@@ -362,6 +377,7 @@ class ApplyArgs(EmitArgs):
     ] = None
     kw: KwOpt = None
     import_mode: ImportOpt = False
+    source_output: SourceOutputOpt = None
 
 
 @app.command("apply")
@@ -381,9 +397,13 @@ def apply_cmd(a: ApplyArgs) -> None:
         exported = None
         if a.output is None:
             _no_emit_options(a, a.import_mode)
-            result = apply_recipe(a.backbone, loaded, a.input_shape, kwargs=kwargs)
+            result = apply_recipe(
+                a.backbone, loaded, a.input_shape, kwargs=kwargs, source_output=a.source_output
+            )
         else:
-            exported = _export(a, a.backbone, loaded, a.input_shape, kwargs, a.import_mode)
+            exported = _export(
+                a, a.backbone, loaded, a.input_shape, kwargs, a.import_mode, a.source_output
+            )
             result = exported.result
         if a.json_out:
             _print_json(_written(apply_dict(result), exported))
@@ -416,6 +436,7 @@ class FitArgs(EmitArgs):
         str | None, typer.Option(help="Write the winner as a recipe TOML file.")
     ] = None
     kw: KwOpt = None
+    source_output: SourceOutputOpt = None
 
 
 @app.command("fit")
@@ -471,6 +492,7 @@ def _run_fit(a: FitArgs, progress: Callable[[int, int], None] | None) -> FitResu
         rounding=a.rounding,
         kwargs=parse_kw(a.kw),
         progress=progress,
+        source_output=a.source_output,
     )
 
 
@@ -515,6 +537,7 @@ def _export(
     input_shape: str | None,
     kwargs: dict[str, Any] | None = None,
     import_mode: bool = False,
+    source_output: str | None = None,
     also: dict[Path, bytes] | None = None,
 ) -> Exported:
     """Write the patched backbone to ``-o FILE.py`` as the emit options say."""
@@ -528,6 +551,7 @@ def _export(
         input_shape=input_shape,
         kwargs=kwargs,
         also=also,
+        source_output=source_output,
         **a.export_options(import_mode),
     )
 

@@ -85,10 +85,12 @@ def export(
     safetensors: bool = False,
     seed: int = 0,
     also: dict[Path, bytes] | None = None,
+    source_output: int | str | None = None,
 ) -> Exported:
     """Build ``recipe`` on ``spec`` with real weights, emit it, verify the file by round
     trip, then write it (and the carried weights, and any files in ``also``) as one
-    transaction: all or nothing, every path checked before any work."""
+    transaction: all or nothing, every path checked before any work. ``source_output``
+    chooses the output of a backbone that returns several (see :func:`apply_recipe`)."""
     for extra in also or {}:
         check_output(extra, force, "output")
     backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
@@ -102,7 +104,7 @@ def export(
         load = load_into(model, state, weights, partial)
         if note:
             load = LoadReport(load.loaded, load.missing, load.unexpected, note)
-    result = apply_recipe(backbone, recipe, input_shape, model=model)
+    result = apply_recipe(backbone, recipe, input_shape, model=model, source_output=source_output)
     files = {**(also or {})}
     carried, recorded = None, None
     if weights_path is not None:  # the exact bytes written, hashed into the emitted file

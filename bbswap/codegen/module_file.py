@@ -53,7 +53,7 @@ from bbswap.surgery.core import (
     parent_path,
 )
 from bbswap.surgery.fx_trace import trace_children_as_leaves
-from bbswap.tracing.tracer import describe_factor
+from bbswap.tracing.tracer import Trace, describe_factor
 
 _FAMILIES = {
     "resnet": "ResNet",
@@ -702,6 +702,7 @@ def _adopt_root(
     """The patched model's own children, parameters and buffers, taken from ``body``; a
     truncation is noted here, an appended module under its op's comment."""
     lines = ["# the source backbone's modules, under their own names (state_dict keys)"]
+    lines += _comments_for(_output_note(result, patched, plan))
     for index, op in plan.items():
         if op.dropped:
             after = result.recipe.ops[index]["after"]  # a truncate op's field
@@ -724,6 +725,23 @@ def _adopt_root(
     for bname, _ in patched.named_buffers(recurse=False):
         lines.append(_buffer_line(patched, bname, "body"))
     return lines
+
+
+def _output_note(result: ApplyResult, patched: nn.Module, plan: dict[int, _OpLines]) -> str:
+    """Which output of a source that returns several this class returns, and the source's
+    modules that only the others needed; "" for a source that returns one tensor."""
+    before = result.before
+    if before.output_key is None:
+        return ""
+    dropped = {path for op in plan.values() for path in op.dropped}
+    unused = [
+        c for c in result.surgery.model._modules if c not in patched._modules and c not in dropped
+    ]
+    note = (
+        f"the source's forward returns a {before.returns} of {len(before.outputs)}; this "
+        f"class returns its output {before.output_key!r} alone"
+    )
+    return note + (f", so it no longer runs {', '.join(unused)}" if unused else "")
 
 
 def _wrap_nested(line: str, indent: int) -> str:
@@ -782,6 +800,17 @@ def _weights_lines(name: str, weights: tuple[str, str]) -> list[str]:
     return [f"{head} {tail}"] if len(head) + 1 + len(tail) <= 100 else [head, " " * 17 + tail]
 
 
+def _source_output_lines(before: Trace) -> list[str]:
+    """The output of a source that returns several tensors that the file is made from."""
+    if before.output_key is None:
+        return []
+    keys = ", ".join(repr(o.key) for o in before.outputs)
+    return [
+        f"Source output:   {before.output_key!r} of the {before.returns} its forward returns "
+        f"({keys})"
+    ]
+
+
 def _docstring(
     result: ApplyResult,
     name: str,
@@ -800,6 +829,7 @@ def _docstring(
         f"Source backbone: {result.backbone.spec}",
         f"Traced input:    {shape(t.input_shape)} -> output {shape(t.output_shape)} "
         f"(the source gave {shape(before.output_shape)} for {shape(before.input_shape)})",
+        *_source_output_lines(before),
         f"Downsample:      {describe_factor(t.downsample)}",
         *_size_rule_lines(f"{rules[0].format('H')}, {rules[1].format('W')}", name),
         f"Params:          {count(t.params)}",

@@ -253,7 +253,8 @@ def plan(
     name = f"fit-{backbone.name}-c{target.channels}-s{_fmt(target.stride)}"
 
     def recipe(ops: list[Op]) -> Recipe:
-        return Recipe(name, tuple(ops), backbone.spec, f"fit target: {target.describe()}", "")
+        about = f"fit target: {target.describe()}"
+        return Recipe(name, tuple(ops), backbone.spec, about, source_output=source.output_key)
 
     candidates = [
         Candidate(recipe([*stem, *ops, *head, *pool, *tail]), label, cmode, order)
@@ -452,8 +453,13 @@ def fit(
     rounding: Rounding | str = Rounding.CEIL,
     kwargs: dict[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    source_output: int | str | None = None,
 ) -> FitResult:
-    """Search for the cheapest exact surgery to the target; candidates come ranked."""
+    """Search for the cheapest exact surgery to the target; candidates come ranked.
+
+    For a backbone whose forward returns several tensors, the patch is fitted on the output
+    ``source_output`` (an index or a dict key; default: the one with the largest
+    downsample); every candidate's recipe names it, and the patched backbone returns it."""
     ranking = Prefer.parse(prefer, "prefer")
     how = Mode.parse(mode, "mode")
     rule = Rounding.parse(rounding, "rounding")
@@ -465,6 +471,7 @@ def fit(
     source, model = trace(
         lambda: backbone.build(in_chans=own), (1, own, shape[2], shape[3]), name=backbone.spec
     )
+    source = source.select_output(source_output, backbone.spec)
     if (
         target.in_chans is not None
         and target.in_chans != own

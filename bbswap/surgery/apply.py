@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -50,23 +50,32 @@ def apply_recipe(
     *,
     kwargs: dict[str, Any] | None = None,
     model: nn.Module | None = None,
+    source_output: int | str | None = None,
 ) -> ApplyResult:
     """Apply ``recipe`` to a backbone.
 
     The surgery is planned and traced on the meta device; when ``model`` (the same
     backbone with real weights) is given, the same ops are applied to a copy of it too,
     and ``result.model`` is that patched copy. ``model`` itself is never changed.
+
+    For a backbone whose forward returns several tensors, the ops work on the output
+    ``source_output`` (an index or a dict key; default: the recipe's, else the one with
+    the largest downsample), and the patched backbone returns that output alone.
     """
     backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
     shape, chans = source_input(backbone, recipe, input_shape)
     before, source = trace(lambda: backbone.build(in_chans=chans), shape, name=backbone.spec)
+    wanted = source_output if source_output is not None else recipe.source_output
+    before = before.select_output(wanted, backbone.spec)
+    if source_output is not None:  # the recipe shown with the result names the output
+        recipe = replace(recipe, source_output=before.output_key)
     require_one_forward(source)  # the emitted file writes the model's forward out
     result = apply_traced(backbone, recipe, before, source, model=model)
     if input_shape and len(parse_dims(input_shape, "input_shape")) == 4:
-        wanted = parse_dims(input_shape, "input_shape")[1]
-        if wanted != result.surgery.in_chans:
+        wanted_chans = parse_dims(input_shape, "input_shape")[1]
+        if wanted_chans != result.surgery.in_chans:
             raise InvalidArgument(
-                f"{{input_shape}} has {wanted} channels but the patched model takes "
+                f"{{input_shape}} has {wanted_chans} channels but the patched model takes "
                 f"{result.surgery.in_chans}",
                 params=("input_shape",),
             )

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import enum
+import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -33,6 +34,7 @@ from bbswap.errors import SurgeryError
 from bbswap.records import attrs
 from bbswap.surgery.fx_trace import trace_children_as_leaves
 from bbswap.tracing.ids import PointId
+from bbswap.tracing.outputs import OutputKey
 from bbswap.tracing.tracer import SpatialOp, Trace
 
 # fx records F.max_pool2d and friends under their boolean-dispatch wrapper's name.
@@ -115,6 +117,7 @@ class OwnerRewrite:
     calls: list[CallEdit] = field(default_factory=list)
     append: list[tuple[str, int]] = field(default_factory=list)  # (child name, op index)
     truncate_after: str | None = None
+    select: OutputKey | None = None  # the output kept of a forward that returns several
 
 
 def fmt(value: Any) -> str:
@@ -152,6 +155,8 @@ class Surgery:
         self.out_spatial = len(out) == 4
         self.in_chans = trace.input_shape[1]
         self.new_modules: dict[str, str] = {}  # path -> constructor source, for the emitter
+        if trace.output_key is not None:  # the patched model returns that output alone
+            self.rewrite("").select = trace.output_key
 
     # -- recording ------------------------------------------------------------------
     def record(
@@ -313,6 +318,8 @@ def rewrite_forward(module: nn.Module, rw: OwnerRewrite, owner: str) -> fx.Graph
         node.args = (bound.pop("input"),)
         node.kwargs = bound
     output = next(n for n in graph.nodes if n.op == "output")
+    if rw.select is not None:
+        output.args = (_selected(graph, output, rw.select),)
     if rw.truncate_after is not None:
         target = _stage_node(graph, rw.truncate_after)
         output.args = (target,)
@@ -352,6 +359,24 @@ def _hidden(module: nn.Module, names: list[str]) -> Iterator[None]:
     finally:
         children.clear()
         children.update(saved)
+
+
+def _selected(graph: fx.Graph, output: fx.Node, key: OutputKey) -> fx.Node:
+    """The node of output ``key`` of a forward that returns several tensors."""
+    value = output.args[0]
+    if isinstance(value, fx.Node):  # a container made by a call: index it
+        with graph.inserting_before(output):
+            return graph.call_function(operator.getitem, (value, key))
+    try:
+        chosen = value[key]  # type: ignore[index]  # a tuple, list or dict of nodes
+    except (TypeError, KeyError, IndexError):
+        chosen = None
+    if not isinstance(chosen, fx.Node):
+        raise SurgeryError(
+            f"the model's forward returns {type(value).__name__} whose output {key!r} the "
+            "torch.fx trace does not show as one tensor"
+        )
+    return chosen
 
 
 def _nth_call(graph: fx.Graph, func: str, call: int, owner: str) -> fx.Node:

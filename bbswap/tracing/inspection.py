@@ -152,6 +152,8 @@ def check_sizes(
             raise ModelError(
                 f"{{sizes}} {h}x{w}: {forward_error(failed, (n, c, h, w))}", params=("sizes",)
             ) from failed.error
+        if result.outputs:  # the output the rule is of
+            again = again.select_output(result.output_key)
         out = again.output_shape
         if features is not None:
             out = next((s.out_shape for s in again.stages if s.path == features.path), ())
@@ -167,8 +169,11 @@ def inspect_backbone(
     depth: int = 1,
     sizes: Sequence[tuple[int, int]] = (),
     kwargs: dict[str, Any] | None = None,
+    source_output: int | str | None = None,
 ) -> InspectReport:
-    """Trace a backbone (a spec, a resolved :class:`Backbone` or a model instance)."""
+    """Trace a backbone (a spec, a resolved :class:`Backbone` or a model instance). For a
+    forward that returns several tensors, ``trace.outputs`` lists them all; the size rule
+    and checks are those of ``source_output`` (default: the largest downsample)."""
     if depth < 1:
         raise InvalidArgument(f"{{depth}} must be at least 1, got {depth}", params=("depth",))
     if isinstance(spec, nn.Module):
@@ -184,6 +189,7 @@ def inspect_backbone(
         prepared = prepare(backbone, input_shape)
         result, model = trace(prepared.build, prepared.input_shape, depth, backbone.spec)
         name = backbone.spec
+    result = result.select_output(source_output, name)
     checks = check_sizes(model, result, sizes) if sizes else ()
     features = result.features
     rules = result.size_rules(features.chain if features else None)
