@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from bbswap.codegen.export import Exported
     from bbswap.recipes.schema import Recipe
     from bbswap.search.fit import FitResult
+    from bbswap.surgery.apply import ApplyResult
 
 T = TypeVar("T")
 
@@ -388,28 +389,31 @@ def apply_cmd(a: ApplyArgs) -> None:
     With -o, write the patched backbone as a standalone Python file (verified first)."""
     from bbswap.cli.json_out import apply_dict
     from bbswap.cli.render import render_apply
-    from bbswap.parsing import parse_kw
-    from bbswap.recipes.toml_io import load_recipe
-    from bbswap.surgery.apply import apply_recipe
 
     with _guard(a.debug, a.timeout, a.json_out):
-        loaded, kwargs = load_recipe(a.recipe), parse_kw(a.kw)
-        exported = None
-        if a.output is None:
-            _no_emit_options(a, a.import_mode)
-            result = apply_recipe(
-                a.backbone, loaded, a.input_shape, kwargs=kwargs, source_output=a.source_output
-            )
-        else:
-            exported = _export(
-                a, a.backbone, loaded, a.input_shape, kwargs, a.import_mode, a.source_output
-            )
-            result = exported.result
+        result, exported = _run_apply(a)
         if a.json_out:
             _print_json(_written(apply_dict(result), exported))
             return
         render_apply(result, _console())
         _render_written(exported)
+
+
+def _run_apply(a: ApplyArgs) -> tuple[ApplyResult, Exported | None]:
+    """The patched backbone, and what ``-o`` wrote (None without it)."""
+    from bbswap.parsing import parse_kw
+    from bbswap.recipes.toml_io import load_recipe
+    from bbswap.surgery.apply import apply_recipe
+
+    loaded, kwargs = load_recipe(a.recipe), parse_kw(a.kw)
+    if a.output is None:
+        _no_emit_options(a, a.import_mode)
+        result = apply_recipe(
+            a.backbone, loaded, a.input_shape, kwargs=kwargs, source_output=a.source_output
+        )
+        return result, None
+    exported = _export(a, a.backbone, loaded, a.input_shape, kwargs, a.import_mode, a.source_output)
+    return exported.result, exported
 
 
 @dataclasses.dataclass(frozen=True)

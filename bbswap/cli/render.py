@@ -284,16 +284,20 @@ def render_apply(result: ApplyResult, console: Console) -> None:
     if before.outputs:
         console.print(escape(source_output_line(before)))
     console.print()
-    edits = Table(title="edits", title_justify="left", header_style="bold", box=box.SIMPLE_HEAD)
+    console.print(_edits_table(result.edits))
+
+
+def _edits_table(edits: Sequence[Edit]) -> Table:
+    table = Table(title="edits", title_justify="left", header_style="bold", box=box.SIMPLE_HEAD)
     for name in ("#", "op", "path", "attribute", "old -> new"):
-        edits.add_column(name)
-    for group in _grouped(result.edits):
+        table.add_column(name)
+    for group in _grouped(edits):
         e = group[0]
         path = e.path or "(model)"
         if len(group) > 1:
             path += f" and {len(group) - 1} more like it"
-        edits.add_row(str(e.op_index), e.op, path, e.attribute, escape(f"{e.old} -> {e.new}"))
-    console.print(edits)
+        table.add_row(str(e.op_index), e.op, path, e.attribute, escape(f"{e.old} -> {e.new}"))
+    return table
 
 
 def _grouped(edits: Sequence[Edit]) -> list[list[Edit]]:
