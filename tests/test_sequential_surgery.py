@@ -178,3 +178,26 @@ def test_fit_on_a_cut_torchvision_resnet(tmp_path: Path):
     with torch.no_grad():
         y = model(torch.randn(1, 3, 70, 45))
     assert tuple(y.shape) == (1, 128, 9, 6)
+
+
+def test_dropout_after_sequential_blocks_of_a_sequential(tmp_path: Path):
+    """A dropout op on the class the model itself has: every block but the model gets one,
+    and each runs once, in the patched model and in the written file."""
+    pytest.importorskip("torchvision")
+    out = tmp_path / "r18.py"
+    op = {"op": "dropout", "block": "Sequential", "p": 0.1}
+    exported = export(spec("resnet18_trunk"), recipe(op), out, input_shape="1x3x64x64")
+    source = source_model("resnet18_trunk", 3)
+    blocks = [p for p, m in source.named_modules() if p and type(m) is nn.Sequential]
+    module = import_plain(out)
+    written = getattr(module, exported.emitted.class_name)().eval()
+    for model in (exported.result.model.eval(), written):
+        drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+        assert len(drops) == len(blocks)
+        seen: list[nn.Module] = []
+        handles = [d.register_forward_hook(lambda m, *_, s=seen: s.append(m)) for d in drops]
+        with torch.no_grad():
+            model(torch.randn(1, 3, 40, 40))
+        for handle in handles:
+            handle.remove()
+        assert sorted(map(id, seen)) == sorted(map(id, drops))  # each one, once

@@ -634,8 +634,10 @@ def _dropout_loop(
     if len(names) != 1:  # a block already had a 'dropout' attribute: spell each one out
         return [_set_expr(model, "body", e.path, new[e.path]) for e in edits]
     cls = op.block
+    # the op leaves the model itself out, even when it is of that class (a root Sequential)
+    blocks = "body.modules()" if type(model).__name__ != cls else "list(body.modules())[1:]"
     return [
-        f"for block in [m for m in body.modules() if type(m).__name__ == {string(cls)}]:",
+        f"for block in [m for m in {blocks} if type(m).__name__ == {string(cls)}]:",
         "    " + _assign_attr("block", names.pop(), new[edits[0].path]),
     ]
 
