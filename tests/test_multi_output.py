@@ -22,6 +22,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cli_helpers import assert_one_line_error, cli, import_plain, ok
+from hypothesis import given
+from hypothesis import strategies as st
 from recipe_helpers import randomize_batchnorm, recipe
 from torch import nn
 
@@ -32,6 +34,7 @@ from bbswap.recipes.toml_io import load_recipe, recipe_from_dict, recipe_to_toml
 from bbswap.search.fit import fit
 from bbswap.surgery.apply import apply_recipe
 from bbswap.tracing.inspection import inspect_backbone
+from bbswap.tracing.outputs import Output, choose_output
 from bbswap.tracing.tracer import trace_module
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "multi_output_models.py"
@@ -245,3 +248,37 @@ def test_the_trace_of_every_output_follows_its_chain():
             assert t.output_size(h, w, o.chain) == tuple(real[o.key].shape[-2:])
     report = inspect_backbone(spec("DictOutput"), INPUT, sizes=[(33, 45)], source_output="low")
     assert all(c.ok for c in report.sizes)
+
+
+_OUTPUT = st.tuples(st.sampled_from([1, 2, 4, 8, 16, 32]), st.booleans())
+
+
+@given(
+    st.lists(_OUTPUT, min_size=1, max_size=6),
+    st.booleans(),
+    st.one_of(st.integers(-2, 8), st.text(max_size=3)),
+)
+def test_choosing_an_output(specs: list[tuple[int, bool]], as_dict: bool, wanted: int | str):
+    """The default is the first spatial output of the largest downsample (any output if
+    none is spatial); a key or index picks its own; anything else names every valid one."""
+    keys: list[int | str] = (
+        [f"k{i}" for i in range(len(specs))] if as_dict else list(range(len(specs)))
+    )
+    outputs = tuple(
+        Output(k, (1, 4, 8, 8) if spatial else (1, 4), (d, d), (1, 1), ())
+        for k, (d, spatial) in zip(keys, specs)
+    )
+    kind = "dict" if as_dict else "tuple"
+    chosen = choose_output(outputs, kind, None, "m")
+    pool = [o for o in outputs if o.spatial] or list(outputs)
+    assert chosen == next(o for o in pool if o.downsample == max(p.downsample for p in pool))
+    for o in outputs:
+        assert choose_output(outputs, kind, o.key, "m") is o
+        assert choose_output(outputs, kind, str(o.key), "m") is o
+    if wanted in keys or str(wanted) in map(str, keys):
+        return
+    with pytest.raises(InvalidArgument) as error:
+        choose_output(outputs, kind, wanted, "m")
+    message = str(error.value)
+    assert message.startswith(f"source_output {wanted!r} is not an output of m")
+    assert message.endswith(", ".join(map(str, keys)) + ")")
