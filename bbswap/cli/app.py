@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from bbswap.codegen.export import Exported
     from bbswap.recipes.schema import Recipe
     from bbswap.search.fit import FitResult
+    from bbswap.surgery.apply import ApplyResult
     from bbswap.tracing.cross_check import CrossCheck
     from bbswap.tracing.inspection import InspectReport
 
@@ -167,6 +168,15 @@ KwOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON.")]
+SourceOutputOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--source-output",
+        metavar="INDEX|KEY",
+        help="For a forward that returns several tensors: the one to work on "
+        "(default: the largest downsample).",
+    ),
+]
 OutOpt = Annotated[
     str | None, typer.Option("--output", "-o", help="Write the patched backbone to FILE.py.")
 ]
@@ -331,6 +341,7 @@ class InspectArgs(RunArgs):
             help="Also count params and MACs with thop and torchinfo, and say what each misses.",
         ),
     ] = False
+    source_output: SourceOutputOpt = None
 
 
 @app.command("inspect")
@@ -339,16 +350,9 @@ def inspect_cmd(a: InspectArgs) -> None:
     """Trace a backbone and show its stages, costs and reduction points."""
     from bbswap.cli.json_out import report_dict
     from bbswap.cli.render import render_inspect
-    from bbswap.parsing import parse_kw, parse_sizes
-    from bbswap.tracing.inspection import inspect_backbone
 
     with _guard(a.debug, a.timeout, a.json_out):
-        sizes = parse_sizes(a.sizes) if a.sizes is not None else ()
-        kwargs = parse_kw(a.kw)
-        report = inspect_backbone(
-            a.backbone, a.input_shape, depth=a.depth, sizes=sizes, kwargs=kwargs
-        )
-        checked = _cross_check(a, report, kwargs) if a.cross_check else None
+        report, checked = _run_inspect(a)
         if a.json_out:
             _print_json(_with_cross_check(report_dict(report), checked))
             return
@@ -358,6 +362,23 @@ def inspect_cmd(a: InspectArgs) -> None:
             from bbswap.cli.render import render_cross_check
 
             render_cross_check(checked, console)
+
+
+def _run_inspect(a: InspectArgs) -> tuple[InspectReport, CrossCheck | None]:
+    from bbswap.parsing import parse_kw, parse_sizes
+    from bbswap.tracing.inspection import inspect_backbone
+
+    sizes = parse_sizes(a.sizes) if a.sizes is not None else ()
+    kwargs = parse_kw(a.kw)
+    report = inspect_backbone(
+        a.backbone,
+        a.input_shape,
+        depth=a.depth,
+        sizes=sizes,
+        kwargs=kwargs,
+        source_output=a.source_output,
+    )
+    return report, _cross_check(a, report, kwargs) if a.cross_check else None
 
 
 def _cross_check(a: InspectArgs, report: InspectReport, kwargs: dict[str, Any]) -> CrossCheck:
@@ -405,6 +426,7 @@ class ApplyArgs(EmitArgs):
     ] = None
     kw: KwOpt = None
     import_mode: ImportOpt = False
+    source_output: SourceOutputOpt = None
 
 
 @app.command("apply")
@@ -415,24 +437,31 @@ def apply_cmd(a: ApplyArgs) -> None:
     With -o, write the patched backbone as a standalone Python file (verified first)."""
     from bbswap.cli.json_out import apply_dict
     from bbswap.cli.render import render_apply
-    from bbswap.parsing import parse_kw
-    from bbswap.recipes.toml_io import load_recipe
-    from bbswap.surgery.apply import apply_recipe
 
     with _guard(a.debug, a.timeout, a.json_out):
-        loaded, kwargs = load_recipe(a.recipe), parse_kw(a.kw)
-        exported = None
-        if a.output is None:
-            _no_emit_options(a, a.import_mode)
-            result = apply_recipe(a.backbone, loaded, a.input_shape, kwargs=kwargs)
-        else:
-            exported = _export(a, a.backbone, loaded, a.input_shape, kwargs, a.import_mode)
-            result = exported.result
+        result, exported = _run_apply(a)
         if a.json_out:
             _print_json(_written(apply_dict(result), exported))
             return
         render_apply(result, _console())
         _render_written(exported)
+
+
+def _run_apply(a: ApplyArgs) -> tuple[ApplyResult, Exported | None]:
+    """The patched backbone, and what ``-o`` wrote (None without it)."""
+    from bbswap.parsing import parse_kw
+    from bbswap.recipes.toml_io import load_recipe
+    from bbswap.surgery.apply import apply_recipe
+
+    loaded, kwargs = load_recipe(a.recipe), parse_kw(a.kw)
+    if a.output is None:
+        _no_emit_options(a, a.import_mode)
+        result = apply_recipe(
+            a.backbone, loaded, a.input_shape, kwargs=kwargs, source_output=a.source_output
+        )
+        return result, None
+    exported = _export(a, a.backbone, loaded, a.input_shape, kwargs, a.import_mode, a.source_output)
+    return exported.result, exported
 
 
 @dataclasses.dataclass(frozen=True)
@@ -466,6 +495,7 @@ class FitArgs(EmitArgs):
         str | None, typer.Option(help="Write the winner as a recipe TOML file.")
     ] = None
     kw: KwOpt = None
+    source_output: SourceOutputOpt = None
 
 
 @app.command("fit")
@@ -526,6 +556,7 @@ def _run_fit(a: FitArgs, progress: Callable[[int, int], None] | None) -> FitResu
         rounding=a.rounding,
         kwargs=parse_kw(a.kw),
         progress=progress,
+        source_output=a.source_output,
     )
 
 
@@ -572,6 +603,7 @@ def _export(
     input_shape: str | None,
     kwargs: dict[str, Any] | None = None,
     import_mode: bool = False,
+    source_output: str | None = None,
     also: dict[Path, bytes] | None = None,
 ) -> Exported:
     """Write the patched backbone to ``-o FILE.py`` as the emit options say."""
@@ -585,6 +617,7 @@ def _export(
         input_shape=input_shape,
         kwargs=kwargs,
         also=also,
+        source_output=source_output,
         **a.export_options(import_mode),
     )
 

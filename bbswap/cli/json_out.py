@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from bbswap.surgery.core import Edit
     from bbswap.tracing.cross_check import CrossCheck
     from bbswap.tracing.inspection import InspectReport, SizeCheck
+    from bbswap.tracing.outputs import Output
     from bbswap.tracing.tracer import SpatialOp, Stage, Trace
     from bbswap.verify.checks import Check, VerifyReport
 
@@ -67,10 +68,29 @@ def report_dict(report: InspectReport) -> dict[str, Any]:
         if f is None
         else {"stage": f.path, "output": list(f.out_shape), "downsample": list(f.downsample)},
         "size_rule": {"h": report.rules[0].format("H"), "w": report.rules[1].format("W")},
+        "outputs": [_output(o) for o in t.outputs],
+        "source_output": _source_output(t),
         "stages": [_stage(s) for s in t.stages],
         "reductions": [_reduction(r) for r in t.reductions],
         "sizes": [_size_check(c) for c in report.sizes],
     }
+
+
+def _output(o: Output) -> dict[str, Any]:
+    return {
+        "key": o.key,
+        "output": list(o.shape),
+        "channels": o.channels,
+        "downsample": list(o.downsample) if o.spatial else None,
+        "receptive_field": list(o.receptive_field) if o.spatial else None,
+    }
+
+
+def _source_output(t: Trace) -> dict[str, Any] | None:
+    """Which output of a forward that returns several a report is about (None: one)."""
+    if t.output_key is None:
+        return None
+    return {"key": t.output_key, "returns": t.returns, "default": not t.output_given}
 
 
 def _stage(s: Stage) -> dict[str, Any]:
@@ -131,6 +151,7 @@ def apply_dict(result: ApplyResult) -> dict[str, Any]:
         "schema": "bbswap.apply/1",
         "backbone": result.backbone.spec,
         "recipe": result.recipe.name,
+        "source_output": _source_output(result.before),
         "before": _summary(result.before),
         "after": _summary(result.after),
         "size_rule": {"h": rules[0].format("H"), "w": rules[1].format("W")},
@@ -164,6 +185,7 @@ def fit_dict(result: FitResult, top: int) -> dict[str, Any]:
             "rounding": result.target.rounding,
         },
         "input": list(result.source.input_shape),
+        "source_output": _source_output(result.source),
         "evaluated": result.evaluated,
         "probes": [list(p) for p in result.probes],
         "prefer": result.prefer,

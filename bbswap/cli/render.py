@@ -129,6 +129,42 @@ def reduction_table(ops: Sequence[SpatialOp], title: str = "reduction points") -
     return table
 
 
+def source_output_line(trace: Trace) -> str:
+    """Which output of a forward that returns several the report is about, and why; ""
+    for a forward that returns one tensor."""
+    if trace.output_key is None:
+        return ""
+    why = "asked for" if trace.output_given else "the largest downsample; --source-output chooses"
+    return (
+        f"source output: {trace.output_key} of the {trace.returns} of {len(trace.outputs)} "
+        f"the forward returns ({why})"
+    )
+
+
+def outputs_table(trace: Trace) -> Table:
+    """Every tensor the forward returns; ``*`` marks the one the report is about."""
+    table = Table(
+        title=f"outputs: the forward returns a {trace.returns} of {len(trace.outputs)}",
+        title_justify="left",
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+    )
+    table.add_column("")
+    table.add_column("output")
+    for name in ("shape", "ch", "down", "RF"):
+        table.add_column(name, justify="right")
+    for o in trace.outputs:
+        table.add_row(
+            "*" if o.key == trace.output_key else "",
+            escape(str(o.key)),
+            shape(o.shape),
+            str(o.channels),
+            describe_factor(o.downsample) if o.spatial else "-",
+            rf(o.receptive_field) if o.spatial else "-",
+        )
+    return table
+
+
 def render_inspect(report: InspectReport, console: Console) -> None:
     t = report.trace
     where = {"meta": "meta device", "fake": "fake tensors", "cpu": "real CPU tensors"}[t.device]
@@ -142,6 +178,10 @@ def render_inspect(report: InspectReport, console: Console) -> None:
         f"output {shape(t.output_shape)}  downsample {describe_factor(t.downsample)}  "
         f"params {count(t.params)}  MACs {count(t.macs)} ({si(t.macs)})"
     )
+    if t.outputs:
+        console.print()
+        console.print(outputs_table(t))
+        console.print(escape(source_output_line(t)))
     console.print()
     console.print(reduction_table(t.reductions))
     h, w = report.rules
@@ -242,17 +282,23 @@ def render_apply(result: ApplyResult, console: Console) -> None:
         f"params {count(after.params)}  MACs {count(after.macs)} ({si(after.macs)})  "
         f"size rule {h.format('H')}, {w.format('W')}"
     )
+    if before.outputs:
+        console.print(escape(source_output_line(before)))
     console.print()
-    edits = Table(title="edits", title_justify="left", header_style="bold", box=box.SIMPLE_HEAD)
+    console.print(_edits_table(result.edits))
+
+
+def _edits_table(edits: Sequence[Edit]) -> Table:
+    table = Table(title="edits", title_justify="left", header_style="bold", box=box.SIMPLE_HEAD)
     for name in ("#", "op", "path", "attribute", "old -> new"):
-        edits.add_column(name)
-    for group in _grouped(result.edits):
+        table.add_column(name)
+    for group in _grouped(edits):
         e = group[0]
         path = e.path or "(model)"
         if len(group) > 1:
             path += f" and {len(group) - 1} more like it"
-        edits.add_row(str(e.op_index), e.op, path, e.attribute, escape(f"{e.old} -> {e.new}"))
-    console.print(edits)
+        table.add_row(str(e.op_index), e.op, path, e.attribute, escape(f"{e.old} -> {e.new}"))
+    return table
 
 
 def _grouped(edits: Sequence[Edit]) -> list[list[Edit]]:
@@ -362,6 +408,8 @@ def render_fit(result: FitResult, top: int, console: Console) -> None:
         f"input {shape(winner)}; {result.evaluated} candidates evaluated, "
         f"each checked at {len(result.probes)} input sizes"
     )
+    if result.source.outputs:
+        console.print(escape(source_output_line(result.source)))
     best = result.winner.trace.macs if result.winner.result else 0
     table = Table(header_style="bold", box=box.SIMPLE_HEAD)
     for name, justify in _FIT_COLUMNS:

@@ -105,6 +105,7 @@ def export(
     safetensors: bool = False,
     seed: int = 0,
     also: dict[Path, bytes] | None = None,
+    source_output: int | str | None = None,
 ) -> Exported:
     """Build ``recipe`` on a backbone with real weights, emit it, verify the file by round
     trip, then write it (and the carried weights, and any files in ``also``) as one
@@ -140,6 +141,8 @@ def export(
         safetensors: Write the carried weights as ``.safetensors`` instead of ``.pth``.
         seed: The random seed of the weights of a backbone built without a checkpoint.
         also: More files to write in the same transaction, as ``{path: bytes}``.
+        source_output: Which output of a backbone that returns several to make the file
+            from (an index or a key); default the one with the largest downsample.
 
     Returns:
         An :class:`Exported`: the paths written, the emitted source, the apply result,
@@ -164,7 +167,7 @@ def export(
     _, chans = source_input(backbone, recipe, input_shape)
     torch.manual_seed(seed)
     model, load, source = _source_model(backbone, chans, checkpoint, partial)
-    result = apply_recipe(backbone, recipe, input_shape, model=model)
+    result = apply_recipe(backbone, recipe, input_shape, model=model, source_output=source_output)
     files = {**(also or {})}
     carried, recorded = None, None
     if weights_path is not None:  # the exact bytes written, hashed into the emitted file

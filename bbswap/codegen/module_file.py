@@ -53,9 +53,9 @@ from bbswap.surgery.core import (
     fx_name,
     module_at,
     parent_path,
-    trace_children_as_leaves,
 )
-from bbswap.tracing.tracer import describe_factor
+from bbswap.surgery.fx_trace import trace_children_as_leaves
+from bbswap.tracing.tracer import Trace, describe_factor
 
 _FAMILIES = {
     "resnet": "ResNet",
@@ -661,8 +661,10 @@ def _dropout_loop(
     if len(names) != 1:  # a block already had a 'dropout' attribute: spell each one out
         return [_set_expr(model, "body", e.path, new[e.path]) for e in edits]
     cls = op.block
+    # the op leaves the model itself out, even when it is of that class (a root Sequential)
+    blocks = "body.modules()" if type(model).__name__ != cls else "list(body.modules())[1:]"
     return [
-        f"for block in [m for m in body.modules() if type(m).__name__ == {string(cls)}]:",
+        f"for block in [m for m in {blocks} if type(m).__name__ == {string(cls)}]:",
         "    " + _assign_attr("block", names.pop(), new[edits[0].path]),
     ]
 
@@ -729,6 +731,7 @@ def _adopt_root(
     """The patched model's own children, parameters and buffers, taken from ``body``; a
     truncation is noted here, an appended module under its op's comment."""
     lines = ["# the source backbone's modules, under their own names (state_dict keys)"]
+    lines += _comments_for(_output_note(result, patched, plan))
     for index, op in plan.items():
         if op.dropped:
             after = result.recipe.ops[index]["after"]  # a truncate op's field
@@ -753,6 +756,23 @@ def _adopt_root(
     return lines
 
 
+def _output_note(result: ApplyResult, patched: nn.Module, plan: dict[int, _OpLines]) -> str:
+    """Which output of a source that returns several this class returns, and the source's
+    modules that only the others needed; "" for a source that returns one tensor."""
+    before = result.before
+    if before.output_key is None:
+        return ""
+    dropped = {path for op in plan.values() for path in op.dropped}
+    unused = [
+        c for c in result.surgery.model._modules if c not in patched._modules and c not in dropped
+    ]
+    note = (
+        f"the source's forward returns a {before.returns} of {len(before.outputs)}; this "
+        f"class returns its output {before.output_key!r} alone"
+    )
+    return note + (f", so it no longer runs {', '.join(unused)}" if unused else "")
+
+
 def _wrap_nested(line: str, indent: int) -> str:
     """``wrap`` for a line that may carry its own indentation (a loop's body)."""
     code = line.lstrip(" ")
@@ -762,6 +782,8 @@ def _wrap_nested(line: str, indent: int) -> str:
 def _trace_root(model: nn.Module) -> fx.Graph:
     try:
         return trace_children_as_leaves(model)
+    except SurgeryError:
+        raise
     except Exception as error:  # fx raises many kinds of errors on dynamic code
         raise SurgeryError(
             f"cannot write the forward of {type(model).__name__}: not traceable with torch.fx "
@@ -818,6 +840,17 @@ def _source_lines(source: WeightsSource) -> list[str]:
     return lines
 
 
+def _source_output_lines(before: Trace) -> list[str]:
+    """The output of a source that returns several tensors that the file is made from."""
+    if before.output_key is None:
+        return []
+    keys = ", ".join(repr(o.key) for o in before.outputs)
+    return [
+        f"Source output:   {before.output_key!r} of the {before.returns} its forward returns "
+        f"({keys})"
+    ]
+
+
 def _docstring(
     result: ApplyResult,
     name: str,
@@ -837,6 +870,7 @@ def _docstring(
         f"Source backbone: {result.backbone.spec}",
         f"Traced input:    {shape(t.input_shape)} -> output {shape(t.output_shape)} "
         f"(the source gave {shape(before.output_shape)} for {shape(before.input_shape)})",
+        *_source_output_lines(before),
         f"Downsample:      {describe_factor(t.downsample)}",
         *_size_rule_lines(f"{rules[0].format('H')}, {rules[1].format('W')}", name),
         f"Params:          {count(t.params)}",

@@ -163,6 +163,9 @@ class Recipe:
     description: str = ""
     input: str = ""
     source: str = ""  # the file it was read from, for messages
+    # which output of a forward that returns several tensors the recipe works on: an
+    # index or a dict key (None: the one with the largest downsample)
+    source_output: int | str | None = None
 
     def where(self, index: int, key: str | None = None) -> str:
         """How an error message names a field: ``file: ops[2] (stride).at``."""

@@ -18,7 +18,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-_TOP_FIELDS = {"name", "description", "backbone", "input", "ops"}
+_TOP_FIELDS = {"name", "description", "backbone", "input", "source_output", "ops"}
 
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; a larger file is not one
@@ -73,6 +73,14 @@ def recipe_from_dict(data: Mapping[str, Any], source: str = "") -> Recipe:
             raise RecipeError(f"{prefix}{key} must be a string, got {data[key]!r}")
     if "name" not in data:
         raise RecipeError(f"{prefix}missing field 'name'")
+    output = data.get("source_output")
+    if output is not None and not (
+        isinstance(output, str) or (type(output) is int and output >= 0)
+    ):
+        raise RecipeError(
+            f"{prefix}source_output must be an output's index (0, 1, ...) or its dict key, "
+            f"got {output!r}"
+        )
     raw_ops = data.get("ops", [])
     if not isinstance(raw_ops, list) or not raw_ops:
         raise RecipeError(f"{prefix}a recipe needs at least one [[ops]] table")
@@ -84,6 +92,7 @@ def recipe_from_dict(data: Mapping[str, Any], source: str = "") -> Recipe:
         description=data.get("description", ""),
         input=data.get("input", ""),
         source=source,
+        source_output=output,
     )
 
 
@@ -106,6 +115,8 @@ def recipe_to_toml(recipe: Recipe, header: str = "") -> str:
     for key in ("description", "backbone", "input"):
         if getattr(recipe, key):
             top[key] = getattr(recipe, key)
+    if recipe.source_output is not None:
+        top["source_output"] = recipe.source_output
     parts = ["".join(f"# {line}".rstrip() + "\n" for line in header.splitlines()) + _toml(top)]
     parts += ["[[ops]]\n" + _toml(op.to_toml()) for op in recipe.ops]
     return "\n".join(parts)

@@ -30,6 +30,7 @@ from bbswap.recipes.schema import Op, Recipe
 from bbswap.recipes.strides import Stride, exact_setting, stride_targets
 from bbswap.records import short_count
 from bbswap.surgery.apply import ApplyResult, apply_traced
+from bbswap.surgery.fx_trace import require_one_forward
 from bbswap.tracing.inspection import choose_input, first_conv_in_channels
 from bbswap.tracing.sizes import from_smallest
 from bbswap.tracing.tracer import (
@@ -289,7 +290,8 @@ def plan(
     name = f"fit-{backbone.name}-c{target.channels}-s{_fmt(target.stride)}"
 
     def recipe(ops: list[Op]) -> Recipe:
-        return Recipe(name, tuple(ops), backbone.spec, f"fit target: {target.describe()}", "")
+        about = f"fit target: {target.describe()}"
+        return Recipe(name, tuple(ops), backbone.spec, about, source_output=source.output_key)
 
     candidates = [
         Candidate(recipe([*stem, *ops, *head, *pool, *tail]), label, cmode, order)
@@ -489,6 +491,7 @@ def fit(
     rounding: Rounding | str = Rounding.CEIL,
     kwargs: dict[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    source_output: int | str | None = None,
 ) -> FitResult:
     """Search for the cheapest exact surgery that makes a backbone produce ``channels``
     channels at 1/``stride``; the candidates come ranked, the winner first.
@@ -519,6 +522,9 @@ def fit(
         kwargs: Constructor arguments for a spec; for a model instance, the arguments it
             was constructed with (they name its builder when the winner is emitted).
         progress: Called as ``progress(done, total)`` after each candidate is evaluated.
+        source_output: For a backbone whose forward returns several tensors, the output to
+            fit (an index or a dict key); default the one with the largest downsample.
+            Every candidate's recipe names it, and the patched backbone returns it.
 
     Output sizes are checked at probe sizes that start from the smallest input the source
     (and ``like``) accept (``FitResult.smallest``, ``FitResult.probes``).
@@ -556,6 +562,7 @@ def fit(
     source, model = trace(
         lambda: backbone.build(in_chans=own), (1, own, shape[2], shape[3]), name=backbone.spec
     )
+    source = source.select_output(source_output, backbone.spec)
     smallest, multiple = accepted_input(source, *([other[0]] if other is not None else []))
     probes = from_smallest(PROBES, smallest, multiple)
     if like is not None and other is not None:  # its real output size at each probe
@@ -566,6 +573,7 @@ def fit(
         and first_conv_in_channels(model) is None
     ):
         raise TargetError(f"{backbone.spec} has no stem conv whose input channels can change")
+    require_one_forward(model)  # its forward is written out in every plan
     candidates = plan(backbone, source, target, mode=how.value, allow_truncate=allow_truncate)
     done = _evaluate_all(backbone, source, model, candidates, target, probes, progress)
     if not any(c.ok for c in done) and target.like is None:

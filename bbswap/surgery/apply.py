@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -14,6 +14,7 @@ from bbswap.parsing import parse_dims
 from bbswap.recipes.schema import Recipe
 from bbswap.records import dims, short_count
 from bbswap.surgery.core import Edit, Surgery
+from bbswap.surgery.fx_trace import require_one_forward
 from bbswap.tracing.inspection import choose_input, features_text
 from bbswap.tracing.tracer import ForwardFailed, Stage, Trace, trace, trace_module
 
@@ -61,6 +62,7 @@ def apply_recipe(
     *,
     kwargs: dict[str, Any] | None = None,
     model: nn.Module | None = None,
+    source_output: int | str | None = None,
 ) -> ApplyResult:
     """Apply ``recipe`` to a backbone and trace the result.
 
@@ -82,6 +84,9 @@ def apply_recipe(
         model: The same backbone as ``spec`` with real weights (built with the same
             constructor arguments, e.g. with a checkpoint loaded); default the instance
             when ``spec`` is one, else none, and ``result.model`` is on the meta device.
+        source_output: For a backbone whose forward returns several tensors, the output
+            the ops work on (an index or a dict key; default the recipe's, else the one
+            with the largest downsample); the patched backbone returns that output alone.
 
     Returns:
         An :class:`ApplyResult`: the traces ``before`` and ``after``, every ``edits``
@@ -100,12 +105,17 @@ def apply_recipe(
         model = real_copy(spec)
     shape, chans = source_input(backbone, recipe, input_shape)
     before, source = trace(lambda: backbone.build(in_chans=chans), shape, name=backbone.spec)
+    wanted = source_output if source_output is not None else recipe.source_output
+    before = before.select_output(wanted, backbone.spec)
+    if source_output is not None:  # the recipe shown with the result names the output
+        recipe = replace(recipe, source_output=before.output_key)
+    require_one_forward(source)  # the emitted file writes the model's forward out
     result = apply_traced(backbone, recipe, before, source, model=model)
     if input_shape and len(parse_dims(input_shape, "input_shape")) == 4:
-        wanted = parse_dims(input_shape, "input_shape")[1]
-        if wanted != result.surgery.in_chans:
+        wanted_chans = parse_dims(input_shape, "input_shape")[1]
+        if wanted_chans != result.surgery.in_chans:
             raise InvalidArgument(
-                f"{{input_shape}} has {wanted} channels but the patched model takes "
+                f"{{input_shape}} has {wanted_chans} channels but the patched model takes "
                 f"{result.surgery.in_chans}",
                 params=("input_shape",),
             )

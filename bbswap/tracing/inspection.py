@@ -173,6 +173,8 @@ def check_sizes(
             raise ModelError(
                 f"{{sizes}} {h}x{w}: {forward_error(failed, (n, c, h, w))}", params=("sizes",)
             ) from failed.error
+        if result.outputs:  # the output the rule is of
+            again = again.select_output(result.output_key)
         out = again.output_shape
         if features is not None:
             out = next((s.out_shape for s in again.stages if s.path == features.path), ())
@@ -188,6 +190,7 @@ def inspect_backbone(
     depth: int = 1,
     sizes: Sequence[tuple[int, int]] = (),
     kwargs: dict[str, Any] | None = None,
+    source_output: int | str | None = None,
 ) -> InspectReport:
     """Trace a backbone once on the meta device: its stages, costs, reduction points and
     size rule, and with ``sizes`` the output size predicted and traced at each.
@@ -203,6 +206,9 @@ def inspect_backbone(
         depth: How deep the stage table goes (1: the top-level children).
         sizes: Input sizes ``(h, w)`` at which to check the size rule against a new trace.
         kwargs: Constructor arguments for a spec (ignored for a model instance).
+        source_output: For a forward that returns several tensors (``trace.outputs`` lists
+            them all), the one whose size rule and checks are reported; default the one
+            with the largest downsample.
 
     Returns:
         An :class:`InspectReport`: ``trace`` (stages, reductions, params, MACs),
@@ -230,6 +236,7 @@ def inspect_backbone(
         prepared = prepare(backbone, input_shape)
         result, model = trace(prepared.build, prepared.input_shape, depth, backbone.spec)
         name = backbone.spec
+    result = result.select_output(source_output, name)
     checks = check_sizes(model, result, sizes) if sizes else ()
     features = result.features
     rules = result.size_rules(features.chain if features else None)

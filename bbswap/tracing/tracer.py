@@ -31,6 +31,15 @@ from bbswap.errors import ModelError, NotACNN
 from bbswap.kinds import Device
 from bbswap.records import dims, short_count
 from bbswap.tracing.ids import call_id
+from bbswap.tracing.outputs import (
+    Output,
+    OutputKey,
+    choose_output,
+    default_output,
+    describe_outputs,
+    refuse_single,
+    returned,
+)
 from bbswap.tracing.sizes import SizeRule, SizeStep, chain_size, min_size, size_rule
 from bbswap.tracing.spatial_ops import (
     SPATIAL,
@@ -152,6 +161,29 @@ class Trace:
     module_stages: tuple[Stage, ...] = ()  # a row for every called module, any depth
     attention: str = ""  # the first module whose forward multiplies two activations
     features_at: str = ""  # the outermost module whose output forward_features returns
+    # a forward that returns several tensors: each of them, what holds them ("tuple",
+    # "list" or "dict"), which one the output fields describe and whether it was asked for
+    outputs: tuple[Output, ...] = ()
+    returns: str = ""
+    output_key: OutputKey | None = None
+    output_given: bool = False
+
+    def select_output(self, key: OutputKey | None, name: str = "the model") -> Trace:
+        """This trace with its output fields describing the output ``key`` (an index or a
+        dict key; None: the default, the one with the largest downsample)."""
+        if not self.outputs:
+            refuse_single(key, name)
+            return self
+        o = choose_output(self.outputs, self.returns, key, name)
+        return replace(
+            self,
+            output_shape=o.shape,
+            chain=o.chain,
+            downsample=o.downsample,
+            receptive_field=o.receptive_field,
+            output_key=o.key,
+            output_given=key is not None,
+        )
 
     def __repr__(self) -> str:
         """The summary line, not the data: ``Trace(1x3x224x224 -> 1x1000, 11 stages, ...)``."""
@@ -644,7 +676,11 @@ def _summarise(
     outs = _tensors(out)
     if not outs:
         raise ModelError("the model's forward returned no tensor")
-    y = outs[0]
+    y, several = outs[0], returned(out)
+    outputs: tuple[Output, ...] = ()
+    if several is not None:
+        outputs = describe_outputs(several[1], lambda t: _output_info(rec, t))
+        y = dict(several[1])[default_output(outputs).key]
     y_info = rec.tensor_info(y)
     ops = tuple(sorted(rec.ops.values(), key=lambda o: o.order))
     params = sum(p.numel() for p in rec.model.parameters())
@@ -669,7 +705,17 @@ def _summarise(
         module_stages=_stages(rec, 10**6, functional=False),
         attention=rec.attention or "",
         features_at=_features_at(rec),
+        outputs=outputs,
+        returns=several[0] if several is not None else "",
+        output_key=default_output(outputs).key if outputs else None,
     )
+
+
+def _output_info(
+    rec: _Recorder, t: torch.Tensor
+) -> tuple[tuple[float, float], tuple[int, int], tuple[str, ...]]:
+    info = rec.tensor_info(t)
+    return info.jump, (int(info.rf[0]), int(info.rf[1])), info.chain
 
 
 def _features_at(rec: _Recorder) -> str:
