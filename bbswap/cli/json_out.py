@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
     from bbswap.backbones.registry import ListedBackbone
     from bbswap.codegen.export import Exported
+    from bbswap.recipes.registry import OpInfo
     from bbswap.search.fit import Candidate, FitResult
     from bbswap.search.matrix import Cell, Matrix, Row
     from bbswap.surgery.apply import ApplyResult
@@ -239,4 +240,20 @@ def _cell(c: Cell) -> dict[str, Any]:
         "verified": c.verified,
         "reason": c.reason or None,
         "detail": c.detail or None,
+    }
+
+
+def ops_dict(ops: Sequence[OpInfo]) -> dict[str, Any]:
+    """``bbswap ops --json`` (schema ``bbswap.ops/1``): every recipe op and its fields."""
+    fields = ("name", "kind", "required", "default", "choices", "help")
+    return {
+        "schema": "bbswap.ops/1",
+        "ops": [
+            {
+                "op": op.name,
+                "summary": op.summary,
+                "fields": [{**attrs(f, *fields), "choices": list(f.choices)} for f in op.fields],
+            }
+            for op in ops
+        ],
     }

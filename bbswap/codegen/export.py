@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from bbswap.codegen.module_file import Emitted, emit
 from bbswap.codegen.outputs import check_output, write_files
 from bbswap.codegen.weights_code import ERROR_CLASS, LOADER
 from bbswap.errors import InvalidArgument
+from bbswap.kinds import Phase
 from bbswap.recipes.schema import Recipe
 from bbswap.surgery.apply import ApplyResult, apply_recipe, source_input
 from bbswap.verify.checks import (
@@ -85,15 +87,19 @@ def export(
     safetensors: bool = False,
     seed: int = 0,
     also: dict[Path, bytes] | None = None,
+    on_phase: Callable[[Phase], None] | None = None,
 ) -> Exported:
     """Build ``recipe`` on ``spec`` with real weights, emit it, verify the file by round
     trip, then write it (and the carried weights, and any files in ``also``) as one
-    transaction: all or nothing, every path checked before any work."""
+    transaction: all or nothing, every path checked before any work. ``on_phase`` is
+    called as the build, the emit and the verification begin."""
+    phase = on_phase or (lambda _: None)
     for extra in also or {}:
         check_output(extra, force, "output")
     backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
     path, weights_path = output_paths(out, weights is not None, safetensors, force)
     _, chans = source_input(backbone, recipe, input_shape)
+    phase(Phase.BUILD)
     torch.manual_seed(seed)
     model = backbone.build(in_chans=chans)
     load = None
@@ -109,9 +115,11 @@ def export(
         files[weights_path] = state_bytes(weights_path, result.model.state_dict())
         carried = (weights_path.name, files[weights_path])
         recorded = (weights_path.name, hashlib.sha256(files[weights_path]).hexdigest())
+    phase(Phase.EMIT)
     emitted = emit(
         result, class_name=class_name, dropin=dropin, import_mode=import_mode, weights=recorded
     )
+    phase(Phase.VERIFY)
     report = check_emitted(emitted, result, source=model, weights=carried)
     require(report)
     files[path] = emitted.source.encode("utf-8")  # last: the file that names the others

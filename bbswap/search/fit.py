@@ -21,7 +21,7 @@ from typing import Any
 
 from bbswap.backbones.registry import Backbone, resolve
 from bbswap.errors import BBSwapError, InvalidArgument, SurgeryError, TargetError
-from bbswap.kinds import Mode, Prefer, Rounding
+from bbswap.kinds import Mode, Phase, Prefer, Rounding
 from bbswap.parsing import parse_stride
 from bbswap.recipes.channels import InChannels
 from bbswap.recipes.registry import make_op
@@ -451,8 +451,12 @@ def fit(
     rounding: Rounding | str = Rounding.CEIL,
     kwargs: dict[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    on_phase: Callable[[Phase], None] | None = None,
 ) -> FitResult:
-    """Search for the cheapest exact surgery to the target; candidates come ranked."""
+    """Search for the cheapest exact surgery to the target; candidates come ranked.
+
+    ``progress(done, total)`` is called as each candidate is evaluated, ``on_phase`` as
+    the trace and the evaluation of candidates begin (:class:`bbswap.kinds.Phase`)."""
     ranking = Prefer.parse(prefer, "prefer")
     how = Mode.parse(mode, "mode")
     rule = Rounding.parse(rounding, "rounding")
@@ -461,6 +465,8 @@ def fit(
     target = _target(channels, stride, in_chans if in_chans is not None else asked, like)
     target = replace(target, rounding=rule.value)
     own = shape[1]
+    if on_phase is not None:
+        on_phase(Phase.TRACE)
     source, model = trace(
         lambda: backbone.build(in_chans=own), (1, own, shape[2], shape[3]), name=backbone.spec
     )
@@ -472,6 +478,8 @@ def fit(
         raise TargetError(f"{backbone.spec} has no stem conv whose input channels can change")
     probes = tuple(p for p in PROBES if target.size(*p) is not None) or PROBES
     candidates = plan(backbone, source, target, mode=how.value, allow_truncate=allow_truncate)
+    if on_phase is not None:
+        on_phase(Phase.CANDIDATES)
     done = _evaluate_all(backbone, source, model, candidates, target, probes, progress)
     if not any(c.ok for c in done) and target.like is None:
         done += _exact_variants(backbone, source, model, done, target, probes, progress)

@@ -124,9 +124,12 @@ def matrix(
     rounding: Rounding | str = Rounding.ANY,
     input_shape: str | None = None,
     debug: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int, str | None], None] | None = None,
 ) -> Matrix:
-    """Try every backbone the patterns name at every stride; see the module docstring."""
+    """Try every backbone the patterns name at every stride; see the module docstring.
+
+    ``progress(done, total, spec)`` is called as each backbone begins (``spec`` its
+    name, ``done`` the number finished) and once at the end (``spec`` None)."""
     pats = (patterns,) if isinstance(patterns, str) else tuple(patterns)
     if not strides or min(strides) < 1:
         raise InvalidArgument(f"--stride must list positive strides, got {list(strides)}")
@@ -138,9 +141,11 @@ def matrix(
     specs = expand(pats)
     rows = []
     for i, spec in enumerate(specs):
-        rows.append(_row(spec, tuple(strides), channels, verify, rule, input_shape, debug))
         if progress is not None:
-            progress(i + 1, len(specs))
+            progress(i, len(specs), spec)
+        rows.append(_row(spec, tuple(strides), channels, verify, rule, input_shape, debug))
+    if progress is not None:
+        progress(len(specs), len(specs), None)
     return Matrix(pats, tuple(strides), channels, verify, rule, tuple(rows))
 
 
