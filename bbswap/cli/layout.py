@@ -26,7 +26,6 @@ from rich import box
 from rich.cells import cell_len
 from rich.console import Console
 from rich.measure import Measurement
-from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
@@ -119,7 +118,7 @@ def flow(console: Console, fields: Sequence[str | Text], gap: str = "  ") -> Non
         else:
             lines.append(item.copy())
     for line in lines:
-        console.print(_broken(line, console.width, Wrap.WORDS))
+        console.print(_broken(line, console.width, Wrap.WORDS), soft_wrap=True)
 
 
 def _cells(grid: Grid, index: int) -> list[Text]:
@@ -221,14 +220,18 @@ def _stacked(grid: Grid, console: Console) -> None:
         marks = [row[i] for i, c in enumerate(grid.columns) if not c.header and row[i].plain]
         heading = Text(" ").join([*marks, row[grid.key]])
         heading.stylize("bold")
-        console.print(_broken(heading, console.width, grid.columns[grid.key].wrap))
+        if heading.plain:  # soft wrap: a piece wider than the terminal is left whole
+            console.print(
+                _broken(heading, console.width, grid.columns[grid.key].wrap), soft_wrap=True
+            )
         pairs = [
             _pair(c, row[i], room)
             for i, c in enumerate(grid.columns)
             if i != grid.key and c.header and row[i].plain
         ]
         for line in _lines(pairs, room):
-            console.print(Padding(line, (0, 0, 0, _INDENT)))
+            for part in line.split("\n"):
+                console.print(Text(" " * _INDENT) + part, soft_wrap=True)
     console.print()
 
 
