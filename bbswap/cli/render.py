@@ -84,7 +84,7 @@ def _stage_cells(stage: Stage) -> list[str | Text]:
     path = Text(stage.path, style="italic" if stage.functional else "")
     return [
         path,
-        stage.type,
+        Text(stage.type),
         shape(stage.out_shape),
         str(stage.channels),
         describe_factor(stage.downsample),
@@ -96,18 +96,19 @@ def _stage_cells(stage: Stage) -> list[str | Text]:
 
 
 def reduction_table(ops: Sequence[SpatialOp], title: str = "reduction points") -> Grid:
-    names = ("point", "call", "op", "kernel", "stride", "padding", "dilation", "rounding")
     grid = Grid(
         [
-            *(Column(n, "right" if i in range(3, 7) else "left") for i, n in enumerate(names)),
-            Column("in -> out", "right", wrap=Wrap.WORDS),
+            *(Column(name) for name in ("point", "call", "op")),
+            *(Column(name, "right") for name in ("kernel", "stride", "padding", "dilation")),
+            Column("rounding"),
+            Column("in -> out", "right", wrap=Wrap.ARROWS),
         ],
         title,
     )
     for op in ops:
         adaptive = op.op.startswith("adaptive") or op.op == "interpolate"
         grid.add_row(
-            op.id,
+            Text(op.id),  # a module path of the user's model: text, not markup
             "module" if op.kind == "module" else f"F.{op.func}",
             op.op,
             "-" if adaptive else pair(op.kernel),
