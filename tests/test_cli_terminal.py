@@ -151,10 +151,15 @@ def test_piped_output_has_no_trailing_spaces_and_keeps_one_row_a_line(resnet50_r
 # -- the layout itself, at any width ----------------------------------------------------------
 
 
+def _console(out: io.StringIO, width: int) -> Console:
+    """A console of ``width`` columns writing to ``out`` as the command line does."""
+    stream: Any = TrailingSpaceFree(out)  # a text stream
+    return Console(file=stream, width=width, highlight=False)
+
+
 def _rendered(grid: Grid, width: int) -> str:
     out = io.StringIO()
-    console = Console(file=TrailingSpaceFree(out), width=width, highlight=False)  # type: ignore[arg-type]  # a text stream
-    show(grid, console)
+    show(grid, _console(out, width))
     return out.getvalue()
 
 
@@ -174,7 +179,7 @@ def test_stage_and_reduction_tables_never_cut_an_id_at_any_width(resnet50_report
 def test_fit_table_never_cuts_a_candidate_at_any_width(width):
     result = _fit_result()
     out = io.StringIO()
-    render_fit(result, 20, Console(file=TrailingSpaceFree(out), width=width, highlight=False))  # type: ignore[arg-type]  # a text stream
+    render_fit(result, 20, _console(out, width))
     edits = [e for c in result.candidates for e in c.label.split(", ")]
     assert_fits(out.getvalue(), width, *edits)
 
@@ -327,8 +332,8 @@ def test_shell_completion_is_offered():
 
 
 def _commands() -> dict[str, Any]:
-    group = get_command(app)
-    return dict(group.commands)  # type: ignore[attr-defined]  # a group
+    group: Any = get_command(app)  # the group of commands
+    return dict(group.commands)
 
 
 def test_every_command_takes_json():
@@ -355,7 +360,7 @@ def test_ops_json_is_the_op_registry_as_data():
     assert all(f"{o.name}: {o.summary}" in text for o in ops)
 
 
-@pytest.mark.parametrize("name", ["", *sorted(get_command(app).commands)])  # type: ignore[attr-defined]
+@pytest.mark.parametrize("name", ["", *sorted(_commands())])
 def test_help_shows_readable_metavars(name):
     result = run(*([name] if name else []), "--help", env={"COLUMNS": "200"})
     assert result.exit_code == 0
