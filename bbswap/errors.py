@@ -1,8 +1,9 @@
 """The one exception hierarchy of bbswap.
 
 Every error a user can cause is a :class:`BBSwapError`; the command line prints its
-message on one line to stderr and exits with status 2. Anything else is a bug and
-keeps its traceback.
+message on one line to stderr and exits with the error's :attr:`~BBSwapError.exit_code`:
+2 for a usage error (the default), 1 for a :class:`VerificationError` (the command ran,
+and what it checked is not so). Anything else is a bug and keeps its traceback.
 
 A message names the arguments it is about by their Python parameter (``input_shape``);
 the command line words the same message with its flags (``--input``, see :func:`flag`).
@@ -34,7 +35,7 @@ class BBSwapError(Exception):
             print(error)   # malformed stride '0': every dimension must be positive
     """
 
-    exit_code = 2
+    exit_code = 2  # a usage error: the request is wrong, nothing was done
     brief_default = "error"
 
     def __init_subclass__(cls, brief: str | None = None, **kwargs: object) -> None:
@@ -94,6 +95,8 @@ class TargetError(BBSwapError, brief="no exact plan"):
 
 class VerificationError(BBSwapError, brief="verification fails"):
     """A generated or hand-edited file does not match what it claims."""
+
+    exit_code = 1  # the command ran as asked; what it checked failed
 
 
 class NotACNN(BBSwapError, brief="not a CNN"):

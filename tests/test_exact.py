@@ -330,7 +330,7 @@ def test_verify_passes_the_written_file(alexnet_file):
     assert result.stderr == ""
     assert "FAILED" not in result.stdout
     wrong = cli("verify", target, "--channels", 32, "--stride", 32, "--sizes", "33x97")
-    assert_one_line_error(wrong, "stride", report=True)
+    assert_one_line_error(wrong, "stride", report=True, status=1)
 
 
 # -- even kernels: padding='same' and floor(H/S) -------------------------------------------------
@@ -402,7 +402,7 @@ def test_fit_even_kernels_cli(tmp_path):
     target = f"{out}:{written['class_name']}"
     check = ("verify", target, "--channels", 32, "--stride", 16, "--sizes", "33x47,61x97")
     assert "floor(H/16) x floor(W/16) at 2 sizes" in ok(cli(*check, "--rounding", "floor")).stdout
-    assert_one_line_error(cli(*check), "stride", "ceil(H/16)", report=True)
+    assert_one_line_error(cli(*check), "stride", "ceil(H/16)", report=True, status=1)
     for rounding in ([], ["--rounding", "ceil"]):
         result = cli(*args, *rounding, "-o", tmp_path / "ceil.py")
         assert_one_line_error(result, "only by rounding", "--rounding floor")

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
     from bbswap.backbones.registry import ListedBackbone
     from bbswap.codegen.export import Exported
-    from bbswap.recipes.schema import Field, Op
+    from bbswap.recipes.registry import OpInfo
+    from bbswap.recipes.schema import Field
     from bbswap.search.fit import Candidate, FitResult
     from bbswap.search.matrix import Cell, Matrix, Row
     from bbswap.surgery.apply import ApplyResult
@@ -312,13 +313,13 @@ def cross_check_dict(check: CrossCheck) -> dict[str, Any]:
     }
 
 
-def ops_dict(ops: dict[str, type[Op]]) -> dict[str, Any]:
-    """``bbswap ops --json`` (schema ``bbswap.ops/1``): every op and its fields."""
+def ops_dict(ops: Sequence[OpInfo]) -> dict[str, Any]:
+    """``bbswap ops --json`` (schema ``bbswap.ops/1``): every recipe op and its fields."""
     return {
         "schema": "bbswap.ops/1",
         "ops": [
-            {"op": name, "summary": cls.summary, "fields": [_field(f) for f in cls.fields]}
-            for name, cls in ops.items()
+            {"op": op.name, "summary": op.summary, "fields": [_field(f) for f in op.fields]}
+            for op in ops
         ],
     }
 

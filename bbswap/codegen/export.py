@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from bbswap.codegen.module_file import Emitted, emit
 from bbswap.codegen.outputs import check_output, write_files
 from bbswap.codegen.weights_code import ERROR_CLASS, LOADER
 from bbswap.errors import InvalidArgument
+from bbswap.kinds import Phase
 from bbswap.recipes.schema import Recipe
 from bbswap.surgery.apply import ApplyResult, apply_recipe, source_input
 from bbswap.verify.checks import (
@@ -106,6 +108,7 @@ def export(
     seed: int = 0,
     also: dict[Path, bytes] | None = None,
     source_output: int | str | None = None,
+    on_phase: Callable[[Phase], None] | None = None,
 ) -> Exported:
     """Build ``recipe`` on a backbone with real weights, emit it, verify the file by round
     trip, then write it (and the carried weights, and any files in ``also``) as one
@@ -143,6 +146,8 @@ def export(
         also: More files to write in the same transaction, as ``{path: bytes}``.
         source_output: Which output of a backbone that returns several to make the file
             from (an index or a key); default the one with the largest downsample.
+        on_phase: Called as the build, the emit and the verification begin
+            (:class:`bbswap.kinds.Phase`).
 
     Returns:
         An :class:`Exported`: the paths written, the emitted source, the apply result,
@@ -159,12 +164,14 @@ def export(
         bbswap.export(model, bbswap.winner_recipe(bbswap.fit(model, channels=256, stride=16)),
                       "resnet18_s16.py")                # also writes resnet18_s16.pth
     """
+    phase = on_phase or (lambda _: None)
     for extra in also or {}:
         check_output(extra, force, "output")
     backbone, checkpoint = weights_options(spec, kwargs, weights, pretrained)
     carry = checkpoint is not None or backbone.pretrained or isinstance(spec, torch.nn.Module)
     path, weights_path = output_paths(out, carry, safetensors, force)
     _, chans = source_input(backbone, recipe, input_shape)
+    phase(Phase.BUILD)
     torch.manual_seed(seed)
     model, load, source = _source_model(backbone, chans, checkpoint, partial)
     result = apply_recipe(backbone, recipe, input_shape, model=model, source_output=source_output)
@@ -174,6 +181,7 @@ def export(
         files[weights_path] = state_bytes(weights_path, result.model.state_dict())
         carried = (weights_path.name, files[weights_path])
         recorded = (weights_path.name, hashlib.sha256(files[weights_path]).hexdigest())
+    phase(Phase.EMIT)
     emitted = emit(
         result,
         class_name=class_name,
@@ -182,6 +190,7 @@ def export(
         weights=recorded,
         weights_source=source,
     )
+    phase(Phase.VERIFY)
     report = check_emitted(emitted, result, source=model, weights=carried)
     require(report)
     files[path] = emitted.source.encode("utf-8")  # last: the file that names the others

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from bbswap.backbones.instance import as_backbone
 from bbswap.backbones.registry import Backbone, resolve
 from bbswap.errors import BBSwapError, InvalidArgument, ModelError, SurgeryError, TargetError
-from bbswap.kinds import Mode, Prefer, Rounding
+from bbswap.kinds import Mode, Phase, Prefer, Rounding
 from bbswap.parsing import parse_stride
 from bbswap.recipes.channels import InChannels
 from bbswap.recipes.registry import make_op
@@ -492,6 +492,7 @@ def fit(
     kwargs: dict[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
     source_output: int | str | None = None,
+    on_phase: Callable[[Phase], None] | None = None,
 ) -> FitResult:
     """Search for the cheapest exact surgery that makes a backbone produce ``channels``
     channels at 1/``stride``; the candidates come ranked, the winner first.
@@ -525,6 +526,8 @@ def fit(
         source_output: For a backbone whose forward returns several tensors, the output to
             fit (an index or a dict key); default the one with the largest downsample.
             Every candidate's recipe names it, and the patched backbone returns it.
+        on_phase: Called as the trace and the evaluation of candidates begin
+            (:class:`bbswap.kinds.Phase`).
 
     Output sizes are checked at probe sizes that start from the smallest input the source
     (and ``like``) accept (``FitResult.smallest``, ``FitResult.probes``).
@@ -559,6 +562,8 @@ def fit(
     target = _target(channels, stride, chans, like, other[0] if other is not None else None)
     target = replace(target, rounding=rule.value)
     own = shape[1]
+    if on_phase is not None:
+        on_phase(Phase.TRACE)
     source, model = trace(
         lambda: backbone.build(in_chans=own), (1, own, shape[2], shape[3]), name=backbone.spec
     )
@@ -575,6 +580,8 @@ def fit(
         raise TargetError(f"{backbone.spec} has no stem conv whose input channels can change")
     require_one_forward(model)  # its forward is written out in every plan
     candidates = plan(backbone, source, target, mode=how.value, allow_truncate=allow_truncate)
+    if on_phase is not None:
+        on_phase(Phase.CANDIDATES)
     done = _evaluate_all(backbone, source, model, candidates, target, probes, progress)
     if not any(c.ok for c in done) and target.like is None:
         done += _exact_variants(backbone, source, model, done, target, probes, progress)

@@ -136,7 +136,7 @@ def matrix(
     input_shape: str | None = None,
     in_chans: int | None = None,
     debug: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int, str | None], None] | None = None,
 ) -> Matrix:
     """Try every backbone the patterns name at every stride: inspect and fit on the meta
     device, then (with ``verify``) emit each winning plan with random weights to a
@@ -155,7 +155,9 @@ def matrix(
         in_chans: Adapt every plan's stem to this many input channels (as ``fit`` does);
             each backbone is inspected with its own input channels either way.
         debug: Raise the first unexpected error (a bug) instead of reporting it in a cell.
-        progress: Called as ``progress(done, total)`` after each backbone.
+        progress: Called as ``progress(done, total, spec)`` as each backbone begins
+            (``spec`` its name, ``done`` the number finished) and once at the end
+            (``spec`` None).
 
     Returns:
         A :class:`Matrix`: one :class:`Row` per backbone, one :class:`Cell` per stride.
@@ -185,11 +187,13 @@ def matrix(
     specs = expand(pats)
     rows = []
     for i, spec in enumerate(specs):
+        if progress is not None:
+            progress(i, len(specs), spec)
         rows.append(
             _row(spec, tuple(strides), channels, verify, rule, (input_shape, in_chans), debug)
         )
-        if progress is not None:
-            progress(i + 1, len(specs))
+    if progress is not None:
+        progress(len(specs), len(specs), None)
     return Matrix(pats, tuple(strides), channels, verify, rule, tuple(rows))
 
 
