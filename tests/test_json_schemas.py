@@ -23,7 +23,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
 from bbswap.cli import json_out
-from bbswap.recipes.registry import OPS
+from bbswap.recipes.registry import OPS, describe_ops
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS = ROOT / "docs" / "schemas"
@@ -193,7 +193,7 @@ def test_ops_json_validates() -> None:
     # ``bbswap ops --json`` on the command line, and its builder as the library calls it
     data = validate("ops", _json_of("ops"))
     assert [op["op"] for op in data["ops"]] == list(OPS)
-    assert validate("ops", json_out.ops_dict(OPS)) == data
+    assert validate("ops", json_out.ops_dict(describe_ops())) == data
     stride = next(op for op in data["ops"] if op["op"] == "stride")
     mode = next(f for f in stride["fields"] if f["name"] == "mode")
     assert mode["choices"] == ["stride", "dilate"] and mode["default"] == "stride"
