@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from bbswap.errors import InvalidArgument
 
 _WORD = re.compile(r"^[A-Za-z_][\w.\-/]*$")
 _IDENT = re.compile(r"^[A-Za-z_]\w*$")
+_DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
+PY_PREFIX = "py:"
 MAX_DIM = 1 << 16  # a sane bound on a size, a channel count or a stride
 
 
@@ -136,8 +139,37 @@ def load_data_file(path_text: str, what: str) -> Any:
     raise InvalidArgument(f"{what}: {path_text} is neither .yaml, .yml nor .json")
 
 
+@dataclass(frozen=True)
+class PyRef:
+    """A constructor argument that is a Python object named by its dotted path
+    (``--kw BatchNorm=py:torch.nn.BatchNorm2d``): found by importing, never by ``eval``.
+
+    The path is kept as written, so that a recipe records it and an emitted file names
+    it; :mod:`bbswap.backbones.registry` resolves it when the backbone is built.
+    ``may_import`` is False for a value read from a recipe: a shared recipe must never run
+    code, so such a value names only what is already imported (see the registry)."""
+
+    path: str
+    may_import: bool = field(default=True, compare=False)
+
+    def __str__(self) -> str:
+        return PY_PREFIX + self.path
+
+
+def parse_py_ref(key: str, text: str, may_import: bool = True) -> PyRef:
+    """``py:package.module.Name`` as a :class:`PyRef`; ``key`` names it in errors."""
+    path = text[len(PY_PREFIX) :].strip()
+    if not _DOTTED.match(path):
+        raise InvalidArgument(
+            f"malformed py: value for '{key}': {path!r} is not a dotted Python path such "
+            "as py:torch.nn.BatchNorm2d"
+        )
+    return PyRef(path, may_import)
+
+
 def parse_kw(items: list[str] | None) -> dict[str, Any]:
-    """``key=value`` pairs: a Python literal, a bare word (a string), or ``@file.yaml``."""
+    """``key=value`` pairs: a Python literal, a bare word (a string), ``@file.yaml``, or
+    ``py:dotted.name`` (the object that name imports, as a :class:`PyRef`)."""
     kwargs: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -145,13 +177,16 @@ def parse_kw(items: list[str] | None) -> dict[str, Any]:
         if not sep or not _IDENT.match(key):
             raise InvalidArgument(
                 f"malformed --kw '{item}': expected key=value with key a Python name, "
-                "e.g. --kw growth_rate=24 or --kw params=@config.yaml"
+                "e.g. --kw growth_rate=24, --kw params=@config.yaml or "
+                "--kw BatchNorm=py:torch.nn.BatchNorm2d"
             )
         kwargs[key] = parse_kw_value(key, value.strip())
     return kwargs
 
 
 def parse_kw_value(key: str, value: str) -> Any:
+    if value.startswith(PY_PREFIX):
+        return parse_py_ref(key, value)
     if value.startswith("@"):
         return load_data_file(value[1:], f"--kw {key}")
     if len(value) > MAX_LITERAL_CHARS:
@@ -168,7 +203,7 @@ def parse_kw_value(key: str, value: str) -> Any:
             return value
         raise InvalidArgument(
             f"malformed --kw value for '{key}': {value!r} is neither a Python literal, "
-            "a bare word nor @file"
+            "a bare word, @file nor py:dotted.name"
         ) from None
 
 

@@ -10,21 +10,23 @@ A spec is one of:
 
 :func:`resolve` turns a spec into a :class:`Backbone`, which knows how to build the
 model and where its code comes from; it builds nothing itself.
+
+The user's code is imported as Python would run it (:mod:`bbswap.backbones.loading`):
+a file inside a package as part of that package, with the current directory on
+``sys.path`` as ``python -m`` puts it. A ``py:dotted.name`` constructor argument
+(:class:`bbswap.parsing.PyRef`) is resolved here, to the object that name imports.
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import enum
 import fnmatch
 import importlib
-import importlib.util
 import inspect
-import sys
 import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -32,7 +34,9 @@ from typing import Any
 from torch import nn
 
 from bbswap.backbones.guard import user_code
-from bbswap.errors import BackboneNotFound, BBSwapError, MissingDependency, ModelError, choices
+from bbswap.backbones.loading import code_paths, import_user_file, import_user_module, resolve_ref
+from bbswap.errors import BackboneNotFound, MissingDependency, ModelError, choices
+from bbswap.parsing import PyRef
 from bbswap.zoo import ZOO
 
 
@@ -63,14 +67,18 @@ class Backbone:
     head: tuple[str, ...] = ()  # top-level stages that form a classifier head
     source: str = ""  # module name or file path the code comes from
     attr: str = ""  # class or function name in ``source``
+    module: str = ""  # the import name of the module that defines ``attr`` (user code)
+    paths: tuple[str, ...] = ()  # folders on sys.path while the user's code runs
+    # the objects the ``py:`` arguments among ``kwargs`` name, by argument
+    objects: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def build(self, in_chans: int | None = None) -> nn.Module:
         """Call the factory; ``in_chans`` is passed on when the factory takes it."""
-        kwargs = dict(self.kwargs)
+        kwargs = {k: self.objects.get(k, v) for k, v in self.kwargs.items()}
         if in_chans is not None and self.takes_in_chans and "in_chans" not in kwargs:
             kwargs["in_chans"] = in_chans
         try:
-            with user_code(f"the constructor of {self.spec}"):
+            with code_paths(self.paths), user_code(f"the constructor of {self.spec}"):
                 model = self.factory(**kwargs)
         except TypeError as error:
             raise ModelError(f"cannot build {self.spec}: {error}") from error
@@ -92,8 +100,18 @@ class ListedBackbone:
 
 
 def resolve(spec: str, kwargs: dict[str, Any] | None = None) -> Backbone:
-    """Resolve a backbone spec; raise :class:`BackboneNotFound` with near matches."""
-    kwargs = dict(kwargs or {})
+    """Resolve a backbone spec; raise :class:`BackboneNotFound` with near matches. The
+    ``py:`` arguments are resolved once the backbone's own code is imported."""
+    backbone = _resolve(spec, dict(kwargs or {}))
+    refs = {k: v for k, v in backbone.kwargs.items() if isinstance(v, PyRef)}
+    if not refs:
+        return backbone
+    paths = backbone.paths or (str(Path.cwd()),)
+    objects = {k: resolve_ref(k, ref, paths, backbone.paths) for k, ref in refs.items()}
+    return replace(backbone, paths=paths, objects=objects)
+
+
+def _resolve(spec: str, kwargs: dict[str, Any]) -> Backbone:
     spec = spec.strip()
     if spec.startswith("tv:"):
         return _torchvision(spec, kwargs)
@@ -204,19 +222,12 @@ def _user(spec: str, kwargs: dict[str, Any]) -> Backbone:
             "package.module:Name"
         )
     if where.endswith(".py") or "/" in where or "\\" in where:
-        module = _import_file(Path(where))
-        kind, source = BackboneKind.FILE, where
+        loaded = import_user_file(Path(where))
+        kind = BackboneKind.FILE
     else:
-        try:
-            with user_code(f"importing {where}"):
-                module = importlib.import_module(where)
-        except ImportError as error:
-            raise BackboneNotFound(f"cannot import module '{where}': {error}") from error
-        except Exception as error:
-            raise ModelError(
-                f"importing module '{where}' raised {type(error).__name__}: {error}"
-            ) from error
-        kind, source = BackboneKind.MODULE, where
+        loaded = import_user_module(where)
+        kind = BackboneKind.MODULE
+    module = loaded.module
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         found = _buildable_names(module)
@@ -235,42 +246,11 @@ def _user(spec: str, kwargs: dict[str, Any]) -> Backbone:
         kwargs=kwargs,
         in_chans=_int_default(factory, "in_chans"),
         takes_in_chans=takes,
-        source=source,
+        source=where,
         attr=attr,
+        module=module.__name__,
+        paths=loaded.paths,
     )
-
-
-@contextlib.contextmanager
-def _on_path(folder: Path) -> Iterator[None]:
-    sys.path.insert(0, str(folder))
-    try:
-        yield
-    finally:
-        with contextlib.suppress(ValueError):
-            sys.path.remove(str(folder))
-
-
-def _import_file(path: Path) -> ModuleType:
-    if not path.is_file():
-        raise BackboneNotFound(f"backbone file not found: {path}")
-    resolved = path.resolve()
-    name = f"bbswap_user_{abs(hash(str(resolved))):x}_{resolved.stem}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, resolved)
-    if spec is None or spec.loader is None:
-        raise BackboneNotFound(f"cannot import {path}: not a Python file")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        with _on_path(resolved.parent), user_code(f"importing {path}"):
-            spec.loader.exec_module(module)
-    except BaseException as error:
-        del sys.modules[name]
-        if isinstance(error, BBSwapError) or not isinstance(error, Exception):
-            raise
-        raise ModelError(f"importing {path} raised {type(error).__name__}: {error}") from error
-    return module
 
 
 def _buildable_names(module: ModuleType) -> list[str]:
