@@ -140,9 +140,9 @@ def _import_standalone(path: Path) -> LoadedModule:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
-        with _import_errors(str(path), resolved.parent), code_paths(paths):
-            with user_code(f"importing {path}"):
-                spec.loader.exec_module(module)
+        guard = user_code(f"importing {path}")
+        with _import_errors(str(path), resolved.parent), code_paths(paths), guard:
+            spec.loader.exec_module(module)
     except BaseException:
         del sys.modules[name]
         raise
@@ -332,4 +332,3 @@ def _recipe_policy(
         "nn.Module class, a torch.nn.functional function or a constant of the backbone's "
         f"own code; pass it with --kw {key}={ref} on the command line"
     )
-

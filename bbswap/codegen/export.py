@@ -26,6 +26,7 @@ from bbswap.verify.checks import (
     Check,
     VerifyReport,
     construct,
+    fresh_import,
     import_file,
     require,
     round_up,
@@ -91,7 +92,10 @@ def export(
     transaction: all or nothing, every path checked before any work."""
     for extra in also or {}:
         check_output(extra, force, "output")
-    backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
+    # the recipe's constructor arguments, those given here taking precedence
+    backbone = (
+        spec if isinstance(spec, Backbone) else resolve(spec, {**recipe.kw, **(kwargs or {})})
+    )
     path, weights_path = output_paths(out, weights is not None, safetensors, force)
     _, chans = source_input(backbone, recipe, input_shape)
     torch.manual_seed(seed)
@@ -134,6 +138,7 @@ def check_emitted(
     with tempfile.TemporaryDirectory() as tmp:
         file = Path(tmp) / "bbswap_emitted.py"
         file.write_text(emitted.source, encoding="utf-8")
+        fresh_import(file, emitted.class_name)
         module = import_file(file)
         model = construct(module, emitted.class_name, "the emitted file")
         _, c, h, w = after.input_shape

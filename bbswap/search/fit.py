@@ -660,7 +660,8 @@ def winner_input(result: FitResult) -> str:
 def winner_recipe(result: FitResult, input_text: str | None = None) -> Recipe:
     """The winning candidate as a recipe to save or emit (its input: ``winner_input``)."""
     c = result.winner
-    return replace(c.recipe, input=input_text or winner_input(result))
+    kw = dict(result.backbone.kwargs)  # a replay builds the same model
+    return replace(c.recipe, input=input_text or winner_input(result), kw=kw)
 
 
 def recipe_header(result: FitResult) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -50,13 +50,17 @@ def apply_recipe(
     kwargs: dict[str, Any] | None = None,
     model: nn.Module | None = None,
 ) -> ApplyResult:
-    """Apply ``recipe`` to a backbone.
+    """Apply ``recipe`` to a backbone, built with the recipe's constructor arguments
+    (``kw``), those in ``kwargs`` taking precedence.
 
     The surgery is planned and traced on the meta device; when ``model`` (the same
     backbone with real weights) is given, the same ops are applied to a copy of it too,
     and ``result.model`` is that patched copy. ``model`` itself is never changed.
     """
-    backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
+    backbone = (
+        spec if isinstance(spec, Backbone) else resolve(spec, {**recipe.kw, **(kwargs or {})})
+    )
+    recipe = replace(recipe, kw=dict(backbone.kwargs))  # what was built, as a replay needs it
     shape, chans = source_input(backbone, recipe, input_shape)
     before, source = trace(lambda: backbone.build(in_chans=chans), shape, name=backbone.spec)
     result = apply_traced(backbone, recipe, before, source, model=model)
