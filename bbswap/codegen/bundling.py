@@ -22,6 +22,7 @@ import importlib.util
 import inspect
 import math
 import operator
+import re
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -75,6 +76,12 @@ class _Module:
     renames: dict[str, str] = field(default_factory=dict)  # name here -> name in the file
     followed: set[str] = field(default_factory=set)  # import bindings already handled
     deps: list[str] = field(default_factory=list)  # modules it takes definitions from
+    aliases: list[tuple[str, str]] = field(default_factory=list)  # (alias, name in the file)
+
+    @property
+    def words(self) -> set[str]:
+        """Every identifier the module's source spells, which a new name must avoid."""
+        return set(re.findall(r"[A-Za-z_]\w*", self.source))
 
 
 class _Bundler:
@@ -131,19 +138,21 @@ class _Bundler:
         key = (info.module.__name__, name)
         if key not in self.named:
             obj = vars(info.module).get(name, _MISSING)
-            chosen = self._free(name, obj, info.module.__name__)
+            chosen = self._free(name, obj, info)
             self.bound[chosen] = obj
             self.named[key] = chosen
             if chosen != name:
                 info.renames[name] = chosen
         return self.named[key]
 
-    def _free(self, name: str, obj: Any, module: str) -> str:
+    def _free(self, name: str, obj: Any, info: _Module) -> str:
+        """``name``, unless the file gives it another object: then a name the code of
+        ``info`` (where it is renamed) does not use for anything, ``name_module``."""
         if self.bound.get(name, obj) is obj:
             return name
-        base = f"{name}_{module.rsplit('.', 1)[-1]}"
+        base = f"{name}_{info.module.__name__.rsplit('.', 1)[-1]}"
         chosen, n = base, 2
-        while chosen in self.bound and self.bound[chosen] is not obj:
+        while (chosen in self.bound and self.bound[chosen] is not obj) or chosen in info.words:
             chosen, n = f"{base}{n}", n + 1
         return chosen
 
@@ -181,15 +190,33 @@ class _Bundler:
             if chosen is not None:
                 if target[0].__name__ not in info.deps:
                     info.deps.append(target[0].__name__)
-            else:
-                why = self.failed.get(target[0].__name__, "it cannot be bundled")
-                self.imported.setdefault(target[0].__name__, why)
+                return self._bind(info, name, chosen, value, self.modules[target[0].__name__])
+            why = self.failed.get(target[0].__name__, "it cannot be bundled")
+            self.imported.setdefault(target[0].__name__, why)
         elif inspect.ismodule(value) and self.follow(value):
             self.imported.setdefault(value.__name__, f"{info.module.__name__} uses it as a module")
-        if chosen is None:
-            chosen = self._import(info, stmt, name, value)
+        chosen = self._import(info, stmt, name, value)
         if chosen != name:
             info.renames[name] = chosen
+        return chosen
+
+    def _bind(self, info: _Module, name: str, chosen: str, value: Any, home: _Module) -> str:
+        """The import binding ``name`` of ``info`` names a definition bundled as
+        ``chosen``: an alias after that definition (``name = chosen``) when ``name`` is
+        free in the file, else the code of ``info`` renamed to use ``chosen``."""
+        if chosen == name:
+            return name
+        if self.bound.get(name, value) is value:
+            self.bound[name] = value
+            if (name, chosen) not in home.aliases:
+                home.aliases.append((name, chosen))
+            return name
+        if chosen in info.words:
+            raise SurgeryError(
+                f"cannot bundle {info.module.__name__}: it imports {name}, a name the emitted "
+                f"file gives another definition, and it uses {chosen} itself"
+            )
+        info.renames[name] = chosen
         return chosen
 
     def _target(
@@ -214,7 +241,7 @@ class _Bundler:
         ``name`` another meaning."""
         if isinstance(stmt, ast.ImportFrom) and stmt.module == "__future__":
             return name
-        chosen = self._free(name, value, info.module.__name__) if value is not _MISSING else name
+        chosen = self._free(name, value, info) if value is not _MISSING else name
         self.bound[chosen] = value
         if isinstance(stmt, ast.Import):
             alias = next(a for a in stmt.names if (a.asname or a.name).split(".")[0] == name)
@@ -274,6 +301,7 @@ def _module_texts(info: _Module) -> list[str]:
             if not any(_inside(span, other) for other in edits):
                 edits[span] = text
         texts.append(definition_text(lines, stmt, edits))
+    texts += [f"{alias} = {name}" for alias, name in info.aliases]
     return texts
 
 
