@@ -17,7 +17,7 @@ from bbswap.errors import InvalidArgument
 
 _WORD = re.compile(r"^[A-Za-z_][\w.\-/]*$")
 _IDENT = re.compile(r"^[A-Za-z_]\w*$")
-_DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
+_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", re.ASCII)
 PY_PREFIX = "py:"
 MAX_DIM = 1 << 16  # a sane bound on a size, a channel count or a stride
 
@@ -159,7 +159,7 @@ class PyRef:
 def parse_py_ref(key: str, text: str, may_import: bool = True) -> PyRef:
     """``py:package.module.Name`` as a :class:`PyRef`; ``key`` names it in errors."""
     path = text[len(PY_PREFIX) :].strip()
-    if not _DOTTED.match(path):
+    if not _DOTTED.fullmatch(path):
         raise InvalidArgument(
             f"malformed py: value for '{key}': {path!r} is not a dotted Python path such "
             "as py:torch.nn.BatchNorm2d"
