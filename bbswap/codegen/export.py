@@ -138,7 +138,7 @@ def check_emitted(
     with tempfile.TemporaryDirectory() as tmp:
         file = Path(tmp) / "bbswap_emitted.py"
         file.write_text(emitted.source, encoding="utf-8")
-        fresh_import(file, emitted.class_name)
+        fresh_import(file, emitted.class_name, "the emitted file", _not_bundled(emitted))
         module = import_file(file)
         model = construct(module, emitted.class_name, "the emitted file")
         _, c, h, w = after.input_shape
@@ -163,6 +163,14 @@ def check_emitted(
         cls = getattr(module, emitted.class_name)
         check = check_loader(cls, Path(tmp) / weights[0], result.model.state_dict())
         return VerifyReport(report.target, (*report.checks, check))
+
+
+def _not_bundled(emitted: Emitted) -> str:
+    """Why the emitted file imports modules of the user's, for an import that fails."""
+    if not emitted.imported:
+        return ""
+    listed = "; ".join(f"{module}: {why}" for module, why in emitted.imported)
+    return f" (it imports modules of yours that could not be bundled: {listed})"
 
 
 def check_loader(cls: type, file: Path, state: dict[str, torch.Tensor]) -> Check:

@@ -95,6 +95,7 @@ class Emitted:
     source: str
     class_name: str
     import_reason: str = ""  # why the source backbone is imported, not bundled; "" if bundled
+    imported: tuple[tuple[str, str], ...] = ()  # user modules imported, not bundled: why
 
 
 def _require_class_name(name: str) -> None:
@@ -160,7 +161,7 @@ def emit(
     # definition, one before any other statement (or comment)
     gap = "\n\n\n" if text.startswith(("class ", "def ", "async def ", "@")) else "\n\n"
     text = doc + "\n\n" + imports.render() + gap + text + "\n"
-    return Emitted(text, name, code.reason)
+    return Emitted(text, name, code.reason, code.imported)
 
 
 _OWN_NAMES = {"Step", "_CHAIN_H", "_CHAIN_W", "_through"}  # the output_size code may define them

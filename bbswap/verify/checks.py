@@ -118,11 +118,13 @@ getattr(module, name)()
 """
 
 
-def fresh_import(path: Path, class_name: str) -> None:
+def fresh_import(path: Path, class_name: str, what: str = "", hint: str = "") -> None:
     """Import ``path`` and construct ``class_name()`` in a fresh interpreter whose
     ``sys.path`` holds only the file's folder and the installed packages, run in that
     folder, with bbswap blocked: what the file needs is then measured, not assumed (a
-    module this process has imported proves nothing). Raises VerificationError."""
+    module this process has imported proves nothing). Raises VerificationError, naming
+    the file as ``what`` (default: its path) and ending with ``hint``."""
+    what = what or str(path)
     folder = path.resolve().parent
     args = [sys.executable, "-I", "-c", _FRESH_SCRIPT, str(path.resolve()), str(folder)]
     limit = current_limit()
@@ -132,15 +134,15 @@ def fresh_import(path: Path, class_name: str) -> None:
         )
     except subprocess.TimeoutExpired:
         raise VerificationError(
-            f"importing {path} in a fresh interpreter ran longer than {limit:g} s"
+            f"importing {what} in a fresh interpreter ran longer than {limit:g} s"
         ) from None
     if done.returncode != 0:
         lines = [line.strip() for line in done.stderr.strip().splitlines() if line.strip()]
         last = lines[-1] if lines else f"exit status {done.returncode}"
         raise VerificationError(
-            f"{path} does not stand alone: importing it and constructing {class_name}() in a "
+            f"{what} does not stand alone: importing it and constructing {class_name}() in a "
             f"fresh interpreter (only its folder and the installed packages on sys.path) "
-            f"failed: {last}"
+            f"failed: {last}{hint}"
         )
 
 
