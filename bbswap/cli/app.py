@@ -261,7 +261,8 @@ KwOpt = Annotated[
     typer.Option(
         "--kw",
         help="Constructor argument key=value: a Python literal, a bare word (a string), "
-        "or key=@file.yaml / key=@file.json for that file's content; repeatable.",
+        "key=@file.yaml / key=@file.json for that file's content, or key=py:dotted.name "
+        "for the object it imports; repeatable.",
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON.")]

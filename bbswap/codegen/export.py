@@ -37,6 +37,7 @@ from bbswap.verify.checks import (
     Check,
     VerifyReport,
     construct,
+    fresh_import,
     import_file,
     require,
     round_up,
@@ -167,7 +168,9 @@ def export(
     phase = on_phase or (lambda _: None)
     for extra in also or {}:
         check_output(extra, force, "output")
-    backbone, checkpoint = weights_options(spec, kwargs, weights, pretrained)
+    # the recipe's constructor arguments, those given here taking precedence
+    merged = kwargs if isinstance(spec, torch.nn.Module) else {**recipe.kw, **(kwargs or {})}
+    backbone, checkpoint = weights_options(spec, merged, weights, pretrained)
     carry = checkpoint is not None or backbone.pretrained or isinstance(spec, torch.nn.Module)
     path, weights_path = output_paths(out, carry, safetensors, force)
     _, chans = source_input(backbone, recipe, input_shape)
@@ -250,6 +253,7 @@ def check_emitted(
     with tempfile.TemporaryDirectory() as tmp:
         file = Path(tmp) / "bbswap_emitted.py"
         file.write_text(emitted.source, encoding="utf-8")
+        fresh_import(file, emitted.class_name, "the emitted file", _not_bundled(emitted))
         module = import_file(file)
         model = construct(module, emitted.class_name, "the emitted file")
         _, c, h, w = after.input_shape
@@ -274,6 +278,14 @@ def check_emitted(
         cls = getattr(module, emitted.class_name)
         check = check_loader(cls, Path(tmp) / weights[0], result.model.state_dict())
         return VerifyReport(report.target, (*report.checks, check))
+
+
+def _not_bundled(emitted: Emitted) -> str:
+    """Why the emitted file imports modules of the user's, for an import that fails."""
+    if not emitted.imported:
+        return ""
+    listed = "; ".join(f"{module}: {why}" for module, why in emitted.imported)
+    return f" (it imports modules of yours that could not be bundled: {listed})"
 
 
 def check_loader(cls: type, file: Path, state: dict[str, torch.Tensor]) -> Check:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
@@ -166,6 +166,8 @@ class Recipe:
     # which output of a forward that returns several tensors the recipe works on: an
     # index or a dict key (None: the one with the largest downsample)
     source_output: int | str | None = None
+    # the backbone's constructor arguments (``[kw]``); a ``py:`` value is a PyRef
+    kw: dict[str, Any] = field(default_factory=dict)
 
     def where(self, index: int, key: str | None = None) -> str:
         """How an error message names a field: ``file: ops[2] (stride).at``."""

@@ -849,7 +849,8 @@ def winner_recipe(result: FitResult, input_text: str | None = None) -> Recipe:
         open("r.toml", "w").write(bbswap.recipe_to_toml(recipe))
     """
     c = result.winner
-    return replace(c.recipe, input=input_text or winner_input(result))
+    kw = dict(result.backbone.kwargs)  # a replay builds the same model
+    return replace(c.recipe, input=input_text or winner_input(result), kw=kw)
 
 
 def recipe_header(result: FitResult) -> str:

@@ -64,7 +64,8 @@ def apply_recipe(
     model: nn.Module | None = None,
     source_output: int | str | None = None,
 ) -> ApplyResult:
-    """Apply ``recipe`` to a backbone and trace the result.
+    """Apply ``recipe`` to a backbone and trace the result. A spec is built with the
+    recipe's constructor arguments (``kw``), those in ``kwargs`` taking precedence.
 
     The surgery is planned and traced on the meta device, where nothing is allocated.
     With real weights, from ``model`` or a model instance given as ``spec``, the same ops
@@ -100,9 +101,13 @@ def apply_recipe(
         weighted = bbswap.apply_recipe("resnet50", recipe, model=my_resnet50).model
         weighted(torch.randn(1, 1, 128, 316)).shape    # torch.Size([1, 684, 8, 20])
     """
-    backbone = as_backbone(spec, kwargs)
-    if isinstance(spec, nn.Module) and model is None and has_weights(spec):
-        model = real_copy(spec)
+    if isinstance(spec, nn.Module):
+        backbone = as_backbone(spec, kwargs)
+        if model is None and has_weights(spec):
+            model = real_copy(spec)
+    else:
+        backbone = as_backbone(spec, {**recipe.kw, **(kwargs or {})})
+        recipe = replace(recipe, kw=dict(backbone.kwargs))  # what was built, for a replay
     shape, chans = source_input(backbone, recipe, input_shape)
     before, source = trace(lambda: backbone.build(in_chans=chans), shape, name=backbone.spec)
     wanted = source_output if source_output is not None else recipe.source_output
