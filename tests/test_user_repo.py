@@ -344,7 +344,7 @@ def test_the_import_check_runs_where_the_users_package_is_absent(
     with pytest.raises(VerificationError, match="No module named 'modeling'"):
         fresh_import(file, "Net")
     result = cli("verify", f"{file}:Net", "--sizes", "32x32")
-    assert_one_line_error(result, "does not stand alone", "No module named 'modeling'")
+    assert_one_line_error(result, "does not stand alone", "No module named 'modeling'", status=1)
 
 
 def _imported_modules(source: str) -> list[str]:

@@ -148,6 +148,10 @@ class Recipe:
         description: A sentence on what it does.
         input: The traced input, ``"NxCxHxW"``; the default of ``apply_recipe``.
         source: The file it was read from, for messages.
+        source_output: Which output of a forward that returns several tensors the ops
+            work on: an index or a dict key (None: the one with the largest downsample).
+        kw: The backbone's constructor arguments (the ``[kw]`` table); a ``py:`` value is
+            a :class:`~bbswap.parsing.PyRef`.
 
     Example::
 
