@@ -31,6 +31,7 @@ from bbswap.codegen.weights_code import ERROR_CLASS, LOADER
 from bbswap.errors import InvalidArgument
 from bbswap.recipes.schema import Recipe
 from bbswap.surgery.apply import ApplyResult, apply_recipe, source_input
+from bbswap.surgery.several_outputs import OutputsPlan, with_outputs
 from bbswap.verify.checks import (
     Check,
     VerifyReport,
@@ -41,6 +42,7 @@ from bbswap.verify.checks import (
     sweep_sizes,
     verify_model,
 )
+from bbswap.verify.outputs_check import check_like_sizes, check_outputs
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ def export(
     seed: int = 0,
     also: dict[Path, bytes] | None = None,
     source_output: int | str | None = None,
+    outputs: OutputsPlan | None = None,
 ) -> Exported:
     """Build ``recipe`` on a backbone with real weights, emit it, verify the file by round
     trip, then write it (and the carried weights, and any files in ``also``) as one
@@ -143,6 +146,9 @@ def export(
         also: More files to write in the same transaction, as ``{path: bytes}``.
         source_output: Which output of a backbone that returns several to make the file
             from (an index or a key); default the one with the largest downsample.
+        outputs: The outputs of a ``--like`` backbone that returns several (or takes a
+            mask), as :attr:`~bbswap.search.fit.FitResult.outputs` plans them: the file
+            returns them all, in that backbone's structure, and is checked for each.
 
     Returns:
         An :class:`Exported`: the paths written, the emitted source, the apply result,
@@ -168,6 +174,8 @@ def export(
     torch.manual_seed(seed)
     model, load, source = _source_model(backbone, chans, checkpoint, partial)
     result = apply_recipe(backbone, recipe, input_shape, model=model, source_output=source_output)
+    if outputs is not None:
+        result = with_outputs(result, outputs)
     files = {**(also or {})}
     carried, recorded = None, None
     if weights_path is not None:  # the exact bytes written, hashed into the emitted file
@@ -259,6 +267,13 @@ def check_emitted(
             state=result.model.state_dict(),
             source=source.eval() if source is not None else None,
         )
+        if result.outputs is not None and report.ok:
+            sizes = compare_sizes(h, w, minimum, multiple)
+            more = (
+                check_outputs(model, result.model, result.outputs, c, sizes),
+                check_like_sizes(model, result.outputs, c),
+            )
+            report = VerifyReport(report.target, (*report.checks, *more))
         if weights is None:
             return report
         (Path(tmp) / weights[0]).write_bytes(weights[1])

@@ -26,6 +26,7 @@ from bbswap import __version__
 from bbswap.backbones.instance import require_emittable
 from bbswap.backbones.registry import Backbone
 from bbswap.backbones.weights import WeightsSource
+from bbswap.codegen.outputs_code import outputs_lines, projection_comment
 from bbswap.codegen.size_code import output_size_code
 from bbswap.codegen.source import (
     Imports,
@@ -747,6 +748,9 @@ def _adopt_root(
                 started.add(index)
                 lines += _comments_for(_head(plan[index], index, shown))
             lines.append(_assign("self", child, new[child]))
+        elif child in new and child not in result.surgery.model._modules:  # another output's
+            lines += _comments_for(projection_comment(result.outputs, child))
+            lines.append(_assign("self", child, new[child]))
         else:
             lines.append(_assign("self", child, _get_attr("body", child)))
     for pname, _ in patched.named_parameters(recurse=False):
@@ -871,6 +875,7 @@ def _docstring(
         f"Traced input:    {shape(t.input_shape)} -> output {shape(t.output_shape)} "
         f"(the source gave {shape(before.output_shape)} for {shape(before.input_shape)})",
         *_source_output_lines(before),
+        *(outputs_lines(result.outputs, name) if result.outputs is not None else []),
         f"Downsample:      {describe_factor(t.downsample)}",
         *_size_rule_lines(f"{rules[0].format('H')}, {rules[1].format('W')}", name),
         f"Params:          {count(t.params)}",
