@@ -153,16 +153,30 @@ def outputs_table(trace: Trace) -> Table:
     table.add_column("output")
     for name in ("shape", "ch", "down", "RF"):
         table.add_column(name, justify="right")
+    mask = trace.mask.key if trace.mask is not None and trace.mask.rule is not None else None
     for o in trace.outputs:
         table.add_row(
             "*" if o.key == trace.output_key else "",
             escape(str(o.key)),
             shape(o.shape),
-            str(o.channels),
-            describe_factor(o.downsample) if o.spatial else "-",
+            "mask" if o.key == mask else str(o.channels),
+            describe_factor(o.downsample) if o.spatial or o.key == mask else "-",
             rf(o.receptive_field) if o.spatial else "-",
         )
     return table
+
+
+def mask_line(trace: Trace) -> str:
+    """What a forward of (img, img_mask) returns of its mask; "" for any other forward."""
+    m = trace.mask
+    if m is None:
+        return ""
+    traced = f"traced with an all-ones {shape((1, *trace.input_shape[2:]))} mask as '{m.input.mask}'"
+    if m.key is None:
+        return f"mask: {traced}; no output is made from it"
+    if m.rule is None:
+        return f"mask: {traced}; output {m.key} is made from it by {m.made_by}"
+    return f"mask: output {m.key} is {m.rule.describe(m.input.mask)} ({traced})"
 
 
 def render_inspect(report: InspectReport, console: Console) -> None:
@@ -182,6 +196,8 @@ def render_inspect(report: InspectReport, console: Console) -> None:
         console.print()
         console.print(outputs_table(t))
         console.print(escape(source_output_line(t)))
+    if t.mask is not None:
+        console.print(escape(mask_line(t)))
     console.print()
     console.print(reduction_table(t.reductions))
     h, w = report.rules
@@ -429,6 +445,8 @@ def render_fit(result: FitResult, top: int, console: Console) -> None:
         f"probe sizes: {', '.join(shape(p) for p in result.probes)} "
         f"(from {shape(result.smallest)}, the smallest input accepted)"
     )
+    if result.outputs is not None:
+        console.print(escape(f"returns {result.outputs.describe()}"))
     hidden = len(result.candidates) - top
     if hidden > 0:
         console.print(f"({hidden} more candidates; --top {len(result.candidates)} shows all)")

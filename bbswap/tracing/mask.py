@@ -137,7 +137,20 @@ def follow(rule: MaskRule | None, name: str, args: tuple[Any, ...]) -> tuple[Mas
         found = slice_step(args[1], args[0].dim())
         if found is not None:
             return rule.then(*found), ""
-        return None, "an index that is not mask[:, a::s, b::t]"
+        return None, f"the index [{_shown(args[1])}]"
     if name in _KEEPS_VALUES:
         return rule, ""
     return None, name
+
+
+def _shown(index: Any) -> str:
+    """An index as written in code: ``:, None``, ``..., 0::2``."""
+    parts = index if isinstance(index, tuple) else (index,)
+
+    def one(p: Any) -> str:
+        if isinstance(p, slice):
+            text = f"{'' if p.start is None else p.start}:{'' if p.stop is None else p.stop}"
+            return text + (f":{p.step}" if p.step is not None else "")
+        return "..." if p is Ellipsis else "a tensor" if isinstance(p, torch.Tensor) else repr(p)
+
+    return ", ".join(one(p) for p in parts)

@@ -648,10 +648,11 @@ class _TracerBug(RuntimeError):
 class ForwardFailed(Exception):
     """The user's forward raised; ``stage`` is the stage it had reached."""
 
-    def __init__(self, stage: str, error: BaseException) -> None:
+    def __init__(self, stage: str, error: BaseException, mask: str = "") -> None:
         super().__init__(str(error))
         self.stage = stage
         self.error = error
+        self.mask = mask  # the second input, given an all-ones mask, if the forward takes one
 
 
 @contextlib.contextmanager
@@ -680,7 +681,8 @@ def _run(model: nn.Module, x: torch.Tensor) -> tuple[_Recorder, Any]:
     rec = _Recorder(model)
     rec.register(x, _TensorInfo(hw=(x.shape[-2], x.shape[-1]) if x.dim() == 4 else None))
     # a forward of (img, img_mask) gets an all-ones mask of the image's size
-    extra = [all_ones_mask(x)] if x.dim() == 4 and mask_input(model) is not None else []
+    names = mask_input(model) if x.dim() == 4 else None
+    extra = [all_ones_mask(x)] if names is not None else []
     for m in extra:
         rec.masks[id(m)] = (MaskRule(), "")
         rec.keep.append(m)
@@ -694,7 +696,8 @@ def _run(model: nn.Module, x: torch.Tensor) -> tuple[_Recorder, Any]:
             where = f" in stage '{rec.stack[-1]}'" if rec.stack else ""
             raise ModelError(f"{error}{where}", brief=error.brief) from None
         except Exception as error:  # any failure of the user's forward
-            raise ForwardFailed(rec.stack[-1] if rec.stack else "", error) from error
+            mask = names.mask if names is not None else ""
+            raise ForwardFailed(rec.stack[-1] if rec.stack else "", error, mask) from error
     return rec, out
 
 
@@ -1022,9 +1025,15 @@ def _require_small_enough(input_shape: Shape, why: BaseException | None) -> None
 def forward_error(failed: ForwardFailed, input_shape: Shape) -> ModelError:
     """The one-line error for a model whose forward raised, naming the stage reached."""
     where = f" in stage '{failed.stage}'" if failed.stage else ""
+    mask = (
+        f" and an all-ones {input_shape[0]}x{'x'.join(map(str, input_shape[2:]))} mask as "
+        f"'{failed.mask}' (a second input is traced as the image's mask)"
+        if failed.mask
+        else ""
+    )
     return ModelError(
         f"the model's forward raised {type(failed.error).__name__}{where} "
-        f"at input {'x'.join(map(str, input_shape))}: {_one_line(failed.error)}"
+        f"at input {'x'.join(map(str, input_shape))}{mask}: {_one_line(failed.error)}"
     )
 
 
