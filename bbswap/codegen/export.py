@@ -6,6 +6,7 @@ file verified (its loader included) is the one written, next to those very bytes
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import tempfile
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from bbswap.verify.checks import (
     sweep_sizes,
     verify_model,
 )
-from bbswap.verify.outputs_check import check_like_sizes, check_outputs
+from bbswap.verify.outputs_check import verify_several
 
 
 @dataclass(frozen=True)
@@ -252,7 +253,12 @@ def check_emitted(
         module = import_file(file)
         model = construct(module, emitted.class_name, "the emitted file")
         _, c, h, w = after.input_shape
-        report = verify_model(
+        verify = (
+            verify_model
+            if result.outputs is None
+            else functools.partial(verify_several, plan=result.outputs)
+        )
+        report = verify(
             model,
             f"the emitted {emitted.class_name}",
             in_chans=c,
@@ -267,13 +273,6 @@ def check_emitted(
             state=result.model.state_dict(),
             source=source.eval() if source is not None else None,
         )
-        if result.outputs is not None and report.ok:
-            sizes = compare_sizes(h, w, minimum, multiple)
-            more = (
-                check_outputs(model, result.model, result.outputs, c, sizes),
-                check_like_sizes(model, result.outputs, c),
-            )
-            report = VerifyReport(report.target, (*report.checks, *more))
         if weights is None:
             return report
         (Path(tmp) / weights[0]).write_bytes(weights[1])

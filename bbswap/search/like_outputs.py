@@ -21,6 +21,10 @@ from bbswap.tracing.tracer import ForwardFailed, Stage, Trace, forward_error, tr
 Size = tuple[int, int]
 
 
+def _fmt(stride: Size) -> str:
+    return str(stride[0]) if stride[0] == stride[1] else f"{stride[0]}x{stride[1]}"
+
+
 def _stride(o: Output) -> Size:
     return (max(1, round(o.downsample[0])), max(1, round(o.downsample[1])))
 
@@ -171,6 +175,6 @@ def no_taps(plan: OutputsPlan, spec: str) -> TargetError:
     return TargetError(
         f"no exact candidate on {spec} has a module whose output is at the size of "
         f"{{like}} {plan.like}'s output {first.key!r} at every probe (1/"
-        f"{first.stride[0]}, e.g. {oh}x{ow} at {h}x{w}) on the way to its features",
+        f"{_fmt(first.stride)}, e.g. {oh}x{ow} at {h}x{w}) on the way to its features",
         params=("like",),
     )

@@ -16,7 +16,8 @@ from torch import nn
 
 from bbswap.backbones.guard import user_code
 from bbswap.surgery.several_outputs import OutputsPlan
-from bbswap.verify.checks import TOLERANCE, Check
+from bbswap.tracing.mask import all_ones_mask, mask_input
+from bbswap.verify.checks import TOLERANCE, Check, VerifyReport, load_weights, verify_model
 
 Size = tuple[int, int]
 
@@ -112,3 +113,64 @@ def check_like_sizes(candidate: nn.Module, plan: OutputsPlan, in_chans: int) -> 
                 )
     what = "every output" + (" and the mask (partly padded masks)" if plan.mask else "")
     return Check("like", True, f"{what} as {plan.like} gives at {len(listed)} sizes")
+
+
+class FittedOutput(nn.Module):
+    """The fitted output alone of a model that returns several (given a mask of no
+    padding, if it takes one), for the checks of one output; its class has the model's
+    ``output_size``. The model is not registered: the view has no state of its own."""
+
+    def __init__(self, model: nn.Module, key: Any) -> None:
+        super().__init__()
+        object.__setattr__(self, "inner", model)
+        self.key = key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inner: nn.Module = self.__dict__["inner"]
+        mask = [all_ones_mask(x)] if mask_input(inner) is not None else []
+        return inner(x, *mask)[self.key]
+
+    def train(self, mode: bool = True) -> FittedOutput:
+        self.__dict__["inner"].train(mode)
+        return super().train(mode)
+
+
+def fitted_output(model: nn.Module, key: Any) -> FittedOutput:
+    size = getattr(type(model), "output_size", None)
+    extra = {"output_size": staticmethod(size)} if size is not None else {}
+    return type("FittedOutput", (FittedOutput,), extra)(model, key)
+
+
+def verify_several(
+    model: nn.Module,
+    target: str,
+    plan: OutputsPlan,
+    *,
+    in_chans: int,
+    reference: nn.Module,
+    compare_sizes: Sequence[Size],
+    sweep: Sequence[Size],
+    state: dict[str, torch.Tensor],
+    source: nn.Module | None = None,
+) -> VerifyReport:
+    """:func:`~bbswap.verify.checks.verify_model` on the fitted output, then every output
+    against the patched model's and the like-backbone's sizes (and its mask)."""
+    weights = load_weights(model, state, "the carried weights")
+    if not weights.ok:
+        return VerifyReport(target, (weights,))
+    key = plan.features.key
+    report = verify_model(
+        fitted_output(model, key),
+        target,
+        in_chans=in_chans,
+        reference=fitted_output(reference, key),
+        compare_sizes=compare_sizes,
+        sweep=sweep,
+        source=source,
+    )
+    checks = [report.checks[0], weights, *report.checks[1:]]
+    if report.ok:
+        model.eval()
+        checks.append(check_outputs(model, reference.eval(), plan, in_chans, compare_sizes))
+        checks.append(check_like_sizes(model, plan, in_chans))
+    return VerifyReport(target, tuple(checks))
