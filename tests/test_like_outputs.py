@@ -26,7 +26,7 @@ from recipe_helpers import one_thread
 
 from bbswap.codegen.export import export
 from bbswap.search.fit import fit, winner_recipe
-from bbswap.surgery.several_outputs import OutputRole
+from bbswap.surgery.outputs_plan import OutputRole
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 pytestmark = pytest.mark.usefixtures("frozen_progress_clock")
@@ -112,7 +112,12 @@ def test_other_channels_are_projected(tmp_path):
     plan = found.outputs
     assert plan is not None
     low = plan.outputs[1]
-    assert (low.role, low.tap, low.tap_channels, low.channels) == (OutputRole.TAP, "features.3", 24, 16)
+    assert (low.role, low.tap, low.tap_channels, low.channels) == (
+        OutputRole.TAP,
+        "features.3",
+        24,
+        16,
+    )
     assert low.projected
     out = tmp_path / "half.py"
     exported = export("mobilenet_v2", winner_recipe(found), out, outputs=plan)

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from recipe_helpers import one_thread
 
 from bbswap.search.fit import fit
-from bbswap.surgery.several_outputs import OutputRole
+from bbswap.surgery.outputs_plan import OutputRole
 from bbswap.tracing.mask import MaskRule, slice_step
 from bbswap.tracing.tracer import trace
 
@@ -178,7 +178,9 @@ def test_inspect_traces_with_an_all_ones_mask_and_shows_both_outputs():
 
 
 def test_fit_json_states_the_outputs():
-    data = json.loads(ok(cli("fit", "resnet18", "--like", ENCODER, "--in-chans", 1, "--json")).stdout)
+    data = json.loads(
+        ok(cli("fit", "resnet18", "--like", ENCODER, "--in-chans", 1, "--json")).stdout
+    )
     plan = data["like_outputs"]
     assert plan["mask_input"] == {"image": "img", "mask": "img_mask"}
     assert [o["role"] for o in plan["outputs"]] == ["features", "mask"]

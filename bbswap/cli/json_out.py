@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from bbswap.search.matrix import Cell, Matrix, Row
     from bbswap.surgery.apply import ApplyResult
     from bbswap.surgery.core import Edit
-    from bbswap.surgery.several_outputs import OutputsPlan
+    from bbswap.surgery.outputs_plan import OutputsPlan
     from bbswap.tracing.cross_check import CrossCheck
     from bbswap.tracing.inspection import InspectReport, SizeCheck
     from bbswap.tracing.mask import MaskRule

@@ -171,7 +171,9 @@ def mask_line(trace: Trace) -> str:
     m = trace.mask
     if m is None:
         return ""
-    traced = f"traced with an all-ones {shape((1, *trace.input_shape[2:]))} mask as '{m.input.mask}'"
+    traced = (
+        f"traced with an all-ones {shape((1, *trace.input_shape[2:]))} mask as '{m.input.mask}'"
+    )
     if m.key is None:
         return f"mask: {traced}; no output is made from it"
     if m.rule is None:

@@ -32,7 +32,8 @@ from bbswap.codegen.weights_code import ERROR_CLASS, LOADER
 from bbswap.errors import InvalidArgument
 from bbswap.recipes.schema import Recipe
 from bbswap.surgery.apply import ApplyResult, apply_recipe, source_input
-from bbswap.surgery.several_outputs import OutputsPlan, with_outputs
+from bbswap.surgery.outputs_plan import OutputsPlan
+from bbswap.surgery.several_outputs import with_outputs
 from bbswap.verify.checks import (
     Check,
     VerifyReport,

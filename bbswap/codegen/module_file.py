@@ -741,6 +741,7 @@ def _adopt_root(
     new = result.surgery.new_modules
     made_by = {path: index for index, op in plan.items() for path in op.appended}
     started: set[int] = set()
+    body = result.surgery.model._modules  # what the source backbone (and the ops) hold
     for child in patched._modules:
         if child in made_by and child in new:
             index = made_by[child]
@@ -748,7 +749,7 @@ def _adopt_root(
                 started.add(index)
                 lines += _comments_for(_head(plan[index], index, shown))
             lines.append(_assign("self", child, new[child]))
-        elif child in new and child not in result.surgery.model._modules:  # another output's
+        elif result.outputs is not None and child in new and child not in body:  # another output's
             lines += _comments_for(projection_comment(result.outputs, child))
             lines.append(_assign("self", child, new[child]))
         else:

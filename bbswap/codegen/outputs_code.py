@@ -7,7 +7,7 @@ graph (:mod:`bbswap.surgery.several_outputs`), so nothing else here writes code.
 
 from __future__ import annotations
 
-from bbswap.surgery.several_outputs import OutputsPlan, projection_name
+from bbswap.surgery.outputs_plan import OutputsPlan, projection_name
 
 
 def outputs_lines(plan: OutputsPlan, name: str) -> list[str]:
@@ -28,5 +28,7 @@ def projection_comment(plan: OutputsPlan, child: str) -> str:
     """The comment above a projection the plan adds."""
     for o in plan.outputs:
         if o.projected and child.startswith(projection_name(o.key)):
-            return f"output {o.key!r}: {o.tap}'s {o.tap_channels} channels projected to {o.channels}"
+            return (
+                f"output {o.key!r}: {o.tap}'s {o.tap_channels} channels projected to {o.channels}"
+            )
     return f"{child}: a projection of another output"

@@ -32,7 +32,7 @@ from bbswap.records import short_count
 from bbswap.search.like_outputs import choose_taps, no_taps, outputs_plan, probe_sizes
 from bbswap.surgery.apply import ApplyResult, apply_traced
 from bbswap.surgery.fx_trace import require_one_forward
-from bbswap.surgery.several_outputs import OutputsPlan
+from bbswap.surgery.outputs_plan import OutputsPlan
 from bbswap.tracing.inspection import choose_input, first_conv_in_channels
 from bbswap.tracing.sizes import from_smallest
 from bbswap.tracing.tracer import (

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bbswap.errors import ModelError, TargetError
-from bbswap.surgery.several_outputs import OutputRole, OutputsPlan, PlannedOutput
+from bbswap.surgery.outputs_plan import OutputRole, OutputsPlan, PlannedOutput
 from bbswap.tracing.outputs import Output
 from bbswap.tracing.tracer import ForwardFailed, Stage, Trace, forward_error, trace_module
 
@@ -83,9 +83,7 @@ def _require_mask(like: str, trace: Trace) -> None:
         )
 
 
-def probe_sizes(
-    plan: OutputsPlan, trace: Trace, model: Any, probes: Sequence[Size]
-) -> OutputsPlan:
+def probe_sizes(plan: OutputsPlan, trace: Trace, model: Any, probes: Sequence[Size]) -> OutputsPlan:
     """The plan with each output's size at every probe, from a trace at that size; a
     mask must be at the features' size, and where its slice says, at every probe."""
     n, c = trace.input_shape[:2]

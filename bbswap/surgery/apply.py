@@ -19,7 +19,7 @@ from bbswap.tracing.inspection import choose_input, features_text
 from bbswap.tracing.tracer import ForwardFailed, Stage, Trace, trace, trace_module
 
 if TYPE_CHECKING:
-    from bbswap.surgery.several_outputs import OutputsPlan
+    from bbswap.surgery.outputs_plan import OutputsPlan
 
 Shape4 = tuple[int, int, int, int]
 

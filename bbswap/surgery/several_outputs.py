@@ -1,11 +1,5 @@
-"""A patched backbone that returns what another backbone returns: several outputs.
-
-``fit --like`` of a backbone whose forward returns a tuple, a list or a dict (DeepLab's
-``(x, low_level)``) reproduces each of them. Its plan is an :class:`OutputsPlan`: the
-fitted output itself, and for each other output the module of the patched backbone whose
-output is at the same size at every probe (a *tap*), projected by a 1x1 conv + BN when
-its channels differ. An encoder of ``(img, img_mask)`` that returns ``(features, mask)``
-also gets the mask: a second parameter, sliced as the like-backbone slices its own.
+"""A patched backbone that returns what another backbone returns: several outputs
+(the plan: :mod:`bbswap.surgery.outputs_plan`).
 
 :func:`with_outputs` rewrites the patched model's own forward so: the modules on the way
 to each tap are written out in it (their forwards inlined), so the tap is a call of the
@@ -15,99 +9,20 @@ forward, and the forward returns the structure of the plan.
 from __future__ import annotations
 
 import copy
-import enum
 import operator
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import fx, nn
 
 from bbswap.errors import SurgeryError
+from bbswap.surgery.apply import ApplyResult
 from bbswap.surgery.core import OwnerRewrite, new_module
-from bbswap.tracing.mask import MaskInput, MaskRule
+from bbswap.surgery.outputs_plan import OutputRole, OutputsPlan, projection_name
+from bbswap.tracing.mask import MaskInput
 from bbswap.tracing.outputs import OutputKey
 from bbswap.tracing.tracer import ForwardFailed, forward_error, trace_instance
-
-if TYPE_CHECKING:
-    from bbswap.surgery.apply import ApplyResult
-
-Size = tuple[int, int]
-
-
-class OutputRole(str, enum.Enum):
-    """What one output of the plan is made of."""
-
-    FEATURES = "features"  # the fitted output itself
-    TAP = "tap"  # a module's output on the way to it (projected when channels differ)
-    MASK = "mask"  # the mask input, sliced
-
-    def __str__(self) -> str:
-        return self.value
-
-
-@dataclass(frozen=True)
-class PlannedOutput:
-    """One output of the like-backbone and how the patched backbone makes it."""
-
-    key: OutputKey
-    role: OutputRole
-    channels: int  # the like-backbone's channels (0 for a mask)
-    stride: Size
-    sizes: tuple[tuple[Size, Size], ...] = ()  # (input H x W, output H x W) at every probe
-    tap: str = ""  # the patched backbone's module whose output it is (role TAP)
-    tap_channels: int = 0  # that module's channels
-    rule: MaskRule | None = None  # role MASK: the slice of the mask input
-
-    @property
-    def projected(self) -> bool:
-        """Whether a 1x1 conv + BN brings the tap to the like-backbone's channels."""
-        return self.role is OutputRole.TAP and self.tap_channels != self.channels
-
-    def describe(self, mask_name: str = "mask") -> str:
-        """``low_level: 24 channels at 1/4 (features.3)``, ``1: the mask, img_mask[:, 0::16,
-        0::16]`` (the mask input called ``mask_name``)."""
-        stride = str(self.stride[0]) if self.stride[0] == self.stride[1] else "x".join(
-            map(str, self.stride)
-        )
-        if self.role is OutputRole.MASK and self.rule is not None:
-            return f"{self.key}: the mask, {self.rule.describe(mask_name)}"
-        text = f"{self.key}: {self.channels} channels at 1/{stride}"
-        if self.role is OutputRole.FEATURES:
-            return text + " (the fitted output)"
-        project = f", projected from {self.tap_channels}" if self.projected else ""
-        return text + f" ({self.tap}{project})"
-
-
-@dataclass(frozen=True)
-class OutputsPlan:
-    """Everything the like-backbone returns, in its structure, and its mask input."""
-
-    like: str
-    returns: str  # "tuple", "list" or "dict"
-    outputs: tuple[PlannedOutput, ...]
-    mask_input: MaskInput | None = None  # a forward of (img, img_mask)
-
-    @property
-    def features(self) -> PlannedOutput:
-        return next(o for o in self.outputs if o.role is OutputRole.FEATURES)
-
-    @property
-    def mask(self) -> PlannedOutput | None:
-        return next((o for o in self.outputs if o.role is OutputRole.MASK), None)
-
-    def describe(self) -> str:
-        """``a tuple of 2 as LIKE returns it: x: ...; low_level: ...``."""
-        items = "; ".join(o.describe(self.mask_name) for o in self.outputs)
-        return f"a {self.returns} of {len(self.outputs)} as {self.like} returns it: {items}"
-
-    @property
-    def mask_name(self) -> str:
-        return self.mask_input.mask if self.mask_input is not None else "mask"
-
-    def signature(self) -> str:
-        """The forward's parameters: ``img, img_mask``, or ``x``."""
-        return f"{self.mask_input.image}, {self.mask_input.mask}" if self.mask_input else "x"
 
 
 class _Inline(fx.Tracer):
@@ -166,13 +81,9 @@ def projection(cin: int, cout: int, device: torch.device) -> tuple[nn.Module, st
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
         return nn.Sequential(conv, nn.BatchNorm2d(cout))
 
-    source = f"nn.Sequential(nn.Conv2d({cin}, {cout}, kernel_size=1, bias=False), nn.BatchNorm2d({cout}))"
+    conv = f"nn.Conv2d({cin}, {cout}, kernel_size=1, bias=False)"
+    source = f"nn.Sequential({conv}, nn.BatchNorm2d({cout}))"
     return new_module(make, device), source
-
-
-def projection_name(key: OutputKey) -> str:
-    """The name of the projection of output ``key`` (``proj_low_level``)."""
-    return "proj_" + "".join(c if c.isalnum() or c == "_" else "_" for c in str(key))
 
 
 def _name(model: nn.Module, key: OutputKey) -> str:
@@ -214,7 +125,9 @@ def _graph(model: nn.Module, plan: OutputsPlan, device: torch.device) -> tuple[f
                 nodes[o.key] = primary
             elif o.role is OutputRole.MASK and mask_in is not None and o.rule is not None:
                 index = (mask_in, o.rule.index())
-                nodes[o.key] = graph.create_node("call_function", operator.getitem, index, name="mask")
+                nodes[o.key] = graph.create_node(
+                    "call_function", operator.getitem, index, name="mask"
+                )
             else:
                 node = _tap_node(graph, o.tap)
                 if o.projected:
@@ -224,8 +137,10 @@ def _graph(model: nn.Module, plan: OutputsPlan, device: torch.device) -> tuple[f
                     node = graph.call_module(name, (node,))
                 nodes[o.key] = node
     values = [nodes[o.key] for o in plan.outputs]
-    structure: Any = {o.key: nodes[o.key] for o in plan.outputs} if plan.returns == "dict" else (
-        values if plan.returns == "list" else tuple(values)
+    structure: Any = (
+        {o.key: nodes[o.key] for o in plan.outputs}
+        if plan.returns == "dict"
+        else (values if plan.returns == "list" else tuple(values))
     )
     output.args = (structure,)
     return graph, added

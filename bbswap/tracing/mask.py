@@ -44,7 +44,10 @@ class MaskRule:
 
     def size(self, h: int, w: int) -> Pair:
         """The mask's H and W for an input of ``h`` x ``w``."""
-        return (len(range(self.start[0], h, self.step[0])), len(range(self.start[1], w, self.step[1])))
+        return (
+            len(range(self.start[0], h, self.step[0])),
+            len(range(self.start[1], w, self.step[1])),
+        )
 
     def apply(self, mask: torch.Tensor) -> torch.Tensor:
         return mask[:, self.start[0] :: self.step[0], self.start[1] :: self.step[1]]
@@ -59,9 +62,7 @@ class MaskRule:
 
     def describe(self, name: str = "mask") -> str:
         """``mask[:, 0::16, 0::16]``."""
-        return (
-            f"{name}[:, {self.start[0]}::{self.step[0]}, {self.start[1]}::{self.step[1]}]"
-        )
+        return f"{name}[:, {self.start[0]}::{self.step[0]}, {self.start[1]}::{self.step[1]}]"
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from bbswap.backbones.guard import user_code
-from bbswap.surgery.several_outputs import OutputsPlan
+from bbswap.surgery.outputs_plan import OutputsPlan
 from bbswap.tracing.mask import all_ones_mask, mask_input
 from bbswap.verify.checks import TOLERANCE, Check, VerifyReport, load_weights, verify_model
 
@@ -65,10 +65,14 @@ def check_outputs(
         mask = padded_mask(2, h, w) if plan.mask_input is not None else None
         a, b = run_all(candidate, x, mask), run_all(reference, x, mask)
         if type(a) is not kind:
-            return Check("all outputs", False, f"the file returns {type(a).__name__}, not {kind.__name__}")
+            return Check(
+                "all outputs", False, f"the file returns {type(a).__name__}, not {kind.__name__}"
+            )
         keys = [o.key for o in plan.outputs]
         if [k for k, _ in _items(a)] != keys:
-            return Check("all outputs", False, f"at {h}x{w} the file returns other outputs than {keys}")
+            return Check(
+                "all outputs", False, f"at {h}x{w} the file returns other outputs than {keys}"
+            )
         for (key, x_a), (_, x_b) in zip(_items(a), _items(b)):
             if x_a.shape != x_b.shape or x_a.dtype != x_b.dtype:
                 return Check(
@@ -89,7 +93,8 @@ def check_outputs(
 
 
 def check_like_sizes(candidate: nn.Module, plan: OutputsPlan, in_chans: int) -> Check:
-    """Every output at the size the like-backbone gives at each probe of the fit, and a mask equal to the like-backbone's slice of partly padded masks."""
+    """Every output at the size the like-backbone gives at each probe of the fit, and
+    a mask equal to the like-backbone's slice of partly padded masks."""
     listed = [size for size, _ in plan.features.sizes]
     for h, w in listed:
         x = torch.randn(1, in_chans, h, w)
