@@ -515,7 +515,10 @@ def fit(
             adapted); default the ones ``input_shape`` names, else the backbone's own.
         input_shape: The dummy input, ``"NxCxHxW"`` or ``"HxW"``; default 224x224.
         like: Another backbone spec whose output channels and exact output sizes to match
-            instead of a ``stride`` rule.
+            instead of a ``stride`` rule. When it returns several outputs (or is an
+            encoder of ``(img, img_mask)`` returning ``(features, mask)``), the result's
+            ``outputs`` plans every one of them; pass it to
+            :func:`~bbswap.codegen.export.export` as ``outputs``.
         like_kw: The constructor arguments of the ``like`` backbone.
         prefer: How exact candidates rank: ``"macs"`` (fewest first), ``"depth"`` (the
             latest stage changed first) or ``"rf"`` (largest receptive field first).
