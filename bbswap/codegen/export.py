@@ -6,6 +6,7 @@ file verified (its loader included) is the one written, next to those very bytes
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import tempfile
 from collections.abc import Callable
@@ -33,6 +34,8 @@ from bbswap.errors import InvalidArgument
 from bbswap.kinds import Phase
 from bbswap.recipes.schema import Recipe
 from bbswap.surgery.apply import ApplyResult, apply_recipe, source_input
+from bbswap.surgery.outputs_plan import OutputsPlan
+from bbswap.surgery.several_outputs import with_outputs
 from bbswap.verify.checks import (
     Check,
     VerifyReport,
@@ -44,6 +47,7 @@ from bbswap.verify.checks import (
     sweep_sizes,
     verify_model,
 )
+from bbswap.verify.outputs_check import verify_several
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,7 @@ def export(
     also: dict[Path, bytes] | None = None,
     source_output: int | str | None = None,
     on_phase: Callable[[Phase], None] | None = None,
+    outputs: OutputsPlan | None = None,
 ) -> Exported:
     """Build ``recipe`` on a backbone with real weights, emit it, verify the file by round
     trip, then write it (and the carried weights, and any files in ``also``) as one
@@ -149,6 +154,9 @@ def export(
             from (an index or a key); default the one with the largest downsample.
         on_phase: Called as the build, the emit and the verification begin
             (:class:`bbswap.kinds.Phase`).
+        outputs: The outputs of a ``--like`` backbone that returns several (or takes a
+            mask), as :attr:`~bbswap.search.fit.FitResult.outputs` plans them: the file
+            returns them all, in that backbone's structure, and is checked for each.
 
     Returns:
         An :class:`Exported`: the paths written, the emitted source, the apply result,
@@ -178,6 +186,8 @@ def export(
     torch.manual_seed(seed)
     model, load, source = _source_model(backbone, chans, checkpoint, partial)
     result = apply_recipe(backbone, recipe, input_shape, model=model, source_output=source_output)
+    if outputs is not None:
+        result = with_outputs(result, outputs)
     files = {**(also or {})}
     carried, recorded = None, None
     if weights_path is not None:  # the exact bytes written, hashed into the emitted file
@@ -257,7 +267,12 @@ def check_emitted(
         module = import_file(file)
         model = construct(module, emitted.class_name, "the emitted file")
         _, c, h, w = after.input_shape
-        report = verify_model(
+        verify = (
+            verify_model
+            if result.outputs is None
+            else functools.partial(verify_several, plan=result.outputs)
+        )
+        report = verify(
             model,
             f"the emitted {emitted.class_name}",
             in_chans=c,

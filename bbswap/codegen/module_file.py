@@ -30,6 +30,7 @@ from bbswap.backbones.loading import is_user_module
 from bbswap.backbones.registry import Backbone
 from bbswap.backbones.weights import WeightsSource
 from bbswap.codegen.bundling import Bundled, bundle_code
+from bbswap.codegen.outputs_code import outputs_lines, projection_comment
 from bbswap.codegen.size_code import output_size_code
 from bbswap.codegen.source import (
     Imports,
@@ -843,12 +844,16 @@ def _adopt_root(
     new = result.surgery.new_modules
     made_by = {path: index for index, op in plan.items() for path in op.appended}
     started: set[int] = set()
+    body = result.surgery.model._modules  # what the source backbone (and the ops) hold
     for child in patched._modules:
         if child in made_by and child in new:
             index = made_by[child]
             if index not in started:  # the op's first module
                 started.add(index)
                 lines += _comments_for(_head(plan[index], index, shown))
+            lines.append(_assign("self", child, new[child]))
+        elif result.outputs is not None and child in new and child not in body:  # another output's
+            lines += _comments_for(projection_comment(result.outputs, child))
             lines.append(_assign("self", child, new[child]))
         else:
             lines.append(_assign("self", child, _get_attr("body", child)))
@@ -986,6 +991,7 @@ def _docstring(
         f"Traced input:    {shape(t.input_shape)} -> output {shape(t.output_shape)} "
         f"(the source gave {shape(before.output_shape)} for {shape(before.input_shape)})",
         *_source_output_lines(before),
+        *(outputs_lines(result.outputs, name) if result.outputs is not None else []),
         f"Downsample:      {describe_factor(t.downsample)}",
         *_size_rule_lines(f"{rules[0].format('H')}, {rules[1].format('W')}", name),
         f"Params:          {count(t.params)}",

@@ -221,7 +221,10 @@ def forward_source(
     signature = ", ".join(["self", *params])
     returns = return_type(graph, owner) if owner is not None else ""
     arrow = f" -> {returns}" if returns else ""
-    return f"def forward({signature}){arrow}:\n" + "\n".join(wrap(line, 4, 96) for line in body)
+    head = f"def forward({signature}){arrow}:"
+    if len(head) > 96:  # as ruff writes a signature too long for the class's indentation
+        head = f"def forward(\n    {signature}\n){arrow}:"
+    return head + "\n" + "\n".join(wrap(line, 4, 96) for line in body)
 
 
 # -- return types ---------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -17,6 +17,9 @@ from bbswap.surgery.core import Edit, Surgery
 from bbswap.surgery.fx_trace import require_one_forward
 from bbswap.tracing.inspection import choose_input, features_text
 from bbswap.tracing.tracer import ForwardFailed, Stage, Trace, trace, trace_module
+
+if TYPE_CHECKING:
+    from bbswap.surgery.outputs_plan import OutputsPlan
 
 Shape4 = tuple[int, int, int, int]
 
@@ -32,6 +35,8 @@ class ApplyResult:
     edits: tuple[Edit, ...]
     model: nn.Module  # the patched model: with real weights when given some, else on meta
     surgery: Surgery  # the plan, made on the meta device
+    # the outputs of a --like backbone that returns several, which the model returns too
+    outputs: OutputsPlan | None = None
 
     def __repr__(self) -> str:
         """The summary, not the data: ``ApplyResult(resnet50 + seed-hmer-resnet50,

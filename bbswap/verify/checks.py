@@ -27,6 +27,7 @@ from torch import nn
 
 from bbswap.backbones.guard import current_limit, user_code
 from bbswap.errors import InvalidArgument, ModelError, VerificationError
+from bbswap.tracing.mask import all_ones_mask, mask_input
 
 Size = tuple[int, int]
 TOLERANCE = 1e-5
@@ -187,7 +188,8 @@ def run(model: nn.Module, shape: Sequence[int], seed: int = 0) -> torch.Tensor:
         # torch's notes on how it runs a layer (an even kernel with padding='same' copies
         # its input) say nothing about the check's result
         warnings.simplefilter("ignore", UserWarning)
-        out = model(x)
+        # an encoder of (img, img_mask) is run with a mask of no padding
+        out = model(x, *([all_ones_mask(x)] if mask_input(model) is not None else []))
     if isinstance(out, (tuple, list)):
         out = out[0]
     if isinstance(out, dict):
