@@ -64,3 +64,12 @@ class Device(Choice):
     META = "meta"
     FAKE = "fake"
     CPU = "cpu"
+
+
+class Returns(Choice):
+    """What a backbone fitted to several targets returns (timm's ``features_only`` gives
+    a list)."""
+
+    LIST = "list"
+    TUPLE = "tuple"
+    DICT = "dict"
