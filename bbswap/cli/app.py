@@ -32,7 +32,7 @@ from bbswap.backbones.guard import DEFAULT_TIMEOUT, time_limit
 from bbswap.codegen.outputs import check_output, write_files
 from bbswap.codegen.text import Place, as_source
 from bbswap.errors import BBSwapError, InvalidArgument
-from bbswap.kinds import Choice, Mode, Prefer, Rounding
+from bbswap.kinds import Choice, Mode, Prefer, Returns, Rounding
 
 if TYPE_CHECKING:
     from bbswap.codegen.export import Exported
@@ -220,6 +220,19 @@ FitRoundingOpt = Annotated[
 ]
 VerifyRoundingOpt = Annotated[
     Rounding, _choice(Rounding, "--rounding", "Size rule of --stride: ceil, floor or any (either).")
+]
+TargetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--target",
+        metavar="[NAME=]STRIDE:CHANNELS",
+        help="One output of several, e.g. p3=8:256 (repeatable; instead of --stride and "
+        "--channels).",
+    ),
+]
+ReturnOpt = Annotated[
+    Returns | None,
+    _choice(Returns, "--return", "What holds several --target outputs: list, tuple or dict."),
 ]
 MatrixRoundingOpt = Annotated[
     Rounding, _choice(Rounding, "--rounding", "Size rule the targets accept: ceil, floor or any.")
@@ -496,6 +509,8 @@ class FitArgs(EmitArgs):
     ] = None
     kw: KwOpt = None
     source_output: SourceOutputOpt = None
+    target: TargetOpt = None
+    returns: ReturnOpt = None
 
 
 @app.command("fit")
@@ -557,6 +572,8 @@ def _run_fit(a: FitArgs, progress: Callable[[int, int], None] | None) -> FitResu
         kwargs=parse_kw(a.kw),
         progress=progress,
         source_output=a.source_output,
+        targets=a.target,
+        returns=a.returns,
     )
 
 

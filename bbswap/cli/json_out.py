@@ -183,6 +183,11 @@ def fit_dict(result: FitResult, top: int) -> dict[str, Any]:
             "in_chans": result.target.in_chans,
             "like": result.target.like,
             "rounding": result.target.rounding,
+            "outputs": [
+                {"name": t.name, "stride": list(t.stride), "channels": t.channels}
+                for t in result.target.outputs
+            ],
+            "returns": result.target.returns if result.target.outputs else None,
         },
         "input": list(result.source.input_shape),
         "source_output": _source_output(result.source),
@@ -213,6 +218,15 @@ def _candidate(c: Candidate, winner: int) -> dict[str, Any]:
             params=t.params,
             receptive_field=list(t.receptive_field),
             activation_bytes=t.activation_bytes,
+            outputs=[
+                {
+                    "key": out.key,
+                    "taps": tap["at"],
+                    "output": list(out.shape),
+                    "downsample": list(out.downsample),
+                }
+                for tap, out in zip(c.recipe.taps, t.outputs)
+            ],
         )
     return row
 

@@ -390,7 +390,7 @@ def _candidate_cells(c: Candidate, best: int) -> list[str | Text]:
     return [
         escape(c.label or "as is"),
         c.mode,
-        shape(t.output_shape),
+        f"{len(t.outputs)} outputs" if c.recipe.taps else shape(t.output_shape),
         si(t.macs),
         f"x{t.macs / best:.2f}" if best else "-",
         count(t.params),
@@ -418,7 +418,9 @@ def render_fit(result: FitResult, top: int, console: Console) -> None:
         table.add_row("*" if i == 0 and c.ok else "", *_candidate_cells(c, best))
     console.print(table)
     w = result.winner
-    if w.result is not None:
+    if w.result is not None and w.recipe.taps:
+        _render_taps(w, console)
+    elif w.result is not None:
         h, wr = w.trace.size_rules()
         console.print(
             f"winner: {escape(w.label or 'as is')} ({w.mode}); "
@@ -432,6 +434,33 @@ def render_fit(result: FitResult, top: int, console: Console) -> None:
     hidden = len(result.candidates) - top
     if hidden > 0:
         console.print(f"({hidden} more candidates; --top {len(result.candidates)} shows all)")
+
+
+def _render_taps(w: Candidate, console: Console) -> None:
+    """The winner of a fit to several targets: each output, the stage it taps, its size."""
+    console.print(
+        f"winner: {escape(w.label or 'as is')} ({w.mode}); {len(w.trace.outputs)} outputs "
+        f"(a {w.recipe.returns or 'list'}), {count(w.trace.macs)} MACs"
+    )
+    table = Table(header_style="bold", box=box.SIMPLE_HEAD)
+    for name in ("output", "taps", "shape", "down", "size rule"):
+        table.add_column(name)
+    for tap, out in zip(w.recipe.taps, w.trace.outputs):
+        h, wr = w.trace.size_rules(out.chain)
+        projected = out.channels != _tapped_channels(w, tap["at"])
+        table.add_row(
+            escape(str(out.key)),
+            escape(tap["at"]) + (" + 1x1 conv, BN" if projected else ""),
+            shape(out.shape),
+            describe_factor(out.downsample).removeprefix("1/"),
+            f"{h.format('H')}, {wr.format('W')}",
+        )
+    console.print(table)
+
+
+def _tapped_channels(w: Candidate, at: str) -> int | None:
+    stage = w.result.before.stage(at) if w.result is not None else None
+    return stage.channels if stage is not None else None
 
 
 @contextlib.contextmanager

@@ -48,6 +48,7 @@ from bbswap.codegen.taps_code import (
 from bbswap.codegen.text import Place, as_source, is_plain_name
 from bbswap.codegen.weights_code import IMPORTS, LOADER, WeightsCode, weights_code
 from bbswap.errors import InvalidArgument, SurgeryError
+from bbswap.recipes.schema import OpKind
 from bbswap.recipes.structure import Dropout
 from bbswap.recipes.toml_io import recipe_to_toml
 from bbswap.surgery.apply import ApplyResult
@@ -180,7 +181,10 @@ def emit(
     patched = result.model
     helpers, wrappers = _edited_classes(result, patched, imports, local)
     several = bool(result.recipe.taps)
-    chain, size_method = (outputs_size_code if several else output_size_code)(result.after)
+    if several:
+        chain, size_method = outputs_size_code(result.after, [i.name for i in output_infos(result)])
+    else:
+        chain, size_method = output_size_code(result.after)
     loader = weights_code(name, *weights) if weights is not None else None
     root = _root_class(result, patched, name, builder, wrappers, imports, local, dropin, loader)
     root += "\n\n" + _indent(size_method, 4)
@@ -541,6 +545,8 @@ def _edit_lines(
             lines += _comments_for(_head(op, index, shown))
             lines += _statement_lines(model, op.statements)
             lines += [_comment(f"{note} (in the forward)") for note in op.notes if not wrappers]
+        elif result.recipe.ops[index].op_kind == OpKind.TAP:
+            continue  # the forward returns its module's output: no statement here
         elif not (op.notes or op.dropped or op.appended):
             lines += _comments_for(f"{_head(op, index, shown)}: nothing left to change")
     if wrappers:
@@ -736,11 +742,14 @@ def _root_class(
     more = loader.class_doc if loader else ()
     if result.recipe.taps:
         infos = output_infos(result)
-        head, tail, each = outputs_head(result.surgery.rewrite("").returns, infos)
+        tail, each = outputs_head(result.surgery.rewrite("").returns, infos)
+        head = ""
         more = (*each, *(("", *more) if more else ()))
         contract = feature_info_lines(infos)
     doc = _class_doc(
-        f"{result.backbone.spec} patched by recipe {result.recipe.name}: {head}", tail, more=more
+        f"{result.backbone.spec} patched by recipe {result.recipe.name}: {head}".rstrip(),
+        tail,
+        more=more,
     )
     init = "\n".join(_wrap_nested(line, 8) for line in ["super().__init__()", *body])
     return (

@@ -119,9 +119,9 @@ def output_size_code(trace: Trace) -> tuple[str, str]:
     return (_chain_code(trace, chains) if tables else ""), method
 
 
-def outputs_size_code(trace: Trace) -> tuple[str, str]:
-    """The same for a backbone that returns several outputs (``trace.outputs``): the method
-    returns one (H, W) per output, in their order."""
+def outputs_size_code(trace: Trace, names: Sequence[str]) -> tuple[str, str]:
+    """The same for a backbone that returns several outputs (``trace.outputs``, called
+    ``names`` in comments): the method returns one (H, W) per output, in their order."""
     lines: list[str] = []
     results: list[str] = []
     chains: dict[str, tuple[str, ...]] = {}
@@ -140,7 +140,7 @@ def outputs_size_code(trace: Trace) -> tuple[str, str]:
                 pair.append(f"{var}{i}")
             else:
                 pair.append(form.expression(var))
-        results.append(f"({pair[0]}, {pair[1]}),  # {as_source(str(out.key), Place.COMMENT)}")
+        results.append(f"({pair[0]}, {pair[1]}),  # {as_source(names[i], Place.COMMENT)}")
     how = "exact at every size" if not chains else "from the reduction chains"
     method = "\n".join(
         [

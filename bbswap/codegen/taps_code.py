@@ -61,14 +61,13 @@ def feature_info_lines(infos: list[OutputInfo]) -> list[str]:
     return lines
 
 
-def outputs_head(returns: str, infos: list[OutputInfo]) -> tuple[str, str, tuple[str, ...]]:
-    """The class docstring's head and tail (what it returns), and a line per output."""
+def outputs_head(returns: str, infos: list[OutputInfo]) -> tuple[str, tuple[str, ...]]:
+    """The class docstring's second line (what it returns), and a line per output."""
     each = tuple(
         f"{i.name}: {i.channels} channels at 1/{describe_factor(i.reduction)}" for i in infos
     )
     return (
-        f"a {returns} of {len(infos)} outputs",
-        "(feature_info and output_size state them):",
+        f"a {returns} of {len(infos)} outputs (feature_info and output_size state them):",
         each,
     )
 

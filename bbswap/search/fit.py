@@ -23,7 +23,7 @@ from bbswap.backbones.instance import as_backbone
 from bbswap.backbones.registry import Backbone, resolve
 from bbswap.errors import BBSwapError, InvalidArgument, ModelError, SurgeryError, TargetError
 from bbswap.kinds import Mode, Prefer, Returns, Rounding
-from bbswap.parsing import FeatureTarget, parse_stride, parse_targets
+from bbswap.parsing import FeatureTarget, parse_stride, parse_target, parse_targets
 from bbswap.recipes.channels import InChannels
 from bbswap.recipes.registry import make_op
 from bbswap.recipes.schema import Op, Recipe
@@ -504,7 +504,7 @@ def plan_several(
         if big % small:
             raise TargetError(_infeasible(backbone, one, have, found))
     stem = _stem_ops(source, target)
-    plans = [
+    plans: list[tuple[list[Op], str, str, int, str | None]] = [
         ([*stem, *ops], label, cmode, order, None)
         for ops, pool, label, cmode, order in _stride_plans(found, have, one, mode)
         if not pool  # a pooling appended after the body is no stage to tap
@@ -665,11 +665,7 @@ def fit(
         bbswap.fit(torchvision.models.resnet18(), channels=256, stride=16)
         bbswap.fit("resnet50", targets=["p3=8:256", "p4=16:256", "p5=32:256"], returns="dict")
     """
-    outputs, held = _several(targets, returns, channels, stride, like)
-    if len(outputs) == 1 and held is None:  # one target: the shorthand's
-        channels, stride, outputs = outputs[0].channels, outputs[0].stride, ()
-    elif outputs:
-        channels, stride = several.deepest(outputs).channels, several.deepest(outputs).stride
+    outputs, held, channels, stride = _several(targets, returns, channels, stride, like)
     ranking = Prefer.parse(prefer, "prefer")
     how = Mode.parse(mode, "mode")
     rule = Rounding.parse(rounding, "rounding")
@@ -701,17 +697,22 @@ def fit(
     ):
         raise TargetError(f"{backbone.spec} has no stem conv whose input channels can change")
     require_one_forward(model)  # its forward is written out in every plan
-    if outputs:
-        candidates = plan_several(
-            backbone, source, model, target, mode=how.value, allow_truncate=allow_truncate
-        )
-    else:
-        candidates = plan(backbone, source, target, mode=how.value, allow_truncate=allow_truncate)
+    plans = plan_several if outputs else _plan_one
+    candidates = plans(
+        backbone, source, model, target, mode=how.value, allow_truncate=allow_truncate
+    )
     done = _evaluate_all(backbone, source, model, candidates, target, probes, progress)
     if not any(c.ok for c in done) and target.like is None and not target.outputs:
         done += _exact_variants(backbone, source, model, done, target, probes, progress)
     ranked = _ranked(backbone, target, done, ranking)
     return FitResult(backbone, target, source, ranked, len(done), probes, ranking.value, smallest)
+
+
+def _plan_one(
+    backbone: Backbone, source: Trace, model: Any, target: Target, **options: Any
+) -> list[Candidate]:
+    del model  # a one-target plan needs only the trace
+    return plan(backbone, source, target, **options)
 
 
 def _several(
@@ -720,10 +721,27 @@ def _several(
     channels: int | None,
     stride: str | int | Size | None,
     like: str | None,
+) -> tuple[tuple[FeatureTarget, ...], Returns | None, int | None, str | int | Size | None]:
+    """The targets, checked; what holds them (None: not asked); and the channels and the
+    stride of the deepest (for one target and no ``returns``: the shorthand's, no targets)."""
+    outputs, held = _targets_checked(targets, returns, channels, stride, like)
+    if len(outputs) == 1 and held is None:
+        return (), None, outputs[0].channels, outputs[0].stride
+    if outputs:
+        low = several.deepest(outputs)
+        return outputs, held, low.channels, low.stride
+    return outputs, held, channels, stride
+
+
+def _targets_checked(
+    targets: Sequence[FeatureTarget | str] | None,
+    returns: Returns | str | None,
+    channels: int | None,
+    stride: str | int | Size | None,
+    like: str | None,
 ) -> tuple[tuple[FeatureTarget, ...], Returns | None]:
-    """The targets, checked, and what holds them (None: not asked)."""
     held = Returns.parse(returns, "returns") if returns is not None else None
-    outputs = parse_targets(list(targets or []))
+    outputs = parse_targets([parse_target(t) for t in targets or []])
     if not outputs:
         if held is not None:
             raise InvalidArgument(
