@@ -193,7 +193,7 @@ def parse_stride(text: str | int | tuple[int, int]) -> tuple[int, int]:
 def parse_strides(text: str) -> list[int]:
     """``8,16,32`` -> [8, 16, 32] (square strides, for ``bbswap matrix``)."""
     out = []
-    for part in text.split(","):
+    for part in text.split(",") if text else []:
         part = part.strip()
         if not (part.isascii() and part.isdigit()) or int(part) < 1:
             raise InvalidArgument(

@@ -702,7 +702,10 @@ class MatrixArgs(RunArgs):
         list[str],
         typer.Argument(help="Backbone specs or fnmatch patterns: 'tv:*', 'timm:resnet*', ..."),
     ]
-    stride: Annotated[str, typer.Option(help="Target strides, comma-separated.")] = "8,16,32"
+    stride: Annotated[
+        str | None,
+        typer.Option(help="Target strides, comma-separated (default 8,16,32 without --target)."),
+    ] = None
     channels: Annotated[
         int | None, typer.Option(help="Target channels (default: each backbone's own).")
     ] = None
@@ -719,6 +722,8 @@ class MatrixArgs(RunArgs):
         int | None,
         typer.Option("--in-chans", help="Input channels of every plan (default: each backbone's)."),
     ] = None
+    target: TargetOpt = None
+    returns: ReturnOpt = None
 
 
 @app.command("matrix")
@@ -731,7 +736,7 @@ def matrix_cmd(a: MatrixArgs) -> None:
     from bbswap.search.matrix import matrix
 
     with _guard(a.debug, a.timeout, a.json_out):
-        strides = parse_strides(a.stride)
+        strides = parse_strides(a.stride or ("" if a.target else "8,16,32"))
         with progress_bar(a.json_out, "trying backbones") as progress:
             result = matrix(
                 a.patterns,
@@ -743,6 +748,8 @@ def matrix_cmd(a: MatrixArgs) -> None:
                 in_chans=a.in_chans,
                 debug=a.debug or _state["debug"],
                 progress=progress,
+                targets=a.target,
+                returns=a.returns or Returns.LIST,
             )
         if a.json_out:
             _print_json(matrix_dict(result))

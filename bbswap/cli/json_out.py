@@ -273,6 +273,8 @@ def matrix_dict(result: Matrix) -> dict[str, Any]:
         "strides": list(result.strides),
         "channels": result.channels,
         "rounding": result.rounding,
+        "targets": [t.describe() for t in result.targets],
+        "returns": result.returns if result.targets else None,
         "verify": result.verify,
         "passed": result.passed,
         "cnns": result.cnns,
@@ -297,6 +299,7 @@ def _cell(c: Cell) -> dict[str, Any]:
     return {
         **attrs(c, "stride", "ok", "macs", "plan"),
         "rule": c.rule or None,
+        "targets": [t.describe() for t in c.targets] or None,
         "verified": c.verified,
         "reason": c.reason or None,
         "detail": c.detail or None,

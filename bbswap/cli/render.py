@@ -498,15 +498,20 @@ def render_matrix(result: Matrix, console: Console) -> None:
     winning plan and its size rule, or why there is none."""
     what = f"{result.channels} channels" if result.channels else "own channels"
     steps = "inspect, fit, emit, verify" if result.verify else "inspect, fit (meta device)"
+    aims = [f"{what} at 1/{', 1/'.join(map(str, result.strides))}"] if result.strides else []
+    together = " + ".join(t.describe() for t in result.targets)
+    aims += [f"a {result.returns} of {together}"] if result.targets else []
     console.print(
-        f"[bold]support matrix[/bold] {escape(' '.join(result.patterns))}: {what} at "
-        f"1/{', 1/'.join(map(str, result.strides))}, {result.rounding} rounding; {steps}"
+        f"[bold]support matrix[/bold] {escape(' '.join(result.patterns))}: "
+        f"{escape('; '.join(aims))}, {result.rounding} rounding; {steps}"
     )
     table = Table(header_style="bold", box=box.SIMPLE_HEAD)
     table.add_column("backbone")
     table.add_column("features", justify="right")
     for s in result.strides:
         table.add_column(f"1/{s}")
+    if result.targets:
+        table.add_column(escape(together))
     if result.verify:
         table.add_column("emitted")
     table.add_column("time", justify="right")
@@ -516,7 +521,7 @@ def render_matrix(result: Matrix, console: Console) -> None:
             own = f"{row.channels} @ 1/{describe_factor(row.downsample)}"
         if row.reason:
             cells: list[str | Text] = [Text(f"x {row.reason}", style="red")]
-            cells += ["" for _ in result.strides[1:]]
+            cells += ["" for _ in [*result.strides, *result.targets[:1]][1:]]
         else:
             cells = [_matrix_cell(c) for c in row.cells]
         extra = [escape(row.emit_mode or "-")] if result.verify else []
@@ -524,7 +529,9 @@ def render_matrix(result: Matrix, console: Console) -> None:
     console.print(table)
     for row in result.rows:
         why = [(row.reason, row.detail)] if row.reason else []
-        why += [(f"1/{c.stride}", c.detail) for c in row.cells if not c.ok]
+        why += [
+            (together if c.targets else f"1/{c.stride}", c.detail) for c in row.cells if not c.ok
+        ]
         for where, detail in why:
             console.print(f"  {escape(row.spec)} {escape(where)}: {escape(detail)}", soft_wrap=True)
     for mode in dict.fromkeys(r.emit for r in result.rows if r.import_reason):

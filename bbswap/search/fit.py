@@ -432,6 +432,8 @@ def evaluate(
     A candidate in dilate mode that cannot be dilated exactly (an average pooling after
     the removed stride, an even kernel) is tried again in stride mode.
     """
+    if candidate.failure is not None:  # refused when planned (no stage to tap)
+        return candidate
     if not _applied(backbone, source, model, candidate):
         return candidate
     assert candidate.result is not None  # _applied set it

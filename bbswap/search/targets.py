@@ -67,13 +67,16 @@ def tap_stages(after: Trace, targets: Sequence[FeatureTarget], upto: str | None 
     if upto is not None:
         at_low = [i for i in at_low if rows[i].path == upto]
     if not at_low:
-        return Taps(missing=f"no stage is at 1/{_fmt(low.stride)}")
+        return Taps(missing=f"no top-level stage is at 1/{_fmt(low.stride)}")
     rows = rows[: at_low[-1] + 1]
     found = []
     for t in targets:
         hits = [s for s in rows if _at(s) == t.stride]
         if not hits:
-            return Taps(missing=f"no stage is at 1/{_fmt(t.stride)} for {t.describe()}")
+            return Taps(
+                missing=f"no top-level stage is at 1/{_fmt(t.stride)} for {t.describe()} "
+                f"(stages: {', '.join(f'{s.path} 1/{_fmt(_at(s))}' for s in rows)})"
+            )
         found.append(hits[-1])
     return Taps(tuple(found))
 
