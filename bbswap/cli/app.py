@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from bbswap.codegen.export import Exported
     from bbswap.recipes.schema import Recipe
     from bbswap.search.fit import FitResult
+    from bbswap.search.matrix import Matrix
     from bbswap.surgery.apply import ApplyResult
     from bbswap.tracing.cross_check import CrossCheck
     from bbswap.tracing.inspection import InspectReport
@@ -732,29 +733,33 @@ def matrix_cmd(a: MatrixArgs) -> None:
     """Which backbones reach which target strides, the MACs of each winning plan, and why not."""
     from bbswap.cli.json_out import matrix_dict
     from bbswap.cli.render import progress_bar, render_matrix
-    from bbswap.parsing import parse_strides
-    from bbswap.search.matrix import matrix
 
     with _guard(a.debug, a.timeout, a.json_out):
-        strides = parse_strides(a.stride or ("" if a.target else "8,16,32"))
         with progress_bar(a.json_out, "trying backbones") as progress:
-            result = matrix(
-                a.patterns,
-                strides=strides,
-                channels=a.channels,
-                verify=a.verify,
-                rounding=a.rounding,
-                input_shape=a.input_shape,
-                in_chans=a.in_chans,
-                debug=a.debug or _state["debug"],
-                progress=progress,
-                targets=a.target,
-                returns=a.returns or Returns.LIST,
-            )
+            result = _run_matrix(a, progress)
         if a.json_out:
             _print_json(matrix_dict(result))
         else:
             render_matrix(result, _console())
+
+
+def _run_matrix(a: MatrixArgs, progress: Callable[[int, int], None] | None) -> Matrix:
+    from bbswap.parsing import parse_strides
+    from bbswap.search.matrix import matrix
+
+    return matrix(
+        a.patterns,
+        strides=parse_strides(a.stride or ("" if a.target else "8,16,32")),
+        channels=a.channels,
+        verify=a.verify,
+        rounding=a.rounding,
+        input_shape=a.input_shape,
+        in_chans=a.in_chans,
+        debug=a.debug or _state["debug"],
+        progress=progress,
+        targets=a.target,
+        returns=a.returns or Returns.LIST,
+    )
 
 
 @app.command("ops")

@@ -34,8 +34,7 @@ def _child_base(key: str) -> str:
 
 @dataclass(frozen=True)
 class Tap(Op, kind=OpKind.TAP):
-    """return a module's output as one of several outputs (in the order of the tap ops),
-    projected to C channels by a 1x1 conv (no bias) + BatchNorm when C is given and differs"""
+    """return a stage's output as one of several, projected to C channels when they differ"""
 
     fields = (
         Field("at", "str", "the top-level stage whose output is returned", required=True),

@@ -357,13 +357,7 @@ def verify_model(
     try:
         if returns_several(model):
             several = check_several(
-                model,
-                in_chans,
-                sweep,
-                reference=reference,
-                compare_sizes=compare_sizes,
-                targets=targets,
-                rounding=rounding,
+                model, in_chans, sweep, reference, compare_sizes, targets, rounding
             )
             return VerifyReport(target, (*checks, *several))
         if reference is not None:
@@ -421,7 +415,6 @@ def check_several(
     model: nn.Module,
     in_chans: int,
     sweep: Sequence[Size],
-    *,
     reference: nn.Module | None = None,
     compare_sizes: Sequence[Size] = (),
     targets: Sequence[tuple[Size, int]] = (),
