@@ -14,7 +14,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 # parameters whose flag is not their name with dashes
-FLAGS = {"input_shape": "--input", "strides": "--stride"}
+FLAGS = {
+    "input_shape": "--input",
+    "strides": "--stride",
+    "targets": "--target",
+    "returns": "--return",
+}
 
 
 class BBSwapError(Exception):

@@ -74,3 +74,12 @@ class Phase(Choice):
     BUILD = "build"  # the patched backbone with real weights
     EMIT = "emit"  # its source written
     VERIFY = "verify"  # the source imported afresh and compared with the patched model
+
+
+class Returns(Choice):
+    """What a backbone fitted to several targets returns (timm's ``features_only`` gives
+    a list)."""
+
+    LIST = "list"
+    TUPLE = "tuple"
+    DICT = "dict"

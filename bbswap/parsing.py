@@ -1,4 +1,4 @@
-"""Parsing of argument values: input shapes, size lists, strides, ``--kw`` arguments.
+"""Parsing of argument values: input shapes, size lists, strides, targets, ``--kw`` arguments.
 
 Errors name the Python parameter as ``{name}`` (see :class:`bbswap.errors.BBSwapError`),
 so the command line can word them with its flags.
@@ -227,7 +227,7 @@ def parse_stride(text: str | int | tuple[int, int]) -> tuple[int, int]:
 def parse_strides(text: str) -> list[int]:
     """``8,16,32`` -> [8, 16, 32] (square strides, for ``bbswap matrix``)."""
     out = []
-    for part in text.split(","):
+    for part in text.split(",") if text else []:
         part = part.strip()
         if not (part.isascii() and part.isdigit()) or int(part) < 1:
             raise InvalidArgument(
@@ -237,3 +237,99 @@ def parse_strides(text: str) -> list[int]:
             )
         out.append(int(part))
     return list(dict.fromkeys(out))
+
+
+@dataclass(frozen=True)
+class FeatureTarget:
+    """One output a fit must produce: ``channels`` channels at 1/``stride``.
+
+    Args:
+        stride: The downsample, as (H, W) factors (``parse_target`` reads ``16`` as (16, 16)).
+        channels: The output channels; a tap with other channels gets a 1x1 conv + BN.
+        name: The output's key when the patched backbone returns a dict; default the
+            tapped module's path.
+
+    Example::
+
+        bbswap.FeatureTarget((8, 8), 256, "p3")
+        bbswap.parse_target("p3=8:256")          # the same
+    """
+
+    stride: tuple[int, int]
+    channels: int
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        stride = parse_stride(self.stride)
+        object.__setattr__(self, "stride", stride)
+        if min(stride) < 1 or max(stride) > MAX_DIM:
+            raise InvalidArgument(
+                f"{{targets}} stride {self.stride} must be between 1 and {MAX_DIM}",
+                params=("targets",),
+            )
+        if isinstance(self.channels, bool) or not isinstance(self.channels, int):
+            raise InvalidArgument(
+                f"{{targets}} channels must be an integer, got {self.channels!r}",
+                params=("targets",),
+            )
+        if not 1 <= self.channels <= MAX_DIM:
+            raise InvalidArgument(
+                f"{{targets}} channels must be between 1 and {MAX_DIM}, got {self.channels}",
+                params=("targets",),
+            )
+        if self.name is not None and not _NAME.match(self.name):
+            raise InvalidArgument(
+                f"{{targets}} name {self.name!r} must be a word of letters, digits, '_', '.' "
+                "or '-' starting with a letter or '_'",
+                params=("targets",),
+            )
+
+    def describe(self) -> str:
+        """``p3=8:256``, as ``--target`` takes it."""
+        stride = (
+            str(self.stride[0])
+            if self.stride[0] == self.stride[1]
+            else "x".join(map(str, self.stride))
+        )
+        return f"{self.name + '=' if self.name else ''}{stride}:{self.channels}"
+
+
+_NAME = re.compile(r"^[A-Za-z_][\w.\-]{0,63}$")
+
+
+def parse_target(text: str | FeatureTarget) -> FeatureTarget:
+    """``[NAME=]STRIDE:CHANNELS`` (``p3=8:256``, ``16:2048``, ``32x4:512``) as a target."""
+    if isinstance(text, FeatureTarget):
+        return text
+    name, sep, rest = text.strip().rpartition("=")
+    stride, colon, channels = rest.partition(":")
+    hint = "expected [NAME=]STRIDE:CHANNELS, e.g. p3=8:256 or 16:2048"
+    if not colon or not stride or not channels or (sep and not name):
+        raise InvalidArgument(f"malformed {{targets}} '{text}': {hint}", params=("targets",))
+    if not (channels.isascii() and channels.isdigit()):
+        raise InvalidArgument(
+            f"malformed {{targets}} '{text}': the channels '{channels}' are not a positive "
+            f"integer; {hint}",
+            params=("targets",),
+        )
+    try:
+        size = parse_stride(stride)
+    except InvalidArgument:
+        raise InvalidArgument(
+            f"malformed {{targets}} '{text}': the stride '{stride}' is not 16 or HxW; {hint}",
+            params=("targets",),
+        ) from None
+    return FeatureTarget(size, int(channels), name or None)
+
+
+def parse_targets(items: list[str] | list[FeatureTarget] | None) -> tuple[FeatureTarget, ...]:
+    """Several targets; two with the same name are a mistake."""
+    targets = tuple(parse_target(t) for t in items or [])
+    names = [t.name for t in targets if t.name is not None]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InvalidArgument(
+            f"{{targets}} name '{twice[0]}' is given twice; each output needs its own name",
+            params=("targets",),
+        )
+    return targets

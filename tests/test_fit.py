@@ -113,6 +113,8 @@ def test_winner_is_exact_and_cheap(seed_cli):
         "in_chans": 1,
         "like": None,
         "rounding": "ceil",
+        "outputs": [],
+        "returns": None,
     }
     assert winner["exact"] is True
     assert winner["output"] == [1, 684, 8, 20]

@@ -225,6 +225,7 @@ def test_json(tmp_path):
         "macs": want.trace.macs,
         "plan": want.label,
         "rule": "ceil",
+        "targets": None,
         "verified": None,
         "reason": None,
         "detail": None,

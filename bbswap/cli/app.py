@@ -36,13 +36,14 @@ from bbswap.cli.layout import TrailingSpaceFree
 from bbswap.codegen.outputs import check_output, write_files
 from bbswap.codegen.text import Place, as_source
 from bbswap.errors import BBSwapError, InvalidArgument
-from bbswap.kinds import Choice, Mode, Phase, Prefer, Rounding
+from bbswap.kinds import Choice, Mode, Phase, Prefer, Returns, Rounding
 
 if TYPE_CHECKING:
     from bbswap.cli.progress import Activity
     from bbswap.codegen.export import Exported
     from bbswap.recipes.schema import Recipe
     from bbswap.search.fit import FitResult
+    from bbswap.search.matrix import Matrix
     from bbswap.surgery.apply import ApplyResult
     from bbswap.tracing.cross_check import CrossCheck
     from bbswap.tracing.inspection import InspectReport
@@ -318,6 +319,19 @@ FitRoundingOpt = Annotated[
 ]
 VerifyRoundingOpt = Annotated[
     Rounding, _choice(Rounding, "--rounding", "Size rule of --stride: ceil, floor or any (either).")
+]
+TargetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--target",
+        metavar="[NAME=]STRIDE:CHANNELS",
+        help="One output of several, e.g. p3=8:256 (repeatable; instead of --stride and "
+        "--channels).",
+    ),
+]
+ReturnOpt = Annotated[
+    Returns | None,
+    _choice(Returns, "--return", "What holds several --target outputs: list, tuple or dict."),
 ]
 MatrixRoundingOpt = Annotated[
     Rounding, _choice(Rounding, "--rounding", "Size rule the targets accept: ceil, floor or any.")
@@ -629,6 +643,8 @@ class FitArgs(EmitArgs):
     ] = None
     kw: KwOpt = None
     source_output: SourceOutputOpt = None
+    target: TargetOpt = None
+    returns: ReturnOpt = None
 
 
 @app.command("fit")
@@ -693,6 +709,8 @@ def _run_fit(a: FitArgs, status: Activity | None) -> FitResult:
         progress=status.step if status is not None else None,
         on_phase=status.phase if status is not None else None,
         source_output=a.source_output,
+        targets=a.target,
+        returns=a.returns,
     )
 
 
@@ -834,8 +852,12 @@ class MatrixArgs(RunArgs):
         typer.Argument(help="Backbone specs or fnmatch patterns: 'tv:*', 'timm:resnet*', ..."),
     ]
     stride: Annotated[
-        str, typer.Option(metavar="S,...", help="Target strides, comma-separated.")
-    ] = "8,16,32"
+        str | None,
+        typer.Option(
+            metavar="S,...",
+            help="Target strides, comma-separated (default 8,16,32 without --target).",
+        ),
+    ] = None
     channels: Annotated[
         int | None, typer.Option(help="Target channels (default: each backbone's own).")
     ] = None
@@ -852,6 +874,8 @@ class MatrixArgs(RunArgs):
         int | None,
         typer.Option("--in-chans", help="Input channels of every plan (default: each backbone's)."),
     ] = None
+    target: TargetOpt = None
+    returns: ReturnOpt = None
 
 
 @app.command("matrix")
@@ -861,27 +885,33 @@ def matrix_cmd(a: MatrixArgs) -> None:
     from bbswap.cli.json_out import matrix_dict
     from bbswap.cli.progress import backbone_bar
     from bbswap.cli.render import render_matrix
-    from bbswap.parsing import parse_strides
-    from bbswap.search.matrix import matrix
 
     with _guard(a.debug, a.timeout, a.json_out):
-        strides = parse_strides(a.stride)
         with backbone_bar(a.json_out) as progress:
-            result = matrix(
-                a.patterns,
-                strides=strides,
-                channels=a.channels,
-                verify=a.verify,
-                rounding=a.rounding,
-                input_shape=a.input_shape,
-                in_chans=a.in_chans,
-                debug=a.debug or _state["debug"],
-                progress=progress,
-            )
+            result = _run_matrix(a, progress)
         if a.json_out:
             _print_json(matrix_dict(result))
         else:
             render_matrix(result, _console())
+
+
+def _run_matrix(a: MatrixArgs, progress: Callable[[int, int, str | None], None] | None) -> Matrix:
+    from bbswap.parsing import parse_strides
+    from bbswap.search.matrix import matrix
+
+    return matrix(
+        a.patterns,
+        strides=parse_strides(a.stride or ("" if a.target else "8,16,32")),
+        channels=a.channels,
+        verify=a.verify,
+        rounding=a.rounding,
+        input_shape=a.input_shape,
+        in_chans=a.in_chans,
+        debug=a.debug or _state["debug"],
+        progress=progress,
+        targets=a.target,
+        returns=a.returns or Returns.LIST,
+    )
 
 
 @dataclasses.dataclass(frozen=True)

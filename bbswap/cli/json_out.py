@@ -229,6 +229,11 @@ def fit_dict(result: FitResult, top: int) -> dict[str, Any]:
             "in_chans": result.target.in_chans,
             "like": result.target.like,
             "rounding": result.target.rounding,
+            "outputs": [
+                {"name": t.name, "stride": list(t.stride), "channels": t.channels}
+                for t in result.target.outputs
+            ],
+            "returns": result.target.returns if result.target.outputs else None,
         },
         "input": list(result.source.input_shape),
         "source_output": _source_output(result.source),
@@ -260,6 +265,15 @@ def _candidate(c: Candidate, winner: int) -> dict[str, Any]:
             params=t.params,
             receptive_field=list(t.receptive_field),
             activation_bytes=t.activation_bytes,
+            outputs=[
+                {
+                    "key": out.key,
+                    "taps": tap["at"],
+                    "output": list(out.shape),
+                    "downsample": list(out.downsample),
+                }
+                for tap, out in zip(c.recipe.taps, t.outputs)
+            ],
         )
     return row
 
@@ -306,6 +320,8 @@ def matrix_dict(result: Matrix) -> dict[str, Any]:
         "strides": list(result.strides),
         "channels": result.channels,
         "rounding": result.rounding,
+        "targets": [t.describe() for t in result.targets],
+        "returns": result.returns if result.targets else None,
         "verify": result.verify,
         "passed": result.passed,
         "cnns": result.cnns,
@@ -330,6 +346,7 @@ def _cell(c: Cell) -> dict[str, Any]:
     return {
         **attrs(c, "stride", "ok", "macs", "plan"),
         "rule": c.rule or None,
+        "targets": [t.describe() for t in c.targets] or None,
         "verified": c.verified,
         "reason": c.reason or None,
         "detail": c.detail or None,

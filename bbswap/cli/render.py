@@ -408,7 +408,7 @@ def _candidate_cells(c: Candidate, best: int) -> list[str | Text]:
     return [
         escape(c.label or "as is"),
         c.mode,
-        shape(t.output_shape),
+        f"{len(t.outputs)} outputs" if c.recipe.taps else shape(t.output_shape),
         si(t.macs),
         f"x{t.macs / best:.2f}" if best else "-",
         count(t.params),
@@ -432,7 +432,9 @@ def render_fit(result: FitResult, top: int, console: Console) -> None:
         table.add_row("*" if i == 0 and c.ok else "", *_candidate_cells(c, best))
     show(table, console)
     w = result.winner
-    if w.result is not None:
+    if w.result is not None and w.recipe.taps:
+        _render_taps(w, console)
+    elif w.result is not None:
         h, wr = w.trace.size_rules()
         fields = [f"winner: {escape(w.label or 'as is')} ({w.mode});"]
         fields += [f"output {shape(w.trace.output_shape)},", f"{count(w.trace.macs)} MACs,"]
@@ -448,20 +450,49 @@ def render_fit(result: FitResult, top: int, console: Console) -> None:
         console.print(f"({hidden} more candidates; --top {len(result.candidates)} shows all)")
 
 
+def _render_taps(w: Candidate, console: Console) -> None:
+    """The winner of a fit to several targets: each output, the stage it taps, its size."""
+    console.print(
+        f"winner: {escape(w.label or 'as is')} ({w.mode}); {len(w.trace.outputs)} outputs "
+        f"(a {w.recipe.returns or 'list'}), {count(w.trace.macs)} MACs"
+    )
+    table = Grid([Column(name) for name in ("output", "taps", "shape", "down", "size rule")])
+    for tap, out in zip(w.recipe.taps, w.trace.outputs):
+        h, wr = w.trace.size_rules(out.chain)
+        projected = out.channels != _tapped_channels(w, tap["at"])
+        table.add_row(
+            escape(str(out.key)),
+            escape(tap["at"]) + (" + 1x1 conv, BN" if projected else ""),
+            shape(out.shape),
+            describe_factor(out.downsample).removeprefix("1/"),
+            f"{h.format('H')}, {wr.format('W')}",
+        )
+    show(table, console)
+
+
+def _tapped_channels(w: Candidate, at: str) -> int | None:
+    stage = w.result.before.stage(at) if w.result is not None else None
+    return stage.channels if stage is not None else None
+
+
 def render_matrix(result: Matrix, console: Console) -> None:
     """One row per backbone: its own output, then per target stride the MACs of the
     winning plan and its size rule, or why there is none."""
     what = f"{result.channels} channels" if result.channels else "own channels"
     steps = "inspect, fit, emit, verify" if result.verify else "inspect, fit (meta device)"
+    aims = [f"{what} at 1/{', 1/'.join(map(str, result.strides))}"] if result.strides else []
+    together = " + ".join(t.describe() for t in result.targets)
+    aims += [f"a {result.returns} of {together}"] if result.targets else []
     console.print(
-        f"[bold]support matrix[/bold] {escape(' '.join(result.patterns))}: {what} at "
-        f"1/{', 1/'.join(map(str, result.strides))}, {result.rounding} rounding; {steps}"
+        f"[bold]support matrix[/bold] {escape(' '.join(result.patterns))}: "
+        f"{escape('; '.join(aims))}, {result.rounding} rounding; {steps}"
     )
     table = Grid(
         [
             Column("backbone"),
             Column("features", "right", wrap=Wrap.WORDS),
             *(Column(f"1/{s}", wrap=Wrap.WORDS) for s in result.strides),
+            *([Column(escape(together), wrap=Wrap.WORDS)] if result.targets else []),
             *([Column("emitted", wrap=Wrap.WORDS)] if result.verify else []),
             Column("time", "right"),
         ]
@@ -472,7 +503,7 @@ def render_matrix(result: Matrix, console: Console) -> None:
             own = f"{row.channels} @ 1/{describe_factor(row.downsample)}"
         if row.reason:
             cells: list[str | Text] = [Text(f"x {row.reason}", style="red")]
-            cells += ["" for _ in result.strides[1:]]
+            cells += ["" for _ in [*result.strides, *result.targets[:1]][1:]]
         else:
             cells = [_matrix_cell(c) for c in row.cells]
         extra = [escape(row.emit_mode or "-")] if result.verify else []
@@ -480,7 +511,9 @@ def render_matrix(result: Matrix, console: Console) -> None:
     show(table, console)
     for row in result.rows:
         why = [(row.reason, row.detail)] if row.reason else []
-        why += [(f"1/{c.stride}", c.detail) for c in row.cells if not c.ok]
+        why += [
+            (together if c.targets else f"1/{c.stride}", c.detail) for c in row.cells if not c.ok
+        ]
         for where, detail in why:
             console.print(f"  {escape(row.spec)} {escape(where)}: {escape(detail)}", soft_wrap=True)
     for mode in dict.fromkeys(r.emit for r in result.rows if r.import_reason):

@@ -31,7 +31,7 @@ from bbswap.backbones.registry import Backbone
 from bbswap.backbones.weights import WeightsSource
 from bbswap.codegen.bundling import Bundled, bundle_code
 from bbswap.codegen.outputs_code import outputs_lines, projection_comment
-from bbswap.codegen.size_code import output_size_code
+from bbswap.codegen.size_code import output_size_code, outputs_size_code
 from bbswap.codegen.source import (
     Imports,
     forward_source,
@@ -41,10 +41,17 @@ from bbswap.codegen.source import (
     string,
     wrap,
 )
+from bbswap.codegen.taps_code import (
+    docstring_lines,
+    feature_info_lines,
+    output_infos,
+    outputs_head,
+)
 from bbswap.codegen.text import Place, as_source, is_plain_name
 from bbswap.codegen.weights_code import IMPORTS, LOADER, WeightsCode, weights_code
 from bbswap.errors import InvalidArgument, SurgeryError
 from bbswap.parsing import PyRef
+from bbswap.recipes.schema import OpKind
 from bbswap.recipes.structure import Dropout
 from bbswap.recipes.toml_io import recipe_to_toml
 from bbswap.surgery.apply import ApplyResult
@@ -91,6 +98,13 @@ def default_class_name(backbone: str, channels: int, downsample: tuple[float, fl
         words.append(part[:1].upper() + part[1:])
     stride = describe_factor(downsample).replace("/", "_")
     return identifier("".join(words) + f"C{channels}S{stride}")
+
+
+def default_features_name(backbone: str, after: Trace) -> str:
+    """``resnet50`` with outputs at 1/8, 1/16, 1/32 -> ``ResNet50FeaturesS8S16S32``."""
+    base = default_class_name(backbone, 0, (1, 1)).removesuffix("C0S1")
+    strides = "".join("S" + describe_factor(o.downsample).replace("/", "_") for o in after.outputs)
+    return identifier(f"{base}Features{strides}")
 
 
 @dataclass(frozen=True)
@@ -158,6 +172,8 @@ def emit(
     require_emittable(result.backbone)
     after = result.after
     name = class_name
+    if name is None and result.recipe.taps:
+        name = default_features_name(result.backbone.name, after)
     if name is None:
         name = default_class_name(result.backbone.name, after.output_shape[1], after.downsample)
     _require_class_name(name)
@@ -169,7 +185,11 @@ def emit(
     body_source, builder, local = code.code, code.builder, set(code.local)
     patched = result.model
     helpers, wrappers = _edited_classes(result, patched, imports, local)
-    chain, size_method = output_size_code(result.after)
+    several = bool(result.recipe.taps)
+    if several:
+        chain, size_method = outputs_size_code(result.after, [i.name for i in output_infos(result)])
+    else:
+        chain, size_method = output_size_code(result.after)
     loader = weights_code(name, *weights) if weights is not None else None
     root = _root_class(result, patched, name, builder, wrappers, imports, local, dropin, loader)
     root += "\n\n" + _indent(size_method, 4)
@@ -198,6 +218,7 @@ _OWN_NAMES = {"Step", "_CHAIN_H", "_CHAIN_W", "_through"}  # the output_size cod
 def _defined_names(imports: Imports, local: set[str], wrappers: dict[str, str]) -> set[str]:
     """The top-level names the emitted file defines or imports, besides the patched class."""
     names = local | set(wrappers.values()) | _OWN_NAMES
+    names |= {f"{table}_{i}" for table in ("_CHAIN_H", "_CHAIN_W") for i in range(64)}
     for line in imports.lines:
         names.update(imported_names(ast.parse(line).body[0]))
     return names
@@ -628,6 +649,8 @@ def _edit_lines(
             lines += _comments_for(_head(op, index, shown))
             lines += _statement_lines(model, op.statements)
             lines += [_comment(f"{note} (in the forward)") for note in op.notes if not wrappers]
+        elif result.recipe.ops[index].op_kind == OpKind.TAP:
+            continue  # the forward returns its module's output: no statement here
         elif not (op.notes or op.dropped or op.appended):
             lines += _comments_for(f"{_head(op, index, shown)}: nothing left to change")
     if wrappers:
@@ -815,17 +838,33 @@ def _root_class(
     else:
         init_args = ""
     rules = result.after.size_rules()
+    head = (
+        f"{result.after.output_shape[1]} channels at 1/{describe_factor(result.after.downsample)};"
+    )
+    tail = f"{rules[0].format('H')}, {rules[1].format('W')}."
+    contract: list[str] = []
+    more = loader.class_doc if loader else ()
+    if result.recipe.taps:
+        infos = output_infos(result)
+        tail, each = outputs_head(result.surgery.rewrite("").returns, infos)
+        head = ""
+        more = (*each, *(("", *more) if more else ()))
+        contract = feature_info_lines(infos)
     doc = _class_doc(
-        f"{result.backbone.spec} patched by recipe {result.recipe.name}: "
-        f"{result.after.output_shape[1]} channels at 1/{describe_factor(result.after.downsample)};",
-        f"{rules[0].format('H')}, {rules[1].format('W')}.",
-        more=loader.class_doc if loader else (),
+        f"{result.backbone.spec} patched by recipe {result.recipe.name}: {head}".rstrip(),
+        tail,
+        more=more,
     )
     init = "\n".join(_wrap_nested(line, 8) for line in ["super().__init__()", *body])
     return (
         f"class {name}(nn.Module):\n"
         f"    {doc}\n\n"
-        f"    def __init__(self{init_args}) -> None:\n" + init + "\n\n" + _indent(forward, 4)
+        + "".join(f"    {line}\n" for line in contract)
+        + ("\n" if contract else "")
+        + f"    def __init__(self{init_args}) -> None:\n"
+        + init
+        + "\n\n"
+        + _indent(forward, 4)
     )
 
 
@@ -981,6 +1020,15 @@ def _docstring(
     t, before = result.after, result.before
     rules = t.size_rules()
     recipe_text = recipe_to_toml(result.recipe).rstrip()
+    contract = [
+        f"Downsample:      {describe_factor(t.downsample)}",
+        *_size_rule_lines(f"{rules[0].format('H')}, {rules[1].format('W')}", name),
+    ]
+    output = f"output {shape(t.output_shape)}"
+    if result.recipe.taps:
+        returns = result.surgery.rewrite("").returns
+        contract = docstring_lines(returns, output_infos(result), name)
+        output = f"{len(t.outputs)} outputs"
     lines = [
         f"{name}: {result.backbone.spec} after backbone surgery (recipe {result.recipe.name}).",
         "",
@@ -988,12 +1036,11 @@ def _docstring(
         "",
         f"Source backbone: {result.backbone.spec}",
         *_imported_lines(code.imported),
-        f"Traced input:    {shape(t.input_shape)} -> output {shape(t.output_shape)} "
+        f"Traced input:    {shape(t.input_shape)} -> {output} "
         f"(the source gave {shape(before.output_shape)} for {shape(before.input_shape)})",
         *_source_output_lines(before),
         *(outputs_lines(result.outputs, name) if result.outputs is not None else []),
-        f"Downsample:      {describe_factor(t.downsample)}",
-        *_size_rule_lines(f"{rules[0].format('H')}, {rules[1].format('W')}", name),
+        *contract,
         f"Params:          {count(t.params)}",
         f"MACs:            {count(t.macs)} at the traced input",
     ]

@@ -101,7 +101,8 @@ def literal(value: Any, imports: Imports) -> str:
             return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
         return f"[{', '.join(items)}]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k!r}: {literal(v, imports)}" for k, v in value.items()) + "}"
+        pairs = (f"{literal(k, imports)}: {literal(v, imports)}" for k, v in value.items())
+        return "{" + ", ".join(pairs) + "}"
     if isinstance(value, slice):
         parts = [literal(p, imports) if p is not None else "" for p in (value.start, value.stop)]
         step = f":{literal(value.step, imports)}" if value.step is not None else ""
@@ -262,6 +263,9 @@ def return_type(graph: fx.Graph, owner: nn.Module) -> str:
         if isinstance(out, list):
             return "list[torch.Tensor]"
         return "tuple[" + ", ".join("torch.Tensor" for _ in out) + "]"
+    values = list(out.values()) if isinstance(out, dict) else []
+    if values and all(isinstance(a, fx.Node) and _is_tensor(a, owner) for a in values):
+        return "dict[str, torch.Tensor]"
     return ""
 
 

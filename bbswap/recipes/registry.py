@@ -10,9 +10,11 @@ from bbswap.recipes.channels import InChannels, Project
 from bbswap.recipes.schema import Field, Op
 from bbswap.recipes.strides import Exact, Stride
 from bbswap.recipes.structure import Dropout, Pool, Truncate
+from bbswap.recipes.taps import Tap
 
 OPS: dict[str, type[Op]] = {
-    cls.op_kind.value: cls for cls in (InChannels, Stride, Exact, Truncate, Project, Pool, Dropout)
+    cls.op_kind.value: cls
+    for cls in (InChannels, Stride, Exact, Truncate, Project, Pool, Dropout, Tap)
 }
 
 
@@ -21,7 +23,8 @@ def make_op(name: str, **params: Any) -> Op:
 
     Args:
         name: The op (``bbswap ops`` lists them): ``"in_channels"``, ``"stride"``,
-            ``"exact"``, ``"truncate"``, ``"project"``, ``"pool"`` or ``"dropout"``.
+            ``"exact"``, ``"truncate"``, ``"project"``, ``"pool"``, ``"dropout"`` or
+            ``"tap"``.
         **params: The op's fields, as in a recipe's ``[[ops]]`` table (a tuple is taken
             as a list; ``None`` as left out).
 

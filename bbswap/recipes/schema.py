@@ -49,6 +49,7 @@ class OpKind(str, enum.Enum):
     PROJECT = "project"
     POOL = "pool"
     DROPOUT = "dropout"
+    TAP = "tap"
 
     def __str__(self) -> str:
         return self.value
@@ -70,6 +71,8 @@ class Field:
     minimum: float | None = None
     maximum: float | None = None  # exclusive upper bound
 
+
+RETURNS = ("list", "tuple", "dict")  # what a recipe with tap ops returns
 
 # Sane bounds for integer fields, so a 20-digit value is refused before any work
 MAX_CHANNELS = 1 << 16
@@ -172,6 +175,30 @@ class Recipe:
     source_output: int | str | None = None
     # the backbone's constructor arguments (``[kw]``); a ``py:`` value is a PyRef
     kw: dict[str, Any] = field(default_factory=dict)
+    # with tap ops: what holds the outputs, "list" (the default), "tuple" or "dict"
+    returns: str | None = None
+
+    def __post_init__(self) -> None:
+        """Tap ops replace the single output, which project and pool ops act on."""
+        prefix = f"{self.source}: " if self.source else ""
+        kinds = [op.op_kind for op in self.ops]
+        if self.returns is not None and self.returns not in RETURNS:
+            raise RecipeError(f"{prefix}returns {self.returns!r} is not one of {choices(RETURNS)}")
+        if OpKind.TAP not in kinds:
+            if self.returns is not None:
+                raise RecipeError(f"{prefix}returns goes with tap ops; the recipe has none")
+            return
+        for index, kind in enumerate(kinds):
+            if kind in (OpKind.PROJECT, OpKind.POOL):
+                raise RecipeError(
+                    f"{self.where(index)}: a recipe with tap ops returns the taps; give each "
+                    "tap its channels instead of a project or pool op"
+                )
+
+    @property
+    def taps(self) -> tuple[Op, ...]:
+        """The tap ops, in the order of the outputs."""
+        return tuple(op for op in self.ops if op.op_kind == OpKind.TAP)
 
     def where(self, index: int, key: str | None = None) -> str:
         """How an error message names a field: ``file: ops[2] (stride).at``."""

@@ -24,7 +24,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-_TOP_FIELDS = {"name", "description", "backbone", "input", "source_output", "kw", "ops"}
+_TOP_FIELDS = {"name", "description", "backbone", "input", "source_output", "returns", "kw", "ops"}
 _IDENT = re.compile(r"^[A-Za-z_]\w*$")
 
 
@@ -75,7 +75,7 @@ def recipe_from_dict(data: Mapping[str, Any], source: str = "") -> Recipe:
             f"{prefix}unknown top-level field '{unknown[0]}' "
             f"(valid: {choices(sorted(_TOP_FIELDS))})"
         )
-    for key in ("name", "description", "backbone", "input"):
+    for key in ("name", "description", "backbone", "input", "returns"):
         if key in data and not isinstance(data[key], str):
             raise RecipeError(f"{prefix}{key} must be a string, got {data[key]!r}")
     if "name" not in data:
@@ -100,6 +100,7 @@ def recipe_from_dict(data: Mapping[str, Any], source: str = "") -> Recipe:
         input=data.get("input", ""),
         source=source,
         source_output=output,
+        returns=data.get("returns"),
         kw=kw_from_table(data.get("kw", {}), prefix),
     )
 
@@ -183,6 +184,8 @@ def recipe_to_toml(recipe: Recipe, header: str = "") -> str:
             top[key] = getattr(recipe, key)
     if recipe.source_output is not None:
         top["source_output"] = recipe.source_output
+    if recipe.returns is not None:
+        top["returns"] = recipe.returns
     parts = ["".join(f"# {line}".rstrip() + "\n" for line in header.splitlines()) + _toml(top)]
     if recipe.kw:
         parts.append(_kw_toml(kw_to_table(recipe.kw)))

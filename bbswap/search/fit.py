@@ -15,20 +15,21 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from bbswap.backbones.instance import as_backbone
 from bbswap.backbones.registry import Backbone, resolve
 from bbswap.errors import BBSwapError, InvalidArgument, ModelError, SurgeryError, TargetError
-from bbswap.kinds import Mode, Phase, Prefer, Rounding
-from bbswap.parsing import parse_stride
+from bbswap.kinds import Mode, Phase, Prefer, Returns, Rounding
+from bbswap.parsing import FeatureTarget, parse_stride, parse_target, parse_targets
 from bbswap.recipes.channels import InChannels
 from bbswap.recipes.registry import make_op
 from bbswap.recipes.schema import Op, Recipe
 from bbswap.recipes.strides import Stride, exact_setting, stride_targets
 from bbswap.records import short_count
+from bbswap.search import targets as several
 from bbswap.search.like_outputs import choose_taps, no_taps, outputs_plan, probe_sizes
 from bbswap.surgery.apply import ApplyResult, apply_traced
 from bbswap.surgery.fx_trace import require_one_forward
@@ -68,6 +69,10 @@ class Target:
     like: str | None = None
     like_sizes: dict[Size, Size] | None = None  # the other backbone's output size per probe
     rounding: str = "ceil"  # with a stride target: "ceil", "floor" or "any" (either)
+    # several outputs, in their order (``channels`` and ``stride`` are the deepest one's),
+    # and what holds them: "list", "tuple" or "dict"
+    outputs: tuple[FeatureTarget, ...] = ()
+    returns: str = "list"
 
     @property
     def rules(self) -> tuple[str, ...]:
@@ -87,6 +92,10 @@ class Target:
             if self.stride[0] == self.stride[1]
             else "x".join(map(str, self.stride))
         )
+        if self.outputs:
+            return (
+                f"{several.describe(self.outputs, Returns(self.returns))}, {self.rounding} rounding"
+            )
         text = f"{self.channels} channels at 1/{stride}"
         return text + (f" (like {self.like})" if self.like else f", {self.rounding} rounding")
 
@@ -427,26 +436,21 @@ def evaluate(
     A candidate in dilate mode that cannot be dilated exactly (an average pooling after
     the removed stride, an even kernel) is tried again in stride mode.
     """
-    try:
-        candidate.result = apply_traced(backbone, candidate.recipe, source, model)
-    except SurgeryError as error:
-        if candidate.mode != Mode.DILATE.value:
-            candidate.failure = error
-            return candidate
-        ops = tuple(
-            replace(op, mode="stride") if isinstance(op, Stride) else op
-            for op in candidate.recipe.ops
-        )
-        candidate.recipe = replace(candidate.recipe, ops=ops)
-        candidate.mode = Mode.STRIDE.value
-        candidate.dilate_refused = error
-        return evaluate(backbone, source, model, candidate, target, probes)
-    except BBSwapError as error:
-        candidate.failure = error
+    if candidate.failure is not None:  # refused when planned (no stage to tap)
         return candidate
+    if not _applied(backbone, source, model, candidate):
+        return candidate
+    assert candidate.result is not None  # _applied set it
     after = candidate.result.after
-    if len(after.output_shape) != 4 or after.output_shape[1] != target.channels:
-        candidate.failure = TargetError(f"output {after.output_shape}")
+    wrong = (
+        several.wrong_outputs(after, target.outputs)
+        if target.outputs
+        else ""
+        if len(after.output_shape) == 4 and after.output_shape[1] == target.channels
+        else f"output {after.output_shape}"
+    )
+    if wrong:
+        candidate.failure = TargetError(wrong)
         return candidate
     first: list[tuple[Size, Size, Size]] | None = None
     for rule in target.rules:
@@ -459,9 +463,118 @@ def evaluate(
     return candidate
 
 
+def _applied(backbone: Backbone, source: Trace, model: Any, candidate: Candidate) -> bool:
+    """Apply a candidate's recipe on the meta device (``candidate.result``), in stride mode
+    if dilate mode cannot be exact; False if it is refused (``candidate.failure``)."""
+    try:
+        candidate.result = apply_traced(backbone, candidate.recipe, source, model)
+    except SurgeryError as error:
+        if candidate.mode != Mode.DILATE.value:
+            candidate.failure = error
+            return False
+        ops = tuple(
+            replace(op, mode="stride") if isinstance(op, Stride) else op
+            for op in candidate.recipe.ops
+        )
+        candidate.recipe = replace(candidate.recipe, ops=ops)
+        candidate.mode = Mode.STRIDE.value
+        candidate.dilate_refused = error
+        return _applied(backbone, source, model, candidate)
+    except BBSwapError as error:
+        candidate.failure = error
+        return False
+    return True
+
+
+def plan_several(
+    backbone: Backbone,
+    source: Trace,
+    model: Any,
+    target: Target,
+    *,
+    mode: str = "dilate",
+    allow_truncate: bool = False,
+) -> list[Candidate]:
+    """Every candidate for several targets (not yet evaluated): the stride changes that
+    bring the features to the deepest target's stride, then a tap per target at the last
+    stage at its stride; with ``allow_truncate``, also the body cut after an earlier stage
+    already at the deepest stride."""
+    features = source.features
+    down = features.downsample if features is not None else source.downsample
+    have = (round(down[0]), round(down[1]))
+    found = units(source, features)
+    low = several.deepest(target.outputs)
+    one = replace(target, stride=low.stride, channels=low.channels)
+    for i in range(2):
+        big, small = max(have[i], low.stride[i]), min(have[i], low.stride[i])
+        if big % small:
+            raise TargetError(_infeasible(backbone, one, have, found))
+    stem = _stem_ops(source, target)
+    plans: list[tuple[list[Op], str, str, int, str | None]] = [
+        ([*stem, *ops], label, cmode, order, None)
+        for ops, pool, label, cmode, order in _stride_plans(found, have, one, mode)
+        if not pool  # a pooling appended after the body is no stage to tap
+    ]
+    if allow_truncate:
+        plans += [
+            (stem, f"truncate after {s.path}", "-", -1, s.path)
+            for s in truncation_points(source, low.stride)
+        ]
+    out = [_tapped(backbone, source, model, target, *p) for p in plans]
+    if not out:
+        raise TargetError(_infeasible(backbone, one, have, found))
+    return _dedupe(out)
+
+
+def _tapped(
+    backbone: Backbone,
+    source: Trace,
+    model: Any,
+    target: Target,
+    ops: list[Op],
+    label: str,
+    mode: str,
+    order: int,
+    upto: str | None,
+) -> Candidate:
+    """The candidate that makes the stride changes ``ops``, then taps each target at the
+    stage at its stride in the result."""
+    name = f"fit-{backbone.name}-" + "-".join(
+        f"c{t.channels}s{_fmt(t.stride)}" for t in target.outputs
+    )
+    about = f"fit target: {target.describe()}"
+
+    def recipe(ops: list[Op], returns: str | None) -> Recipe:
+        return Recipe(
+            name, tuple(ops), backbone.spec, about, source_output=source.output_key, returns=returns
+        )
+
+    probe = Candidate(recipe(ops, None), label, mode, order)
+    after = source
+    if ops and _applied(backbone, source, model, probe):
+        assert probe.result is not None  # _applied set it
+        after = probe.result.after
+    taps = several.tap_stages(after, target.outputs, upto)
+    stages = [s.path for s in source.stages if not s.functional and "." not in s.path]
+    tapped = ", ".join(dict.fromkeys(s.path for s in taps.stages))
+    shown = f"{label or 'no stride change'}; taps {tapped}" if tapped else label
+    if probe.failure is not None or taps.missing:
+        refused = Candidate(probe.recipe, shown, probe.mode, order)
+        refused.failure = probe.failure or TargetError(taps.missing)
+        return refused
+    last = taps.stages[target.outputs.index(several.deepest(target.outputs))].path
+    cut = [make_op("truncate", after=last)] if stages and stages[-1] != last else []
+    final = [*probe.recipe.ops, *cut, *several.tap_ops(target.outputs, taps)]
+    c = Candidate(recipe(final, target.returns), shown, probe.mode, order)
+    c.dilate_refused = probe.dilate_refused
+    return c
+
+
 def _misses(
     after: Trace, target: Target, probes: tuple[Size, ...]
 ) -> list[tuple[Size, Size, Size]]:
+    if target.outputs:
+        return several.output_misses(after, target.outputs, target.rounding, probes)
     misses = []
     for h, w in probes:
         want = target.size(h, w)
@@ -497,6 +610,8 @@ def fit(
     progress: Callable[[int, int], None] | None = None,
     source_output: int | str | None = None,
     on_phase: Callable[[Phase], None] | None = None,
+    targets: Sequence[FeatureTarget | str] | None = None,
+    returns: Returns | str | None = None,
 ) -> FitResult:
     """Search for the cheapest exact surgery that makes a backbone produce ``channels``
     channels at 1/``stride``; the candidates come ranked, the winner first.
@@ -535,7 +650,14 @@ def fit(
             Every candidate's recipe names it, and the patched backbone returns it.
         on_phase: Called as the trace and the evaluation of candidates begin
             (:class:`bbswap.kinds.Phase`).
-
+        targets: Several outputs instead of ``channels`` and ``stride``: each a
+            :class:`~bbswap.parsing.FeatureTarget` or its text, ``"[NAME=]STRIDE:CHANNELS"``
+            (``"p3=8:256"``). The strides change for the deepest; each target taps the
+            last stage at its stride, projected (1x1 conv + BN) when its channels differ.
+            One target without ``returns`` is the same as ``channels`` and ``stride``.
+        returns: With ``targets``: ``"list"`` (the default, timm's ``features_only``),
+            ``"tuple"`` or ``"dict"`` (keyed by each target's name, else the tapped
+            module's path). The outputs come in the order of ``targets``.
     Output sizes are checked at probe sizes that start from the smallest input the source
     (and ``like``) accept (``FitResult.smallest``, ``FitResult.probes``).
 
@@ -552,7 +674,9 @@ def fit(
                            input_shape="1x1x128x316")
         found.winner.label, found.winner.trace.macs    # ('layer4: stride 1', 5218230272)
         bbswap.fit(torchvision.models.resnet18(), channels=256, stride=16)
+        bbswap.fit("resnet50", targets=["p3=8:256", "p4=16:256", "p5=32:256"], returns="dict")
     """
+    outputs, held, channels, stride = _several(targets, returns, channels, stride, like)
     ranking = Prefer.parse(prefer, "prefer")
     how = Mode.parse(mode, "mode")
     rule = Rounding.parse(rounding, "rounding")
@@ -567,7 +691,7 @@ def fit(
     _check_counts(channels, chans)
     other = _like_traced(like, like_kw, (shape[2], shape[3])) if like is not None else None
     target = _target(channels, stride, chans, like, other[0] if other is not None else None)
-    target = replace(target, rounding=rule.value)
+    target = replace(target, rounding=rule.value, outputs=outputs, returns=str(held or "list"))
     own = shape[1]
     if on_phase is not None:
         on_phase(Phase.TRACE)
@@ -575,12 +699,7 @@ def fit(
         lambda: backbone.build(in_chans=own), (1, own, shape[2], shape[3]), name=backbone.spec
     )
     source = source.select_output(source_output, backbone.spec)
-    smallest, multiple = accepted_input(source, *([other[0]] if other is not None else []))
-    probes = from_smallest(PROBES, smallest, multiple)
-    several = outputs_plan(like, other[0]) if like is not None and other is not None else None
-    if like is not None and other is not None:  # its real output size at each probe
-        target = replace(target, like_sizes=_like_sizes(like, *other, probes))
-        several = probe_sizes(several, *other, probes) if several is not None else None
+    smallest, probes, target, like_plan = _probes(source, like, other, target)
     if (
         target.in_chans is not None
         and target.in_chans != own
@@ -588,18 +707,36 @@ def fit(
     ):
         raise TargetError(f"{backbone.spec} has no stem conv whose input channels can change")
     require_one_forward(model)  # its forward is written out in every plan
-    candidates = plan(backbone, source, target, mode=how.value, allow_truncate=allow_truncate)
+    plans = plan_several if outputs else _plan_one
+    candidates = plans(
+        backbone, source, model, target, mode=how.value, allow_truncate=allow_truncate
+    )
     if on_phase is not None:
         on_phase(Phase.CANDIDATES)
     done = _evaluate_all(backbone, source, model, candidates, target, probes, progress)
-    if not any(c.ok for c in done) and target.like is None:
+    if not any(c.ok for c in done) and target.like is None and not target.outputs:
         done += _exact_variants(backbone, source, model, done, target, probes, progress)
     ranked = _ranked(backbone, target, done, ranking)
-    if several is not None:  # the winner is the first that gives every output
-        ranked, several = _with_outputs(backbone, ranked, several)
+    if like_plan is not None:  # the winner is the first that gives every output
+        ranked, like_plan = _with_outputs(backbone, ranked, like_plan)
     return FitResult(
-        backbone, target, source, ranked, len(done), probes, ranking.value, smallest, several
+        backbone, target, source, ranked, len(done), probes, ranking.value, smallest, like_plan
     )
+
+
+def _probes(
+    source: Trace, like: str | None, other: tuple[Trace, Any] | None, target: Target
+) -> tuple[Size, tuple[Size, ...], Target, OutputsPlan | None]:
+    """The smallest input the models accept, the probe sizes from it, the target with the
+    like-backbone's real output size at each, and the plan of its several outputs."""
+    smallest, multiple = accepted_input(source, *([other[0]] if other is not None else []))
+    probes = from_smallest(PROBES, smallest, multiple)
+    if like is None or other is None:
+        return smallest, probes, target, None
+    like_plan = outputs_plan(like, other[0])
+    target = replace(target, like_sizes=_like_sizes(like, *other, probes))
+    like_plan = probe_sizes(like_plan, *other, probes) if like_plan is not None else None
+    return smallest, probes, target, like_plan
 
 
 def _with_outputs(
@@ -613,6 +750,62 @@ def _with_outputs(
         raise no_taps(plan, backbone.spec)
     i, plan = found
     return (exact[i], *(c for c in ranked if c is not exact[i])), plan
+
+
+def _plan_one(
+    backbone: Backbone, source: Trace, model: Any, target: Target, **options: Any
+) -> list[Candidate]:
+    del model  # a one-target plan needs only the trace
+    return plan(backbone, source, target, **options)
+
+
+def _several(
+    targets: Sequence[FeatureTarget | str] | None,
+    returns: Returns | str | None,
+    channels: int | None,
+    stride: str | int | Size | None,
+    like: str | None,
+) -> tuple[tuple[FeatureTarget, ...], Returns | None, int | None, str | int | Size | None]:
+    """The targets, checked; what holds them (None: not asked); and the channels and the
+    stride of the deepest (for one target and no ``returns``: the shorthand's, no targets)."""
+    outputs, held = _targets_checked(targets, returns, channels, stride, like)
+    if len(outputs) == 1 and held is None:
+        return (), None, outputs[0].channels, outputs[0].stride
+    if outputs:
+        low = several.deepest(outputs)
+        return outputs, held, low.channels, low.stride
+    return outputs, held, channels, stride
+
+
+def _targets_checked(
+    targets: Sequence[FeatureTarget | str] | None,
+    returns: Returns | str | None,
+    channels: int | None,
+    stride: str | int | Size | None,
+    like: str | None,
+) -> tuple[tuple[FeatureTarget, ...], Returns | None]:
+    held = Returns.parse(returns, "returns") if returns is not None else None
+    outputs = parse_targets([parse_target(t) for t in targets or []])
+    if not outputs:
+        if held is not None:
+            raise InvalidArgument(
+                "{returns} says what holds several outputs; give them with {targets}",
+                params=("returns", "targets"),
+            )
+        return (), None
+    if channels is not None or stride is not None:
+        raise InvalidArgument(
+            "{targets} gives each output's stride and channels; leave out {stride} and "
+            "{channels} (they are the one-target shorthand)",
+            params=("targets", "stride", "channels"),
+        )
+    if like is not None:
+        raise InvalidArgument(
+            "{like} takes its target from another backbone; give it or {targets}, not both",
+            params=("like", "targets"),
+        )
+    several.check_targets(outputs, held or Returns.LIST)
+    return outputs, held
 
 
 def accepted_input(*traces: Trace) -> tuple[Size, Size]:

@@ -24,8 +24,8 @@ from typing import Any
 
 from bbswap.backbones.registry import Backbone, list_backbones, resolve
 from bbswap.errors import BBSwapError, InvalidArgument, NotACNN
-from bbswap.kinds import Rounding
-from bbswap.parsing import parse_input
+from bbswap.kinds import Returns, Rounding
+from bbswap.parsing import FeatureTarget, parse_input, parse_target, parse_targets
 
 STRIDES = (8, 16, 32)
 
@@ -43,6 +43,7 @@ class Cell:
     reason: str = ""  # a few words, when not ok
     detail: str = ""  # the whole error message
     bug: bool = False  # the error was not a user error (not a BBSwapError)
+    targets: tuple[FeatureTarget, ...] = ()  # a cell of several targets (``stride``: the deepest)
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,8 @@ class Matrix:
     verify: bool
     rounding: str
     rows: tuple[Row, ...]
+    targets: tuple[FeatureTarget, ...] = ()  # one more cell per row: all of them at once
+    returns: str = "list"
 
     def __repr__(self) -> str:
         """``Matrix(resnet18 tv:alexnet; strides 8, 16, 32; 2 of 2 CNNs reach every target)``."""
@@ -137,6 +140,8 @@ def matrix(
     in_chans: int | None = None,
     debug: bool = False,
     progress: Callable[[int, int, str | None], None] | None = None,
+    targets: Sequence[FeatureTarget | str] | None = None,
+    returns: Returns | str = Returns.LIST,
 ) -> Matrix:
     """Try every backbone the patterns name at every stride: inspect and fit on the meta
     device, then (with ``verify``) emit each winning plan with random weights to a
@@ -158,6 +163,10 @@ def matrix(
         progress: Called as ``progress(done, total, spec)`` as each backbone begins
             (``spec`` its name, ``done`` the number finished) and once at the end
             (``spec`` None).
+        targets: Several targets (``"[NAME=]STRIDE:CHANNELS"`` or
+            :class:`~bbswap.parsing.FeatureTarget`): each row gets one more cell, the fit
+            to all of them at once (``strides`` may then be empty).
+        returns: What holds the outputs of that fit: ``"list"``, ``"tuple"`` or ``"dict"``.
 
     Returns:
         A :class:`Matrix`: one :class:`Row` per backbone, one :class:`Cell` per stride.
@@ -169,7 +178,9 @@ def matrix(
         [(row.spec, row.refused, [c.macs for c in row.cells]) for row in table.rows]
     """
     pats = (patterns,) if isinstance(patterns, str) else tuple(patterns)
-    if not strides or min(strides) < 1:
+    several = parse_targets([parse_target(t) for t in targets or []])
+    held = Returns.parse(returns, "returns").value
+    if (not strides and not several) or (strides and min(strides) < 1):
         raise InvalidArgument(
             f"{{strides}} must list positive strides, got {list(strides)}", params=("strides",)
         )
@@ -189,12 +200,11 @@ def matrix(
     for i, spec in enumerate(specs):
         if progress is not None:
             progress(i, len(specs), spec)
-        rows.append(
-            _row(spec, tuple(strides), channels, verify, rule, (input_shape, in_chans), debug)
-        )
+        given = (input_shape, in_chans, several, held)
+        rows.append(_row(spec, tuple(strides), channels, verify, rule, given, debug))
     if progress is not None:
         progress(len(specs), len(specs), None)
-    return Matrix(pats, tuple(strides), channels, verify, rule, tuple(rows))
+    return Matrix(pats, tuple(strides), channels, verify, rule, tuple(rows), several, held)
 
 
 def brief(error: BaseException) -> tuple[str, str]:
@@ -214,14 +224,15 @@ def _row(
     channels: int | None,
     verify: bool,
     rounding: str,
-    given: tuple[str | None, int | None],
+    given: tuple[str | None, int | None, tuple[FeatureTarget, ...], str],
     debug: bool,
 ) -> Row:
-    """One backbone's row; ``given`` holds the input shape and the input channels asked."""
+    """One backbone's row; ``given`` holds the input shape and the input channels asked,
+    and the targets of the several-targets cell (none: no such cell) and what holds them."""
     from bbswap.tracing.inspection import choose_input, inspect_backbone
 
     start = time.perf_counter()
-    input_shape, in_chans = given
+    input_shape, in_chans = given[:2]
     try:
         backbone = resolve(spec)
         # its own input channels: those of its first conv when the registry does not know
@@ -239,7 +250,7 @@ def _row(
     out = stage.out_shape if stage is not None else report.trace.output_shape
     down = stage.downsample if stage is not None else report.trace.downsample
     cells, emitted = [], None
-    for stride in strides:
+    for stride in [*strides, *([0] if given[2] else [])]:
         cell, how = _cell(backbone, stride, channels or out[1], verify, rounding, given)
         if debug and cell.bug:
             raise RuntimeError(f"{spec} at stride {stride}: {cell.detail}")
@@ -258,28 +269,27 @@ def _cell(
     channels: int,
     verify: bool,
     rounding: str,
-    given: tuple[str | None, int | None],
+    given: tuple[str | None, int | None, tuple[FeatureTarget, ...], str],
 ) -> tuple[Cell, str | None]:
     """The cell, and why its emitted file imports the backbone ("" if bundled, None if not
-    emitted)."""
+    emitted); ``stride`` 0 is the cell of ``given``'s several targets."""
     from bbswap.search.fit import fit, winner_input, winner_recipe
 
-    input_shape, in_chans = given
+    input_shape, in_chans, several, returns = given
+    aim: dict[str, Any] = {"channels": channels, "stride": stride}
+    if stride == 0:
+        aim = {"targets": several, "returns": returns}
+        stride = max(t.stride[0] for t in several)
+    taps = several if "targets" in aim else ()
     try:
-        found = fit(
-            backbone,
-            channels=channels,
-            stride=stride,
-            rounding=rounding,
-            input_shape=input_shape,
-            in_chans=in_chans,
-        )
+        found = fit(backbone, rounding=rounding, input_shape=input_shape, in_chans=in_chans, **aim)
     except Exception as error:  # reported in the cell
         reason, detail = brief(error)
         bug = not isinstance(error, BBSwapError)
-        return Cell(stride, False, reason=reason, detail=detail, bug=bug), None
+        return Cell(stride, False, reason=reason, detail=detail, bug=bug, targets=taps), None
     w = found.winner
-    cell = Cell(stride, True, w.trace.macs, w.label, w.rule or found.target.rounding)
+    rule = w.rule or found.target.rounding
+    cell = Cell(stride, True, w.trace.macs, w.label, rule, targets=taps)
     if not verify:
         return cell, None
     text = winner_input(found)
@@ -288,9 +298,11 @@ def _cell(
     except Exception as error:  # reported in the cell
         reason, detail = brief(error)
         bug = not isinstance(error, BBSwapError)
-        failed = Cell(stride, False, cell.macs, cell.plan, cell.rule, False, reason, detail, bug)
+        failed = Cell(
+            stride, False, cell.macs, cell.plan, cell.rule, False, reason, detail, bug, taps
+        )
         return failed, None
-    return Cell(stride, True, cell.macs, cell.plan, cell.rule, True), import_reason
+    return Cell(stride, True, cell.macs, cell.plan, cell.rule, True, targets=taps), import_reason
 
 
 def _export(backbone: Backbone, recipe: Any, input_text: str) -> str:

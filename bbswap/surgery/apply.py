@@ -166,6 +166,8 @@ def run_ops(model: nn.Module, before: Trace, recipe: Recipe) -> Surgery:
     for index, op in enumerate(recipe.ops):
         surgery.op_index, surgery.op_name = index, op.op
         op.apply(surgery, recipe.where(index))
+    if recipe.taps:
+        surgery.rewrite("").returns = recipe.returns or "list"
     return surgery
 
 

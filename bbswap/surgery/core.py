@@ -109,6 +109,17 @@ class CallEdit:
     op_index: int
 
 
+@dataclass(frozen=True)
+class TapOutput:
+    """One output of a backbone that returns several: a module's output, and the modules
+    appended to it (a projection), as the model's own children."""
+
+    at: str  # the tapped module
+    key: str  # its key in a dict (the target's name, else the module's path)
+    modules: tuple[str, ...]  # child names of the modules run on it, in order
+    op_index: int
+
+
 @dataclass
 class OwnerRewrite:
     """Everything that rewrites one module's forward."""
@@ -118,6 +129,8 @@ class OwnerRewrite:
     append: list[tuple[str, int]] = field(default_factory=list)  # (child name, op index)
     truncate_after: str | None = None
     select: OutputKey | None = None  # the output kept of a forward that returns several
+    taps: list[TapOutput] = field(default_factory=list)  # the outputs of the model itself
+    returns: str = "list"  # what holds the taps: "list", "tuple" or "dict"
 
 
 def fmt(value: Any) -> str:
@@ -230,6 +243,16 @@ class Surgery:
         self.record(path, EditKind.APPEND, "-", source)
         return used
 
+    def add_tap(self, at: str, key: str, modules: list[tuple[str, nn.Module, str]]) -> None:
+        """Return ``at``'s output as one of the model's outputs, after ``modules`` (name,
+        module, constructor source), which become the model's own children."""
+        names = []
+        for name, module, source in modules:
+            used = self.add_child("", name, module, source)
+            self.record(used, EditKind.APPEND, "-", source)
+            names.append(used)
+        self.rewrite("").taps.append(TapOutput(at, key, tuple(names), self.op_index))
+
     def truncate(self, after: str, dropped: list[str]) -> None:
         """Make ``after`` the output: each module from it up to the model stops there."""
         path, point = after, PointId.parse(after)
@@ -305,7 +328,8 @@ def rewrite_forward(module: nn.Module, rw: OwnerRewrite, owner: str) -> fx.Graph
     The modules the rewrite appends are hidden from the trace: a container that runs its
     children (an ``nn.Sequential``, the model itself or a block of it) would run them as
     well, and the appended output would then run them a second time."""
-    with _hidden(module, [name for name, _ in rw.append]):
+    added = [name for name, _ in rw.append] + [n for tap in rw.taps for n in tap.modules]
+    with _hidden(module, added):
         graph = trace_forward(module, owner)
     for edit in rw.calls:
         node = _nth_call(graph, edit.func, edit.call, owner)
@@ -334,6 +358,8 @@ def rewrite_forward(module: nn.Module, rw: OwnerRewrite, owner: str) -> fx.Graph
             for name, _ in rw.append:
                 value = graph.call_module(name, (value,))
         output.args = (value,)
+    if rw.taps:
+        output.args = (_tap_outputs(graph, output, rw),)
     _require_fx_names(graph, owner)
     gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
     gm.graph.eliminate_dead_code()
@@ -377,6 +403,21 @@ def _selected(graph: fx.Graph, output: fx.Node, key: OutputKey) -> fx.Node:
             "torch.fx trace does not show as one tensor"
         )
     return chosen
+
+
+def _tap_outputs(graph: fx.Graph, output: fx.Node, rw: OwnerRewrite) -> Any:
+    """The model's outputs: each tapped module's output node, run through the modules
+    appended to it, held as ``rw.returns`` says."""
+    values = []
+    for tap in rw.taps:
+        value = _stage_node(graph, tap.at)
+        with graph.inserting_before(output):
+            for name in tap.modules:
+                value = graph.call_module(name, (value,))
+        values.append(value)
+    if rw.returns == "dict":
+        return {tap.key: value for tap, value in zip(rw.taps, values)}
+    return tuple(values) if rw.returns == "tuple" else values
 
 
 def _nth_call(graph: fx.Graph, func: str, call: int, owner: str) -> fx.Node:

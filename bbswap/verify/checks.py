@@ -387,6 +387,7 @@ def verify_model(
     rounding: str = "ceil",
     like: tuple[str, dict[Size, tuple[int, int]]] | None = None,
     source: nn.Module | None = None,
+    targets: Sequence[tuple[Size, int]] = (),
 ) -> VerifyReport:
     """Run the checks that apply; the model is put in eval mode. With a ``source`` (the
     unpatched backbone, in eval mode), sizes it fails at as the file does are skipped."""
@@ -405,6 +406,11 @@ def verify_model(
             if not check.ok:
                 return VerifyReport(target, tuple(checks))
     try:
+        if returns_several(model):
+            several = check_several(
+                model, in_chans, sweep, reference, compare_sizes, targets, rounding
+            )
+            return VerifyReport(target, (*checks, *several))
         if reference is not None:
             reference.eval()
             checks.append(compare_outputs(model, reference, in_chans, compare_sizes))
@@ -431,3 +437,145 @@ def require(report: VerifyReport) -> None:
     bad = report.first_failure()
     if bad is not None:
         raise VerificationError(f"verification of {report.target} failed: {bad.name}: {bad.detail}")
+
+
+# -- a backbone that returns several outputs ----------------------------------------------------
+# (an emitted class with ``feature_info``: every output is compared and checked)
+
+
+def returns_several(model: nn.Module) -> bool:
+    """Whether the class states several outputs (``feature_info``, timm's convention)."""
+    info = getattr(type(model), "feature_info", None)
+    return isinstance(info, list) and all(isinstance(i, dict) for i in info)
+
+
+def run_all(model: nn.Module, shape: Sequence[int], seed: int = 0) -> list[torch.Tensor]:
+    """Every tensor the model returns for a seeded random input (eval mode), in order."""
+    torch.manual_seed(seed)
+    x = torch.randn(*shape)
+    with torch.no_grad(), user_code("the model's forward"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        out = model(x)
+    items = list(out.values()) if isinstance(out, dict) else out
+    if not isinstance(items, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in items):
+        raise VerificationError(f"the model returned {type(out).__name__}, not tensors")
+    return list(items)
+
+
+def check_several(
+    model: nn.Module,
+    in_chans: int,
+    sweep: Sequence[Size],
+    reference: nn.Module | None = None,
+    compare_sizes: Sequence[Size] = (),
+    targets: Sequence[tuple[Size, int]] = (),
+    rounding: str = "ceil",
+) -> list[Check]:
+    """The checks of every output: the same values as ``reference``; the sizes
+    ``output_size`` gives; the channels ``feature_info`` states; each of ``targets``
+    ((stride, channels), one per output) with the ``rounding`` rule."""
+    checks = []
+    if reference is not None:
+        checks.append(_compare_all(model, reference, in_chans, compare_sizes))
+        if not checks[-1].ok:
+            return checks
+    shapes = {
+        (h, w): [tuple(t.shape) for t in run_all(model, (1, in_chans, h, w))] for h, w in sweep
+    }
+    checks.append(_sizes_said(model, shapes))
+    info = type(model).feature_info  # type: ignore[attr-defined]  # returns_several saw it
+    checks.append(_channels_stated(info, shapes))
+    if targets:
+        checks.append(_targets_met(shapes, targets, rounding))
+    return checks
+
+
+def _compare_all(
+    model: nn.Module, reference: nn.Module, in_chans: int, sizes: Sequence[Size]
+) -> Check:
+    worst, where = 0.0, ""
+    count = 0
+    for h, w in sizes:
+        got, want = run_all(model, (1, in_chans, h, w)), run_all(reference, (1, in_chans, h, w))
+        count = len(want)
+        if [a.shape for a in got] != [b.shape for b in want]:
+            return Check(
+                "outputs",
+                False,
+                f"at {h}x{w} the file gives {', '.join(_dims(a.shape) for a in got)}, the "
+                f"patched model {', '.join(_dims(b.shape) for b in want)}",
+            )
+        for a, b in zip(got, want):
+            diff = float((a - b).abs().max()) if a.numel() else 0.0
+            if diff > worst or math.isnan(diff):
+                worst, where = diff, f"{h}x{w}"
+    ok = worst <= TOLERANCE
+    sizes_text = ", ".join(f"{h}x{w}" for h, w in sizes)
+    detail = f"max |difference| {worst:.2e} in {count} outputs over {sizes_text}" + (
+        "" if ok else f" (worst at {where})"
+    )
+    return Check("outputs", ok, detail)
+
+
+def _sizes_said(model: nn.Module, shapes: dict[Size, list[tuple[int, ...]]]) -> Check:
+    method = getattr(type(model), "output_size", None)
+    if method is None:
+        return Check("output_size", False, "the class has no output_size(h, w) method")
+    for (h, w), outs in shapes.items():
+        said = [tuple(s) for s in method(h, w)]
+        real = [tuple(o[-2:]) for o in outs]
+        if said != real:
+            return Check(
+                "output_size",
+                False,
+                f"output_size({h}, {w}) says {', '.join(map(_dims, said))} but the model "
+                f"gives {', '.join(map(_dims, real))}",
+            )
+    n = len(next(iter(shapes.values()), []))
+    return Check("output_size", True, f"matches all {n} outputs at {len(shapes)} sizes")
+
+
+def _channels_stated(
+    info: list[dict[str, Any]], shapes: dict[Size, list[tuple[int, ...]]]
+) -> Check:
+    stated = [i.get("num_chs") for i in info]
+    for (h, w), outs in shapes.items():
+        real = [o[1] if len(o) == 4 else None for o in outs]
+        if real != stated:
+            return Check(
+                "feature_info",
+                False,
+                f"at {h}x{w} the outputs have {real} channels; feature_info says {stated}",
+            )
+    return Check("feature_info", True, f"channels {stated} at every size, as stated")
+
+
+def _targets_met(
+    shapes: dict[Size, list[tuple[int, ...]]], targets: Sequence[tuple[Size, int]], rounding: str
+) -> Check:
+    """Output i has target i's channels and follows its stride's rule (one rule for all)."""
+    rules = ("ceil", "floor") if rounding == "any" else (rounding,)
+    first = ""
+    for rule in rules:
+        op = math.ceil if rule == "ceil" else math.floor
+        bad = ""
+        for (h, w), outs in shapes.items():
+            if len(outs) != len(targets):
+                bad = f"the model gives {len(outs)} outputs, not {len(targets)}"
+                break
+            for i, (out, ((sh, sw), chans)) in enumerate(zip(outs, targets)):
+                want = (1, chans, op(h / sh), op(w / sw))
+                if len(out) != 4 or tuple(out[1:]) != want[1:]:
+                    bad = (
+                        f"at {h}x{w} output {i} is {_dims(out[1:])}; {chans} channels at "
+                        f"{rule}(H/{sh}) x {rule}(W/{sw}) is {_dims(want[1:])}"
+                    )
+                    break
+            if bad:
+                break
+        if not bad:
+            return Check(
+                "targets", True, f"{len(targets)} outputs at their channels and {rule} sizes"
+            )
+        first = first or bad
+    return Check("targets", False, first)
