@@ -155,6 +155,8 @@ class Recipe:
             work on: an index or a dict key (None: the one with the largest downsample).
         kw: The backbone's constructor arguments (the ``[kw]`` table); a ``py:`` value is
             a :class:`~bbswap.parsing.PyRef`.
+        returns: With tap ops, what holds the outputs: ``"list"`` (the default),
+            ``"tuple"`` or ``"dict"``.
 
     Example::
 

@@ -680,11 +680,7 @@ def fit(
     ranking = Prefer.parse(prefer, "prefer")
     how = Mode.parse(mode, "mode")
     rule = Rounding.parse(rounding, "rounding")
-    if like is None and like_kw:
-        raise InvalidArgument(
-            "{like_kw} gives the constructor arguments of the {like} backbone; give {like} too",
-            params=("like_kw", "like"),
-        )
+    _check_like_kw(like, like_kw)
     backbone = as_backbone(spec, kwargs)
     shape, asked = choose_input(backbone, input_shape or None, keep_own=True)
     chans = in_chans if in_chans is not None else asked
@@ -700,12 +696,7 @@ def fit(
     )
     source = source.select_output(source_output, backbone.spec)
     smallest, probes, target, like_plan = _probes(source, like, other, target)
-    if (
-        target.in_chans is not None
-        and target.in_chans != own
-        and first_conv_in_channels(model) is None
-    ):
-        raise TargetError(f"{backbone.spec} has no stem conv whose input channels can change")
+    _require_stem(backbone, model, target, own)
     require_one_forward(model)  # its forward is written out in every plan
     plans = plan_several if outputs else _plan_one
     candidates = plans(
@@ -722,6 +713,24 @@ def fit(
     return FitResult(
         backbone, target, source, ranked, len(done), probes, ranking.value, smallest, like_plan
     )
+
+
+def _check_like_kw(like: str | None, like_kw: Mapping[str, Any] | None) -> None:
+    if like is None and like_kw:
+        raise InvalidArgument(
+            "{like_kw} gives the constructor arguments of the {like} backbone; give {like} too",
+            params=("like_kw", "like"),
+        )
+
+
+def _require_stem(backbone: Backbone, model: Any, target: Target, own: int) -> None:
+    """A target of other input channels needs a stem conv whose input channels can change."""
+    if (
+        target.in_chans is not None
+        and target.in_chans != own
+        and first_conv_in_channels(model) is None
+    ):
+        raise TargetError(f"{backbone.spec} has no stem conv whose input channels can change")
 
 
 def _probes(
