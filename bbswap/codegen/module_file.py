@@ -42,6 +42,7 @@ from bbswap.codegen.weights_code import IMPORTS, LOADER, WeightsCode, weights_co
 from bbswap.errors import InvalidArgument, SurgeryError
 from bbswap.recipes.structure import Dropout
 from bbswap.recipes.toml_io import recipe_to_toml
+from bbswap.surgery import same
 from bbswap.surgery.apply import ApplyResult
 from bbswap.surgery.core import (
     Edit,
@@ -53,6 +54,7 @@ from bbswap.surgery.core import (
     parent_path,
     trace_children_as_leaves,
 )
+from bbswap.surgery.same import SAME_CLASSES
 from bbswap.tracing.tracer import describe_factor
 
 _FAMILIES = {
@@ -136,6 +138,7 @@ def emit(
         result.backbone, imports, import_mode, present, result.before.input_shape[1]
     )
     patched = result.model
+    same = _same_classes(patched, imports, local)
     helpers, wrappers = _edited_classes(result, patched, imports, local)
     chain, size_method = output_size_code(result.after)
     loader = weights_code(name, *weights) if weights is not None else None
@@ -151,7 +154,7 @@ def emit(
         root += "\n\n" + _indent(loader.method, 4)
     doc = _docstring(result, name, note, dropin, weights)
     parts = [body_source] if body_source else []
-    parts += [*helpers, *filter(None, [chain, loader.constants if loader else None]), root]
+    parts += [*same, *helpers, *filter(None, [chain, loader.constants if loader else None]), root]
     code = "\n\n\n".join(p.strip("\n") for p in parts)
     # isort's rule, as ruff applies it: two blank lines after the imports before a
     # definition, one before any other statement (or comment)
@@ -251,6 +254,22 @@ def _safe_literal(key: str, value: Any) -> str:
     if not same or not is_plain_name(key):
         raise SurgeryError(f"constructor argument {key}={text[:40]} cannot be written as a literal")
     return text
+
+
+def _same_classes(model: nn.Module, imports: Imports, local: set[str]) -> list[str]:
+    """The classes of the modules an op made pad each input by its size, copied with what
+    they use from :mod:`bbswap.surgery.same`; their names join ``local``."""
+    used = sorted({type(m).__name__ for m in model.modules() if type(m) in SAME_CLASSES.values()})
+    if not used:
+        return []
+    b = bundle(module_source(same), used, same.__name__, imports)
+    for taken in sorted(b.names & local):
+        raise SurgeryError(
+            f"the emitted file needs the top-level name {taken} for its padding per input "
+            "size, which the bundled code already defines"
+        )
+    local |= b.names
+    return b.sources
 
 
 # -- rewritten forwards -----------------------------------------------------------------------
@@ -456,7 +475,7 @@ def _plan(result: ApplyResult) -> dict[int, _OpLines]:
                 lines.dropped.append(e.path)
             elif e.path in new and "." not in e.path and e.kind is EditKind.APPEND:
                 lines.appended.append(e.path)  # built where the children are adopted
-            elif e.path in new:
+            elif e.path in new and e.kind is not EditKind.SET:
                 _supersede(plan, e.path, "")
                 lines.statements.append(("module", e.path, "", new[e.path]))
             elif e.kind is EditKind.CALL:

@@ -206,7 +206,10 @@ def removals(
 
 
 def _stride_ops(changes: list[tuple[Unit, Size]], mode: str) -> list[Op]:
-    return [
+    """One stride op per unit; in dilate mode the last unit first, so that each dilation
+    meets the later reduction points with their strides already removed (a 2x2/2 conv
+    dilated before its own stride goes would need half a pixel of padding)."""
+    ops = [
         make_op(
             "stride",
             at=u.at,
@@ -215,6 +218,7 @@ def _stride_ops(changes: list[tuple[Unit, Size]], mode: str) -> list[Op]:
         )
         for u, t in changes
     ]
+    return ops[::-1] if mode == Mode.DILATE.value else ops
 
 
 def _hw(size: Size) -> str:
