@@ -181,10 +181,8 @@ def restride(
 
     A pooling whose window equals its stride lets the window follow the stride, unless
     ``keep_window`` (mode 'dilate': the a-trous algorithm keeps the window, as timm's
-    ``output_stride`` keeps a 2x2/2 average at stride 1) and it can keep it. In that mode
-    an average pooling wider than its stride (a blur that subsamples) gets the new stride
-    as its window, as timm's ``output_stride`` leaves ResNeSt's out. Anything else gets
-    'same' padding,
+    ``output_stride`` keeps a 2x2/2 average at stride 1) and it can keep it. Anything else
+    gets 'same' padding,
     ``dilation * (kernel - 1) / 2`` per side, so the output is ``ceil(size / stride)``
     whatever the input size. When that is not a whole number (an even window), a conv
     going to stride 1 takes torch's ``padding='same'``, and an op that can (``per_size``)
@@ -209,11 +207,6 @@ def restride(
         keep = keep_window and pre == (0, 0) and (even or per_size)
         if o.op != "conv" and k == now["stride"][axis] and padding[axis] == 0 and not keep:
             kernel[axis] = stride[axis]
-            continue
-        if keep_window and o.op == "avg-pool" and k > now["stride"][axis]:
-            # an average that blurs as it subsamples (ResNeSt's 3x3/2) is there to
-            # downsample: without the stride timm and ResNeSt's own code leave it out
-            kernel[axis], padding[axis] = stride[axis], 0
             continue
         if not even:
             odd.append(axis)
@@ -279,8 +272,14 @@ def _dilate(s: Surgery, o: SpatialOp, factors: list[int], where: str) -> None:
     kernel, dilation = now["kernel_size"], list(now["dilation"])
     if all(k == 1 for k in kernel):
         return
+    if o.op in ("avg-pool", "lp-pool") and now["stride"] == (1, 1):
+        return  # a smoothing with no dilation: it stays as it is, as in timm's output_stride
     if o.op in ("avg-pool", "lp-pool"):
-        return  # it has no dilation: its window stays as it is, as in timm's output_stride
+        raise SurgeryError(
+            f"{where}: mode 'dilate' would have to dilate {o.id}, an {o.op} with kernel "
+            f"{kernel[0]} and stride {fmt(now['stride'])}, which has no dilation; use mode = "
+            "'stride'"
+        )
     padding = now["padding"]
     if isinstance(padding, str) or now["same"]:
         new = (dilation[0] * factors[0], dilation[1] * factors[1])

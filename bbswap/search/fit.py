@@ -476,11 +476,36 @@ def fit(
         raise TargetError(f"{backbone.spec} has no stem conv whose input channels can change")
     probes = tuple(p for p in PROBES if target.size(*p) is not None) or PROBES
     candidates = plan(backbone, source, target, mode=how.value, allow_truncate=allow_truncate)
-    done = _evaluate_all(backbone, source, model, candidates, target, probes, progress)
+    plain = _evaluate_all(backbone, source, model, candidates, target, probes, progress)
+    done = list(plain)
     if not any(c.ok for c in done) and target.like is None:
         done += _exact_variants(backbone, source, model, done, target, probes, progress)
-    ranked = _ranked(backbone, target, done, ranking)
+    other = None
+    if not any(c.ok for c in done):
+        other = _other_rounding(backbone, source, model, plain, target, probes)
+    ranked = _ranked(backbone, target, done, ranking, other)
     return FitResult(backbone, target, source, ranked, len(done), probes, ranking.value)
+
+
+def _other_rounding(
+    backbone: Backbone,
+    source: Trace,
+    model: Any,
+    plain: list[Candidate],
+    target: Target,
+    probes: tuple[Size, ...],
+) -> str | None:
+    """The rounding other than the target's that some candidate reaches exactly, as it
+    stands or with its reduction points made exact; None if none does (or the target
+    takes either, or follows another backbone)."""
+    if target.like is not None or target.rounding == Rounding.ANY.value:
+        return None
+    other = Rounding.FLOOR.value if target.rounding == Rounding.CEIL.value else Rounding.CEIL.value
+    wanted = replace(target, rounding=other)
+    if any(not c.failed and not _misses(c.trace, wanted, probes) for c in plain):
+        return other
+    variants = _exact_variants(backbone, source, model, plain, wanted, probes, None)
+    return other if any(c.ok for c in variants) else None
 
 
 def _evaluate_all(
@@ -501,23 +526,22 @@ def _evaluate_all(
 
 
 def _ranked(
-    backbone: Backbone, target: Target, done: list[Candidate], ranking: Prefer
+    backbone: Backbone,
+    target: Target,
+    done: list[Candidate],
+    ranking: Prefer,
+    other: str | None = None,
 ) -> tuple[Candidate, ...]:
     """Exact candidates first, by ``ranking``; then the inexact, then the refused.
-    No exact one is an error that says why."""
+    No exact one is an error that says why, and names the ``other`` rounding, which a
+    candidate reaches, if there is one."""
     evaluated = [c for c in done if not c.failed]
     exact = sorted((c for c in evaluated if c.ok), key=_PREFER[ranking])
     rest = sorted((c for c in evaluated if not c.ok), key=lambda c: c.trace.macs)
     failed = [c for c in done if c.failed]
     if exact:
         return tuple(exact + rest + failed)
-    if (
-        rest
-        and all(c.rounding_only for c in rest)
-        and target.rounding != Rounding.ANY.value
-        and not target.like
-    ):
-        other = "floor" if target.rounding == "ceil" else "ceil"
+    if other is not None and rest and all(c.rounding_only for c in rest):
         raise TargetError(
             f"every candidate on {backbone.spec} misses {target.describe()} only by rounding "
             f"(e.g. {rest[0].label or 'as is'} gives {_hw(rest[0].misses[0][1])} at "
@@ -533,8 +557,10 @@ def _ranked(
         )
         for c in (rest + failed)[:3]
     )
+    hint = f"; {other}(H/S) is reachable: pass {{rounding}} {other}" if other else ""
     raise TargetError(
-        f"no candidate reaches {target.describe()} exactly on {backbone.spec} ({reasons})"
+        f"no candidate reaches {target.describe()} exactly on {backbone.spec} ({reasons}){hint}",
+        params=("rounding",) if other else (),
     )
 
 
