@@ -38,6 +38,7 @@ from bbswap.recipes.registry import make_op
 from bbswap.recipes.schema import Recipe
 from bbswap.recipes.strides import exact_setting
 from bbswap.search.fit import FitResult, fit, winner_recipe
+from bbswap.surgery import same
 from bbswap.surgery.apply import ApplyResult
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
@@ -452,3 +453,51 @@ def test_fit_even_kernels_cli(tmp_path):
         assert cls.output_size(h, w) == want
         assert out_hw(model, h, w) == want, (h, w)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ceil.py", "convnext16.py"]
+
+
+# -- padding per input size: the classes of bbswap.surgery.same ---------------------------------
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(
+    op=st.sampled_from(["conv", "max-pool", "avg-pool"]),
+    kernel=st.tuples(st.integers(1, 5), st.integers(1, 5)),
+    stride=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    size=st.tuples(st.integers(1, 23), st.integers(1, 23)),
+)
+def test_padding_per_size_equals_timms_same_layers(op, kernel, stride, dilation, size):
+    # timm's Conv2dSame, MaxPool2dSame and AvgPool2dSame are the reference: same sizes
+    # (ceil(size / stride)) and the same values, at every size
+    timm_layers = pytest.importorskip("timm.layers.pool2d_same")
+    timm_conv = pytest.importorskip("timm.layers.conv2d_same")
+    torch.manual_seed(0)
+    if op == "conv":
+        theirs = timm_conv.Conv2dSame(2, 3, kernel, stride, dilation=dilation)
+        ours = same.Conv2dSame(2, 3, kernel, stride, 0, dilation)
+        ours.load_state_dict(theirs.state_dict())
+    elif op == "max-pool":
+        theirs = timm_layers.MaxPool2dSame(kernel, stride, dilation=dilation)
+        ours = same.MaxPool2dSame(kernel, stride, dilation)
+    else:
+        theirs = timm_layers.AvgPool2dSame(kernel, stride)
+        ours = same.AvgPool2dSame(kernel, stride)
+    x = torch.randn(1, 2, *size)
+    with torch.no_grad():
+        got, want = ours(x), theirs(x)
+    assert got.shape[-2:] == (math.ceil(size[0] / stride[0]), math.ceil(size[1] / stride[1]))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert torch.equal(torch.jit.script(ours)(x), got)
+
+
+def test_the_file_with_padding_per_size_scripts_and_exports(tmp_path):
+    out = tmp_path / "convnext_ceil.py"
+    data = json.loads(
+        ok(cli("fit", CONVNEXT, "--channels", 32, "--stride", 16, "-o", out, "--json")).stdout
+    )
+    model = getattr(import_plain(out), data["written"]["class_name"])().eval()
+    x = torch.randn(1, 3, 33, 47)
+    with torch.no_grad():
+        want = model(x)
+        assert torch.equal(torch.jit.script(model)(x), want)
+        assert torch.equal(torch.export.export(model, (x,)).module()(x), want)

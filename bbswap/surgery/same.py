@@ -39,39 +39,65 @@ def pad_same(
     return F.pad(x, (left, right, top, bottom), value=value)
 
 
-def as_pair(value: int | tuple[int, ...]) -> tuple[int, int]:
+def as_pair(value: int | tuple[int, int]) -> tuple[int, int]:
     """A kernel, stride or dilation given as one number or as (h, w)."""
-    return (value, value) if isinstance(value, int) else (value[0], value[-1])
+    return (value, value) if isinstance(value, int) else (value[0], value[1])
 
 
 class Conv2dSame(nn.Conv2d):
     """A Conv2d that pads each input with zeros to give ceil(size / stride) per axis."""
 
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel, stride = as_pair(self.kernel_size), as_pair(self.stride)
-        dilation = as_pair(self.dilation)
-        x = pad_same(x, kernel, stride, dilation)
-        return F.conv2d(x, self.weight, self.bias, stride, 0, dilation, self.groups)
+        x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
 class MaxPool2dSame(nn.MaxPool2d):
     """A MaxPool2d that pads each input with -inf to give ceil(size / stride) per axis."""
 
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+
+    def __init__(
+        self,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] | None = None,
+        dilation: int | tuple[int, int] = 1,
+    ) -> None:
+        window = as_pair(kernel_size)
+        step = window if stride is None else as_pair(stride)
+        super().__init__(window, step, 0, as_pair(dilation))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel, stride = as_pair(self.kernel_size), as_pair(self.stride)
-        dilation = as_pair(self.dilation)
-        x = pad_same(x, kernel, stride, dilation, value=-math.inf)
-        return F.max_pool2d(x, kernel, stride, 0, dilation)
+        x = pad_same(x, self.kernel_size, self.stride, self.dilation, value=-math.inf)
+        return F.max_pool2d(x, self.kernel_size, self.stride, 0, self.dilation)
 
 
 class AvgPool2dSame(nn.AvgPool2d):
     """An AvgPool2d that pads each input with zeros to give ceil(size / stride) per axis;
     the zeros count in the average."""
 
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+
+    def __init__(
+        self,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] | None = None,
+        divisor_override: int | None = None,
+    ) -> None:
+        window = as_pair(kernel_size)
+        step = window if stride is None else as_pair(stride)
+        super().__init__(window, step, 0, divisor_override=divisor_override)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel, stride = as_pair(self.kernel_size), as_pair(self.stride)
-        x = pad_same(x, kernel, stride, (1, 1))
-        return F.avg_pool2d(x, kernel, stride, 0, divisor_override=self.divisor_override)
+        x = pad_same(x, self.kernel_size, self.stride, (1, 1))
+        return F.avg_pool2d(x, self.kernel_size, self.stride, 0, False, True, self.divisor_override)
 
 
 SAME_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
@@ -112,10 +138,10 @@ def same_version(module: nn.Module, values: dict[str, Any]) -> tuple[nn.Module, 
         return conv, f"Conv2dSame({', '.join(args)})"
     if isinstance(module, nn.MaxPool2d):
         extra = f", dilation={_text(dilation)}" if dilation != (1, 1) else ""
-        pool: nn.Module = MaxPool2dSame(kernel, stride, 0, dilation)
+        pool: nn.Module = MaxPool2dSame(kernel, stride, dilation)
         return pool, f"MaxPool2dSame({_text(kernel)}, stride={_text(stride)}{extra})"
     divisor = getattr(module, "divisor_override", None)
-    pool = AvgPool2dSame(kernel, stride, 0, divisor_override=divisor)
+    pool = AvgPool2dSame(kernel, stride, divisor_override=divisor)
     extra = f", divisor_override={divisor}" if divisor is not None else ""
     return pool, f"AvgPool2dSame({_text(kernel)}, stride={_text(stride)}{extra})"
 
