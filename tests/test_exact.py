@@ -47,6 +47,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures" / "exact_models.py"
 ALEXNET = f"{FIXTURES}:AlexNetLike"
 CONVNEXT = f"{FIXTURES}:ConvNeXtLike"
 NEITHER = f"{FIXTURES}:NeitherRule"
+PADDED = f"{FIXTURES}:PaddedStem"
 RULES = {"ceil": lambda n, s: math.ceil(n / s), "floor": lambda n, s: n // s}
 # odd and even, square and not, from one pixel up; every AlexNet-like size is checked
 SIZES = [(h, w) for h in (1, 2, 15, 16, 17, 31, 33, 47, 64, 97, 127) for w in (5, 32, 61, 100)]
@@ -501,3 +502,43 @@ def test_the_file_with_padding_per_size_scripts_and_exports(tmp_path):
         want = model(x)
         assert torch.equal(torch.jit.script(model)(x), want)
         assert torch.equal(torch.export.export(model, (x,)).module()(x), want)
+
+
+# -- a chain with a pad call --------------------------------------------------------------------
+
+
+def test_fit_makes_a_chain_with_a_pad_call_exact(tmp_path):
+    # the pad call and the conv after it give floor(H/2) together: the conv is left as it
+    # is, and only the pool is made to round down
+    out = tmp_path / "padded.py"
+    data = json.loads(
+        ok(
+            cli(
+                "fit",
+                PADDED,
+                "--channels",
+                16,
+                "--stride",
+                4,
+                "--rounding",
+                "floor",
+                "-o",
+                out,
+                "--json",
+            )
+        ).stdout
+    )
+    winner = data["candidates"][0]
+    assert winner["rule"] == "floor" and winner["label"] == "no stride change, exact floor at pool"
+    assert all(c["ok"] for c in data["written"]["checks"])
+    cls = getattr(import_plain(out), data["written"]["class_name"])
+    model = cls().eval()
+    for h, w in [(8, 8), (9, 15), (31, 33), (64, 97), (127, 100)]:
+        want = (h // 4, w // 4)
+        assert cls.output_size(h, w) == want
+        assert out_hw(model, h, w) == want, (h, w)
+    # ceil: no padding of the conv makes the pad and the conv round up; floor is reachable
+    line = assert_one_line_error(cli("fit", PADDED, "--channels", 16, "--stride", 4))
+    assert "--rounding floor" in line
+    with pytest.raises(SurgeryError, match=r"exactly ceil\(size/2\) after the pad call before it"):
+        patched(PADDED, make_op("exact", at="conv", rule="ceil"))

@@ -26,7 +26,7 @@ from bbswap.parsing import parse_stride
 from bbswap.recipes.channels import InChannels
 from bbswap.recipes.registry import make_op
 from bbswap.recipes.schema import Op, Recipe
-from bbswap.recipes.strides import Stride, exact_setting, stride_targets
+from bbswap.recipes.strides import Stride, exact_setting, pad_before, stride_targets
 from bbswap.surgery.apply import ApplyResult, apply_traced
 from bbswap.tracing.inspection import choose_input, first_conv_in_channels, inspect_backbone
 from bbswap.tracing.tracer import SpatialOp, Stage, Trace, trace
@@ -613,22 +613,31 @@ def _inexact(after: Trace, source_ids: set[str], rule: str) -> list[str] | None:
         group = [c] + [
             o for o in after.ops if o.id != c.id and o.in_chain == c.in_chain and _parallel(o, c)
         ]
-        more = _inexact_ops(group, source_ids, rule)
+        more = _inexact_ops(after, group, source_ids, rule)
         if more is None:
             return None
         fix += [i for i in more if i not in fix]
     return fix
 
 
-def _inexact_ops(ops: list[SpatialOp], source_ids: set[str], rule: str) -> list[str] | None:
+def _inexact_ops(
+    after: Trace, ops: list[SpatialOp], source_ids: set[str], rule: str
+) -> list[str] | None:
+    """The ids among ``ops`` to make exact; a pad call is left as it is, and the window op
+    after it is judged with its padding counted."""
     fix = []
     for o in ops:
-        steps = (*o.steps_h, *o.steps_w)
-        if o.op not in _WINDOW or any(st.kind != "window" for st in steps):
+        if o.op == "pad":
+            continue
+        if o.op not in _WINDOW or any(st.kind != "window" for st in (*o.steps_h, *o.steps_w)):
             return None
+        pre = pad_before(after, o)
         if all(
-            exact_setting(o.op, st.kernel, st.stride, st.dilation, st.padding, st.ceil, rule)
+            exact_setting(
+                o.op, st.kernel, st.stride, st.dilation, st.padding, st.ceil, rule, pre=pre[axis]
+            )
             == (st.padding, st.ceil)
+            for axis, steps in enumerate((o.steps_h, o.steps_w))
             for st in steps
         ):
             continue
