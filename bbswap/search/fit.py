@@ -480,10 +480,10 @@ def fit(
     done = list(plain)
     if not any(c.ok for c in done) and target.like is None:
         done += _exact_variants(backbone, source, model, done, target, probes, progress)
-    other = None
+    reachable = None  # the other rounding, when no candidate reaches the target's
     if not any(c.ok for c in done):
-        other = _other_rounding(backbone, source, model, plain, target, probes)
-    ranked = _ranked(backbone, target, done, ranking, other)
+        reachable = _other_rounding(backbone, source, model, plain, target, probes)
+    ranked = _ranked(backbone, target, done, ranking, reachable)
     return FitResult(backbone, target, source, ranked, len(done), probes, ranking.value)
 
 
