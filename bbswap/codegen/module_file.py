@@ -263,9 +263,10 @@ def _same_classes(model: nn.Module, imports: Imports, local: set[str]) -> list[s
     if not used:
         return []
     b = bundle(module_source(same), used, same.__name__, imports)
-    for taken in sorted(b.names & local):
+    clash = sorted(b.names & local)
+    if clash:
         raise SurgeryError(
-            f"the emitted file needs the top-level name {taken} for its padding per input "
+            f"the emitted file needs the top-level name {clash[0]} for its padding per input "
             "size, which the bundled code already defines"
         )
     local |= b.names
