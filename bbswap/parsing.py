@@ -136,38 +136,39 @@ def load_data_file(path_text: str, what: str) -> Any:
     raise InvalidArgument(f"{what}: {path_text} is neither .yaml, .yml nor .json")
 
 
-def parse_kw(items: list[str] | None) -> dict[str, Any]:
-    """``key=value`` pairs: a Python literal, a bare word (a string), or ``@file.yaml``."""
+def parse_kw(items: list[str] | None, option: str = "--kw") -> dict[str, Any]:
+    """``key=value`` pairs: a Python literal, a bare word (a string), or ``@file.yaml``;
+    errors name ``option``, the flag the pairs were given with."""
     kwargs: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not _IDENT.match(key):
             raise InvalidArgument(
-                f"malformed --kw '{item}': expected key=value with key a Python name, "
-                "e.g. --kw growth_rate=24 or --kw params=@config.yaml"
+                f"malformed {option} '{item}': expected key=value with key a Python name, "
+                f"e.g. {option} growth_rate=24 or {option} params=@config.yaml"
             )
-        kwargs[key] = parse_kw_value(key, value.strip())
+        kwargs[key] = parse_kw_value(key, value.strip(), option)
     return kwargs
 
 
-def parse_kw_value(key: str, value: str) -> Any:
+def parse_kw_value(key: str, value: str, option: str = "--kw") -> Any:
     if value.startswith("@"):
-        return load_data_file(value[1:], f"--kw {key}")
+        return load_data_file(value[1:], f"{option} {key}")
     if len(value) > MAX_LITERAL_CHARS:
         raise InvalidArgument(
-            f"--kw value for '{key}' is longer than {MAX_LITERAL_CHARS} characters; "
+            f"{option} value for '{key}' is longer than {MAX_LITERAL_CHARS} characters; "
             "put it in a file and pass @file.yaml"
         )
     try:
         return ast.literal_eval(value)
     except (RecursionError, MemoryError):
-        raise InvalidArgument(f"--kw value for '{key}' is nested too deeply") from None
+        raise InvalidArgument(f"{option} value for '{key}' is nested too deeply") from None
     except (ValueError, SyntaxError):
         if _WORD.match(value):
             return value
         raise InvalidArgument(
-            f"malformed --kw value for '{key}': {value!r} is neither a Python literal, "
+            f"malformed {option} value for '{key}': {value!r} is neither a Python literal, "
             "a bare word nor @file"
         ) from None
 

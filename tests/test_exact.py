@@ -342,7 +342,7 @@ def test_verify_passes_the_written_file(alexnet_file):
     assert result.stderr == ""
     assert "FAILED" not in result.stdout
     wrong = cli("verify", target, "--channels", 32, "--stride", 32, "--sizes", "33x97")
-    assert_one_line_error(wrong, "stride", report=True)
+    assert_one_line_error(wrong, "stride", report=True, status=1)
 
 
 # -- even kernels: padding='same' and floor(H/S) -------------------------------------------------
@@ -437,7 +437,7 @@ def test_fit_even_kernels_cli(tmp_path):
     target = f"{out}:{written['class_name']}"
     check = ("verify", target, "--channels", 32, "--stride", 16, "--sizes", "33x47,61x97")
     assert "floor(H/16) x floor(W/16) at 2 sizes" in ok(cli(*check, "--rounding", "floor")).stdout
-    assert_one_line_error(cli(*check), "stride", "ceil(H/16)", report=True)
+    assert_one_line_error(cli(*check), "stride", "ceil(H/16)", report=True, status=1)
     # ceil: every even window pads its input by its size, in a class the file defines
     ceil = tmp_path / "ceil.py"
     data = json.loads(ok(cli(*args, "-o", ceil, "--json")).stdout)
@@ -511,23 +511,8 @@ def test_fit_makes_a_chain_with_a_pad_call_exact(tmp_path):
     # the pad call and the conv after it give floor(H/2) together: the conv is left as it
     # is, and only the pool is made to round down
     out = tmp_path / "padded.py"
-    data = json.loads(
-        ok(
-            cli(
-                "fit",
-                PADDED,
-                "--channels",
-                16,
-                "--stride",
-                4,
-                "--rounding",
-                "floor",
-                "-o",
-                out,
-                "--json",
-            )
-        ).stdout
-    )
+    args = ("fit", PADDED, "--channels", 16, "--stride", 4)
+    data = json.loads(ok(cli(*args, "--rounding", "floor", "-o", out, "--json")).stdout)
     winner = data["candidates"][0]
     assert winner["rule"] == "floor" and winner["label"] == "no stride change, exact floor at pool"
     assert all(c["ok"] for c in data["written"]["checks"])
@@ -538,7 +523,7 @@ def test_fit_makes_a_chain_with_a_pad_call_exact(tmp_path):
         assert cls.output_size(h, w) == want
         assert out_hw(model, h, w) == want, (h, w)
     # ceil: no padding of the conv makes the pad and the conv round up; floor is reachable
-    line = assert_one_line_error(cli("fit", PADDED, "--channels", 16, "--stride", 4))
+    line = assert_one_line_error(cli(*args))
     assert "--rounding floor" in line
     with pytest.raises(SurgeryError, match=r"exactly ceil\(size/2\) after the pad call before it"):
         patched(PADDED, make_op("exact", at="conv", rule="ceil"))

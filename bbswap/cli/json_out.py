@@ -1,7 +1,8 @@
 """The JSON form of every report, built from the library's data classes.
 
-Each ``*_dict`` function returns one ``--json`` document (its ``schema`` names it);
-the keys and their order are the documented format, see README.
+Each ``*_dict`` function returns one ``--json`` document (its ``schema`` names it,
+``bbswap.<command>/1``); the keys and their order are the documented format, see README.
+Each schema is a JSON Schema file in ``docs/schemas/`` (``<command>.schema.json``).
 """
 
 from __future__ import annotations
@@ -15,11 +16,15 @@ if TYPE_CHECKING:
 
     from bbswap.backbones.registry import ListedBackbone
     from bbswap.codegen.export import Exported
+    from bbswap.recipes.registry import OpInfo
+    from bbswap.recipes.schema import Field
     from bbswap.search.fit import Candidate, FitResult
     from bbswap.search.matrix import Cell, Matrix, Row
     from bbswap.surgery.apply import ApplyResult
     from bbswap.surgery.core import Edit
+    from bbswap.tracing.cross_check import CrossCheck
     from bbswap.tracing.inspection import InspectReport, SizeCheck
+    from bbswap.tracing.outputs import Output
     from bbswap.tracing.tracer import SpatialOp, Stage, Trace
     from bbswap.verify.checks import Check, VerifyReport
 
@@ -33,7 +38,19 @@ def list_dict(rows: Sequence[ListedBackbone]) -> dict[str, Any]:
 
 
 def report_dict(report: InspectReport) -> dict[str, Any]:
-    """The JSON form of an inspect report (schema ``bbswap.inspect/1``, see README)."""
+    """The JSON form of an inspect report (schema ``bbswap.inspect/1``, see README and
+    ``docs/schemas/inspect.schema.json``), as ``bbswap inspect --json`` prints it.
+
+    Args:
+        report: What :func:`~bbswap.tracing.inspection.inspect_backbone` returned.
+
+    Returns:
+        A dict of JSON types only.
+
+    Example::
+
+        json.dumps(bbswap.report_dict(bbswap.inspect_backbone("resnet50")))
+    """
     t = report.trace
     f = report.features
     return {
@@ -52,10 +69,29 @@ def report_dict(report: InspectReport) -> dict[str, Any]:
         if f is None
         else {"stage": f.path, "output": list(f.out_shape), "downsample": list(f.downsample)},
         "size_rule": {"h": report.rules[0].format("H"), "w": report.rules[1].format("W")},
+        "outputs": [_output(o) for o in t.outputs],
+        "source_output": _source_output(t),
         "stages": [_stage(s) for s in t.stages],
         "reductions": [_reduction(r) for r in t.reductions],
         "sizes": [_size_check(c) for c in report.sizes],
     }
+
+
+def _output(o: Output) -> dict[str, Any]:
+    return {
+        "key": o.key,
+        "output": list(o.shape),
+        "channels": o.channels,
+        "downsample": list(o.downsample) if o.spatial else None,
+        "receptive_field": list(o.receptive_field) if o.spatial else None,
+    }
+
+
+def _source_output(t: Trace) -> dict[str, Any] | None:
+    """Which output of a forward that returns several a report is about (None: one)."""
+    if t.output_key is None:
+        return None
+    return {"key": t.output_key, "returns": t.returns, "default": not t.output_given}
 
 
 def _stage(s: Stage) -> dict[str, Any]:
@@ -116,6 +152,7 @@ def apply_dict(result: ApplyResult) -> dict[str, Any]:
         "schema": "bbswap.apply/1",
         "backbone": result.backbone.spec,
         "recipe": result.recipe.name,
+        "source_output": _source_output(result.before),
         "before": _summary(result.before),
         "after": _summary(result.after),
         "size_rule": {"h": rules[0].format("H"), "w": rules[1].format("W")},
@@ -149,6 +186,7 @@ def fit_dict(result: FitResult, top: int) -> dict[str, Any]:
             "rounding": result.target.rounding,
         },
         "input": list(result.source.input_shape),
+        "source_output": _source_output(result.source),
         "evaluated": result.evaluated,
         "probes": [list(p) for p in result.probes],
         "prefer": result.prefer,
@@ -191,13 +229,23 @@ def export_dict(exported: Exported) -> dict[str, Any]:
         "class_name": exported.emitted.class_name,
         "weights": str(exported.weights_path) if exported.weights_path else None,
         "checks": _checks(exported.report.checks),
+        "weights_source": _weights_source(exported),
     }
 
 
+def _weights_source(exported: Exported) -> dict[str, Any] | None:
+    """Where the source backbone's weights came from (None: random weights)."""
+    source = exported.weights_source
+    if source is None:
+        return None
+    path = str(source.path) if source.path is not None else None
+    return {"origin": source.origin, "path": path, "sha256": source.sha256}
+
+
 def verify_dict(report: VerifyReport) -> dict[str, Any]:
-    """``bbswap verify --json`` (schema ``bbswap.verify.checks/1``)."""
+    """``bbswap verify --json`` (schema ``bbswap.verify/1``)."""
     return {
-        "schema": "bbswap.verify.checks/1",
+        "schema": "bbswap.verify/1",
         "target": report.target,
         "ok": report.ok,
         "checks": _checks(report.checks),
@@ -205,9 +253,9 @@ def verify_dict(report: VerifyReport) -> dict[str, Any]:
 
 
 def matrix_dict(result: Matrix) -> dict[str, Any]:
-    """The JSON form of a matrix (schema ``bbswap.search.matrix/1``)."""
+    """The JSON form of a matrix (schema ``bbswap.matrix/1``)."""
     return {
-        "schema": "bbswap.search.matrix/1",
+        "schema": "bbswap.matrix/1",
         "patterns": list(result.patterns),
         "strides": list(result.strides),
         "channels": result.channels,
@@ -239,4 +287,50 @@ def _cell(c: Cell) -> dict[str, Any]:
         "verified": c.verified,
         "reason": c.reason or None,
         "detail": c.detail or None,
+    }
+
+
+def cross_check_dict(check: CrossCheck) -> dict[str, Any]:
+    """The ``cross_check`` key of ``bbswap inspect --cross-check --json``."""
+    return {
+        "input": list(check.input_shape),
+        "functional_macs": check.functional_macs,
+        "counts": [
+            {
+                "counter": str(c.counter),
+                "device": c.device,
+                "input": list(c.input_shape),
+                "params": c.params,
+                "macs": c.macs,
+                "bbswap_params": c.bbswap_params,
+                "bbswap_macs": c.bbswap_macs,
+                "counts": c.counts,
+                "misses": c.misses,
+                "error": c.error or None,
+            }
+            for c in check.counts
+        ],
+    }
+
+
+def ops_dict(ops: Sequence[OpInfo]) -> dict[str, Any]:
+    """``bbswap ops --json`` (schema ``bbswap.ops/1``): every recipe op and its fields."""
+    return {
+        "schema": "bbswap.ops/1",
+        "ops": [
+            {"op": op.name, "summary": op.summary, "fields": [_field(f) for f in op.fields]}
+            for op in ops
+        ],
+    }
+
+
+def _field(f: Field) -> dict[str, Any]:
+    default = list(f.default) if isinstance(f.default, tuple) else f.default
+    return {
+        **attrs(f, "name", "kind", "required"),
+        "default": default,
+        "choices": list(f.choices),
+        "minimum": f.minimum,
+        "exclusive_maximum": f.maximum,
+        "help": f.help,
     }

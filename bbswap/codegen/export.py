@@ -8,18 +8,29 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bbswap.backbones.registry import Backbone, resolve
-from bbswap.backbones.weights import LoadReport, load_into, read_checkpoint, state_bytes
+from bbswap.backbones.instance import as_backbone, require_emittable
+from bbswap.backbones.registry import Backbone
+from bbswap.backbones.weights import (
+    LoadReport,
+    WeightsSource,
+    checkpoint_file,
+    load_into,
+    read_checkpoint,
+    source_of,
+    state_bytes,
+)
 from bbswap.codegen.module_file import Emitted, emit
 from bbswap.codegen.outputs import check_output, write_files
 from bbswap.codegen.weights_code import ERROR_CLASS, LOADER
 from bbswap.errors import InvalidArgument
+from bbswap.kinds import Phase
 from bbswap.recipes.schema import Recipe
 from bbswap.surgery.apply import ApplyResult, apply_recipe, source_input
 from bbswap.verify.checks import (
@@ -42,6 +53,16 @@ class Exported:
     result: ApplyResult
     report: VerifyReport
     load: LoadReport | None
+    weights_source: WeightsSource | None = None  # where the source backbone's weights came from
+
+    def __repr__(self) -> str:
+        """``Exported(backbone.py + backbone.pth, class ResNet50C684S16, 5 checks ok)``."""
+        files = f"{self.path}" + (f" + {self.weights_path}" if self.weights_path else "")
+        state = "ok" if self.report.ok else "failed"
+        return (
+            f"Exported({files}, class {self.emitted.class_name}, "
+            f"{len(self.report.checks)} checks {state})"
+        )
 
 
 def output_paths(
@@ -70,13 +91,14 @@ def compare_sizes(
 
 
 def export(
-    spec: str | Backbone,
+    spec: str | Backbone | torch.nn.Module,
     recipe: Recipe,
     out: str | Path,
     *,
     input_shape: str | None = None,
     kwargs: dict[str, Any] | None = None,
-    weights: str | None = None,
+    weights: str | Path | None = None,
+    pretrained: bool = False,
     partial: bool = False,
     class_name: str | None = None,
     dropin: bool = False,
@@ -85,38 +107,132 @@ def export(
     safetensors: bool = False,
     seed: int = 0,
     also: dict[Path, bytes] | None = None,
+    source_output: int | str | None = None,
+    on_phase: Callable[[Phase], None] | None = None,
 ) -> Exported:
-    """Build ``recipe`` on ``spec`` with real weights, emit it, verify the file by round
+    """Build ``recipe`` on a backbone with real weights, emit it, verify the file by round
     trip, then write it (and the carried weights, and any files in ``also``) as one
-    transaction: all or nothing, every path checked before any work."""
+    transaction: all or nothing, every path checked before any work.
+
+    The weights are random (from ``seed``) unless ``weights`` names a checkpoint (or a
+    folder holding one) or ``pretrained`` asks a ``tv:``/``timm:`` builder for its own;
+    the emitted docstring records where they came from and that file's SHA-256.
+
+    A model instance given as ``spec`` is emitted from the builder that makes the same
+    model (a zoo entry, a torchvision builder, a timm architecture, or its class called
+    with ``kwargs``), bundled or imported as that spec would be, and its own weights are
+    carried into ``FILE.pth``; when no builder makes the same model, a one-line error says
+    so before any work. The instance is never changed.
+
+    Args:
+        spec: A backbone spec, a resolved :class:`~bbswap.backbones.registry.Backbone`, or
+            a model instance (an ``nn.Module``).
+        recipe: The recipe to apply.
+        out: The ``.py`` file to write.
+        input_shape: The dummy input, ``"NxCxHxW"`` or ``"HxW"``; default the recipe's.
+        kwargs: Constructor arguments for a spec; for a model instance, the arguments it
+            was constructed with.
+        weights: A checkpoint (``.pth``, ``.pt`` or ``.safetensors``), or a folder holding
+            one, to load into the source backbone; its weights are carried into
+            ``FILE.pth`` beside ``out``.
+        pretrained: Carry the ``tv:``/``timm:`` builder's own weights instead.
+        partial: Load ``weights`` non-strictly, reporting missing and unexpected keys.
+        class_name: The emitted class's name; default from the backbone and the target.
+        dropin: Give the class a constructor that accepts and ignores any arguments.
+        import_mode: Import the source backbone from its package instead of bundling it.
+        force: Replace existing files.
+        safetensors: Write the carried weights as ``.safetensors`` instead of ``.pth``.
+        seed: The random seed of the weights of a backbone built without a checkpoint.
+        also: More files to write in the same transaction, as ``{path: bytes}``.
+        source_output: Which output of a backbone that returns several to make the file
+            from (an index or a key); default the one with the largest downsample.
+        on_phase: Called as the build, the emit and the verification begin
+            (:class:`bbswap.kinds.Phase`).
+
+    Returns:
+        An :class:`Exported`: the paths written, the emitted source, the apply result,
+        the verification report and how the checkpoint loaded.
+
+    Raises:
+        VerificationError: The emitted file failed a check (nothing is written).
+
+    Example::
+
+        found = bbswap.fit("resnet50", channels=684, stride=16, in_chans=1)
+        bbswap.export("resnet50", bbswap.winner_recipe(found), "backbone.py")
+        model = torchvision.models.resnet18()
+        bbswap.export(model, bbswap.winner_recipe(bbswap.fit(model, channels=256, stride=16)),
+                      "resnet18_s16.py")                # also writes resnet18_s16.pth
+    """
+    phase = on_phase or (lambda _: None)
     for extra in also or {}:
         check_output(extra, force, "output")
-    backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
-    path, weights_path = output_paths(out, weights is not None, safetensors, force)
+    backbone, checkpoint = weights_options(spec, kwargs, weights, pretrained)
+    carry = checkpoint is not None or backbone.pretrained or isinstance(spec, torch.nn.Module)
+    path, weights_path = output_paths(out, carry, safetensors, force)
     _, chans = source_input(backbone, recipe, input_shape)
+    phase(Phase.BUILD)
     torch.manual_seed(seed)
-    model = backbone.build(in_chans=chans)
-    load = None
-    if weights is not None:
-        state, note = read_checkpoint(weights)
-        load = load_into(model, state, weights, partial)
-        if note:
-            load = LoadReport(load.loaded, load.missing, load.unexpected, note)
-    result = apply_recipe(backbone, recipe, input_shape, model=model)
+    model, load, source = _source_model(backbone, chans, checkpoint, partial)
+    result = apply_recipe(backbone, recipe, input_shape, model=model, source_output=source_output)
     files = {**(also or {})}
     carried, recorded = None, None
     if weights_path is not None:  # the exact bytes written, hashed into the emitted file
         files[weights_path] = state_bytes(weights_path, result.model.state_dict())
         carried = (weights_path.name, files[weights_path])
         recorded = (weights_path.name, hashlib.sha256(files[weights_path]).hexdigest())
+    phase(Phase.EMIT)
     emitted = emit(
-        result, class_name=class_name, dropin=dropin, import_mode=import_mode, weights=recorded
+        result,
+        class_name=class_name,
+        dropin=dropin,
+        import_mode=import_mode,
+        weights=recorded,
+        weights_source=source,
     )
+    phase(Phase.VERIFY)
     report = check_emitted(emitted, result, source=model, weights=carried)
     require(report)
     files[path] = emitted.source.encode("utf-8")  # last: the file that names the others
     write_files(files, force)
-    return Exported(path, weights_path, emitted, result, report, load)
+    return Exported(path, weights_path, emitted, result, report, load, source)
+
+
+def weights_options(
+    spec: str | Backbone | torch.nn.Module,
+    kwargs: dict[str, Any] | None,
+    weights: str | Path | None,
+    pretrained: bool,
+) -> tuple[Backbone, Path | None]:
+    """The backbone (asking for its builder's own weights with ``pretrained``) and the
+    checkpoint file ``weights`` names (the one in a folder), checked before any work."""
+    if pretrained and weights is not None:
+        raise InvalidArgument(
+            "{pretrained} and {weights} are two sources of weights; give one",
+            params=("pretrained", "weights"),
+        )
+    backbone = as_backbone(spec, kwargs)
+    require_emittable(backbone)
+    backbone = backbone.with_pretrained() if pretrained else backbone
+    return backbone, checkpoint_file(weights) if weights is not None else None
+
+
+def _source_model(
+    backbone: Backbone, chans: int, checkpoint: Path | None, partial: bool
+) -> tuple[torch.nn.Module, LoadReport | None, WeightsSource | None]:
+    """The source backbone with its weights: the builder's own, a checkpoint's or random;
+    the load report of a checkpoint, and where the weights came from."""
+    if backbone.pretrained:
+        model, source = backbone.build_pretrained(in_chans=chans)
+        return model, None, source
+    model = backbone.build(in_chans=chans)
+    if checkpoint is None:
+        return model, None, None
+    state, note = read_checkpoint(checkpoint)
+    load = load_into(model, state, str(checkpoint), partial)
+    if note:
+        load = LoadReport(load.loaded, load.missing, load.unexpected, note)
+    return model, load, source_of("checkpoint", checkpoint)
 
 
 def check_emitted(

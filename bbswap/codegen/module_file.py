@@ -23,7 +23,9 @@ from typing import Any, cast
 from torch import fx, nn
 
 from bbswap import __version__
+from bbswap.backbones.instance import require_emittable
 from bbswap.backbones.registry import Backbone
+from bbswap.backbones.weights import WeightsSource
 from bbswap.codegen.size_code import output_size_code
 from bbswap.codegen.source import (
     Imports,
@@ -52,10 +54,10 @@ from bbswap.surgery.core import (
     fx_name,
     module_at,
     parent_path,
-    trace_children_as_leaves,
 )
+from bbswap.surgery.fx_trace import trace_children_as_leaves
 from bbswap.surgery.same import SAME_CLASSES
-from bbswap.tracing.tracer import describe_factor
+from bbswap.tracing.tracer import Trace, describe_factor
 
 _FAMILIES = {
     "resnet": "ResNet",
@@ -96,6 +98,10 @@ class Emitted:
     class_name: str
     import_reason: str = ""  # why the source backbone is imported, not bundled; "" if bundled
 
+    def __repr__(self) -> str:
+        """``Emitted(class ResNet50C684S16, 112 lines)``: not the source itself."""
+        return f"Emitted(class {self.class_name}, {self.source.count(chr(10))} lines)"
+
 
 def _require_class_name(name: str) -> None:
     shown = f"'{as_source(name, Place.COMMENT)}'"
@@ -123,10 +129,31 @@ def emit(
     dropin: bool = False,
     import_mode: bool = False,
     weights: tuple[str, str] | None = None,
+    weights_source: WeightsSource | None = None,
 ) -> Emitted:
-    """The source of a standalone module for a patched backbone. With ``weights`` (the
-    weights file's name and SHA-256), the file records them and gains a loader that
-    refuses any file of other bytes."""
+    """The source of a standalone module for a patched backbone, in memory; nothing is
+    checked or written (:func:`~bbswap.codegen.export.export` does both).
+
+    Args:
+        result: What :func:`~bbswap.surgery.apply.apply_recipe` returned.
+        class_name: The emitted class's name; default from the backbone and the target
+            (``ResNet50C684S16``).
+        dropin: Give the class a constructor that accepts and ignores any arguments.
+        import_mode: Import the source backbone from its package instead of bundling it.
+        weights: The weights file's name and SHA-256: the file records them and gains a
+            loader that refuses any file of other bytes.
+        weights_source: Where the source backbone's weights came from; the docstring
+            records it.
+
+    Returns:
+        An :class:`Emitted`: the ``source`` text and the ``class_name``.
+
+    Example::
+
+        result = bbswap.apply_recipe("resnet50", bbswap.load_recipe("r.toml"))
+        print(bbswap.emit(result, class_name="Backbone").source)
+    """
+    require_emittable(result.backbone)
     after = result.after
     name = class_name
     if name is None:
@@ -152,7 +179,7 @@ def emit(
     if loader is not None:
         _claim_names(loader, imports, local, wrappers)
         root += "\n\n" + _indent(loader.method, 4)
-    doc = _docstring(result, name, note, dropin, weights)
+    doc = _docstring(result, name, note, dropin, weights, weights_source)
     parts = [body_source] if body_source else []
     parts += [*same, *helpers, *filter(None, [chain, loader.constants if loader else None]), root]
     code = "\n\n\n".join(p.strip("\n") for p in parts)
@@ -654,8 +681,10 @@ def _dropout_loop(
     if len(names) != 1:  # a block already had a 'dropout' attribute: spell each one out
         return [_set_expr(model, "body", e.path, new[e.path]) for e in edits]
     cls = op.block
+    # the op leaves the model itself out, even when it is of that class (a root Sequential)
+    blocks = "body.modules()" if type(model).__name__ != cls else "list(body.modules())[1:]"
     return [
-        f"for block in [m for m in body.modules() if type(m).__name__ == {string(cls)}]:",
+        f"for block in [m for m in {blocks} if type(m).__name__ == {string(cls)}]:",
         "    " + _assign_attr("block", names.pop(), new[edits[0].path]),
     ]
 
@@ -722,6 +751,7 @@ def _adopt_root(
     """The patched model's own children, parameters and buffers, taken from ``body``; a
     truncation is noted here, an appended module under its op's comment."""
     lines = ["# the source backbone's modules, under their own names (state_dict keys)"]
+    lines += _comments_for(_output_note(result, patched, plan))
     for index, op in plan.items():
         if op.dropped:
             after = result.recipe.ops[index]["after"]  # a truncate op's field
@@ -746,6 +776,23 @@ def _adopt_root(
     return lines
 
 
+def _output_note(result: ApplyResult, patched: nn.Module, plan: dict[int, _OpLines]) -> str:
+    """Which output of a source that returns several this class returns, and the source's
+    modules that only the others needed; "" for a source that returns one tensor."""
+    before = result.before
+    if before.output_key is None:
+        return ""
+    dropped = {path for op in plan.values() for path in op.dropped}
+    unused = [
+        c for c in result.surgery.model._modules if c not in patched._modules and c not in dropped
+    ]
+    note = (
+        f"the source's forward returns a {before.returns} of {len(before.outputs)}; this "
+        f"class returns its output {before.output_key!r} alone"
+    )
+    return note + (f", so it no longer runs {', '.join(unused)}" if unused else "")
+
+
 def _wrap_nested(line: str, indent: int) -> str:
     """``wrap`` for a line that may carry its own indentation (a loop's body)."""
     code = line.lstrip(" ")
@@ -755,6 +802,8 @@ def _wrap_nested(line: str, indent: int) -> str:
 def _trace_root(model: nn.Module) -> fx.Graph:
     try:
         return trace_children_as_leaves(model)
+    except SurgeryError:
+        raise
     except Exception as error:  # fx raises many kinds of errors on dynamic code
         raise SurgeryError(
             f"cannot write the forward of {type(model).__name__}: not traceable with torch.fx "
@@ -800,12 +849,35 @@ def _weights_lines(name: str, weights: tuple[str, str]) -> list[str]:
     return [f"{head} {tail}"] if len(head) + 1 + len(tail) <= 100 else [head, " " * 17 + tail]
 
 
+def _source_lines(source: WeightsSource) -> list[str]:
+    """Where the source backbone's weights came from: what chose them, the file read
+    (alone on its line, however long) and its SHA-256."""
+    lines = [f"Weights from:    {source.origin}"]
+    if source.path is not None:
+        lines.append(" " * 17 + str(source.path))
+    if source.sha256 is not None:
+        lines.append(" " * 17 + f"(SHA-256 {source.sha256})")
+    return lines
+
+
+def _source_output_lines(before: Trace) -> list[str]:
+    """The output of a source that returns several tensors that the file is made from."""
+    if before.output_key is None:
+        return []
+    keys = ", ".join(repr(o.key) for o in before.outputs)
+    return [
+        f"Source output:   {before.output_key!r} of the {before.returns} its forward returns "
+        f"({keys})"
+    ]
+
+
 def _docstring(
     result: ApplyResult,
     name: str,
     note: str,
     dropin: bool,
     weights: tuple[str, str] | None = None,
+    source: WeightsSource | None = None,
 ) -> str:
     t, before = result.after, result.before
     rules = t.size_rules()
@@ -818,6 +890,7 @@ def _docstring(
         f"Source backbone: {result.backbone.spec}",
         f"Traced input:    {shape(t.input_shape)} -> output {shape(t.output_shape)} "
         f"(the source gave {shape(before.output_shape)} for {shape(before.input_shape)})",
+        *_source_output_lines(before),
         f"Downsample:      {describe_factor(t.downsample)}",
         *_size_rule_lines(f"{rules[0].format('H')}, {rules[1].format('W')}", name),
         f"Params:          {count(t.params)}",
@@ -828,6 +901,8 @@ def _docstring(
         tail = "so it can replace the host's class."
         fits = len(head) + 1 + len(tail) <= 100
         lines += [f"{head} {tail}"] if fits else [head, " " * 17 + tail]
+    if source is not None:
+        lines += _source_lines(source)
     if weights is not None:
         lines += _weights_lines(name, weights)
     prose = "\n".join(lines)

@@ -139,12 +139,33 @@ class Op:
 
 @dataclass(frozen=True)
 class Recipe:
+    """A named, ordered list of ops for a backbone, as a recipe file holds it.
+
+    Args:
+        name: The recipe's name (the emitted file's docstring quotes it).
+        ops: The ops, applied in order (:func:`~bbswap.recipes.registry.make_op`).
+        backbone: The spec it was written for; informative.
+        description: A sentence on what it does.
+        input: The traced input, ``"NxCxHxW"``; the default of ``apply_recipe``.
+        source: The file it was read from, for messages.
+
+    Example::
+
+        ops = (bbswap.make_op("stride", at="layer4", stride=1),
+               bbswap.make_op("truncate", after="layer4"))
+        bbswap.apply_recipe("resnet18", bbswap.Recipe("s16", ops)).after.downsample
+        # (16.0, 16.0)
+    """
+
     name: str
     ops: tuple[Op, ...]
     backbone: str = ""
     description: str = ""
     input: str = ""
     source: str = ""  # the file it was read from, for messages
+    # which output of a forward that returns several tensors the recipe works on: an
+    # index or a dict key (None: the one with the largest downsample)
+    source_output: int | str | None = None
 
     def where(self, index: int, key: str | None = None) -> str:
         """How an error message names a field: ``file: ops[2] (stride).at``."""

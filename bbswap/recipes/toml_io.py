@@ -18,14 +18,31 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-_TOP_FIELDS = {"name", "description", "backbone", "input", "ops"}
+_TOP_FIELDS = {"name", "description", "backbone", "input", "source_output", "ops"}
 
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; a larger file is not one
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and check a recipe file."""
+    """Read and check a recipe file (TOML): every field's form is checked here; the names
+    it gives (stages, reduction points) are checked against the backbone when applied.
+
+    Args:
+        path: The ``.toml`` file.
+
+    Returns:
+        The :class:`~bbswap.recipes.schema.Recipe`.
+
+    Raises:
+        RecipeError: The file is missing or malformed; the message names the op's index,
+            the field, the bad value and the valid choices.
+
+    Example::
+
+        recipe = bbswap.load_recipe("recipes/seed-hmer-resnet50.toml")
+        recipe.name, [op.op for op in recipe.ops]   # ('seed-hmer-resnet50', ['in_channels', ...])
+    """
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
@@ -56,6 +73,14 @@ def recipe_from_dict(data: Mapping[str, Any], source: str = "") -> Recipe:
             raise RecipeError(f"{prefix}{key} must be a string, got {data[key]!r}")
     if "name" not in data:
         raise RecipeError(f"{prefix}missing field 'name'")
+    output = data.get("source_output")
+    if output is not None and not (
+        isinstance(output, str) or (type(output) is int and output >= 0)
+    ):
+        raise RecipeError(
+            f"{prefix}source_output must be an output's index (0, 1, ...) or its dict key, "
+            f"got {output!r}"
+        )
     raw_ops = data.get("ops", [])
     if not isinstance(raw_ops, list) or not raw_ops:
         raise RecipeError(f"{prefix}a recipe needs at least one [[ops]] table")
@@ -67,16 +92,31 @@ def recipe_from_dict(data: Mapping[str, Any], source: str = "") -> Recipe:
         description=data.get("description", ""),
         input=data.get("input", ""),
         source=source,
+        source_output=output,
     )
 
 
 def recipe_to_toml(recipe: Recipe, header: str = "") -> str:
     """Serialise a recipe as its files are written: top-level fields, then one
-    ``[[ops]]`` table per op; ``header`` becomes a leading comment block."""
+    ``[[ops]]`` table per op. :func:`load_recipe` reads it back to an equal recipe.
+
+    Args:
+        recipe: The recipe.
+        header: Text for a leading comment block (each line prefixed with ``# ``).
+
+    Returns:
+        The TOML text.
+
+    Example::
+
+        text = bbswap.recipe_to_toml(bbswap.winner_recipe(found), "the winner of a fit")
+    """
     top: dict[str, Any] = {"name": recipe.name}
     for key in ("description", "backbone", "input"):
         if getattr(recipe, key):
             top[key] = getattr(recipe, key)
+    if recipe.source_output is not None:
+        top["source_output"] = recipe.source_output
     parts = ["".join(f"# {line}".rstrip() + "\n" for line in header.splitlines()) + _toml(top)]
     parts += ["[[ops]]\n" + _toml(op.to_toml()) for op in recipe.ops]
     return "\n".join(parts)

@@ -15,23 +15,40 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from bbswap.backbones.instance import as_backbone
 from bbswap.backbones.registry import Backbone, resolve
-from bbswap.errors import BBSwapError, InvalidArgument, SurgeryError, TargetError
-from bbswap.kinds import Mode, Prefer, Rounding
+from bbswap.errors import BBSwapError, InvalidArgument, ModelError, SurgeryError, TargetError
+from bbswap.kinds import Mode, Phase, Prefer, Rounding
 from bbswap.parsing import parse_stride
 from bbswap.recipes.channels import InChannels
 from bbswap.recipes.registry import make_op
 from bbswap.recipes.schema import Op, Recipe
 from bbswap.recipes.strides import Stride, exact_setting, pad_before, stride_targets
+from bbswap.records import short_count
 from bbswap.surgery.apply import ApplyResult, apply_traced
-from bbswap.tracing.inspection import choose_input, first_conv_in_channels, inspect_backbone
-from bbswap.tracing.tracer import SpatialOp, Stage, Trace, trace
+from bbswap.surgery.fx_trace import require_one_forward
+from bbswap.tracing.inspection import choose_input, first_conv_in_channels
+from bbswap.tracing.sizes import from_smallest
+from bbswap.tracing.tracer import (
+    ForwardFailed,
+    SpatialOp,
+    Stage,
+    Trace,
+    forward_error,
+    trace,
+    trace_module,
+)
+
+if TYPE_CHECKING:
+    from torch import nn
 
 Size = tuple[int, int]
+# the probe sizes of a model that takes any input; moved up to the smallest input the models
+# of a fit accept (``from_smallest``), so a model that rejects 1x1 is never probed below it
 PROBES: tuple[Size, ...] = (
     (1, 1), (7, 9), (15, 17), (31, 33), (33, 97), (64, 64), (65, 127), (117, 293), (128, 316),
     (255, 257),
@@ -93,6 +110,14 @@ class Candidate:
     misses: list[tuple[Size, Size, Size]] = field(default_factory=list)  # size, got, want
     rule: str = ""  # the size rule an exact candidate follows: "ceil" or "floor"
 
+    def __repr__(self) -> str:
+        """``Candidate(layer4: stride 1, dilate, exact, 5.22G MACs)``."""
+        head = f"Candidate({self.label or 'as is'}, {self.mode}"
+        if self.failed:
+            return f"{head}, refused: {self.error or 'not evaluated'})"
+        state = "exact" if self.ok else "rounding only" if self.rounding_only else "inexact"
+        return f"{head}, {state}, {short_count(self.trace.macs)} MACs)"
+
     @property
     def failed(self) -> bool:
         return self.result is None or self.failure is not None
@@ -117,7 +142,10 @@ class Candidate:
         return (
             self.result is not None
             and bool(self.misses)
-            and all(abs(g[0] - w[0]) <= 1 and abs(g[1] - w[1]) <= 1 for _, g, w in self.misses)
+            and all(
+                min(g) > 0 and abs(g[0] - w[0]) <= 1 and abs(g[1] - w[1]) <= 1
+                for _, g, w in self.misses
+            )
         )
 
     @property
@@ -137,8 +165,18 @@ class FitResult:
     source: Trace
     candidates: tuple[Candidate, ...]  # ranked: exact ones first
     evaluated: int
-    probes: tuple[Size, ...]
+    probes: tuple[Size, ...]  # every candidate's output size is checked at each of these
     prefer: str
+    smallest: Size = (1, 1)  # the smallest input the source (and the like-backbone) accept
+
+    def __repr__(self) -> str:
+        """``FitResult(resnet50 -> 684 channels at 1/16, ceil rounding; 5 candidates,
+        winner layer4: stride 1 (dilate), 5.22G MACs)``."""
+        w = self.winner
+        return (
+            f"FitResult({self.backbone.spec} -> {self.target.describe()}; {self.evaluated} "
+            f"candidates, winner {w.label or 'as is'} ({w.mode}), {short_count(w.trace.macs)} MACs)"
+        )
 
     @property
     def winner(self) -> Candidate:
@@ -256,7 +294,8 @@ def plan(
     name = f"fit-{backbone.name}-c{target.channels}-s{_fmt(target.stride)}"
 
     def recipe(ops: list[Op]) -> Recipe:
-        return Recipe(name, tuple(ops), backbone.spec, f"fit target: {target.describe()}", "")
+        about = f"fit target: {target.describe()}"
+        return Recipe(name, tuple(ops), backbone.spec, about, source_output=source.output_key)
 
     candidates = [
         Candidate(recipe([*stem, *ops, *head, *pool, *tail]), label, cmode, order)
@@ -427,8 +466,8 @@ def _misses(
     for h, w in probes:
         want = target.size(h, w)
         got = after.output_size(h, w)
-        if want is None or min(got) <= 0 or min(want) <= 0:
-            continue
+        if want is None or min(want) <= 0:
+            continue  # no output wanted there (floor(H/S) of an input below S)
         if got != want:
             misses.append(((h, w), got, want))
     return misses
@@ -442,49 +481,160 @@ _PREFER: dict[Prefer, Callable[[Candidate], tuple[Any, ...]]] = {
 
 
 def fit(
-    spec: str | Backbone,
+    spec: str | Backbone | nn.Module,
     *,
     channels: int | None = None,
     stride: str | int | Size | None = None,
     in_chans: int | None = None,
     input_shape: str | None = None,
     like: str | None = None,
+    like_kw: Mapping[str, Any] | None = None,
     prefer: Prefer | str = Prefer.MACS,
     allow_truncate: bool = False,
     mode: Mode | str = Mode.DILATE,
     rounding: Rounding | str = Rounding.CEIL,
     kwargs: dict[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    source_output: int | str | None = None,
+    on_phase: Callable[[Phase], None] | None = None,
 ) -> FitResult:
-    """Search for the cheapest exact surgery to the target; candidates come ranked."""
+    """Search for the cheapest exact surgery that makes a backbone produce ``channels``
+    channels at 1/``stride``; the candidates come ranked, the winner first.
+
+    The backbone is traced once on the meta device and every candidate recipe is applied
+    and traced there, so nothing is allocated. A model instance is never changed: the
+    search works on a meta copy of it.
+
+    Args:
+        spec: A backbone spec (``"resnet50"``, ``"tv:resnet18"``, ``"timm:resnet18"``,
+            ``"path/to/file.py:Name"``), a resolved :class:`~bbswap.backbones.registry.Backbone`,
+            or a model instance (an ``nn.Module``).
+        channels: The output channels wanted (a 1x1 projection is appended when needed).
+            Optional with ``like``, which then gives them.
+        stride: The downsample wanted: ``16``, ``"16"``, ``(32, 4)`` or ``"32x4"`` (H x W).
+        in_chans: The input channels the patched backbone takes (the stem conv is
+            adapted); default the ones ``input_shape`` names, else the backbone's own.
+        input_shape: The dummy input, ``"NxCxHxW"`` or ``"HxW"``; default 224x224.
+        like: Another backbone spec whose output channels and exact output sizes to match
+            instead of a ``stride`` rule.
+        like_kw: The constructor arguments of the ``like`` backbone.
+        prefer: How exact candidates rank: ``"macs"`` (fewest first), ``"depth"`` (the
+            latest stage changed first) or ``"rf"`` (largest receptive field first).
+        allow_truncate: Also consider cutting the body after a stage already at the stride.
+        mode: ``"dilate"`` (dilate what follows a removed stride) or ``"stride"``.
+        rounding: The size rule wanted: ``"ceil"`` (``ceil(H/S)``), ``"floor"`` or
+            ``"any"`` (either, ceil first).
+        kwargs: Constructor arguments for a spec; for a model instance, the arguments it
+            was constructed with (they name its builder when the winner is emitted).
+        progress: Called as ``progress(done, total)`` after each candidate is evaluated.
+        source_output: For a backbone whose forward returns several tensors, the output to
+            fit (an index or a dict key); default the one with the largest downsample.
+            Every candidate's recipe names it, and the patched backbone returns it.
+        on_phase: Called as the trace and the evaluation of candidates begin
+            (:class:`bbswap.kinds.Phase`).
+
+    Output sizes are checked at probe sizes that start from the smallest input the source
+    (and ``like``) accept (``FitResult.smallest``, ``FitResult.probes``).
+
+    Returns:
+        A :class:`FitResult`: ``candidates`` ranked, ``winner`` the first of them.
+
+    Raises:
+        TargetError: No candidate reaches the target exactly (the message says why).
+        BBSwapError: A bad value; the message names the parameter and the valid choices.
+
+    Example::
+
+        found = bbswap.fit("resnet50", channels=684, stride=16, in_chans=1,
+                           input_shape="1x1x128x316")
+        found.winner.label, found.winner.trace.macs    # ('layer4: stride 1', 5218230272)
+        bbswap.fit(torchvision.models.resnet18(), channels=256, stride=16)
+    """
     ranking = Prefer.parse(prefer, "prefer")
     how = Mode.parse(mode, "mode")
     rule = Rounding.parse(rounding, "rounding")
-    backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
+    if like is None and like_kw:
+        raise InvalidArgument(
+            "{like_kw} gives the constructor arguments of the {like} backbone; give {like} too",
+            params=("like_kw", "like"),
+        )
+    backbone = as_backbone(spec, kwargs)
     shape, asked = choose_input(backbone, input_shape or None, keep_own=True)
-    target = _target(channels, stride, in_chans if in_chans is not None else asked, like)
+    chans = in_chans if in_chans is not None else asked
+    _check_counts(channels, chans)
+    other = _like_traced(like, like_kw, (shape[2], shape[3])) if like is not None else None
+    target = _target(channels, stride, chans, like, other[0] if other is not None else None)
     target = replace(target, rounding=rule.value)
     own = shape[1]
+    if on_phase is not None:
+        on_phase(Phase.TRACE)
     source, model = trace(
         lambda: backbone.build(in_chans=own), (1, own, shape[2], shape[3]), name=backbone.spec
     )
+    source = source.select_output(source_output, backbone.spec)
+    smallest, multiple = accepted_input(source, *([other[0]] if other is not None else []))
+    probes = from_smallest(PROBES, smallest, multiple)
+    if like is not None and other is not None:  # its real output size at each probe
+        target = replace(target, like_sizes=_like_sizes(like, *other, probes))
     if (
         target.in_chans is not None
         and target.in_chans != own
         and first_conv_in_channels(model) is None
     ):
         raise TargetError(f"{backbone.spec} has no stem conv whose input channels can change")
-    probes = tuple(p for p in PROBES if target.size(*p) is not None) or PROBES
+    require_one_forward(model)  # its forward is written out in every plan
     candidates = plan(backbone, source, target, mode=how.value, allow_truncate=allow_truncate)
+    if on_phase is not None:
+        on_phase(Phase.CANDIDATES)
+    done, reachable = _search(backbone, source, model, candidates, target, probes, progress)
+    ranked = _ranked(backbone, target, done, ranking, reachable)
+    return FitResult(backbone, target, source, ranked, len(done), probes, ranking.value, smallest)
+
+
+def accepted_input(*traces: Trace) -> tuple[Size, Size]:
+    """The smallest input H and W that every one of ``traces`` accepts, and the multiple
+    each must be of (a stem that folds 4x4 blocks into channels takes multiples of 4)."""
+    low, step = [1, 1], [1, 1]
+    for t in traces:
+        features = t.features
+        rules = t.size_rules(features.chain if features is not None else None)
+        for axis, smallest in enumerate(t.min_input()):
+            low[axis] = max(low[axis], smallest)
+            step[axis] = math.lcm(step[axis], rules[axis].multiple)
+    return (low[0], low[1]), (step[0], step[1])
+
+
+def _like_traced(like: str, like_kw: Mapping[str, Any] | None, hw: Size) -> tuple[Trace, Any]:
+    """The ``like`` backbone, built with ``like_kw`` and traced at the source's input size
+    with its own input channels; and the model."""
+    other = resolve(like, dict(like_kw or {}))
+    shape, _ = choose_input(other, _hw(hw))
+    try:
+        return trace(lambda: other.build(in_chans=shape[1]), shape, name=other.spec)
+    except ModelError as error:  # said of the like-backbone, which the user may not suspect
+        raise ModelError(
+            "{like} " + like + ": " + error.template, params=("like", *error.params)
+        ) from error
+
+
+def _search(
+    backbone: Backbone,
+    source: Trace,
+    model: Any,
+    candidates: list[Candidate],
+    target: Target,
+    probes: tuple[Size, ...],
+    progress: Callable[[int, int], None] | None,
+) -> tuple[list[Candidate], str | None]:
+    """Every candidate evaluated, then (if none is exact) their exact variants; and, if
+    still none is, the other rounding when a candidate reaches that one."""
     plain = _evaluate_all(backbone, source, model, candidates, target, probes, progress)
     done = list(plain)
     if not any(c.ok for c in done) and target.like is None:
         done += _exact_variants(backbone, source, model, done, target, probes, progress)
-    reachable = None  # the other rounding, when no candidate reaches the target's
-    if not any(c.ok for c in done):
-        reachable = _other_rounding(backbone, source, model, plain, target, probes)
-    ranked = _ranked(backbone, target, done, ranking, reachable)
-    return FitResult(backbone, target, source, ranked, len(done), probes, ranking.value)
+    if any(c.ok for c in done):
+        return done, None
+    return done, _other_rounding(backbone, source, model, plain, target, probes)
 
 
 def _other_rounding(
@@ -647,14 +797,23 @@ def _inexact_ops(
     return fix
 
 
-def _target(
-    channels: int | None, stride: str | int | Size | None, in_chans: int | None, like: str | None
-) -> Target:
+def _check_counts(channels: int | None, in_chans: int | None) -> None:
     if channels is not None and channels <= 0:
         raise TargetError(f"{{channels}} must be positive, got {channels}", params=("channels",))
     if in_chans is not None and in_chans <= 0:
         raise TargetError(f"{{in_chans}} must be positive, got {in_chans}", params=("in_chans",))
-    if like is None:
+
+
+def _target(
+    channels: int | None,
+    stride: str | int | Size | None,
+    in_chans: int | None,
+    like: str | None,
+    other: Trace | None,
+) -> Target:
+    """The target of a stride, or of the ``like`` backbone traced as ``other`` (its output
+    sizes come later, at the probes)."""
+    if like is None or other is None:
         if channels is None or stride is None:
             raise InvalidArgument(
                 "give {channels} and {stride}, or {like} BACKBONE",
@@ -664,28 +823,57 @@ def _target(
         if min(size) < 1:
             raise TargetError(f"{{stride}} must be at least 1, got {stride}", params=("stride",))
         return Target(channels, size, in_chans)
-    report = inspect_backbone(like, "64x64", sizes=[p for p in PROBES])
-    other = report.features or None
-    out_shape = other.out_shape if other is not None else report.trace.output_shape
+    return _like_target(channels, stride, in_chans, like, other)
+
+
+def _like_target(
+    channels: int | None,
+    stride: str | int | Size | None,
+    in_chans: int | None,
+    like: str,
+    other: Trace,
+) -> Target:
+    """The output of the traced ``like`` backbone: its channels (unless ``channels``),
+    downsample and input channels (unless ``in_chans``)."""
+    features = other.features
+    out_shape = features.out_shape if features is not None else other.output_shape
     if len(out_shape) != 4:
         raise TargetError(f"{{like}} {like}: its output is not spatial", params=("like",))
-    down = other.downsample if other is not None else report.trace.downsample
-    sizes = {c.input_hw: c.traced_hw for c in report.sizes if c.traced_hw is not None}
-    if stride is not None and parse_stride(stride) != (
-        round(down[0]),
-        round(down[1]),
-    ):
+    down = features.downsample if features is not None else other.downsample
+    have = (round(down[0]), round(down[1]))
+    if stride is not None and parse_stride(stride) != have:
         raise InvalidArgument(
-            f"{{stride}} {stride} contradicts {{like}} {like} (1/{down[0]:g})",
+            f"{{stride}} {stride} contradicts {{like}} {like} (1/{_fmt(have)})",
             params=("stride", "like"),
         )
     return Target(
         channels if channels is not None else out_shape[1],
-        (round(down[0]), round(down[1])),
-        in_chans if in_chans is not None else report.trace.input_shape[1],
+        have,
+        in_chans if in_chans is not None else other.input_shape[1],
         like,
-        sizes,
+        {},
     )
+
+
+def _like_sizes(like: str, other: Trace, model: Any, probes: tuple[Size, ...]) -> dict[Size, Size]:
+    """The ``like`` backbone's output size at each probe, from a trace at that size."""
+    n, c = other.input_shape[:2]
+    features = other.features
+    sizes: dict[Size, Size] = {}
+    for h, w in probes:
+        try:
+            again = trace_module(model, (n, c, h, w), depth=other.depth, device=other.device)
+        except ForwardFailed as failed:
+            raise ModelError(
+                f"{{like}} {like} fails at {h}x{w}, which its size rule accepts: "
+                + str(forward_error(failed, (n, c, h, w))),
+                params=("like",),
+            ) from failed.error
+        stage = again.stage(features.path) if features is not None else None
+        out = stage.out_shape if stage is not None else again.output_shape
+        if len(out) == 4:
+            sizes[(h, w)] = (out[-2], out[-1])
+    return sizes
 
 
 def winner_input(result: FitResult) -> str:
@@ -697,7 +885,22 @@ def winner_input(result: FitResult) -> str:
 
 
 def winner_recipe(result: FitResult, input_text: str | None = None) -> Recipe:
-    """The winning candidate as a recipe to save or emit (its input: ``winner_input``)."""
+    """The winning candidate of a fit as a recipe, to save or to emit.
+
+    Args:
+        result: What :func:`fit` returned.
+        input_text: The recipe's traced input, ``"NxCxHxW"``; default the source's input
+            with the channels the winner takes (:func:`winner_input`).
+
+    Returns:
+        The winner's :class:`~bbswap.recipes.schema.Recipe`.
+
+    Example::
+
+        found = bbswap.fit("resnet50", channels=684, stride=16, in_chans=1)
+        recipe = bbswap.winner_recipe(found)
+        open("r.toml", "w").write(bbswap.recipe_to_toml(recipe))
+    """
     c = result.winner
     return replace(c.recipe, input=input_text or winner_input(result))
 

@@ -29,7 +29,17 @@ from torch.utils._pytree import tree_flatten
 from bbswap.backbones.guard import user_code
 from bbswap.errors import ModelError, NotACNN
 from bbswap.kinds import Device
+from bbswap.records import dims, short_count
 from bbswap.tracing.ids import call_id
+from bbswap.tracing.outputs import (
+    Output,
+    OutputKey,
+    choose_output,
+    default_output,
+    describe_outputs,
+    refuse_single,
+    returned,
+)
 from bbswap.tracing.sizes import SizeRule, SizeStep, chain_size, min_size, size_rule
 from bbswap.tracing.spatial_ops import (
     SPATIAL,
@@ -151,6 +161,37 @@ class Trace:
     module_stages: tuple[Stage, ...] = ()  # a row for every called module, any depth
     attention: str = ""  # the first module whose forward multiplies two activations
     features_at: str = ""  # the outermost module whose output forward_features returns
+    # a forward that returns several tensors: each of them, what holds them ("tuple",
+    # "list" or "dict"), which one the output fields describe and whether it was asked for
+    outputs: tuple[Output, ...] = ()
+    returns: str = ""
+    output_key: OutputKey | None = None
+    output_given: bool = False
+
+    def select_output(self, key: OutputKey | None, name: str = "the model") -> Trace:
+        """This trace with its output fields describing the output ``key`` (an index or a
+        dict key; None: the default, the one with the largest downsample)."""
+        if not self.outputs:
+            refuse_single(key, name)
+            return self
+        o = choose_output(self.outputs, self.returns, key, name)
+        return replace(
+            self,
+            output_shape=o.shape,
+            chain=o.chain,
+            downsample=o.downsample,
+            receptive_field=o.receptive_field,
+            output_key=o.key,
+            output_given=key is not None,
+        )
+
+    def __repr__(self) -> str:
+        """The summary line, not the data: ``Trace(1x3x224x224 -> 1x1000, 11 stages, ...)``."""
+        return (
+            f"Trace({dims(self.input_shape)} -> {dims(self.output_shape)}, "
+            f"{len(self.stages)} stages, {len(self.reductions)} reductions, "
+            f"{short_count(self.params)} params, {short_count(self.macs)} MACs, {self.device})"
+        )
 
     def stage(self, path: str) -> Stage | None:
         """The row of a stage or of any called module."""
@@ -635,7 +676,11 @@ def _summarise(
     outs = _tensors(out)
     if not outs:
         raise ModelError("the model's forward returned no tensor")
-    y = outs[0]
+    y, several = outs[0], returned(out)
+    outputs: tuple[Output, ...] = ()
+    if several is not None:
+        outputs = describe_outputs(several[1], lambda t: _output_info(rec, t))
+        y = dict(several[1])[default_output(outputs).key]
     y_info = rec.tensor_info(y)
     ops = tuple(sorted(rec.ops.values(), key=lambda o: o.order))
     params = sum(p.numel() for p in rec.model.parameters())
@@ -660,7 +705,17 @@ def _summarise(
         module_stages=_stages(rec, 10**6, functional=False),
         attention=rec.attention or "",
         features_at=_features_at(rec),
+        outputs=outputs,
+        returns=several[0] if several is not None else "",
+        output_key=default_output(outputs).key if outputs else None,
     )
+
+
+def _output_info(
+    rec: _Recorder, t: torch.Tensor
+) -> tuple[tuple[float, float], tuple[int, int], tuple[str, ...]]:
+    info = rec.tensor_info(t)
+    return info.jump, (int(info.rf[0]), int(info.rf[1])), info.chain
 
 
 def _features_at(rec: _Recorder) -> str:
@@ -742,8 +797,27 @@ def trace_module(
     device: Device | str = Device.META,
     note: str = "",
 ) -> Trace:
-    """Trace a model that already exists: on the meta device if its parameters are
-    there, else under FakeTensorMode so its real weights are neither copied nor used."""
+    """Trace a model that already exists, with one dummy forward.
+
+    Args:
+        model: The model; it is not changed (a forward that writes to its own tensors
+            is :func:`trace_instance`'s case).
+        input_shape: The dummy input's shape, ``(N, C, H, W)``.
+        depth: How deep the stage table goes (1: the top-level children).
+        device: ``"meta"`` (the model is on the meta device), ``"fake"`` (real weights,
+            traced under ``FakeTensorMode``: neither copied nor used) or ``"cpu"`` (real
+            tensors).
+        note: Why the trace runs where it does, kept in ``Trace.note``.
+
+    Returns:
+        The :class:`Trace`: stages, reduction points, params, MACs and size rules.
+
+    Example::
+
+        model = bbswap.resolve("resnet18").build()
+        bbswap.trace_module(model, (1, 3, 224, 224), device="fake").features.downsample
+        # (32.0, 32.0): the classifier's features, before its head
+    """
     device = Device.parse(device, "device")
     if device is Device.META:
         with torch.device("meta"):
@@ -837,8 +911,23 @@ def trace(
     name: str = "the model",
 ) -> tuple[Trace, nn.Module]:
     """Build a model with ``build`` on the meta device and trace it there; fall back to
-    real CPU tensors when the model cannot run without data. Returns the trace and the
-    model it traced (on the device it ran on). A transformer is refused (NotACNN)."""
+    real CPU tensors when the model cannot run without data. A transformer is refused
+    (:class:`~bbswap.errors.NotACNN`).
+
+    Args:
+        build: Makes the model, called with no arguments (under the meta device).
+        input_shape: The dummy input's shape, ``(N, C, H, W)``.
+        depth: How deep the stage table goes (1: the top-level children).
+        name: What the model is called in error messages.
+
+    Returns:
+        The :class:`Trace` and the model it traced (on the device it ran on).
+
+    Example::
+
+        result, model = bbswap.trace(lambda: torchvision.models.resnet18(), (1, 3, 224, 224))
+        result.output_shape, [r.id for r in result.reductions][:2]   # (1, 1000), ['conv1', ...]
+    """
     result, model = _trace_built(build, input_shape, depth)
     require_cnn(result, name)
     return result, model

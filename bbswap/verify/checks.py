@@ -43,6 +43,12 @@ class VerifyReport:
     target: str
     checks: tuple[Check, ...]
 
+    def __repr__(self) -> str:
+        """``VerifyReport(backbone.py:Net, ok, 4 checks)``, or the first failed check."""
+        failed = self.first_failure()
+        state = "ok" if failed is None else f"failed {failed.name}"
+        return f"VerifyReport({self.target}, {state}, {len(self.checks)} checks)"
+
     @property
     def ok(self) -> bool:
         return all(c.ok for c in self.checks)
