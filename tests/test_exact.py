@@ -527,3 +527,18 @@ def test_fit_makes_a_chain_with_a_pad_call_exact(tmp_path):
     assert "--rounding floor" in line
     with pytest.raises(SurgeryError, match=r"exactly ceil\(size/2\) after the pad call before it"):
         patched(PADDED, make_op("exact", at="conv", rule="ceil"))
+
+
+def test_a_functional_call_that_would_need_padding_per_size_is_refused(tmp_path):
+    # F.conv2d with a 2x2/2 window: no fixed padding rounds it up, and a call in a forward
+    # cannot pad by the input's size; one line, exit 2, nothing written
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('name = "x"\n\n[[ops]]\nop = "exact"\nat = "conv2d()#1"\n', encoding="utf-8")
+    out = tmp_path / "out.py"
+    result = cli("apply", NEITHER, recipe, "--input", "1x3x64x64", "-o", out)
+    assert_one_line_error(
+        result,
+        "ops[0] (exact): conv2d()#1 would need padding that depends on the input size",
+        "it is a functional call (conv2d)",
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.toml"]
