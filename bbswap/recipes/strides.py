@@ -191,7 +191,7 @@ def restride(
     call just before the op (``pre``, per side) counts towards the 'same' padding.
     """
     kernel, padding = list(now["kernel_size"]), now["padding"]
-    if now["same"]:
+    if now.get("same", False):
         return {"stride": stride}  # it pads itself to ceil(size / stride)
     if isinstance(padding, str):
         if any(v != 1 for v in stride) and padding == "same":
