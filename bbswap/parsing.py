@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from bbswap.errors import InvalidArgument
 
 _WORD = re.compile(r"^[A-Za-z_][\w.\-/]*$")
 _IDENT = re.compile(r"^[A-Za-z_]\w*$")
+_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", re.ASCII)
+PY_PREFIX = "py:"
 MAX_DIM = 1 << 16  # a sane bound on a size, a channel count or a stride
 
 
@@ -136,9 +139,38 @@ def load_data_file(path_text: str, what: str) -> Any:
     raise InvalidArgument(f"{what}: {path_text} is neither .yaml, .yml nor .json")
 
 
+@dataclass(frozen=True)
+class PyRef:
+    """A constructor argument that is a Python object named by its dotted path
+    (``--kw BatchNorm=py:torch.nn.BatchNorm2d``): found by importing, never by ``eval``.
+
+    The path is kept as written, so that a recipe records it and an emitted file names
+    it; :mod:`bbswap.backbones.registry` resolves it when the backbone is built.
+    ``may_import`` is False for a value read from a recipe: a shared recipe must never run
+    code, so such a value names only what is already imported (see the registry)."""
+
+    path: str
+    may_import: bool = field(default=True, compare=False)
+
+    def __str__(self) -> str:
+        return PY_PREFIX + self.path
+
+
+def parse_py_ref(key: str, text: str, may_import: bool = True) -> PyRef:
+    """``py:package.module.Name`` as a :class:`PyRef`; ``key`` names it in errors."""
+    path = text[len(PY_PREFIX) :].strip()
+    if not _DOTTED.fullmatch(path):
+        raise InvalidArgument(
+            f"malformed py: value for '{key}': {path!r} is not a dotted Python path such "
+            "as py:torch.nn.BatchNorm2d"
+        )
+    return PyRef(path, may_import)
+
+
 def parse_kw(items: list[str] | None, option: str = "--kw") -> dict[str, Any]:
-    """``key=value`` pairs: a Python literal, a bare word (a string), or ``@file.yaml``;
-    errors name ``option``, the flag the pairs were given with."""
+    """``key=value`` pairs: a Python literal, a bare word (a string), ``@file.yaml``, or
+    ``py:dotted.name`` (the object that name imports, as a :class:`PyRef`); errors name
+    ``option``, the flag the pairs were given with."""
     kwargs: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -146,13 +178,16 @@ def parse_kw(items: list[str] | None, option: str = "--kw") -> dict[str, Any]:
         if not sep or not _IDENT.match(key):
             raise InvalidArgument(
                 f"malformed {option} '{item}': expected key=value with key a Python name, "
-                f"e.g. {option} growth_rate=24 or {option} params=@config.yaml"
+                f"e.g. {option} growth_rate=24, {option} params=@config.yaml or "
+                f"{option} BatchNorm=py:torch.nn.BatchNorm2d"
             )
         kwargs[key] = parse_kw_value(key, value.strip(), option)
     return kwargs
 
 
 def parse_kw_value(key: str, value: str, option: str = "--kw") -> Any:
+    if value.startswith(PY_PREFIX):
+        return parse_py_ref(key, value)
     if value.startswith("@"):
         return load_data_file(value[1:], f"{option} {key}")
     if len(value) > MAX_LITERAL_CHARS:
@@ -169,7 +204,7 @@ def parse_kw_value(key: str, value: str, option: str = "--kw") -> Any:
             return value
         raise InvalidArgument(
             f"malformed {option} value for '{key}': {value!r} is neither a Python literal, "
-            "a bare word nor @file"
+            "a bare word, @file nor py:dotted.name"
         ) from None
 
 

@@ -46,6 +46,11 @@ def time_limit(seconds: float | None) -> Iterator[None]:
         _limit.reset(token)
 
 
+def current_limit() -> float | None:
+    """The time limit a stage of user code gets here (None: no limit)."""
+    return _limit.get()
+
+
 def _on_alarm(signum: int, frame: FrameType | None) -> None:
     del signum, frame
     raise TimedOut

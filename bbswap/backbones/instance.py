@@ -56,6 +56,7 @@ class _Builder:
     attr: str
     kwargs: dict[str, Any]
     build: Callable[[], nn.Module]
+    module: str = ""  # the import name of the module that defines ``attr`` (user code)
 
 
 def as_backbone(spec: str | Backbone | nn.Module, kwargs: dict[str, Any] | None) -> Backbone:
@@ -106,6 +107,7 @@ def instance_backbone(model: nn.Module, kwargs: dict[str, Any] | None = None) ->
         in_chans,
         source=found.source,
         attr=found.attr,
+        module=found.module,
     )
 
 
@@ -241,7 +243,8 @@ def _builders(
         if in_chans is not None and "in_chans" not in kw and _accepts(cls, "in_chans"):
             kw["in_chans"] = in_chans
         spec = f"{source}:{cls.__name__}"
-        yield _Builder(kind, spec, cls.__name__, source, cls.__name__, kw, lambda: cls(**kw))
+        call = lambda: cls(**kw)  # noqa: E731  # the builder's one call, named for the line
+        yield _Builder(kind, spec, cls.__name__, source, cls.__name__, kw, call, cls.__module__)
 
 
 def _zoo_builders(module: str, kwargs: dict[str, Any], in_chans: int | None) -> Iterator[_Builder]:

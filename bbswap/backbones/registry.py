@@ -12,23 +12,25 @@ A spec is one of:
 
 :func:`resolve` turns a spec into a :class:`Backbone`, which knows how to build the
 model and where its code comes from; it builds nothing itself.
+
+The user's code is imported as Python would run it (:mod:`bbswap.backbones.loading`):
+a file inside a package as part of that package, with the current directory on
+``sys.path`` as ``python -m`` puts it. A ``py:dotted.name`` constructor argument
+(:class:`bbswap.parsing.PyRef`) is resolved here, to the object that name imports.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import enum
 import fnmatch
 import importlib
-import importlib.util
 import inspect
 import json
-import sys
 import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -36,6 +38,7 @@ from typing import Any
 from torch import nn
 
 from bbswap.backbones.guard import user_code
+from bbswap.backbones.loading import code_paths, import_user_file, import_user_module, resolve_ref
 from bbswap.backbones.weights import WeightsSource, source_of
 from bbswap.errors import (
     BackboneNotFound,
@@ -45,6 +48,7 @@ from bbswap.errors import (
     ModelError,
     choices,
 )
+from bbswap.parsing import PyRef
 from bbswap.zoo import ZOO
 
 
@@ -88,6 +92,10 @@ class Backbone:
     head: tuple[str, ...] = ()  # top-level stages that form a classifier head
     source: str = ""  # module name or file path the code comes from
     attr: str = ""  # class or function name in ``source``
+    module: str = ""  # the import name of the module that defines ``attr`` (user code)
+    paths: tuple[str, ...] = ()  # folders on sys.path while the user's code runs
+    # the objects the ``py:`` arguments among ``kwargs`` name, by argument
+    objects: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     pretrained: bool = False  # the builder's own weights are asked for
     builder_weights: BuilderWeights | None = field(default=None, repr=False, compare=False)
 
@@ -124,11 +132,11 @@ class Backbone:
         return self if self.pretrained else dataclasses.replace(self, pretrained=True)
 
     def _call(self, factory: Callable[..., nn.Module], in_chans: int | None) -> nn.Module:
-        kwargs = dict(self.kwargs)
+        kwargs = {k: self.objects.get(k, v) for k, v in self.kwargs.items()}
         if in_chans is not None and self.takes_in_chans and "in_chans" not in kwargs:
             kwargs["in_chans"] = in_chans
         try:
-            with user_code(f"the constructor of {self.spec}"):
+            with code_paths(self.paths), user_code(f"the constructor of {self.spec}"):
                 model = factory(**kwargs)
         except TypeError as error:
             raise ModelError(f"cannot build {self.spec}: {error}") from error
@@ -159,7 +167,9 @@ def resolve(
         spec: A zoo name (``"resnet50"``), ``"tv:NAME"``, ``"timm:NAME"``,
             ``"path/to/file.py:Name"`` or ``"package.module:Name"``.
         kwargs: Constructor arguments, passed to the builder on every build;
-            ``pretrained=True`` among them means the same as ``pretrained``.
+            ``pretrained=True`` among them means the same as ``pretrained``. A
+            :class:`~bbswap.parsing.PyRef` (``py:dotted.name``) is resolved once the
+            backbone's own code is imported.
         pretrained: For ``tv:`` and ``timm:`` specs only: the builder's own weights are
             carried when the backbone is exported.
 
@@ -178,8 +188,19 @@ def resolve(
     spec = spec.strip()
     if spec.startswith(("tv:", "timm:")):
         pretrained = _pretrained_kwarg(kwargs, pretrained)
-    backbone = _resolve(spec, kwargs)
+    backbone = _with_objects(_resolve(spec, kwargs))
     return backbone.with_pretrained() if pretrained else backbone
+
+
+def _with_objects(backbone: Backbone) -> Backbone:
+    """The backbone with the objects its ``py:`` arguments name, imported with its own
+    code's folders on ``sys.path``."""
+    refs = {k: v for k, v in backbone.kwargs.items() if isinstance(v, PyRef)}
+    if not refs:
+        return backbone
+    paths = backbone.paths or (str(Path.cwd()),)
+    objects = {k: resolve_ref(k, ref, paths, backbone.paths) for k, ref in refs.items()}
+    return replace(backbone, paths=paths, objects=objects)
 
 
 def _resolve(spec: str, kwargs: dict[str, Any]) -> Backbone:
@@ -470,19 +491,12 @@ def _user(spec: str, kwargs: dict[str, Any]) -> Backbone:
             "package.module:Name"
         )
     if where.endswith(".py") or "/" in where or "\\" in where:
-        module = _import_file(Path(where))
-        kind, source = BackboneKind.FILE, where
+        loaded = import_user_file(Path(where))
+        kind = BackboneKind.FILE
     else:
-        try:
-            with user_code(f"importing {where}"):
-                module = importlib.import_module(where)
-        except ImportError as error:
-            raise BackboneNotFound(f"cannot import module '{where}': {error}") from error
-        except Exception as error:
-            raise ModelError(
-                f"importing module '{where}' raised {type(error).__name__}: {error}"
-            ) from error
-        kind, source = BackboneKind.MODULE, where
+        loaded = import_user_module(where)
+        kind = BackboneKind.MODULE
+    module = loaded.module
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         found = _buildable_names(module)
@@ -501,42 +515,11 @@ def _user(spec: str, kwargs: dict[str, Any]) -> Backbone:
         kwargs=kwargs,
         in_chans=_int_default(factory, "in_chans"),
         takes_in_chans=takes,
-        source=source,
+        source=where,
         attr=attr,
+        module=module.__name__,
+        paths=loaded.paths,
     )
-
-
-@contextlib.contextmanager
-def _on_path(folder: Path) -> Iterator[None]:
-    sys.path.insert(0, str(folder))
-    try:
-        yield
-    finally:
-        with contextlib.suppress(ValueError):
-            sys.path.remove(str(folder))
-
-
-def _import_file(path: Path) -> ModuleType:
-    if not path.is_file():
-        raise BackboneNotFound(f"backbone file not found: {path}")
-    resolved = path.resolve()
-    name = f"bbswap_user_{abs(hash(str(resolved))):x}_{resolved.stem}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, resolved)
-    if spec is None or spec.loader is None:
-        raise BackboneNotFound(f"cannot import {path}: not a Python file")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        with _on_path(resolved.parent), user_code(f"importing {path}"):
-            spec.loader.exec_module(module)
-    except BaseException as error:
-        del sys.modules[name]
-        if isinstance(error, BBSwapError) or not isinstance(error, Exception):
-            raise
-        raise ModelError(f"importing {path} raised {type(error).__name__}: {error}") from error
-    return module
 
 
 def _buildable_names(module: ModuleType) -> list[str]:

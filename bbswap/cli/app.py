@@ -261,7 +261,8 @@ KwOpt = Annotated[
     typer.Option(
         "--kw",
         help="Constructor argument key=value: a Python literal, a bare word (a string), "
-        "or key=@file.yaml / key=@file.json for that file's content; repeatable.",
+        "key=@file.yaml / key=@file.json for that file's content, or key=py:dotted.name "
+        "for the object it imports; repeatable.",
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON.")]
@@ -646,7 +647,9 @@ def fit_cmd(a: FitArgs) -> None:
             also = {recipe_path: _recipe_text(recipe, result)} if recipe_path is not None else {}
             exported = None
             if a.output is not None:  # the recipe is written with the file, or not at all
-                exported = _export(a, result.backbone, recipe, input_text, also=also, status=status)
+                exported = _export(
+                    a, result.backbone, recipe, input_text, also=also, status=status, fit=result
+                )
             elif also:
                 write_files(also, a.force)
         _fit_output(a, result, exported, recipe_path)
@@ -697,6 +700,11 @@ def _recipe_text(recipe: Recipe, result: FitResult) -> bytes:
     from bbswap.recipes.toml_io import recipe_to_toml
     from bbswap.search.fit import recipe_header
 
+    if result.outputs is not None:
+        raise InvalidArgument(
+            f"--save-recipe: a recipe gives one output, and the fit reproduces "
+            f"{result.outputs.describe()}; leave --save-recipe out and keep the file -o writes"
+        )
     return recipe_to_toml(recipe, recipe_header(result)).encode("utf-8")
 
 
@@ -739,8 +747,10 @@ def _export(
     source_output: str | None = None,
     also: dict[Path, bytes] | None = None,
     status: Activity | None = None,
+    fit: FitResult | None = None,
 ) -> Exported:
-    """Write the patched backbone to ``-o FILE.py`` as the emit options say."""
+    """Write the patched backbone to ``-o FILE.py`` as the emit options say (with every
+    output of a ``--like`` backbone that returns several, from ``fit``)."""
     from bbswap.codegen.export import export
 
     assert a.output is not None  # asked only with -o
@@ -753,6 +763,7 @@ def _export(
         also=also,
         source_output=source_output,
         on_phase=status.phase if status is not None else None,
+        outputs=fit.outputs if fit is not None else None,
         **a.export_options(import_mode),
     )
 

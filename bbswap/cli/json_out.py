@@ -22,8 +22,10 @@ if TYPE_CHECKING:
     from bbswap.search.matrix import Cell, Matrix, Row
     from bbswap.surgery.apply import ApplyResult
     from bbswap.surgery.core import Edit
+    from bbswap.surgery.outputs_plan import OutputsPlan
     from bbswap.tracing.cross_check import CrossCheck
     from bbswap.tracing.inspection import InspectReport, SizeCheck
+    from bbswap.tracing.mask import MaskRule
     from bbswap.tracing.outputs import Output
     from bbswap.tracing.tracer import SpatialOp, Stage, Trace
     from bbswap.verify.checks import Check, VerifyReport
@@ -71,6 +73,7 @@ def report_dict(report: InspectReport) -> dict[str, Any]:
         "size_rule": {"h": report.rules[0].format("H"), "w": report.rules[1].format("W")},
         "outputs": [_output(o) for o in t.outputs],
         "source_output": _source_output(t),
+        "mask": _mask(t),
         "stages": [_stage(s) for s in t.stages],
         "reductions": [_reduction(r) for r in t.reductions],
         "sizes": [_size_check(c) for c in report.sizes],
@@ -84,6 +87,48 @@ def _output(o: Output) -> dict[str, Any]:
         "channels": o.channels,
         "downsample": list(o.downsample) if o.spatial else None,
         "receptive_field": list(o.receptive_field) if o.spatial else None,
+    }
+
+
+def _mask(t: Trace) -> dict[str, Any] | None:
+    """What a forward of (img, img_mask) made of its mask (None: it takes no mask)."""
+    m = t.mask
+    if m is None:
+        return None
+    return {
+        "image": m.input.image,
+        "input": m.input.mask,
+        "key": m.key,
+        "rule": _rule(m.rule),
+        "made_by": m.made_by or None,
+    }
+
+
+def _rule(rule: MaskRule | None) -> dict[str, Any] | None:
+    return None if rule is None else {"start": list(rule.start), "step": list(rule.step)}
+
+
+def _like_outputs(plan: OutputsPlan | None) -> dict[str, Any] | None:
+    """How the winner of a fit gives every output of a like-backbone that returns several."""
+    if plan is None:
+        return None
+    return {
+        "like": plan.like,
+        "returns": plan.returns,
+        "mask_input": None if plan.mask_input is None else attrs(plan.mask_input, "image", "mask"),
+        "outputs": [
+            {
+                "key": o.key,
+                "role": o.role.value,
+                "channels": o.channels or None,
+                "stride": list(o.stride),
+                "tap": o.tap or None,
+                "projected_from": o.tap_channels if o.projected else None,
+                "mask_rule": _rule(o.rule),
+                "sizes": [[list(i), list(hw)] for i, hw in o.sizes],
+            }
+            for o in plan.outputs
+        ],
     }
 
 
@@ -187,6 +232,7 @@ def fit_dict(result: FitResult, top: int) -> dict[str, Any]:
         },
         "input": list(result.source.input_shape),
         "source_output": _source_output(result.source),
+        "like_outputs": _like_outputs(result.outputs),
         "evaluated": result.evaluated,
         "probes": [list(p) for p in result.probes],
         "prefer": result.prefer,

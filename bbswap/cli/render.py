@@ -145,16 +145,32 @@ def outputs_table(trace: Trace) -> Grid:
         f"outputs: the forward returns a {trace.returns} of {len(trace.outputs)}",
         key=1,
     )
+    mask = trace.mask.key if trace.mask is not None and trace.mask.rule is not None else None
     for o in trace.outputs:
         grid.add_row(
             "*" if o.key == trace.output_key else "",
             escape(str(o.key)),
             shape(o.shape),
-            str(o.channels),
-            describe_factor(o.downsample) if o.spatial else "-",
+            "mask" if o.key == mask else str(o.channels),
+            describe_factor(o.downsample) if o.spatial or o.key == mask else "-",
             rf(o.receptive_field) if o.spatial else "-",
         )
     return grid
+
+
+def mask_line(trace: Trace) -> str:
+    """What a forward of (img, img_mask) returns of its mask; "" for any other forward."""
+    m = trace.mask
+    if m is None:
+        return ""
+    traced = (
+        f"traced with an all-ones {shape((1, *trace.input_shape[2:]))} mask as '{m.input.mask}'"
+    )
+    if m.key is None:
+        return f"mask: {traced}; no output is made from it"
+    if m.rule is None:
+        return f"mask: {traced}; output {m.key} is made from it by {m.made_by}"
+    return f"mask: output {m.key} is {m.rule.describe(m.input.mask)} ({traced})"
 
 
 def render_inspect(report: InspectReport, console: Console) -> None:
@@ -170,6 +186,8 @@ def render_inspect(report: InspectReport, console: Console) -> None:
         console.print()
         show(outputs_table(t), console)
         console.print(escape(source_output_line(t)))
+    if t.mask is not None:
+        console.print(escape(mask_line(t)))
     console.print()
     show(reduction_table(t.reductions), console)
     h, w = report.rules
@@ -423,6 +441,8 @@ def render_fit(result: FitResult, top: int, console: Console) -> None:
     probes[-1] = probes[-1].rstrip(",")
     tail = [f"(from {shape(result.smallest)},", "the smallest input accepted)"]
     flow(console, ["probe sizes:", *probes, *tail], gap=" ")
+    if result.outputs is not None:
+        console.print(escape(f"returns {result.outputs.describe()}"))
     hidden = len(result.candidates) - top
     if hidden > 0:
         console.print(f"({hidden} more candidates; --top {len(result.candidates)} shows all)")

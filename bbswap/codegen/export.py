@@ -6,6 +6,7 @@ file verified (its loader included) is the one written, next to those very bytes
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import tempfile
 from collections.abc import Callable
@@ -33,16 +34,20 @@ from bbswap.errors import InvalidArgument
 from bbswap.kinds import Phase
 from bbswap.recipes.schema import Recipe
 from bbswap.surgery.apply import ApplyResult, apply_recipe, source_input
+from bbswap.surgery.outputs_plan import OutputsPlan
+from bbswap.surgery.several_outputs import with_outputs
 from bbswap.verify.checks import (
     Check,
     VerifyReport,
     construct,
+    fresh_import,
     import_file,
     require,
     round_up,
     sweep_sizes,
     verify_model,
 )
+from bbswap.verify.outputs_check import verify_several
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,7 @@ def export(
     also: dict[Path, bytes] | None = None,
     source_output: int | str | None = None,
     on_phase: Callable[[Phase], None] | None = None,
+    outputs: OutputsPlan | None = None,
 ) -> Exported:
     """Build ``recipe`` on a backbone with real weights, emit it, verify the file by round
     trip, then write it (and the carried weights, and any files in ``also``) as one
@@ -148,6 +154,9 @@ def export(
             from (an index or a key); default the one with the largest downsample.
         on_phase: Called as the build, the emit and the verification begin
             (:class:`bbswap.kinds.Phase`).
+        outputs: The outputs of a ``--like`` backbone that returns several (or takes a
+            mask), as :attr:`~bbswap.search.fit.FitResult.outputs` plans them: the file
+            returns them all, in that backbone's structure, and is checked for each.
 
     Returns:
         An :class:`Exported`: the paths written, the emitted source, the apply result,
@@ -167,7 +176,9 @@ def export(
     phase = on_phase or (lambda _: None)
     for extra in also or {}:
         check_output(extra, force, "output")
-    backbone, checkpoint = weights_options(spec, kwargs, weights, pretrained)
+    # the recipe's constructor arguments, those given here taking precedence
+    merged = kwargs if isinstance(spec, torch.nn.Module) else {**recipe.kw, **(kwargs or {})}
+    backbone, checkpoint = weights_options(spec, merged, weights, pretrained)
     carry = checkpoint is not None or backbone.pretrained or isinstance(spec, torch.nn.Module)
     path, weights_path = output_paths(out, carry, safetensors, force)
     _, chans = source_input(backbone, recipe, input_shape)
@@ -175,6 +186,8 @@ def export(
     torch.manual_seed(seed)
     model, load, source = _source_model(backbone, chans, checkpoint, partial)
     result = apply_recipe(backbone, recipe, input_shape, model=model, source_output=source_output)
+    if outputs is not None:
+        result = with_outputs(result, outputs)
     files = {**(also or {})}
     carried, recorded = None, None
     if weights_path is not None:  # the exact bytes written, hashed into the emitted file
@@ -250,10 +263,16 @@ def check_emitted(
     with tempfile.TemporaryDirectory() as tmp:
         file = Path(tmp) / "bbswap_emitted.py"
         file.write_text(emitted.source, encoding="utf-8")
+        fresh_import(file, emitted.class_name, "the emitted file", _not_bundled(emitted))
         module = import_file(file)
         model = construct(module, emitted.class_name, "the emitted file")
         _, c, h, w = after.input_shape
-        report = verify_model(
+        verify = (
+            verify_model
+            if result.outputs is None
+            else functools.partial(verify_several, plan=result.outputs)
+        )
+        report = verify(
             model,
             f"the emitted {emitted.class_name}",
             in_chans=c,
@@ -274,6 +293,14 @@ def check_emitted(
         cls = getattr(module, emitted.class_name)
         check = check_loader(cls, Path(tmp) / weights[0], result.model.state_dict())
         return VerifyReport(report.target, (*report.checks, check))
+
+
+def _not_bundled(emitted: Emitted) -> str:
+    """Why the emitted file imports modules of the user's, for an import that fails."""
+    if not emitted.imported:
+        return ""
+    listed = "; ".join(f"{module}: {why}" for module, why in emitted.imported)
+    return f" (it imports modules of yours that could not be bundled: {listed})"
 
 
 def check_loader(cls: type, file: Path, state: dict[str, torch.Tensor]) -> Check:

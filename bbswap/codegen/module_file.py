@@ -15,33 +15,36 @@ from __future__ import annotations
 import ast
 import importlib
 import re
+import sys
 import textwrap
 import unicodedata
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any, cast
 
 from torch import fx, nn
 
 from bbswap import __version__
 from bbswap.backbones.instance import require_emittable
+from bbswap.backbones.loading import is_user_module
 from bbswap.backbones.registry import Backbone
 from bbswap.backbones.weights import WeightsSource
+from bbswap.codegen.bundling import Bundled, bundle_code
+from bbswap.codegen.outputs_code import outputs_lines, projection_comment
 from bbswap.codegen.size_code import output_size_code
 from bbswap.codegen.source import (
     Imports,
-    bundle,
-    file_source,
     forward_source,
     identifier,
     imported_names,
     literal,
-    module_source,
     string,
     wrap,
 )
 from bbswap.codegen.text import Place, as_source, is_plain_name
 from bbswap.codegen.weights_code import IMPORTS, LOADER, WeightsCode, weights_code
 from bbswap.errors import InvalidArgument, SurgeryError
+from bbswap.parsing import PyRef
 from bbswap.recipes.structure import Dropout
 from bbswap.recipes.toml_io import recipe_to_toml
 from bbswap.surgery import same
@@ -97,6 +100,7 @@ class Emitted:
     source: str
     class_name: str
     import_reason: str = ""  # why the source backbone is imported, not bundled; "" if bundled
+    imported: tuple[tuple[str, str], ...] = ()  # user modules imported, not bundled: why
 
     def __repr__(self) -> str:
         """``Emitted(class ResNet50C684S16, 112 lines)``: not the source itself."""
@@ -160,12 +164,13 @@ def emit(
         name = default_class_name(result.backbone.name, after.output_shape[1], after.downsample)
     _require_class_name(name)
     imports = Imports()
-    present = {type(m).__name__ for m in result.surgery.model.modules()}
-    body_source, builder, local, note, reason = _source_code(
+    present = {type(m) for m in result.surgery.model.modules()}
+    code = _source_code(
         result.backbone, imports, import_mode, present, result.before.input_shape[1]
     )
+    body_source, builder, local = code.code, code.builder, set(code.local)
     patched = result.model
-    same = _same_classes(patched, imports, local)
+    per_size = _same_classes(patched, imports, local)
     helpers, wrappers = _edited_classes(result, patched, imports, local)
     chain, size_method = output_size_code(result.after)
     loader = weights_code(name, *weights) if weights is not None else None
@@ -179,15 +184,15 @@ def emit(
     if loader is not None:
         _claim_names(loader, imports, local, wrappers)
         root += "\n\n" + _indent(loader.method, 4)
-    doc = _docstring(result, name, note, dropin, weights, weights_source)
+    doc = _docstring(result, name, code, imports, dropin, weights, weights_source)
     parts = [body_source] if body_source else []
-    parts += [*same, *helpers, *filter(None, [chain, loader.constants if loader else None]), root]
-    code = "\n\n\n".join(p.strip("\n") for p in parts)
+    parts += [*per_size, *helpers, *filter(None, [chain, loader.constants if loader else None])]
+    text = "\n\n\n".join(p.strip("\n") for p in [*parts, root])
     # isort's rule, as ruff applies it: two blank lines after the imports before a
     # definition, one before any other statement (or comment)
-    gap = "\n\n\n" if code.startswith(("class ", "def ", "async def ", "@")) else "\n\n"
-    text = doc + "\n\n" + imports.render() + gap + code + "\n"
-    return Emitted(text, name, reason)
+    gap = "\n\n\n" if text.startswith(("class ", "def ", "async def ", "@")) else "\n\n"
+    text = doc + "\n\n" + imports.render() + gap + text + "\n"
+    return Emitted(text, name, code.reason, code.imported)
 
 
 _OWN_NAMES = {"Step", "_CHAIN_H", "_CHAIN_W", "_through"}  # the output_size code may define them
@@ -220,46 +225,145 @@ def _claim_names(
 # -- the source backbone ----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _SourceCode:
+    """The source backbone's part of an emitted file."""
+
+    code: str  # the bundled definitions ("" when the backbone is imported)
+    builder: str  # the call that builds the source backbone
+    local: frozenset[str]  # the top-level names the bundled code defines
+    note: str  # what the file bundles or imports, for the docstring
+    reason: str = ""  # in --import mode, why the backbone is imported
+    imported: tuple[tuple[str, str], ...] = ()  # user modules imported, not bundled: why
+
+
 def _source_code(
-    backbone: Backbone, imports: Imports, import_mode: bool, present: set[str], in_chans: int
-) -> tuple[str, str, set[str], str, str]:
-    """Bundled (or imported) code of the source backbone; returns the code, the builder
-    call, the names it defines, a note for the docstring and, in --import mode, why."""
-    args = ", ".join(
-        f"{k}={_safe_literal(k, v)}" for k, v in sorted(_build_kwargs(backbone, in_chans).items())
-    )
+    backbone: Backbone, imports: Imports, import_mode: bool, present: set[type], in_chans: int
+) -> _SourceCode:
+    """Bundled (or imported) code of the source backbone and of the objects its ``py:``
+    arguments name: the code, the builder call, the names it defines, a note for the
+    docstring and, in --import mode, why."""
+    entry = _entry_module(backbone, import_mode)
+    bundled = _bundle(backbone, imports, entry, present)
+    args = _builder_args(backbone, in_chans, bundled, imports)
     call = f"{backbone.attr}({args})"
+    imported = tuple(sorted(bundled.imported.items()))
+    local = bundled.names
+    code = "\n\n\n".join(bundled.sources)
     if backbone.kind == "tv":
         # torchvision's builders hang on its weights registry and presets: import them
         imports.add(f"from torchvision.models import {backbone.name}")
         tv_args = ", ".join(["weights=None", *filter(None, [args])])
         reason = "torchvision's builders depend on its weights registry, which is not bundled"
         note = f"imports {backbone.name} from torchvision.models (--import mode: {reason})"
-        return "", f"{backbone.name}({tv_args})", {backbone.name}, note, reason
+        builder = f"{backbone.name}({tv_args})"
+        return _SourceCode(code, builder, local | {backbone.name}, note, reason, imported)
     if backbone.kind == "timm":
         imports.add("import timm")
         timm_args = ", ".join([string(backbone.name), "pretrained=False", *filter(None, [args])])
         reason = "timm's model registry is not bundled"
         note = f"builds the model with timm.create_model (--import mode: {reason})"
-        return "", f"timm.create_model({timm_args})", set(), note, reason
+        builder = f"timm.create_model({timm_args})"
+        return _SourceCode(code, builder, local, note, reason, imported)
+    if import_mode:
+        origin = backbone.source
+        imports.add(f"from {origin} import {backbone.attr}")
+        note = f"imports {backbone.attr} from {origin} (--import mode)"
+        reason = "--import given"
+        return _SourceCode(code, call, local | {backbone.attr}, note, reason, imported)
+    assert entry is not None  # a zoo, file or module backbone outside --import mode
+    origins = [_origin(backbone, m) for m in bundled.modules]  # module names
+    note = f"bundles {backbone.attr} and what it needs from {_join_words(origins)}"
+    return _SourceCode(code, call, local, note, "", imported)
+
+
+def _entry_module(backbone: Backbone, import_mode: bool) -> ModuleType | None:
+    """The module whose definitions are bundled; None when the backbone is imported."""
+    if backbone.kind in ("tv", "timm"):
+        return None
     if import_mode:
         if backbone.kind != "module":
             raise InvalidArgument(
                 f"--import needs a package.module:Name backbone; {backbone.spec} is "
                 + ("a zoo model, always bundled" if backbone.kind == "zoo" else "a file path")
             )
-        origin = backbone.source
-        imports.add(f"from {origin} import {backbone.attr}")
-        note = f"imports {backbone.attr} from {origin} (--import mode)"
-        return "", call, {backbone.attr}, note, "--import given"
-    if backbone.kind == "file":
-        text, origin = file_source(backbone.source), backbone.source.replace("\\", "/")
-        origin = origin.rsplit("/", 1)[-1]
-    else:
-        text, origin = module_source(importlib.import_module(backbone.source)), backbone.source
-    b = bundle(text, [backbone.attr], origin, imports, present)
-    note = f"bundles {backbone.attr} and what it needs from {origin}"
-    return "\n\n\n".join(b.sources), call, b.names, note, ""
+        return None
+    name = backbone.module or backbone.source
+    module = sys.modules.get(name)
+    return module if module is not None else importlib.import_module(name)
+
+
+def _bundle(
+    backbone: Backbone, imports: Imports, entry: ModuleType | None, present: set[type]
+) -> Bundled:
+    """The entry's definition and what it needs, the classes of the built model from the
+    modules bundled, and the objects of the ``py:`` arguments that are the user's code."""
+
+    def follow(module: ModuleType) -> bool:
+        return (
+            module is entry or is_user_module(module) or module.__name__.startswith("bbswap.zoo.")
+        )
+
+    wanted = [(entry, backbone.attr)] if entry is not None else []
+    optional = []
+    for cls in sorted(present, key=lambda c: (c.__module__, c.__qualname__)):
+        module = sys.modules.get(cls.__module__)
+        if module is not None and follow(module) and cls.__qualname__ == cls.__name__:
+            optional.append((module, cls.__name__))
+    for key, value in sorted(backbone.kwargs.items()):
+        ref = backbone.objects.get(key)
+        home = sys.modules.get(getattr(ref, "__module__", "") or "")
+        name = getattr(ref, "__name__", None)
+        top = isinstance(name, str) and getattr(ref, "__qualname__", None) == name
+        if isinstance(value, PyRef) and home is not None and follow(home) and top:
+            wanted.append((home, str(name)))
+    return bundle_code(wanted, imports, follow, optional)
+
+
+def _origin(backbone: Backbone, module: str) -> str:
+    """How the docstring names a module bundled from: a file backbone's own by file name."""
+    if backbone.kind == "file" and module == backbone.module:
+        return backbone.source.replace("\\", "/").rsplit("/", 1)[-1]
+    return module
+
+
+def _join_words(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _builder_args(backbone: Backbone, in_chans: int, bundled: Bundled, imports: Imports) -> str:
+    """The constructor arguments as source: literals, and the names of ``py:`` objects
+    (bundled, or imported from where the argument named them)."""
+    out = []
+    for key, value in sorted(_build_kwargs(backbone, in_chans).items()):
+        if isinstance(value, PyRef):
+            obj = backbone.objects[key]
+            text = bundled.name_of(obj) or _ref_source(value, bundled, imports)
+        else:
+            text = _safe_literal(key, value)
+        if not is_plain_name(key):
+            raise SurgeryError(f"constructor argument {key!r} is not a Python name")
+        out.append(f"{key}={text}")
+    return ", ".join(out)
+
+
+def _ref_source(ref: PyRef, bundled: Bundled, imports: Imports) -> str:
+    """``nn.BatchNorm2d`` for ``py:torch.nn.BatchNorm2d``; ``from pkg import Name`` and
+    ``Name`` for another package's object."""
+    parts = ref.path.split(".")
+    used = next(i for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in sys.modules)
+    module, rest = ".".join(parts[:used]), parts[used:]
+    short = {"torch": "torch", "torch.nn": "nn", "torch.nn.functional": "F"}.get(module)
+    if short is not None:
+        if short == "F":
+            imports.add("import torch.nn.functional as F")
+        return ".".join([short, *rest])
+    if rest[0] in bundled.names:
+        raise SurgeryError(
+            f"the py: argument {ref} is named {rest[0]}, which the bundled code defines too"
+        )
+    imports.add(f"from {module} import {rest[0]}")
+    return ".".join(rest)
 
 
 def _build_kwargs(backbone: Backbone, in_chans: int) -> dict[str, Any]:
@@ -278,7 +382,7 @@ def _safe_literal(key: str, value: Any) -> str:
         same = ast.literal_eval(text) == value
     except (ValueError, SyntaxError):
         same = False
-    if not same or not is_plain_name(key):
+    if not same:
         raise SurgeryError(f"constructor argument {key}={text[:40]} cannot be written as a literal")
     return text
 
@@ -289,7 +393,7 @@ def _same_classes(model: nn.Module, imports: Imports, local: set[str]) -> list[s
     used = sorted({type(m).__name__ for m in model.modules() if type(m) in SAME_CLASSES.values()})
     if not used:
         return []
-    b = bundle(module_source(same), used, same.__name__, imports)
+    b = bundle_code([(same, name) for name in used], imports, lambda module: module is same)
     clash = sorted(b.names & local)
     if clash:
         raise SurgeryError(
@@ -297,7 +401,7 @@ def _same_classes(model: nn.Module, imports: Imports, local: set[str]) -> list[s
             "size, which the bundled code already defines"
         )
     local |= b.names
-    return b.sources
+    return list(b.sources)
 
 
 # -- rewritten forwards -----------------------------------------------------------------------
@@ -760,12 +864,16 @@ def _adopt_root(
     new = result.surgery.new_modules
     made_by = {path: index for index, op in plan.items() for path in op.appended}
     started: set[int] = set()
+    body = result.surgery.model._modules  # what the source backbone (and the ops) hold
     for child in patched._modules:
         if child in made_by and child in new:
             index = made_by[child]
             if index not in started:  # the op's first module
                 started.add(index)
                 lines += _comments_for(_head(plan[index], index, shown))
+            lines.append(_assign("self", child, new[child]))
+        elif result.outputs is not None and child in new and child not in body:  # another output's
+            lines += _comments_for(projection_comment(result.outputs, child))
             lines.append(_assign("self", child, new[child]))
         else:
             lines.append(_assign("self", child, _get_attr("body", child)))
@@ -814,12 +922,11 @@ def _trace_root(model: nn.Module) -> fx.Graph:
 # -- the docstring ------------------------------------------------------------------------------
 
 
-def _needs(backbone: Backbone, note: str) -> str:
-    """What the file imports besides torch: nothing when the source code is bundled."""
-    if not note.startswith(("imports", "builds")):
-        return "needs only torch"
-    package = {"tv": "torchvision", "timm": "timm"}.get(backbone.kind)
-    return f"needs torch and {package or backbone.source.split('.')[0]}"
+def _needs(imports: Imports) -> str:
+    """What the file imports besides torch and the standard library, read off its imports."""
+    tops = {line.split()[1].split(".")[0] for line in imports.lines}
+    others = sorted(t for t in tops if t != "torch" and t not in sys.stdlib_module_names)
+    return f"needs torch and {_join_words(others)}" if others else "needs only torch"
 
 
 def _size_rule_lines(rule: str, name: str) -> list[str]:
@@ -830,16 +937,27 @@ def _size_rule_lines(rule: str, name: str) -> list[str]:
     return [head, " " * 17 + tail]
 
 
-def _generated_by(backbone: Backbone, note: str) -> list[str]:
+def _generated_by(imports: Imports, note: str) -> list[str]:
     """The line on what made the file and what it needs; too long, it breaks before what
-    the file bundles (which stays in one piece) or at the spaces of an import's note."""
-    line = f"Generated by bbswap {__version__}; {_needs(backbone, note)}. This file {note}."
+    the file bundles (which stays in one piece when it fits a line) or at the spaces of
+    an import's note."""
+    line = f"Generated by bbswap {__version__}; {_needs(imports)}. This file {note}."
     if len(line) <= 100:
         return [line]
-    if note.startswith("bundles "):
+    if note.startswith("bundles ") and len(note) < 100:
         return [line[: -len(note) - 2], note + "."]
     # an imported source: the note is this module's own words around a module name
     return textwrap.wrap(line, 100, break_long_words=False, break_on_hyphens=False)
+
+
+def _imported_lines(imported: tuple[tuple[str, str], ...]) -> list[str]:
+    """The user's modules the file imports, not bundled, each with the reason."""
+    lines = []
+    for i, (module, why) in enumerate(imported):
+        head = "Imports:         " if i == 0 else " " * 17
+        text = f"{head}{module} (not bundled: {why}); it must be importable"
+        lines += textwrap.wrap(text, 100, subsequent_indent=" " * 19, break_long_words=False)
+    return lines
 
 
 def _weights_lines(name: str, weights: tuple[str, str]) -> list[str]:
@@ -874,7 +992,8 @@ def _source_output_lines(before: Trace) -> list[str]:
 def _docstring(
     result: ApplyResult,
     name: str,
-    note: str,
+    code: _SourceCode,
+    imports: Imports,
     dropin: bool,
     weights: tuple[str, str] | None = None,
     source: WeightsSource | None = None,
@@ -885,12 +1004,14 @@ def _docstring(
     lines = [
         f"{name}: {result.backbone.spec} after backbone surgery (recipe {result.recipe.name}).",
         "",
-        *_generated_by(result.backbone, note),
+        *_generated_by(imports, code.note),
         "",
         f"Source backbone: {result.backbone.spec}",
+        *_imported_lines(code.imported),
         f"Traced input:    {shape(t.input_shape)} -> output {shape(t.output_shape)} "
         f"(the source gave {shape(before.output_shape)} for {shape(before.input_shape)})",
         *_source_output_lines(before),
+        *(outputs_lines(result.outputs, name) if result.outputs is not None else []),
         f"Downsample:      {describe_factor(t.downsample)}",
         *_size_rule_lines(f"{rules[0].format('H')}, {rules[1].format('W')}", name),
         f"Params:          {count(t.params)}",

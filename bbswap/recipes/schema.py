@@ -25,7 +25,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
@@ -148,6 +148,10 @@ class Recipe:
         description: A sentence on what it does.
         input: The traced input, ``"NxCxHxW"``; the default of ``apply_recipe``.
         source: The file it was read from, for messages.
+        source_output: Which output of a forward that returns several tensors the ops
+            work on: an index or a dict key (None: the one with the largest downsample).
+        kw: The backbone's constructor arguments (the ``[kw]`` table); a ``py:`` value is
+            a :class:`~bbswap.parsing.PyRef`.
 
     Example::
 
@@ -166,6 +170,8 @@ class Recipe:
     # which output of a forward that returns several tensors the recipe works on: an
     # index or a dict key (None: the one with the largest downsample)
     source_output: int | str | None = None
+    # the backbone's constructor arguments (``[kw]``); a ``py:`` value is a PyRef
+    kw: dict[str, Any] = field(default_factory=dict)
 
     def where(self, index: int, key: str | None = None) -> str:
         """How an error message names a field: ``file: ops[2] (stride).at``."""

@@ -29,8 +29,10 @@ from bbswap.recipes.registry import make_op
 from bbswap.recipes.schema import Op, Recipe
 from bbswap.recipes.strides import Stride, exact_setting, pad_before, stride_targets
 from bbswap.records import short_count
+from bbswap.search.like_outputs import choose_taps, no_taps, outputs_plan, probe_sizes
 from bbswap.surgery.apply import ApplyResult, apply_traced
 from bbswap.surgery.fx_trace import require_one_forward
+from bbswap.surgery.outputs_plan import OutputsPlan
 from bbswap.tracing.inspection import choose_input, first_conv_in_channels
 from bbswap.tracing.sizes import from_smallest
 from bbswap.tracing.tracer import (
@@ -168,6 +170,8 @@ class FitResult:
     probes: tuple[Size, ...]  # every candidate's output size is checked at each of these
     prefer: str
     smallest: Size = (1, 1)  # the smallest input the source (and the like-backbone) accept
+    # a like-backbone that returns several outputs (or takes a mask): how the winner gives each
+    outputs: OutputsPlan | None = None
 
     def __repr__(self) -> str:
         """``FitResult(resnet50 -> 684 channels at 1/16, ceil rounding; 5 candidates,
@@ -516,7 +520,10 @@ def fit(
             adapted); default the ones ``input_shape`` names, else the backbone's own.
         input_shape: The dummy input, ``"NxCxHxW"`` or ``"HxW"``; default 224x224.
         like: Another backbone spec whose output channels and exact output sizes to match
-            instead of a ``stride`` rule.
+            instead of a ``stride`` rule. When it returns several outputs (or is an
+            encoder of ``(img, img_mask)`` returning ``(features, mask)``), the result's
+            ``outputs`` plans every one of them; pass it to
+            :func:`~bbswap.codegen.export.export` as ``outputs``.
         like_kw: The constructor arguments of the ``like`` backbone.
         prefer: How exact candidates rank: ``"macs"`` (fewest first), ``"depth"`` (the
             latest stage changed first) or ``"rf"`` (largest receptive field first).
@@ -574,8 +581,10 @@ def fit(
     source = source.select_output(source_output, backbone.spec)
     smallest, multiple = accepted_input(source, *([other[0]] if other is not None else []))
     probes = from_smallest(PROBES, smallest, multiple)
+    several = outputs_plan(like, other[0]) if like is not None and other is not None else None
     if like is not None and other is not None:  # its real output size at each probe
         target = replace(target, like_sizes=_like_sizes(like, *other, probes))
+        several = probe_sizes(several, *other, probes) if several is not None else None
     if (
         target.in_chans is not None
         and target.in_chans != own
@@ -588,7 +597,24 @@ def fit(
         on_phase(Phase.CANDIDATES)
     done, reachable = _search(backbone, source, model, candidates, target, probes, progress)
     ranked = _ranked(backbone, target, done, ranking, reachable)
-    return FitResult(backbone, target, source, ranked, len(done), probes, ranking.value, smallest)
+    if several is not None:  # the winner is the first that gives every output
+        ranked, several = _with_outputs(backbone, ranked, several)
+    return FitResult(
+        backbone, target, source, ranked, len(done), probes, ranking.value, smallest, several
+    )
+
+
+def _with_outputs(
+    backbone: Backbone, ranked: tuple[Candidate, ...], plan: OutputsPlan
+) -> tuple[tuple[Candidate, ...], OutputsPlan]:
+    """The ranking with the first exact candidate that gives every output of ``plan``
+    moved first, and the plan with its taps."""
+    exact = [c for c in ranked if c.ok]
+    found = choose_taps(plan, [c.trace for c in exact])
+    if found is None:
+        raise no_taps(plan, backbone.spec)
+    i, plan = found
+    return (exact[i], *(c for c in ranked if c is not exact[i])), plan
 
 
 def accepted_input(*traces: Trace) -> tuple[Size, Size]:
@@ -902,7 +928,8 @@ def winner_recipe(result: FitResult, input_text: str | None = None) -> Recipe:
         open("r.toml", "w").write(bbswap.recipe_to_toml(recipe))
     """
     c = result.winner
-    return replace(c.recipe, input=input_text or winner_input(result))
+    kw = dict(result.backbone.kwargs)  # a replay builds the same model
+    return replace(c.recipe, input=input_text or winner_input(result), kw=kw)
 
 
 def recipe_header(result: FitResult) -> str:

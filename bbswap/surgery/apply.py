@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -17,6 +17,9 @@ from bbswap.surgery.core import Edit, Surgery
 from bbswap.surgery.fx_trace import require_one_forward
 from bbswap.tracing.inspection import choose_input, features_text
 from bbswap.tracing.tracer import ForwardFailed, Stage, Trace, trace, trace_module
+
+if TYPE_CHECKING:
+    from bbswap.surgery.outputs_plan import OutputsPlan
 
 Shape4 = tuple[int, int, int, int]
 
@@ -32,6 +35,8 @@ class ApplyResult:
     edits: tuple[Edit, ...]
     model: nn.Module  # the patched model: with real weights when given some, else on meta
     surgery: Surgery  # the plan, made on the meta device
+    # the outputs of a --like backbone that returns several, which the model returns too
+    outputs: OutputsPlan | None = None
 
     def __repr__(self) -> str:
         """The summary, not the data: ``ApplyResult(resnet50 + seed-hmer-resnet50,
@@ -64,7 +69,8 @@ def apply_recipe(
     model: nn.Module | None = None,
     source_output: int | str | None = None,
 ) -> ApplyResult:
-    """Apply ``recipe`` to a backbone and trace the result.
+    """Apply ``recipe`` to a backbone and trace the result. A spec is built with the
+    recipe's constructor arguments (``kw``), those in ``kwargs`` taking precedence.
 
     The surgery is planned and traced on the meta device, where nothing is allocated.
     With real weights, from ``model`` or a model instance given as ``spec``, the same ops
@@ -100,9 +106,13 @@ def apply_recipe(
         weighted = bbswap.apply_recipe("resnet50", recipe, model=my_resnet50).model
         weighted(torch.randn(1, 1, 128, 316)).shape    # torch.Size([1, 684, 8, 20])
     """
-    backbone = as_backbone(spec, kwargs)
-    if isinstance(spec, nn.Module) and model is None and has_weights(spec):
-        model = real_copy(spec)
+    if isinstance(spec, nn.Module):
+        backbone = as_backbone(spec, kwargs)
+        if model is None and has_weights(spec):
+            model = real_copy(spec)
+    else:
+        backbone = as_backbone(spec, {**recipe.kw, **(kwargs or {})})
+        recipe = replace(recipe, kw=dict(backbone.kwargs))  # what was built, for a replay
     shape, chans = source_input(backbone, recipe, input_shape)
     before, source = trace(lambda: backbone.build(in_chans=chans), shape, name=backbone.spec)
     wanted = source_output if source_output is not None else recipe.source_output

@@ -13,6 +13,7 @@ import hashlib
 import importlib.abc
 import importlib.util
 import math
+import subprocess
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -24,8 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from bbswap.backbones.guard import user_code
+from bbswap.backbones.guard import current_limit, user_code
 from bbswap.errors import InvalidArgument, ModelError, VerificationError
+from bbswap.tracing.mask import all_ones_mask, mask_input
 
 Size = tuple[int, int]
 TOLERANCE = 1e-5
@@ -103,6 +105,54 @@ def import_file(path: Path, isolated: bool = True) -> ModuleType:
     return module
 
 
+# Run by ``python -I`` (no current directory, no PYTHONPATH, no user site on sys.path):
+# the file's folder goes first on sys.path, bbswap cannot be imported, and the file is
+# imported and its class constructed. argv: the file, its folder, the class.
+_FRESH_SCRIPT = """\
+import importlib.abc, importlib.util, sys
+path, folder, name = sys.argv[1:4]
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == "bbswap" or fullname.startswith("bbswap."):
+            raise ImportError(f"{fullname} is not available to a generated file")
+sys.meta_path.insert(0, Block())
+sys.path.insert(0, folder)
+spec = importlib.util.spec_from_file_location("bbswap_fresh_check", path)
+module = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = module
+spec.loader.exec_module(module)
+getattr(module, name)()
+"""
+
+
+def fresh_import(path: Path, class_name: str, what: str = "", hint: str = "") -> None:
+    """Import ``path`` and construct ``class_name()`` in a fresh interpreter whose
+    ``sys.path`` holds only the file's folder and the installed packages, run in that
+    folder, with bbswap blocked: what the file needs is then measured, not assumed (a
+    module this process has imported proves nothing). Raises VerificationError, naming
+    the file as ``what`` (default: its path) and ending with ``hint``."""
+    what = what or str(path)
+    folder = path.resolve().parent
+    args = [sys.executable, "-I", "-c", _FRESH_SCRIPT, str(path.resolve()), str(folder)]
+    limit = current_limit()
+    try:
+        done = subprocess.run(
+            [*args, class_name], cwd=folder, capture_output=True, text=True, timeout=limit
+        )
+    except subprocess.TimeoutExpired:
+        raise VerificationError(
+            f"importing {what} in a fresh interpreter ran longer than {limit:g} s"
+        ) from None
+    if done.returncode != 0:
+        lines = [line.strip() for line in done.stderr.strip().splitlines() if line.strip()]
+        last = lines[-1] if lines else f"exit status {done.returncode}"
+        raise VerificationError(
+            f"{what} does not stand alone: importing it and constructing {class_name}() in a "
+            f"fresh interpreter (only its folder and the installed packages on sys.path) "
+            f"failed: {last}{hint}"
+        )
+
+
 def _first_line(error: BaseException) -> str:
     """The gist of an error in one line; a heading ending in ':' (load_state_dict's)
     takes the line after it."""
@@ -138,7 +188,8 @@ def run(model: nn.Module, shape: Sequence[int], seed: int = 0) -> torch.Tensor:
         # torch's notes on how it runs a layer (an even kernel with padding='same' copies
         # its input) say nothing about the check's result
         warnings.simplefilter("ignore", UserWarning)
-        out = model(x)
+        # an encoder of (img, img_mask) is run with a mask of no padding
+        out = model(x, *([all_ones_mask(x)] if mask_input(model) is not None else []))
     if isinstance(out, (tuple, list)):
         out = out[0]
     if isinstance(out, dict):

@@ -9,7 +9,13 @@ from bbswap.errors import InvalidArgument
 from bbswap.kinds import Rounding
 from bbswap.parsing import parse_sizes, parse_stride
 from bbswap.tracing.inspection import first_conv_in_channels, inspect_backbone
-from bbswap.verify.checks import VerifyReport, construct, import_file, verify_model
+from bbswap.verify.checks import (
+    VerifyReport,
+    construct,
+    fresh_import,
+    import_file,
+    verify_model,
+)
 
 DEFAULT_SIZES = [(33, 97), (64, 64), (61, 203), (117, 293), (128, 316)]
 
@@ -71,6 +77,7 @@ def check_file(
     size_list = parse_sizes(sizes) if sizes is not None else DEFAULT_SIZES
     module = import_file(Path(path_text))
     model = construct(module, class_name, path_text)
+    fresh_import(Path(path_text), class_name)
     chans = in_chans or first_conv_in_channels(model)
     if chans is None:
         raise InvalidArgument(
