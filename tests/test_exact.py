@@ -453,7 +453,7 @@ def test_fit_even_kernels_cli(tmp_path):
         want = (math.ceil(h / 16), math.ceil(w / 16))
         assert cls.output_size(h, w) == want
         assert out_hw(model, h, w) == want, (h, w)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ceil.py", "convnext16.py"]
+    assert sorted(p.name for p in tmp_path.glob("*.py")) == ["ceil.py", "convnext16.py"]
 
 
 # -- padding per input size: the classes of bbswap.surgery.same ---------------------------------

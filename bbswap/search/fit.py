@@ -585,12 +585,7 @@ def fit(
     if like is not None and other is not None:  # its real output size at each probe
         target = replace(target, like_sizes=_like_sizes(like, *other, probes))
         several = probe_sizes(several, *other, probes) if several is not None else None
-    if (
-        target.in_chans is not None
-        and target.in_chans != own
-        and first_conv_in_channels(model) is None
-    ):
-        raise TargetError(f"{backbone.spec} has no stem conv whose input channels can change")
+    _check_stem(backbone, target, own, model)
     require_one_forward(model)  # its forward is written out in every plan
     candidates = plan(backbone, source, target, mode=how.value, allow_truncate=allow_truncate)
     if on_phase is not None:
@@ -602,6 +597,16 @@ def fit(
     return FitResult(
         backbone, target, source, ranked, len(done), probes, ranking.value, smallest, several
     )
+
+
+def _check_stem(backbone: Backbone, target: Target, own: int, model: Any) -> None:
+    """Other input channels need a stem conv whose input channels can change."""
+    if (
+        target.in_chans is not None
+        and target.in_chans != own
+        and first_conv_in_channels(model) is None
+    ):
+        raise TargetError(f"{backbone.spec} has no stem conv whose input channels can change")
 
 
 def _with_outputs(
