@@ -54,6 +54,7 @@ from bbswap.parsing import PyRef
 from bbswap.recipes.schema import OpKind
 from bbswap.recipes.structure import Dropout
 from bbswap.recipes.toml_io import recipe_to_toml
+from bbswap.surgery import same
 from bbswap.surgery.apply import ApplyResult
 from bbswap.surgery.core import (
     Edit,
@@ -65,6 +66,7 @@ from bbswap.surgery.core import (
     parent_path,
 )
 from bbswap.surgery.fx_trace import trace_children_as_leaves
+from bbswap.surgery.same import SAME_CLASSES
 from bbswap.tracing.tracer import Trace, describe_factor
 
 _FAMILIES = {
@@ -184,6 +186,7 @@ def emit(
     )
     body_source, builder, local = code.code, code.builder, set(code.local)
     patched = result.model
+    per_size = _same_classes(patched, imports, local)
     helpers, wrappers = _edited_classes(result, patched, imports, local)
     several = bool(result.recipe.taps)
     if several:
@@ -203,8 +206,8 @@ def emit(
         root += "\n\n" + _indent(loader.method, 4)
     doc = _docstring(result, name, code, imports, dropin, weights, weights_source)
     parts = [body_source] if body_source else []
-    parts += [*helpers, *filter(None, [chain, loader.constants if loader else None]), root]
-    text = "\n\n\n".join(p.strip("\n") for p in parts)
+    parts += [*per_size, *helpers, *filter(None, [chain, loader.constants if loader else None])]
+    text = "\n\n\n".join(p.strip("\n") for p in [*parts, root])
     # isort's rule, as ruff applies it: two blank lines after the imports before a
     # definition, one before any other statement (or comment)
     gap = "\n\n\n" if text.startswith(("class ", "def ", "async def ", "@")) else "\n\n"
@@ -403,6 +406,23 @@ def _safe_literal(key: str, value: Any) -> str:
     if not same:
         raise SurgeryError(f"constructor argument {key}={text[:40]} cannot be written as a literal")
     return text
+
+
+def _same_classes(model: nn.Module, imports: Imports, local: set[str]) -> list[str]:
+    """The classes of the modules an op made pad each input by its size, copied with what
+    they use from :mod:`bbswap.surgery.same`; their names join ``local``."""
+    used = sorted({type(m).__name__ for m in model.modules() if type(m) in SAME_CLASSES.values()})
+    if not used:
+        return []
+    b = bundle_code([(same, name) for name in used], imports, lambda module: module is same)
+    clash = sorted(b.names & local)
+    if clash:
+        raise SurgeryError(
+            f"the emitted file needs the top-level name {clash[0]} for its padding per input "
+            "size, which the bundled code already defines"
+        )
+    local |= b.names
+    return list(b.sources)
 
 
 # -- rewritten forwards -----------------------------------------------------------------------
@@ -608,7 +628,7 @@ def _plan(result: ApplyResult) -> dict[int, _OpLines]:
                 lines.dropped.append(e.path)
             elif e.path in new and "." not in e.path and e.kind is EditKind.APPEND:
                 lines.appended.append(e.path)  # built where the children are adopted
-            elif e.path in new:
+            elif e.path in new and e.kind is not EditKind.SET:
                 _supersede(plan, e.path, "")
                 lines.statements.append(("module", e.path, "", new[e.path]))
             elif e.kind is EditKind.CALL:

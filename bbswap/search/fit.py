@@ -27,7 +27,7 @@ from bbswap.parsing import FeatureTarget, parse_stride, parse_target, parse_targ
 from bbswap.recipes.channels import InChannels
 from bbswap.recipes.registry import make_op
 from bbswap.recipes.schema import Op, Recipe
-from bbswap.recipes.strides import Stride, exact_setting, stride_targets
+from bbswap.recipes.strides import Stride, exact_setting, pad_before, stride_targets
 from bbswap.records import short_count
 from bbswap.search import targets as several
 from bbswap.search.like_outputs import choose_taps, no_taps, outputs_plan, probe_sizes
@@ -257,7 +257,10 @@ def removals(
 
 
 def _stride_ops(changes: list[tuple[Unit, Size]], mode: str) -> list[Op]:
-    return [
+    """One stride op per unit; in dilate mode the last unit first, so that each dilation
+    meets the later reduction points with their strides already removed (a 2x2/2 conv
+    dilated before its own stride goes would need half a pixel of padding)."""
+    ops = [
         make_op(
             "stride",
             at=u.at,
@@ -266,6 +269,7 @@ def _stride_ops(changes: list[tuple[Unit, Size]], mode: str) -> list[Op]:
         )
         for u, t in changes
     ]
+    return ops[::-1] if mode == Mode.DILATE.value else ops
 
 
 def _hw(size: Size) -> str:
@@ -704,10 +708,8 @@ def fit(
     )
     if on_phase is not None:
         on_phase(Phase.CANDIDATES)
-    done = _evaluate_all(backbone, source, model, candidates, target, probes, progress)
-    if not any(c.ok for c in done) and target.like is None and not target.outputs:
-        done += _exact_variants(backbone, source, model, done, target, probes, progress)
-    ranked = _ranked(backbone, target, done, ranking)
+    done, reachable = _search(backbone, source, model, candidates, target, probes, progress)
+    ranked = _ranked(backbone, target, done, ranking, reachable)
     if like_plan is not None:  # the winner is the first that gives every output
         ranked, like_plan = _with_outputs(backbone, ranked, like_plan)
     return FitResult(
@@ -843,6 +845,47 @@ def _like_traced(like: str, like_kw: Mapping[str, Any] | None, hw: Size) -> tupl
         ) from error
 
 
+def _search(
+    backbone: Backbone,
+    source: Trace,
+    model: Any,
+    candidates: list[Candidate],
+    target: Target,
+    probes: tuple[Size, ...],
+    progress: Callable[[int, int], None] | None,
+) -> tuple[list[Candidate], str | None]:
+    """Every candidate evaluated, then (if none is exact) their exact variants; and, if
+    still none is, the other rounding when a candidate reaches that one."""
+    plain = _evaluate_all(backbone, source, model, candidates, target, probes, progress)
+    done = list(plain)
+    if not any(c.ok for c in done) and target.like is None and not target.outputs:
+        done += _exact_variants(backbone, source, model, done, target, probes, progress)
+    if any(c.ok for c in done):
+        return done, None
+    return done, _other_rounding(backbone, source, model, plain, target, probes)
+
+
+def _other_rounding(
+    backbone: Backbone,
+    source: Trace,
+    model: Any,
+    plain: list[Candidate],
+    target: Target,
+    probes: tuple[Size, ...],
+) -> str | None:
+    """The rounding other than the target's that some candidate reaches exactly, as it
+    stands or with its reduction points made exact; None if none does (or the target
+    takes either, or follows another backbone)."""
+    if target.like is not None or target.rounding == Rounding.ANY.value:
+        return None
+    other = Rounding.FLOOR.value if target.rounding == Rounding.CEIL.value else Rounding.CEIL.value
+    wanted = replace(target, rounding=other)
+    if any(not c.failed and not _misses(c.trace, wanted, probes) for c in plain):
+        return other
+    variants = _exact_variants(backbone, source, model, plain, wanted, probes, None)
+    return other if any(c.ok for c in variants) else None
+
+
 def _evaluate_all(
     backbone: Backbone,
     source: Trace,
@@ -861,23 +904,22 @@ def _evaluate_all(
 
 
 def _ranked(
-    backbone: Backbone, target: Target, done: list[Candidate], ranking: Prefer
+    backbone: Backbone,
+    target: Target,
+    done: list[Candidate],
+    ranking: Prefer,
+    other: str | None = None,
 ) -> tuple[Candidate, ...]:
     """Exact candidates first, by ``ranking``; then the inexact, then the refused.
-    No exact one is an error that says why."""
+    No exact one is an error that says why, and names the ``other`` rounding, which a
+    candidate reaches, if there is one."""
     evaluated = [c for c in done if not c.failed]
     exact = sorted((c for c in evaluated if c.ok), key=_PREFER[ranking])
     rest = sorted((c for c in evaluated if not c.ok), key=lambda c: c.trace.macs)
     failed = [c for c in done if c.failed]
     if exact:
         return tuple(exact + rest + failed)
-    if (
-        rest
-        and all(c.rounding_only for c in rest)
-        and target.rounding != Rounding.ANY.value
-        and not target.like
-    ):
-        other = "floor" if target.rounding == "ceil" else "ceil"
+    if other is not None and rest and all(c.rounding_only for c in rest):
         raise TargetError(
             f"every candidate on {backbone.spec} misses {target.describe()} only by rounding "
             f"(e.g. {rest[0].label or 'as is'} gives {_hw(rest[0].misses[0][1])} at "
@@ -893,8 +935,10 @@ def _ranked(
         )
         for c in (rest + failed)[:3]
     )
+    hint = f"; {other}(H/S) is reachable: pass {{rounding}} {other}" if other else ""
     raise TargetError(
-        f"no candidate reaches {target.describe()} exactly on {backbone.spec} ({reasons})"
+        f"no candidate reaches {target.describe()} exactly on {backbone.spec} ({reasons}){hint}",
+        params=("rounding",) if other else (),
     )
 
 
@@ -947,22 +991,31 @@ def _inexact(after: Trace, source_ids: set[str], rule: str) -> list[str] | None:
         group = [c] + [
             o for o in after.ops if o.id != c.id and o.in_chain == c.in_chain and _parallel(o, c)
         ]
-        more = _inexact_ops(group, source_ids, rule)
+        more = _inexact_ops(after, group, source_ids, rule)
         if more is None:
             return None
         fix += [i for i in more if i not in fix]
     return fix
 
 
-def _inexact_ops(ops: list[SpatialOp], source_ids: set[str], rule: str) -> list[str] | None:
+def _inexact_ops(
+    after: Trace, ops: list[SpatialOp], source_ids: set[str], rule: str
+) -> list[str] | None:
+    """The ids among ``ops`` to make exact; a pad call is left as it is, and the window op
+    after it is judged with its padding counted."""
     fix = []
     for o in ops:
-        steps = (*o.steps_h, *o.steps_w)
-        if o.op not in _WINDOW or any(st.kind != "window" for st in steps):
+        if o.op == "pad":
+            continue
+        if o.op not in _WINDOW or any(st.kind != "window" for st in (*o.steps_h, *o.steps_w)):
             return None
+        pre = pad_before(after, o)
         if all(
-            exact_setting(o.op, st.kernel, st.stride, st.dilation, st.padding, st.ceil, rule)
+            exact_setting(
+                o.op, st.kernel, st.stride, st.dilation, st.padding, st.ceil, rule, pre=pre[axis]
+            )
             == (st.padding, st.ceil)
+            for axis, steps in enumerate((o.steps_h, o.steps_w))
             for st in steps
         ):
             continue
