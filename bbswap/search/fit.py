@@ -876,7 +876,7 @@ def _other_rounding(
     """The rounding other than the target's that some candidate reaches exactly, as it
     stands or with its reduction points made exact; None if none does (or the target
     takes either, or follows another backbone)."""
-    if target.like is not None or target.rounding == Rounding.ANY.value:
+    if target.like is not None or target.outputs or target.rounding == Rounding.ANY.value:
         return None
     other = Rounding.FLOOR.value if target.rounding == Rounding.CEIL.value else Rounding.CEIL.value
     wanted = replace(target, rounding=other)
