@@ -12,6 +12,10 @@ The Python API mirrors the command line::
     found = bbswap.fit("resnet50", channels=684, stride=16, in_chans=1, input_shape="1x1x128x316")
     bbswap.export("resnet50", bbswap.winner_recipe(found, "1x1x128x316"), "backbone.py")
     table = bbswap.matrix("tv:resnet*", strides=(8, 16, 32), channels=256)
+
+``fit``, ``apply_recipe``, ``export`` and ``inspect_backbone`` also take a model instance
+(an ``nn.Module``) where a spec goes, and never change it. ``help(bbswap.fit)`` and the
+like document every parameter; ``dir(bbswap)`` lists the API.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ _API = {
     "resolve": "bbswap.backbones.registry",
     "list_backbones": "bbswap.backbones.registry",
     "inspect_backbone": "bbswap.tracing.inspection",
+    "cross_check": "bbswap.tracing.cross_check",
     "report_dict": "bbswap.cli.json_out",
     "trace": "bbswap.tracing.tracer",
     "trace_module": "bbswap.tracing.tracer",
@@ -43,6 +48,11 @@ _API = {
 }
 
 __all__ = [*_API, "__version__"]
+
+
+def __dir__() -> list[str]:
+    """The public API, lazily imported names included, and the module's dunder names."""
+    return sorted({*__all__, *(name for name in globals() if name.startswith("__"))})
 
 
 def __getattr__(name: str) -> Any:

@@ -1,8 +1,9 @@
 """The one exception hierarchy of bbswap.
 
 Every error a user can cause is a :class:`BBSwapError`; the command line prints its
-message on one line to stderr and exits with status 2. Anything else is a bug and
-keeps its traceback.
+message on one line to stderr and exits with the error's :attr:`~BBSwapError.exit_code`:
+2 for a usage error (the default), 1 for a :class:`VerificationError` (the command ran,
+and what it checked is not so). Anything else is a bug and keeps its traceback.
 
 A message names the arguments it is about by their Python parameter (``input_shape``);
 the command line words the same message with its flags (``--input``, see :func:`flag`).
@@ -13,18 +14,33 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 # parameters whose flag is not their name with dashes
-FLAGS = {"input_shape": "--input", "strides": "--stride"}
+FLAGS = {
+    "input_shape": "--input",
+    "strides": "--stride",
+    "targets": "--target",
+    "returns": "--return",
+}
 
 
 class BBSwapError(Exception):
     """A mistake in what the user asked for; the message says what and how to fix it.
 
-    ``brief`` is the same in a few words, for a cell of ``bbswap matrix``. ``params``
-    are the arguments the message is about: it names each as ``{name}``, which reads
-    as the Python parameter in ``str(error)`` and as the flag in :meth:`as_flags`.
+    Args:
+        message: The message; each of ``params`` appears in it as ``{name}``, which reads
+            as the Python parameter in ``str(error)`` and as the flag in :meth:`as_flags`.
+        brief: The same in a few words, for a cell of ``bbswap matrix``; default the
+            class's.
+        params: The arguments the message is about.
+
+    Example::
+
+        try:
+            bbswap.fit("resnet50", channels=684, stride=0)
+        except bbswap.BBSwapError as error:
+            print(error)   # malformed stride '0': every dimension must be positive
     """
 
-    exit_code = 2
+    exit_code = 2  # a usage error: the request is wrong, nothing was done
     brief_default = "error"
 
     def __init_subclass__(cls, brief: str | None = None, **kwargs: object) -> None:
@@ -84,6 +100,8 @@ class TargetError(BBSwapError, brief="no exact plan"):
 
 class VerificationError(BBSwapError, brief="verification fails"):
     """A generated or hand-edited file does not match what it claims."""
+
+    exit_code = 1  # the command ran as asked; what it checked failed
 
 
 class NotACNN(BBSwapError, brief="not a CNN"):

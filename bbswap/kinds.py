@@ -64,3 +64,22 @@ class Device(Choice):
     META = "meta"
     FAKE = "fake"
     CPU = "cpu"
+
+
+class Phase(Choice):
+    """The steps of a long run, reported to an ``on_phase`` callback as each begins."""
+
+    TRACE = "trace"  # the source backbone on the meta device
+    CANDIDATES = "candidates"  # fit: each candidate plan applied and checked
+    BUILD = "build"  # the patched backbone with real weights
+    EMIT = "emit"  # its source written
+    VERIFY = "verify"  # the source imported afresh and compared with the patched model
+
+
+class Returns(Choice):
+    """What a backbone fitted to several targets returns (timm's ``features_only`` gives
+    a list)."""
+
+    LIST = "list"
+    TUPLE = "tuple"
+    DICT = "dict"

@@ -44,11 +44,19 @@ def import_plain(path: Path) -> Any:
     return module
 
 
-def assert_one_line_error(result: Any, *fragments: str, report: bool = False) -> str:
-    """Exit status 2 and exactly one ``bbswap: error: ...`` line on stderr with no
-    traceback, naming every one of ``fragments``; returns that line. Nothing on stdout,
-    unless ``report``: ``bbswap verify`` prints its table of checks before failing."""
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr, result.exception)
+def assert_one_line_error(
+    result: Any, *fragments: str, report: bool = False, status: int = 2
+) -> str:
+    """Exit ``status`` (2, a usage error; 1, a verification that fails) and exactly one
+    ``bbswap: error: ...`` line on stderr with no traceback, naming every one of
+    ``fragments``; returns that line. Nothing on stdout, unless ``report``: ``bbswap
+    verify`` prints its table of checks before failing."""
+    assert result.exit_code == status, (
+        result.exit_code,
+        result.stdout,
+        result.stderr,
+        result.exception,
+    )
     if not report:
         assert result.stdout == ""
     lines = result.stderr.splitlines()

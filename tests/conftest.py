@@ -9,9 +9,9 @@ then review the diff with git before committing it.
 from __future__ import annotations
 
 import difflib
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -102,8 +102,9 @@ def _no_terminal_size() -> Iterator[None]:
 
 @pytest.fixture
 def frozen_progress_clock(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No progress bar, however slow the machine: the bar appears only after a second of
-    evaluation by bbswap.cli.render's clock, which this stops (see tests/test_fit.py)."""
-    import bbswap.cli.render
+    """No status line or progress bar, however slow the machine: they appear only after
+    bbswap.cli.progress.DELAY seconds, which this makes as long as a timer can wait (see
+    tests/test_fit.py)."""
+    import bbswap.cli.progress
 
-    monkeypatch.setattr(bbswap.cli.render, "time", SimpleNamespace(monotonic=lambda: 0.0))
+    monkeypatch.setattr(bbswap.cli.progress, "DELAY", threading.TIMEOUT_MAX)

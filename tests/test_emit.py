@@ -843,14 +843,16 @@ def broken_file(emitted, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_verify_fails_a_hand_broken_file(broken_file, emitted):
     target = f"{broken_file}:{emitted['resnet50-seed-hmer'].class_name}"
     result = cli("verify", target, "--channels", "684", "--stride", "16", "--sizes", SIZES)
-    line = assert_one_line_error(result, "output_size", "output_size(33, 97) says 3x7", report=True)
+    line = assert_one_line_error(
+        result, "output_size", "output_size(33, 97) says 3x7", report=True, status=1
+    )
     assert "but the model gives 2x4" in line
 
 
 def test_verify_names_the_channel_mismatch(emitted, emitted_files):
     target = f"{emitted_files['resnet50-seed-hmer']}:{emitted['resnet50-seed-hmer'].class_name}"
     result = cli("verify", target, "--channels", "100", "--sizes", "33x97")
-    assert_one_line_error(result, "channels", "not 100 channels", "684", report=True)
+    assert_one_line_error(result, "channels", "not 100 channels", "684", report=True, status=1)
 
 
 def test_verify_target_errors(emitted_files, tmp_path):
@@ -906,7 +908,9 @@ def test_nothing_is_written_when_verification_fails(small_recipe, tmp_path, monk
         "apply", "resnet18", str(small_recipe), "-o", str(out),
         "--kw", "num_classes=10", "--weights", str(ckpt),
     )  # fmt: skip
-    assert_one_line_error(result, "verification of the emitted ResNet18C32S16 failed: outputs:")
+    assert_one_line_error(
+        result, "verification of the emitted ResNet18C32S16 failed: outputs:", status=1
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["small.toml", "source.pth"]
 
     with pytest.raises(VerificationError):

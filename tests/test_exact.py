@@ -38,6 +38,7 @@ from bbswap.recipes.registry import make_op
 from bbswap.recipes.schema import Recipe
 from bbswap.recipes.strides import exact_setting
 from bbswap.search.fit import FitResult, fit, winner_recipe
+from bbswap.surgery import same
 from bbswap.surgery.apply import ApplyResult
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
@@ -45,6 +46,8 @@ _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "exact_models.py"
 ALEXNET = f"{FIXTURES}:AlexNetLike"
 CONVNEXT = f"{FIXTURES}:ConvNeXtLike"
+NEITHER = f"{FIXTURES}:NeitherRule"
+PADDED = f"{FIXTURES}:PaddedStem"
 RULES = {"ceil": lambda n, s: math.ceil(n / s), "floor": lambda n, s: n // s}
 # odd and even, square and not, from one pixel up; every AlexNet-like size is checked
 SIZES = [(h, w) for h in (1, 2, 15, 16, 17, 31, 33, 47, 64, 97, 127) for w in (5, 32, 61, 100)]
@@ -296,6 +299,15 @@ def test_fit_floor_fails_on_alexnet_like_naming_rounding():
     assert_one_line_error(result, "only by rounding", "--rounding ceil")
 
 
+@pytest.mark.parametrize("rounding", ["ceil", "floor"])
+def test_fit_names_no_rounding_that_no_candidate_reaches(rounding):
+    # each of its two convs takes only one of the rules: the other rule is no way out
+    # either, so the error names the misses and suggests no rounding
+    result = cli("fit", NEITHER, "--channels", 8, "--stride", 4, "--rounding", rounding)
+    line = assert_one_line_error(result, f"no candidate reaches 8 channels at 1/4, {rounding}")
+    assert "--rounding" not in line and "only by rounding" not in line
+
+
 @pytest.fixture(scope="module")
 def alexnet_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     folder = tmp_path_factory.mktemp("exact")
@@ -330,7 +342,7 @@ def test_verify_passes_the_written_file(alexnet_file):
     assert result.stderr == ""
     assert "FAILED" not in result.stdout
     wrong = cli("verify", target, "--channels", 32, "--stride", 32, "--sizes", "33x97")
-    assert_one_line_error(wrong, "stride", report=True)
+    assert_one_line_error(wrong, "stride", report=True, status=1)
 
 
 # -- even kernels: padding='same' and floor(H/S) -------------------------------------------------
@@ -354,15 +366,38 @@ def test_even_kernel_conv_to_stride_1_takes_padding_same():
             make_op("stride", at="features.2", stride=1, mode="stride"),
             make_op("stride", at="features.2", stride=2, mode="stride"),
         )
-    # another stride on an even kernel would lose a pixel
-    with pytest.raises(SurgeryError, match=r"kernel 4 would need 1\.5 pixels of padding"):
-        patched(CONVNEXT, make_op("stride", at="features.0", stride=2, mode="stride"))
+    # another stride on an even kernel: no fixed padding gives ceil(H/2), so the conv
+    # pads each input by its size
+    stem = patched(CONVNEXT, make_op("stride", at="features.0", stride=2, mode="stride"))
+    conv = stem.model.features[0]
+    assert type(conv).__name__ == "Conv2dSame" and conv.stride == (2, 2) and conv.padding == (0, 0)
+    assert conv.weight is not real(CONVNEXT).features[0].weight  # a copy's, not the caller's
+    assert torch.equal(conv.weight, real(CONVNEXT).features[0].weight)
+    assert [(e.path, e.attribute, e.old, e.new) for e in stem.edits] == [
+        ("features.0", "padding", "0", "same per size")
+    ]
+    for h, w in SIZES[::2]:
+        with torch.no_grad():
+            got = conv(torch.randn(1, 3, h, w)).shape[-2:]
+        assert tuple(got) == (math.ceil(h / 2), math.ceil(w / 2)), (h, w)
 
 
 def test_exact_on_even_kernels():
     assert patched(CONVNEXT, make_op("exact", at="features", rule="floor")).edits == ()
-    with pytest.raises(SurgeryError, match=r"features\.0 \(kernel 4, stride 4 on H\)"):
-        patched(CONVNEXT, make_op("exact", at="features", rule="ceil"))
+    # no fixed padding makes a 4x4/4 or a 2x2/2 conv round up: each pads its input by its size
+    result = patched(CONVNEXT, make_op("exact", at="features", rule="ceil"))
+    assert [(e.path, e.new) for e in result.edits] == [
+        (path, "same per size") for path in ("features.0", "features.2", "features.4", "features.6")
+    ]
+    assert [r.expression for r in result.after.size_rules()] == ["ceil({x}/32)"] * 2
+    for h, w in SIZES:
+        want = (math.ceil(h / 32), math.ceil(w / 32))
+        assert out_hw(result.model, h, w) == want, (h, w)
+        assert result.after.output_size(h, w) == want
+    # where the size is whole multiples of the strides there is nothing to pad: the same values
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.equal(result.model(x), real(CONVNEXT)(x))
 
 
 @pytest.mark.filterwarnings(SAME_EVEN_KERNEL)
@@ -402,8 +437,108 @@ def test_fit_even_kernels_cli(tmp_path):
     target = f"{out}:{written['class_name']}"
     check = ("verify", target, "--channels", 32, "--stride", 16, "--sizes", "33x47,61x97")
     assert "floor(H/16) x floor(W/16) at 2 sizes" in ok(cli(*check, "--rounding", "floor")).stdout
-    assert_one_line_error(cli(*check), "stride", "ceil(H/16)", report=True)
-    for rounding in ([], ["--rounding", "ceil"]):
-        result = cli(*args, *rounding, "-o", tmp_path / "ceil.py")
-        assert_one_line_error(result, "only by rounding", "--rounding floor")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["convnext16.py"]
+    assert_one_line_error(cli(*check), "stride", "ceil(H/16)", report=True, status=1)
+    # ceil: every even window pads its input by its size, in a class the file defines
+    ceil = tmp_path / "ceil.py"
+    data = json.loads(ok(cli(*args, "-o", ceil, "--json")).stdout)
+    winner = data["candidates"][0]
+    assert winner["rule"] == "ceil" and "exact ceil at features.0" in winner["label"]
+    assert all(c["ok"] for c in data["written"]["checks"])
+    text = ceil.read_text(encoding="utf-8")
+    assert "class Conv2dSame(nn.Conv2d):" in text and "def same_padding(" in text
+    assert "body.features[0] = Conv2dSame(3, 8, kernel_size=4, stride=4)" in text
+    cls = getattr(import_plain(ceil), data["written"]["class_name"])
+    model = cls().eval()
+    for h, w in [(1, 1), (16, 16), (31, 33), (61, 97), (100, 47)]:
+        want = (math.ceil(h / 16), math.ceil(w / 16))
+        assert cls.output_size(h, w) == want
+        assert out_hw(model, h, w) == want, (h, w)
+    assert sorted(p.name for p in tmp_path.glob("*.py")) == ["ceil.py", "convnext16.py"]
+
+
+# -- padding per input size: the classes of bbswap.surgery.same ---------------------------------
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(
+    op=st.sampled_from(["conv", "max-pool", "avg-pool"]),
+    kernel=st.tuples(st.integers(1, 5), st.integers(1, 5)),
+    stride=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    size=st.tuples(st.integers(1, 23), st.integers(1, 23)),
+)
+def test_padding_per_size_equals_timms_same_layers(op, kernel, stride, dilation, size):
+    # timm's Conv2dSame, MaxPool2dSame and AvgPool2dSame are the reference: same sizes
+    # (ceil(size / stride)) and the same values, at every size
+    timm_layers = pytest.importorskip("timm.layers.pool2d_same")
+    timm_conv = pytest.importorskip("timm.layers.conv2d_same")
+    torch.manual_seed(0)
+    if op == "conv":
+        theirs = timm_conv.Conv2dSame(2, 3, kernel, stride, dilation=dilation)
+        ours = same.Conv2dSame(2, 3, kernel, stride, 0, dilation)
+        ours.load_state_dict(theirs.state_dict())
+    elif op == "max-pool":
+        theirs = timm_layers.MaxPool2dSame(kernel, stride, dilation=dilation)
+        ours = same.MaxPool2dSame(kernel, stride, dilation)
+    else:
+        theirs = timm_layers.AvgPool2dSame(kernel, stride)
+        ours = same.AvgPool2dSame(kernel, stride)
+    x = torch.randn(1, 2, *size)
+    with torch.no_grad():
+        got, want = ours(x), theirs(x)
+    assert got.shape[-2:] == (math.ceil(size[0] / stride[0]), math.ceil(size[1] / stride[1]))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert torch.equal(torch.jit.script(ours)(x), got)
+
+
+def test_the_file_with_padding_per_size_scripts_and_exports(tmp_path):
+    out = tmp_path / "convnext_ceil.py"
+    data = json.loads(
+        ok(cli("fit", CONVNEXT, "--channels", 32, "--stride", 16, "-o", out, "--json")).stdout
+    )
+    model = getattr(import_plain(out), data["written"]["class_name"])().eval()
+    x = torch.randn(1, 3, 33, 47)
+    with torch.no_grad():
+        want = model(x)
+        assert torch.equal(torch.jit.script(model)(x), want)
+        assert torch.equal(torch.export.export(model, (x,)).module()(x), want)
+
+
+# -- a chain with a pad call --------------------------------------------------------------------
+
+
+def test_fit_makes_a_chain_with_a_pad_call_exact(tmp_path):
+    # the pad call and the conv after it give floor(H/2) together: the conv is left as it
+    # is, and only the pool is made to round down
+    out = tmp_path / "padded.py"
+    args = ("fit", PADDED, "--channels", 16, "--stride", 4)
+    data = json.loads(ok(cli(*args, "--rounding", "floor", "-o", out, "--json")).stdout)
+    winner = data["candidates"][0]
+    assert winner["rule"] == "floor" and winner["label"] == "no stride change, exact floor at pool"
+    assert all(c["ok"] for c in data["written"]["checks"])
+    cls = getattr(import_plain(out), data["written"]["class_name"])
+    model = cls().eval()
+    for h, w in [(8, 8), (9, 15), (31, 33), (64, 97), (127, 100)]:
+        want = (h // 4, w // 4)
+        assert cls.output_size(h, w) == want
+        assert out_hw(model, h, w) == want, (h, w)
+    # ceil: no padding of the conv makes the pad and the conv round up; floor is reachable
+    line = assert_one_line_error(cli(*args))
+    assert "--rounding floor" in line
+    with pytest.raises(SurgeryError, match=r"exactly ceil\(size/2\) after the pad call before it"):
+        patched(PADDED, make_op("exact", at="conv", rule="ceil"))
+
+
+def test_a_functional_call_that_would_need_padding_per_size_is_refused(tmp_path):
+    # F.conv2d with a 2x2/2 window: no fixed padding rounds it up, and a call in a forward
+    # cannot pad by the input's size; one line, exit 2, nothing written
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('name = "x"\n\n[[ops]]\nop = "exact"\nat = "conv2d()#1"\n', encoding="utf-8")
+    out = tmp_path / "out.py"
+    result = cli("apply", NEITHER, recipe, "--input", "1x3x64x64", "-o", out)
+    assert_one_line_error(
+        result,
+        "ops[0] (exact): conv2d()#1 would need padding that depends on the input size",
+        "it is a functional call (conv2d)",
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.toml"]

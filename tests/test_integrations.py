@@ -7,10 +7,12 @@ These tests need torchvision and timm, which the ``test`` extra installs.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+import torch
 from cli_helpers import assert_one_line_error
 from typer.testing import CliRunner
 
@@ -168,3 +170,31 @@ def test_import_mode_for_a_module_spec(tmp_path: Path) -> None:
     assert "from torchvision.models.resnet import resnet18" in source
     assert "; needs torch and torchvision. This file imports resnet18 from" in source
     assert "class ResNet(" not in source  # imported, not bundled
+
+
+def test_convnext_serves_a_ceil_host(tmp_path: Path) -> None:
+    # a CAN-style host slices its mask with [::16], so it needs ceil(H/16); ConvNeXt's
+    # 4x4/4 stem and 2x2/2 downsamples round down at every fixed padding, so they pad
+    # each input by its size in the emitted file
+    out = tmp_path / "f.py"
+    args = ["fit", "tv:convnext_tiny", "--channels", "256", "--stride", "16"]
+    result = runner.invoke(app, [*args, "--input", "1x3x64x64", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    winner, written = data["candidates"][0], data["written"]
+    assert winner["exact"] and winner["rule"] == "ceil"
+    assert all(check["ok"] for check in written["checks"])
+    source = out.read_text(encoding="utf-8")
+    assert "class Conv2dSame(nn.Conv2d):" in source
+    assert "body.features[0][0] = Conv2dSame(3, 96, kernel_size=4, stride=4)" in source
+    spec = importlib.util.spec_from_file_location("convnext_ceil", out)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cls = getattr(module, written["class_name"])
+    model = cls().eval()
+    for h, w in [(64, 64), (67, 61), (33, 97)]:
+        want = (-(-h // 16), -(-w // 16))
+        assert cls.output_size(h, w) == want
+        with torch.no_grad():
+            assert tuple(model(torch.randn(1, 3, h, w)).shape) == (1, 256, *want)

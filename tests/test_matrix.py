@@ -34,6 +34,8 @@ _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 VIT = f"{FIXTURES / 'token_models.py'}:TinyViT"
 ALEXNET = f"{FIXTURES / 'exact_models.py'}:AlexNetLike"
+GRAY = f"{FIXTURES / 'ocr_like.py'}:GrayNet"  # one input channel, no in_chans argument
+TEXT_LINE = f"{FIXTURES / 'ocr_like.py'}:TextLineVGG"  # one channel, rejects H < 32
 CONVNEXT = f"{FIXTURES / 'exact_models.py'}:ConvNeXtLike"
 
 
@@ -202,7 +204,7 @@ def test_json(tmp_path):
     data = json.loads(
         ok(cli("matrix", "resnet18", VIT, "--stride", 16, "--json", "--no-verify")).stdout
     )
-    assert data["schema"] == "bbswap.search.matrix/1"
+    assert data["schema"] == "bbswap.matrix/1"
     assert data["patterns"] == ["resnet18", VIT]
     assert data["strides"] == [16]
     assert (data["channels"], data["rounding"], data["verify"], data["passed"]) == (
@@ -223,6 +225,7 @@ def test_json(tmp_path):
         "macs": want.trace.macs,
         "plan": want.label,
         "rule": "ceil",
+        "targets": None,
         "verified": None,
         "reason": None,
         "detail": None,
@@ -257,11 +260,10 @@ def test_rounding_decides_the_even_kernel_cells():
     floor = api((CONVNEXT,), strides=(16, 32)).rows[0]
     assert floor.ok and [c.rule for c in floor.cells] == ["floor", "floor"]
     assert floor.cells[0].plan == "features.6: stride 1"
+    # ceil: the even windows that round down pad each input by its size
     ceil = api((CONVNEXT,), strides=(16, 32), rounding="ceil").rows[0]
-    assert not ceil.ok
-    for cell in ceil.cells:
-        assert cell.reason == "no exact plan"
-        assert "only by rounding" in cell.detail and "--rounding floor" in cell.detail
+    assert ceil.ok and [c.rule for c in ceil.cells] == ["ceil", "ceil"]
+    assert all("exact ceil at features.0" in c.plan for c in ceil.cells)
     data = json.loads(
         ok(
             cli("matrix", CONVNEXT, "--stride", 16, "--rounding", "floor", "--json", "--no-verify")
@@ -286,6 +288,7 @@ ERRORS = {
     "unknown-spec": (["nosuch"], ["unknown backbone 'nosuch'", "resnet18"]),
     "missing-file": ([f"{FIXTURES / 'nosuch.py'}:Net"], ["nosuch.py"]),
     "channels-0": (["resnet18", "--channels", "0"], ["--channels must be positive, got 0"]),
+    "in-chans-0": (["resnet18", "--in-chans", "0"], ["--in-chans must be positive, got 0"]),
 }
 
 
@@ -297,11 +300,12 @@ def test_user_errors_are_one_line(case):
 
 
 def test_python_api_errors():
-    with pytest.raises(InvalidArgument, match=r"--stride must list positive strides, got \[0\]"):
+    # the library names its parameters; the command line words them as flags
+    with pytest.raises(InvalidArgument, match=r"^strides must list positive strides, got \[0\]"):
         matrix("resnet18", strides=[0])
     with pytest.raises(InvalidArgument, match=r"got \[\]"):
         matrix("resnet18", strides=[])
-    with pytest.raises(InvalidArgument, match="--channels must be positive"):
+    with pytest.raises(InvalidArgument, match=r"^channels must be positive"):
         matrix("resnet18", channels=-1)
     with pytest.raises(InvalidArgument, match="pattern 'nosuch\\*' matches no backbone"):
         matrix(["resnet18", "nosuch*"])
@@ -344,3 +348,41 @@ def test_a_row_holds_how_its_file_was_emitted_as_data():
     imported = Row("x", emitted=True, import_reason="a lambda in forward")
     assert imported.emit_mode == "--import"
     assert imported.emit == "--import (a lambda in forward)"
+
+
+# -- one-channel user files: each backbone's own input channels ----------------------------------
+
+
+def test_a_one_channel_file_is_traced_with_one_channel():
+    text = ok(cli("matrix", GRAY, TEXT_LINE, "--no-verify")).stdout
+    gray = row_cells(text, GRAY)
+    assert gray[1] == "32 @ 1/32"
+    for cell in gray[2:5]:
+        assert re.fullmatch(r"\d+\.\d\d [kMG] ceil", cell), cell
+    # the text-line extractor is inspected and fitted (1 channel) at probe sizes it accepts
+    # (from 32x8), not below, where its forward fails; its last 2x2 conv padded on one side,
+    # it reaches every target
+    line = row_cells(text, TEXT_LINE)
+    assert line[1] == "32 @ 1/16x4"
+    for cell in line[2:5]:
+        assert re.fullmatch(r"\d+\.\d\d [kMG] ceil", cell), cell
+    assert "forward" not in text and "channels instead" not in text
+    row = api((GRAY, TEXT_LINE), strides=(16,))
+    assert [r.in_chans for r in row.rows] == [1, 1]
+    want = fitted(GRAY, channels=32, stride=16, rounding="any").winner
+    assert row.rows[0].cells[0].macs == want.trace.macs
+    assert want.trace.input_shape[1] == 1
+
+
+def test_in_chans_gives_every_plan_that_many_input_channels():
+    result = api((GRAY,), strides=(16,), in_chans=3, verify=True)
+    row = result.rows[0]
+    assert row.ok and row.in_chans == 1 and row.emit == "bundled"
+    [cell] = row.cells
+    assert cell.verified is True
+    want = fitted(GRAY, channels=32, stride=16, rounding="any", in_chans=3).winner
+    assert want.result.surgery.in_chans == 3 and cell.macs == want.trace.macs
+    data = json.loads(
+        ok(cli("matrix", GRAY, "--stride", 16, "--in-chans", 3, "--no-verify", "--json")).stdout
+    )
+    assert data["rows"][0]["cells"][0]["macs"] == want.trace.macs

@@ -46,6 +46,14 @@ def time_limit(seconds: float | None) -> Iterator[None]:
         _limit.reset(token)
 
 
+def current_limit() -> float | None:
+    """The time limit a stage of user code gets here (None: no limit)."""
+    return _limit.get()
+
+
+REPEAT = 0.5  # seconds between the repeats of a time limit's stop, once it is due
+
+
 def _on_alarm(signum: int, frame: FrameType | None) -> None:
     del signum, frame
     raise TimedOut
@@ -69,7 +77,9 @@ def _alarm(seconds: float | None) -> Iterator[None]:
         return
     previous = signal.signal(signal.SIGALRM, _on_alarm)
     token = _deadline.set(end)
-    signal.setitimer(signal.ITIMER_REAL, max(end - now, 1e-3))
+    # and again every REPEAT seconds: a TimedOut raised where Python swallows it (a
+    # finalizer, a garbage-collector callback) must not let the code run on unchecked
+    signal.setitimer(signal.ITIMER_REAL, max(end - now, 1e-3), REPEAT)
     try:
         yield
     finally:
@@ -77,7 +87,7 @@ def _alarm(seconds: float | None) -> Iterator[None]:
         _deadline.reset(token)
         signal.signal(signal.SIGALRM, previous)
         if outer is not None:  # the outer guard's alarm goes on
-            signal.setitimer(signal.ITIMER_REAL, max(outer - time.monotonic(), 1e-3))
+            signal.setitimer(signal.ITIMER_REAL, max(outer - time.monotonic(), 1e-3), REPEAT)
 
 
 @contextlib.contextmanager
@@ -86,21 +96,30 @@ def _thread_alarm(seconds: float) -> Iterator[None]:
     thread instead (at its next bytecode, so a Python loop is stopped)."""
     ident, lock, done = threading.get_ident(), threading.Lock(), [False]
 
+    finished = threading.Event()
+
     def stop() -> None:
-        with lock:  # never once the block is over
-            if not done[0]:
+        # raised again every REPEAT seconds until the block is over: one that lands where
+        # Python swallows it (a finalizer, a garbage-collector callback) is not the last
+        if finished.wait(max(seconds, 1e-3)):
+            return
+        while True:
+            with lock:  # never once the block is over
+                if done[0]:
+                    return
                 exc = ctypes.py_object(TimedOut)
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), exc)
+            if finished.wait(REPEAT):
+                return
 
-    timer = threading.Timer(max(seconds, 1e-3), stop)
-    timer.daemon = True
+    timer = threading.Thread(target=stop, daemon=True)
     timer.start()
     try:
         yield
     finally:
         with lock:
             done[0] = True
-        timer.cancel()
+        finished.set()
 
 
 @contextlib.contextmanager

@@ -3,28 +3,34 @@
 A spec is one of:
 
 - a zoo name (``resnet50``, ``densenet100``; ``bbswap list`` shows them),
-- ``tv:NAME``: a torchvision.models builder, built without weights,
-- ``timm:NAME``: ``timm.create_model(NAME, pretrained=False)``,
+- ``tv:NAME``: a torchvision.models builder, built without weights (with its DEFAULT
+  weights when resolved with ``pretrained=True``),
+- ``timm:NAME``: ``timm.create_model(NAME, pretrained=False)`` (``pretrained=True`` when
+  resolved so); NAME may be timm's ``local-dir:/path/to/folder`` or ``hf-hub:org/name``,
 - ``path/to/file.py:Name`` or ``package.module:Name``: an ``nn.Module`` class or a
   factory function of the user's, called with the ``--kw`` arguments.
 
 :func:`resolve` turns a spec into a :class:`Backbone`, which knows how to build the
 model and where its code comes from; it builds nothing itself.
+
+The user's code is imported as Python would run it (:mod:`bbswap.backbones.loading`):
+a file inside a package as part of that package, with the current directory on
+``sys.path`` as ``python -m`` puts it. A ``py:dotted.name`` constructor argument
+(:class:`bbswap.parsing.PyRef`) is resolved here, to the object that name imports.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import difflib
 import enum
 import fnmatch
 import importlib
-import importlib.util
 import inspect
-import sys
+import json
 import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -32,7 +38,17 @@ from typing import Any
 from torch import nn
 
 from bbswap.backbones.guard import user_code
-from bbswap.errors import BackboneNotFound, BBSwapError, MissingDependency, ModelError, choices
+from bbswap.backbones.loading import code_paths, import_user_file, import_user_module, resolve_ref
+from bbswap.backbones.weights import WeightsSource, source_of
+from bbswap.errors import (
+    BackboneNotFound,
+    BBSwapError,
+    InvalidArgument,
+    MissingDependency,
+    ModelError,
+    choices,
+)
+from bbswap.parsing import PyRef
 from bbswap.zoo import ZOO
 
 
@@ -44,14 +60,27 @@ class BackboneKind(str, enum.Enum):
     TIMM = "timm"  # timm.create_model
     FILE = "file"  # a user's file, by path
     MODULE = "module"  # a user's module, by import name
+    INSTANCE = "instance"  # a model instance whose builder is not known
 
     def __str__(self) -> str:
         return self.value
 
 
 @dataclass(frozen=True)
+class BuilderWeights:
+    """How a ``tv:`` or ``timm:`` backbone gets its builder's own (pretrained) weights."""
+
+    factory: Callable[..., nn.Module]  # the builder, asked for its weights (fetched, cached)
+    locate: Callable[[nn.Module], WeightsSource]  # the file they came from, once built
+
+
+@dataclass(frozen=True)
 class Backbone:
-    """A resolved backbone spec: how to build it and what is known about it."""
+    """A resolved backbone spec: how to build it and what is known about it.
+
+    ``pretrained`` asks :func:`bbswap.codegen.export.export` for the builder's own weights
+    (:meth:`build_pretrained`); tracing builds the architecture alone (:meth:`build`).
+    """
 
     spec: str
     kind: BackboneKind
@@ -63,15 +92,52 @@ class Backbone:
     head: tuple[str, ...] = ()  # top-level stages that form a classifier head
     source: str = ""  # module name or file path the code comes from
     attr: str = ""  # class or function name in ``source``
+    module: str = ""  # the import name of the module that defines ``attr`` (user code)
+    paths: tuple[str, ...] = ()  # folders on sys.path while the user's code runs
+    # the objects the ``py:`` arguments among ``kwargs`` name, by argument
+    objects: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    pretrained: bool = False  # the builder's own weights are asked for
+    builder_weights: BuilderWeights | None = field(default=None, repr=False, compare=False)
 
     def build(self, in_chans: int | None = None) -> nn.Module:
         """Call the factory; ``in_chans`` is passed on when the factory takes it."""
-        kwargs = dict(self.kwargs)
+        return self._call(self.factory, in_chans)
+
+    def build_pretrained(self, in_chans: int | None = None) -> tuple[nn.Module, WeightsSource]:
+        """Build with the builder's own weights (torchvision or timm fetches and caches
+        them); returns the model and where its weights came from."""
+        weights = self.with_pretrained().builder_weights
+        assert weights is not None  # with_pretrained raised otherwise
+        try:
+            model = self._call(weights.factory, in_chans)
+        except BBSwapError:
+            raise
+        except Exception as error:  # no cache and no network, a corrupt file, ...
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ModelError(
+                f"cannot load the pretrained weights of {self.spec}: {type(error).__name__}: "
+                f"{first}"
+            ) from error
+        return model, weights.locate(model)
+
+    def with_pretrained(self) -> Backbone:
+        """This backbone, asking for its builder's own weights; only ``tv:`` and ``timm:``
+        backbones have them."""
+        if self.builder_weights is None:
+            raise InvalidArgument(
+                f"{{pretrained}} is for tv: and timm: specs (the builder's own weights); "
+                f"{self.spec} has none: load a checkpoint with {{weights}} CKPT instead",
+                params=("pretrained", "weights"),
+            )
+        return self if self.pretrained else dataclasses.replace(self, pretrained=True)
+
+    def _call(self, factory: Callable[..., nn.Module], in_chans: int | None) -> nn.Module:
+        kwargs = {k: self.objects.get(k, v) for k, v in self.kwargs.items()}
         if in_chans is not None and self.takes_in_chans and "in_chans" not in kwargs:
             kwargs["in_chans"] = in_chans
         try:
-            with user_code(f"the constructor of {self.spec}"):
-                model = self.factory(**kwargs)
+            with code_paths(self.paths), user_code(f"the constructor of {self.spec}"):
+                model = factory(**kwargs)
         except TypeError as error:
             raise ModelError(f"cannot build {self.spec}: {error}") from error
         if not isinstance(model, nn.Module):
@@ -91,10 +157,53 @@ class ListedBackbone:
     description: str
 
 
-def resolve(spec: str, kwargs: dict[str, Any] | None = None) -> Backbone:
-    """Resolve a backbone spec; raise :class:`BackboneNotFound` with near matches."""
+def resolve(
+    spec: str, kwargs: dict[str, Any] | None = None, *, pretrained: bool = False
+) -> Backbone:
+    """Resolve a backbone spec to a :class:`Backbone`, which knows how to build it and
+    where its code comes from; nothing is built (a user's file or module is imported).
+
+    Args:
+        spec: A zoo name (``"resnet50"``), ``"tv:NAME"``, ``"timm:NAME"``,
+            ``"path/to/file.py:Name"`` or ``"package.module:Name"``.
+        kwargs: Constructor arguments, passed to the builder on every build;
+            ``pretrained=True`` among them means the same as ``pretrained``. A
+            :class:`~bbswap.parsing.PyRef` (``py:dotted.name``) is resolved once the
+            backbone's own code is imported.
+        pretrained: For ``tv:`` and ``timm:`` specs only: the builder's own weights are
+            carried when the backbone is exported.
+
+    Returns:
+        The :class:`Backbone`.
+
+    Raises:
+        BackboneNotFound: Nothing by that name; the message lists near matches.
+
+    Example::
+
+        backbone = bbswap.resolve("models/densenet.py:DenseNet", {"growth_rate": 24})
+        model = backbone.build(in_chans=1)
+    """
     kwargs = dict(kwargs or {})
     spec = spec.strip()
+    if spec.startswith(("tv:", "timm:")):
+        pretrained = _pretrained_kwarg(kwargs, pretrained)
+    backbone = _with_objects(_resolve(spec, kwargs))
+    return backbone.with_pretrained() if pretrained else backbone
+
+
+def _with_objects(backbone: Backbone) -> Backbone:
+    """The backbone with the objects its ``py:`` arguments name, imported with its own
+    code's folders on ``sys.path``."""
+    refs = {k: v for k, v in backbone.kwargs.items() if isinstance(v, PyRef)}
+    if not refs:
+        return backbone
+    paths = backbone.paths or (str(Path.cwd()),)
+    objects = {k: resolve_ref(k, ref, paths, backbone.paths) for k, ref in refs.items()}
+    return replace(backbone, paths=paths, objects=objects)
+
+
+def _resolve(spec: str, kwargs: dict[str, Any]) -> Backbone:
     if spec.startswith("tv:"):
         return _torchvision(spec, kwargs)
     if spec.startswith("timm:"):
@@ -126,7 +235,21 @@ def resolve(spec: str, kwargs: dict[str, Any] | None = None) -> Backbone:
 
 
 def list_backbones(pattern: str = "*") -> list[ListedBackbone]:
-    """Zoo entries matching an fnmatch pattern; ``tv:*`` / ``timm:*`` list those packages."""
+    """The backbones ``bbswap list`` shows: zoo entries matching an fnmatch pattern, and
+    torchvision's or timm's models for a pattern starting ``tv:`` or ``timm:``.
+
+    Args:
+        pattern: An fnmatch pattern: ``"*"`` (the zoo), ``"resnet*"``, ``"tv:*"``,
+            ``"timm:resnet*"``.
+
+    Returns:
+        A list of :class:`ListedBackbone` (``spec``, ``family``, ``in_chans``,
+        ``description``).
+
+    Example::
+
+        [b.spec for b in bbswap.list_backbones("resnet*")]    # ['resnet18', ..., 'resnet152']
+    """
     rows = [
         ListedBackbone(e.name, e.family, e.in_chans, e.description)
         for e in ZOO.values()
@@ -158,6 +281,21 @@ def _require(package: str, prefix: str) -> ModuleType:
         ) from None
 
 
+def _pretrained_kwarg(kwargs: dict[str, Any], pretrained: bool) -> bool:
+    """Take ``pretrained`` out of a tv:/timm: spec's constructor arguments: bbswap passes
+    it to the builder itself, so ``pretrained=True`` there is ``pretrained`` here."""
+    if "pretrained" not in kwargs:
+        return pretrained
+    value = kwargs.pop("pretrained")
+    if not isinstance(value, bool):
+        raise InvalidArgument(
+            f"constructor argument pretrained={value!r} must be True or False "
+            "(or use {pretrained})",
+            params=("pretrained",),
+        )
+    return pretrained or value
+
+
 def _torchvision(spec: str, kwargs: dict[str, Any]) -> Backbone:
     tv = _require("torchvision", "tv:")
     name = spec[3:]
@@ -168,6 +306,13 @@ def _torchvision(spec: str, kwargs: dict[str, Any]) -> Backbone:
         raise BackboneNotFound(
             f"unknown torchvision model '{name}'{hint} (run `bbswap list 'tv:*'`)"
         )
+    if "weights" in kwargs:
+        raise InvalidArgument(
+            f"constructor argument weights= is not passed to {spec}: bbswap builds it with "
+            "weights=None; use {pretrained} for the builder's DEFAULT weights, or {weights} "
+            "CKPT for a checkpoint",
+            params=("pretrained", "weights"),
+        )
     builder = tv.models.get_model_builder(name)
 
     def factory(**kw: Any) -> nn.Module:
@@ -177,23 +322,165 @@ def _torchvision(spec: str, kwargs: dict[str, Any]) -> Backbone:
             warnings.filterwarnings("ignore", "The default weight initialization", FutureWarning)
             return builder(weights=None, **kw)
 
+    def with_weights(**kw: Any) -> nn.Module:
+        # the model the emitted file builds (weights=None), with the DEFAULT weights loaded
+        # as the builder loads them: the settings some builders change for their weights
+        # (inception_v3's transform_input) stay the caller's, so the file matches
+        model = factory(**kw)
+        weights = tv.models.get_model_weights(name).DEFAULT
+        model.load_state_dict(weights.get_state_dict(progress=True, check_hash=True))
+        return model
+
+    def locate(model: nn.Module) -> WeightsSource:
+        del model  # torchvision keeps the file under its URL's name in torch's hub cache
+        weights = tv.models.get_model_weights(name).DEFAULT
+        return source_of(f"torchvision {weights}", _hub_file(weights.url))
+
     source = builder.__module__
-    return Backbone(spec, BackboneKind.TV, name, factory, kwargs, 3, source=source, attr=name)
+    found = BuilderWeights(with_weights, locate)
+    return Backbone(
+        spec,
+        BackboneKind.TV,
+        name,
+        factory,
+        kwargs,
+        3,
+        source=source,
+        attr=name,
+        builder_weights=found,
+    )
+
+
+def _hub_file(url: str) -> Path:
+    """Where torch's hub cache keeps the file of ``url`` ($TORCH_HOME/hub/checkpoints)."""
+    from urllib.parse import urlparse
+
+    import torch.hub
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
 
 
 def _timm(spec: str, kwargs: dict[str, Any]) -> Backbone:
+    """``timm:NAME``; for timm's ``local-dir:FOLDER`` and ``hf-hub:ORG/NAME`` the model is
+    the architecture their config.json names, with its arguments (so an emitted file builds
+    it without that folder or the hub), and the weights are the folder's or the hub's."""
     timm = _require("timm", "timm:")
     name = spec[5:]
-    if not timm.is_model(name):
-        near = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    origin, _, model_id = name.partition(":")
+    arch, saved = name, dict[str, Any]()
+    if origin in _TIMM_SOURCES:
+        if not model_id:
+            raise BackboneNotFound(
+                f"{spec}: nothing after '{origin}:' (e.g. {_TIMM_SOURCES[origin]})"
+            )
+        arch, saved = _timm_config(timm, origin, model_id, spec)
+    if not timm.is_model(arch):
+        near = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join('timm:' + n for n in near)}?" if near else ""
-        raise BackboneNotFound(f"unknown timm model '{name}'{hint} (run `bbswap list 'timm:*'`)")
+        raise BackboneNotFound(f"unknown timm model '{arch}'{hint} (run `bbswap list 'timm:*'`)")
 
     def factory(**kw: Any) -> nn.Module:
-        return timm.create_model(name, pretrained=False, **kw)
+        return timm.create_model(arch, pretrained=False, **kw)
 
+    def with_weights(**kw: Any) -> nn.Module:
+        return timm.create_model(name, pretrained=True, **kw)
+
+    found = BuilderWeights(with_weights, _timm_weights_file)
     kind, takes = BackboneKind.TIMM, True
-    return Backbone(spec, kind, name, factory, kwargs, 3, takes, source="timm", attr=name)
+    return Backbone(
+        spec,
+        kind,
+        arch,
+        factory,
+        {**saved, **kwargs},
+        3,
+        takes,
+        source="timm",
+        attr=arch,
+        builder_weights=found,
+    )
+
+
+# the model sources timm's create_model takes before a name, with an example of each
+_TIMM_SOURCES = {"local-dir": "timm:local-dir:/path/to/folder", "hf-hub": "timm:hf-hub:org/name"}
+
+
+def _timm_config(
+    timm: ModuleType, origin: str, model_id: str, spec: str
+) -> tuple[str, dict[str, Any]]:
+    """The architecture and saved model arguments of a local-dir folder or hf-hub repo."""
+    if origin == "hf-hub":
+        try:
+            _, arch, saved = timm.models.load_model_config_from_hf(model_id)
+        except Exception as error:  # the hub client raises many types (offline, not found)
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise BackboneNotFound(
+                f"cannot read config.json of {spec} (from the hub or its cache): {first}"
+            ) from None
+        return str(arch), dict(saved or {})
+    config = Path(model_id) / "config.json"
+    if not config.is_file():
+        raise BackboneNotFound(
+            f"{spec}: {config} not found (timm's local-dir: needs a folder holding "
+            "config.json and the weights, as timm's push_to_hf_hub writes them)"
+        )
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+        arch, saved = data["architecture"], data.get("model_args") or {}
+    except (ValueError, KeyError, TypeError) as error:
+        raise BackboneNotFound(
+            f"{spec}: {config} is not a timm config (no 'architecture': {error})"
+        ) from None
+    if not isinstance(arch, str) or not isinstance(saved, dict):
+        raise BackboneNotFound(f"{spec}: {config} is not a timm config")
+    return arch, saved
+
+
+# the files timm takes from a local-dir folder, in the order it looks for them
+_LOCAL_DIR_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+_HUB_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _timm_weights_file(model: nn.Module) -> WeightsSource:
+    """The file timm loaded a model's weights from, read off its ``pretrained_cfg``."""
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    tag = ".".join(filter(None, [str(cfg.get("architecture") or ""), cfg.get("tag")]))
+    if cfg.get("source") == "local-dir" or (cfg.get("file") and Path(cfg["file"]).is_dir()):
+        folder = Path(cfg["file"])
+        return source_of(f"timm {tag} from local-dir:{folder}", _local_dir_file(folder))
+    if cfg.get("file"):
+        return source_of(f"timm {tag} from {cfg['file']}", Path(cfg["file"]))
+    if cfg.get("hf_hub_id"):
+        return source_of(f"timm {tag} from hf-hub:{cfg['hf_hub_id']}", _hub_cached(cfg))
+    if cfg.get("url"):
+        return source_of(f"timm {tag} from {cfg['url']}", _hub_file(str(cfg["url"])))
+    return WeightsSource(f"timm {tag}", None, None)
+
+
+def _local_dir_file(folder: Path) -> Path:
+    """The checkpoint timm reads from a local-dir folder: a preferred name, else the first
+    file of the first suffix found (the folder itself when there is none)."""
+    for file_name in _LOCAL_DIR_FILES:
+        if (folder / file_name).is_file():
+            return folder / file_name
+    for suffix in (".safetensors", ".pth", ".pth.tar", ".bin"):
+        files = sorted(folder.glob(f"*{suffix}"))
+        if files:
+            return files[0]
+    return folder
+
+
+def _hub_cached(cfg: dict[str, Any]) -> Path | None:
+    """The Hugging Face cache's copy of the weights file of ``cfg['hf_hub_id']``."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, _, revision = str(cfg["hf_hub_id"]).partition("@")
+    names = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else _HUB_FILES
+    for file_name in names:
+        found = try_to_load_from_cache(repo, file_name, revision=revision or None)
+        if isinstance(found, str):
+            return Path(found)
+    return None
 
 
 def _user(spec: str, kwargs: dict[str, Any]) -> Backbone:
@@ -204,19 +491,12 @@ def _user(spec: str, kwargs: dict[str, Any]) -> Backbone:
             "package.module:Name"
         )
     if where.endswith(".py") or "/" in where or "\\" in where:
-        module = _import_file(Path(where))
-        kind, source = BackboneKind.FILE, where
+        loaded = import_user_file(Path(where))
+        kind = BackboneKind.FILE
     else:
-        try:
-            with user_code(f"importing {where}"):
-                module = importlib.import_module(where)
-        except ImportError as error:
-            raise BackboneNotFound(f"cannot import module '{where}': {error}") from error
-        except Exception as error:
-            raise ModelError(
-                f"importing module '{where}' raised {type(error).__name__}: {error}"
-            ) from error
-        kind, source = BackboneKind.MODULE, where
+        loaded = import_user_module(where)
+        kind = BackboneKind.MODULE
+    module = loaded.module
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         found = _buildable_names(module)
@@ -235,42 +515,11 @@ def _user(spec: str, kwargs: dict[str, Any]) -> Backbone:
         kwargs=kwargs,
         in_chans=_int_default(factory, "in_chans"),
         takes_in_chans=takes,
-        source=source,
+        source=where,
         attr=attr,
+        module=module.__name__,
+        paths=loaded.paths,
     )
-
-
-@contextlib.contextmanager
-def _on_path(folder: Path) -> Iterator[None]:
-    sys.path.insert(0, str(folder))
-    try:
-        yield
-    finally:
-        with contextlib.suppress(ValueError):
-            sys.path.remove(str(folder))
-
-
-def _import_file(path: Path) -> ModuleType:
-    if not path.is_file():
-        raise BackboneNotFound(f"backbone file not found: {path}")
-    resolved = path.resolve()
-    name = f"bbswap_user_{abs(hash(str(resolved))):x}_{resolved.stem}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, resolved)
-    if spec is None or spec.loader is None:
-        raise BackboneNotFound(f"cannot import {path}: not a Python file")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        with _on_path(resolved.parent), user_code(f"importing {path}"):
-            spec.loader.exec_module(module)
-    except BaseException as error:
-        del sys.modules[name]
-        if isinstance(error, BBSwapError) or not isinstance(error, Exception):
-            raise
-        raise ModelError(f"importing {path} raised {type(error).__name__}: {error}") from error
-    return module
 
 
 def _buildable_names(module: ModuleType) -> list[str]:

@@ -1,7 +1,9 @@
-"""Checkpoints in and out: reading a state_dict, loading it with a report, atomic writes."""
+"""Checkpoints in and out: reading a state_dict, loading it with a report, atomic writes,
+and where a model's weights came from (:class:`WeightsSource`)."""
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bbswap.errors import InvalidArgument, MissingDependency
+from bbswap.errors import InvalidArgument, MissingDependency, choices
 
 
 @dataclass(frozen=True)
@@ -18,6 +20,64 @@ class LoadReport:
     missing: tuple[str, ...]
     unexpected: tuple[str, ...]
     note: str = ""
+
+
+# the suffixes of the checkpoint files a folder given to ``weights`` is searched for
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where the weights loaded into a source backbone came from: what chose them (a
+    builder's pretrained tag, or a checkpoint the user gave), the file read and its
+    SHA-256 (None when the builder read no single file that can be named)."""
+
+    origin: str  # e.g. "torchvision ResNet18_Weights.IMAGENET1K_V1", "checkpoint"
+    path: Path | None
+    sha256: str | None
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, in lowercase hex, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def source_of(origin: str, path: Path | None) -> WeightsSource:
+    """A :class:`WeightsSource` for ``path``, hashed when it is a file."""
+    if path is None or not path.is_file():
+        return WeightsSource(origin, path, None)
+    return WeightsSource(origin, path, file_sha256(path))
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """``path`` itself, or for a folder the one checkpoint it holds (``.pth``, ``.pt``,
+    ``.bin``, ``.ckpt`` or ``.safetensors``); a folder with none or several is an error
+    naming what it holds."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    found = sorted(
+        p.name for p in path.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES
+    )
+    if len(found) == 1:
+        return path / found[0]
+    wanted = ", ".join(CHECKPOINT_SUFFIXES)
+    if not found:
+        others = sorted(p.name for p in path.iterdir())
+        held = f"only {choices(others, 5)}" if others else "nothing"
+        raise InvalidArgument(
+            f"{{weights}} {path} is a folder without a checkpoint ({wanted}); it holds {held}",
+            params=("weights",),
+        )
+    raise InvalidArgument(
+        f"{{weights}} {path} is a folder with {len(found)} checkpoints ({choices(found, 5)}); "
+        "give the one to load as a file",
+        params=("weights",),
+    )
 
 
 def _first(error: BaseException) -> str:

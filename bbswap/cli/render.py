@@ -2,28 +2,28 @@
 
 from __future__ import annotations
 
-import contextlib
-import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from rich import box
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.padding import Padding
 from rich.text import Text
 
+from bbswap.cli.layout import Column, Grid, Justify, Wrap, flow, show
 from bbswap.surgery.core import EditKind
 from bbswap.tracing.tracer import SpatialOp, Stage, Trace, describe_factor
 
 if TYPE_CHECKING:
     from bbswap.backbones.registry import ListedBackbone
     from bbswap.codegen.export import Exported
+    from bbswap.recipes.registry import OpInfo
+    from bbswap.recipes.schema import Field
     from bbswap.search.fit import Candidate, FitResult
     from bbswap.search.matrix import Cell, Matrix
     from bbswap.surgery.apply import ApplyResult
     from bbswap.surgery.core import Edit
+    from bbswap.tracing.cross_check import CrossCheck
     from bbswap.tracing.inspection import InspectReport
     from bbswap.verify.checks import VerifyReport
 
@@ -61,33 +61,31 @@ def rf(value: tuple[int, int]) -> str:
     return str(value[0]) if value[0] == value[1] else f"{value[0]}x{value[1]}"
 
 
-def stage_table(trace: Trace, title: str | None = None) -> Table:
-    table = Table(
-        title=title,
-        title_justify="left",
-        show_footer=True,
-        header_style="bold",
-        box=box.SIMPLE_HEAD,
+def stage_table(trace: Trace, title: str | None = None) -> Grid:
+    grid = Grid(
+        [
+            Column("stage", footer="total"),
+            Column("type"),
+            Column("output", footer=shape(trace.output_shape)),
+            Column("ch", "right"),
+            Column("down", "right", describe_factor(trace.downsample)),
+            Column("RF", "right", rf(trace.receptive_field)),
+            Column("params", "right", count(trace.params)),
+            Column("MACs", "right", count(trace.macs)),
+            Column("act.", "right", size_bytes(trace.activation_bytes)),
+        ],
+        title,
     )
-    table.add_column("stage", footer="total")
-    table.add_column("type")
-    table.add_column("output", footer=shape(trace.output_shape))
-    table.add_column("ch", justify="right")
-    table.add_column("down", justify="right", footer=describe_factor(trace.downsample))
-    table.add_column("RF", justify="right", footer=rf(trace.receptive_field))
-    table.add_column("params", justify="right", footer=count(trace.params))
-    table.add_column("MACs", justify="right", footer=count(trace.macs))
-    table.add_column("act.", justify="right", footer=size_bytes(trace.activation_bytes))
     for stage in trace.stages:
-        table.add_row(*_stage_cells(stage))
-    return table
+        grid.add_row(*_stage_cells(stage))
+    return grid
 
 
 def _stage_cells(stage: Stage) -> list[str | Text]:
     path = Text(stage.path, style="italic" if stage.functional else "")
     return [
         path,
-        stage.type,
+        Text(stage.type),
         shape(stage.out_shape),
         str(stage.channels),
         describe_factor(stage.downsample),
@@ -98,24 +96,20 @@ def _stage_cells(stage: Stage) -> list[str | Text]:
     ]
 
 
-def reduction_table(ops: Sequence[SpatialOp], title: str = "reduction points") -> Table:
-    table = Table(title=title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD)
-    for name, justify in (
-        ("point", "left"),
-        ("call", "left"),
-        ("op", "left"),
-        ("kernel", "right"),
-        ("stride", "right"),
-        ("padding", "right"),
-        ("dilation", "right"),
-        ("rounding", "left"),
-        ("in -> out", "right"),
-    ):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]  # literal values
+def reduction_table(ops: Sequence[SpatialOp], title: str = "reduction points") -> Grid:
+    grid = Grid(
+        [
+            *(Column(name) for name in ("point", "call", "op")),
+            *(Column(name, "right") for name in ("kernel", "stride", "padding", "dilation")),
+            Column("rounding"),
+            Column("in -> out", "right", wrap=Wrap.ARROWS),
+        ],
+        title,
+    )
     for op in ops:
         adaptive = op.op.startswith("adaptive") or op.op == "interpolate"
-        table.add_row(
-            op.id,
+        grid.add_row(
+            Text(op.id),  # a module path of the user's model: text, not markup
             "module" if op.kind == "module" else f"F.{op.func}",
             op.op,
             "-" if adaptive else pair(op.kernel),
@@ -125,24 +119,77 @@ def reduction_table(ops: Sequence[SpatialOp], title: str = "reduction points") -
             op.rounding,
             f"{shape(op.in_hw)} -> {shape(op.out_hw)}",
         )
-    return table
+    return grid
+
+
+def source_output_line(trace: Trace) -> str:
+    """Which output of a forward that returns several the report is about, and why; ""
+    for a forward that returns one tensor."""
+    if trace.output_key is None:
+        return ""
+    why = "asked for" if trace.output_given else "the largest downsample; --source-output chooses"
+    return (
+        f"source output: {trace.output_key} of the {trace.returns} of {len(trace.outputs)} "
+        f"the forward returns ({why})"
+    )
+
+
+def outputs_table(trace: Trace) -> Grid:
+    """Every tensor the forward returns; ``*`` marks the one the report is about."""
+    grid = Grid(
+        [
+            Column(""),
+            Column("output"),
+            *(Column(name, "right") for name in ("shape", "ch", "down", "RF")),
+        ],
+        f"outputs: the forward returns a {trace.returns} of {len(trace.outputs)}",
+        key=1,
+    )
+    mask = trace.mask.key if trace.mask is not None and trace.mask.rule is not None else None
+    for o in trace.outputs:
+        grid.add_row(
+            "*" if o.key == trace.output_key else "",
+            escape(str(o.key)),
+            shape(o.shape),
+            "mask" if o.key == mask else str(o.channels),
+            describe_factor(o.downsample) if o.spatial or o.key == mask else "-",
+            rf(o.receptive_field) if o.spatial else "-",
+        )
+    return grid
+
+
+def mask_line(trace: Trace) -> str:
+    """What a forward of (img, img_mask) returns of its mask; "" for any other forward."""
+    m = trace.mask
+    if m is None:
+        return ""
+    traced = (
+        f"traced with an all-ones {shape((1, *trace.input_shape[2:]))} mask as '{m.input.mask}'"
+    )
+    if m.key is None:
+        return f"mask: {traced}; no output is made from it"
+    if m.rule is None:
+        return f"mask: {traced}; output {m.key} is made from it by {m.made_by}"
+    return f"mask: output {m.key} is {m.rule.describe(m.input.mask)} ({traced})"
 
 
 def render_inspect(report: InspectReport, console: Console) -> None:
     t = report.trace
     where = {"meta": "meta device", "fake": "fake tensors", "cpu": "real CPU tensors"}[t.device]
-    console.print(
-        f"[bold]{escape(report.backbone)}[/bold]  input {shape(t.input_shape)}  (traced on {where})"
-    )
+    head = f"[bold]{escape(report.backbone)}[/bold]"
+    flow(console, [head, f"input {shape(t.input_shape)}", f"(traced on {where})"])
     if t.note:
         console.print(f"[yellow]note:[/yellow] {escape(t.note)}")
-    console.print(stage_table(t))
-    console.print(
-        f"output {shape(t.output_shape)}  downsample {describe_factor(t.downsample)}  "
-        f"params {count(t.params)}  MACs {count(t.macs)} ({si(t.macs)})"
-    )
+    show(stage_table(t), console)
+    flow(console, _totals(t))
+    if t.outputs:
+        console.print()
+        show(outputs_table(t), console)
+        console.print(escape(source_output_line(t)))
+    if t.mask is not None:
+        console.print(escape(mask_line(t)))
     console.print()
-    console.print(reduction_table(t.reductions))
+    show(reduction_table(t.reductions), console)
     h, w = report.rules
     f = report.features
     if f is not None:
@@ -150,19 +197,11 @@ def render_inspect(report: InspectReport, console: Console) -> None:
             f"features: {f.path} {shape(f.out_shape)} at downsample "
             f"{describe_factor(f.downsample)}; the stages after it form the head"
         )
-    console.print(
-        f"size rule{' of ' + f.path if f else ''}: {h.format('H')}, {w.format('W')}  "
-        f"(smallest input {h.minimum}x{w.minimum})"
-    )
+    rule = f"size rule{' of ' + f.path if f else ''}: {h.format('H')}, {w.format('W')}"
+    flow(console, [escape(rule), f"(smallest input {h.minimum}x{w.minimum})"])
     if report.sizes:
-        table = Table(
-            title="output size by input size",
-            title_justify="left",
-            header_style="bold",
-            box=box.SIMPLE_HEAD,
-        )
-        for name in ("input", "predicted", "traced", "check"):
-            table.add_column(name, justify="right")
+        names = ("input", "predicted", "traced", "check")
+        table = Grid([Column(n, "right") for n in names], "output size by input size")
         for c in report.sizes:
             table.add_row(
                 shape(c.input_hw),
@@ -170,18 +209,33 @@ def render_inspect(report: InspectReport, console: Console) -> None:
                 shape(c.traced_hw) if c.traced_hw else "not spatial",
                 "ok" if c.ok else Text("MISMATCH", style="bold red"),
             )
-        console.print(table)
+        show(table, console)
+
+
+def _totals(t: Trace) -> list[str]:
+    """The fields of a trace's summary line: output, downsample, params, MACs."""
+    return [
+        f"output {shape(t.output_shape)}",
+        f"downsample {describe_factor(t.downsample)}",
+        f"params {count(t.params)}",
+        f"MACs {count(t.macs)} ({si(t.macs)})",
+    ]
 
 
 def render_list(rows: Sequence[ListedBackbone], console: Console) -> None:
-    table = Table(header_style="bold", box=box.SIMPLE_HEAD)
-    table.add_column("backbone")
-    table.add_column("family")
-    table.add_column("in", justify="right")
-    table.add_column("description")
+    table = Grid(
+        [
+            Column("backbone"),
+            Column("family"),
+            Column("in", "right"),
+            Column("description", wrap=Wrap.WORDS),
+        ]
+    )
     for row in rows:
-        table.add_row(row.spec, row.family, str(row.in_chans or "-"), row.description)
-    console.print(table)
+        table.add_row(
+            escape(row.spec), escape(row.family), str(row.in_chans or "-"), escape(row.description)
+        )
+    show(table, console)
 
 
 def _arrow(a: str, b: str) -> str:
@@ -193,37 +247,61 @@ def _ratio(a: int, b: int) -> str:
 
 
 def render_apply(result: ApplyResult, console: Console) -> None:
+    before, after = result.before, result.after
+    head = f"[bold]{escape(result.backbone.spec)}[/bold] + recipe "
+    head += f"[bold]{escape(result.recipe.name)}[/bold]"
+    flow(console, [head, f"input {shape(before.input_shape)} -> {shape(after.input_shape)}"])
+    show(_diff_grid(before, after), console)
+    h, w = after.size_rules()
+    flow(console, [*_totals(after), f"size rule {h.format('H')}, {w.format('W')}"])
+    if before.outputs:
+        console.print(escape(source_output_line(before)))
+    console.print()
+    edits = Grid(
+        [
+            Column("#"),
+            Column("op"),
+            Column("path", wrap=Wrap.WORDS),
+            Column("attribute"),
+            Column("old -> new", wrap=Wrap.WORDS),
+        ],
+        "edits",
+    )
+    for group in _grouped(result.edits):
+        e = group[0]
+        path = e.path or "(model)"
+        if len(group) > 1:
+            path += f" and {len(group) - 1} more like it"
+        edits.add_row(
+            str(e.op_index), e.op, escape(path), e.attribute, escape(f"{e.old} -> {e.new}")
+        )
+    show(edits, console)
+
+
+def _diff_grid(before: Trace, after: Trace) -> Grid:
+    """The stages before and after a recipe, side by side as ``old -> new``."""
     from bbswap.surgery.apply import stage_diff
 
-    before, after = result.before, result.after
-    console.print(
-        f"[bold]{escape(result.backbone.spec)}[/bold] + recipe "
-        f"[bold]{escape(result.recipe.name)}[/bold]  "
-        f"input {shape(before.input_shape)} -> {shape(after.input_shape)}"
-    )
-    table = Table(header_style="bold", box=box.SIMPLE_HEAD, show_footer=True)
-    table.add_column("stage", footer="total")
-    table.add_column("output", footer=_arrow(shape(before.output_shape), shape(after.output_shape)))
-    table.add_column(
-        "down",
-        justify="right",
-        footer=_arrow(describe_factor(before.downsample), describe_factor(after.downsample)),
-    )
-    table.add_column(
-        "RF", justify="right", footer=_arrow(rf(before.receptive_field), rf(after.receptive_field))
-    )
-    table.add_column(
-        "params", justify="right", footer=_arrow(count(before.params), count(after.params))
-    )
-    table.add_column(
-        "MACs",
-        justify="right",
-        footer=f"{_arrow(count(before.macs), count(after.macs))} "
-        f"({_ratio(before.macs, after.macs)})",
+    def column(name: str, footer: str, justify: Justify = "right") -> Column:
+        return Column(name, justify, footer, Wrap.ARROWS)
+
+    macs = f"{_arrow(count(before.macs), count(after.macs))} ({_ratio(before.macs, after.macs)})"
+    grid = Grid(
+        [
+            Column("stage", footer="total"),
+            column("output", _arrow(shape(before.output_shape), shape(after.output_shape)), "left"),
+            column(
+                "down",
+                _arrow(describe_factor(before.downsample), describe_factor(after.downsample)),
+            ),
+            column("RF", _arrow(rf(before.receptive_field), rf(after.receptive_field))),
+            column("params", _arrow(count(before.params), count(after.params))),
+            column("MACs", macs),
+        ]
     )
     for d in stage_diff(before, after):
         b, a = d.before, d.after
-        table.add_row(
+        grid.add_row(
             Text(d.path, style="" if a else "strike dim"),
             _arrow(shape(b.out_shape) if b else "-", shape(a.out_shape) if a else "-"),
             _arrow(
@@ -234,24 +312,7 @@ def render_apply(result: ApplyResult, console: Console) -> None:
             _arrow(count(b.params) if b else "-", count(a.params) if a else "-"),
             _arrow(si(b.macs) if b else "-", si(a.macs) if a else "-"),
         )
-    console.print(table)
-    h, w = after.size_rules()
-    console.print(
-        f"output {shape(after.output_shape)}  downsample {describe_factor(after.downsample)}  "
-        f"params {count(after.params)}  MACs {count(after.macs)} ({si(after.macs)})  "
-        f"size rule {h.format('H')}, {w.format('W')}"
-    )
-    console.print()
-    edits = Table(title="edits", title_justify="left", header_style="bold", box=box.SIMPLE_HEAD)
-    for name in ("#", "op", "path", "attribute", "old -> new"):
-        edits.add_column(name)
-    for group in _grouped(result.edits):
-        e = group[0]
-        path = e.path or "(model)"
-        if len(group) > 1:
-            path += f" and {len(group) - 1} more like it"
-        edits.add_row(str(e.op_index), e.op, path, e.attribute, escape(f"{e.old} -> {e.new}"))
-    console.print(edits)
+    return grid
 
 
 def _grouped(edits: Sequence[Edit]) -> list[list[Edit]]:
@@ -272,30 +333,34 @@ def _grouped(edits: Sequence[Edit]) -> list[list[Edit]]:
     return groups
 
 
-def render_ops(rows: Sequence[tuple[str, str, list[str]]], console: Console) -> None:
-    for name, summary, fields in rows:
-        console.print(f"[bold]{name}[/bold]: {escape(summary)}")
-        for f in fields:
-            console.print(f"    {escape(f)}")
+def render_ops(ops: Sequence[OpInfo], console: Console) -> None:
+    for op in ops:
+        console.print(f"[bold]{op.name}[/bold]: {escape(op.summary)}")
+        for f in op.fields:
+            console.print(Padding(Text(_field_line(f)), (0, 0, 0, 4)))
+
+
+def _field_line(f: Field) -> str:
+    """``name (kind, required or default; one of ...): help``."""
+    req = (
+        "required" if f.required else "optional" if f.default is None else f"default {f.default!r}"
+    )
+    extra = f"; one of {', '.join(f.choices)}" if f.choices else ""
+    return f"{f.name} ({f.kind}, {req}{extra}): {f.help}"
 
 
 def render_verify(report: VerifyReport, console: Console) -> None:
-    table = Table(
-        title=f"verify {escape(report.target)}",
-        title_justify="left",
-        header_style="bold",
-        box=box.SIMPLE_HEAD,
+    table = Grid(
+        [Column("check"), Column("result"), Column("detail", wrap=Wrap.WORDS)],
+        f"verify {report.target}",
     )
-    table.add_column("check")
-    table.add_column("result")
-    table.add_column("detail")
     for c in report.checks:
         table.add_row(
             c.name,
             Text("ok", style="green") if c.ok else Text("FAILED", style="bold red"),
             escape(c.detail),
         )
-    console.print(table)
+    show(table, console)
 
 
 def render_export(exported: Exported, console: Console) -> None:
@@ -318,16 +383,16 @@ def render_export(exported: Exported, console: Console) -> None:
 
 
 _FIT_COLUMNS = (
-    ("", "left"),
-    ("edits", "left"),
-    ("mode", "left"),
-    ("output", "left"),
-    ("MACs", "right"),
-    ("vs best", "right"),
-    ("params", "right"),
-    ("RF", "right"),
-    ("act.", "right"),
-    ("exact", "left"),
+    Column(""),
+    Column("edits", wrap=Wrap.ITEMS),
+    Column("mode"),
+    Column("output"),
+    Column("MACs", "right"),
+    Column("vs best", "right"),
+    Column("params", "right"),
+    Column("RF", "right"),
+    Column("act.", "right"),
+    Column("exact", wrap=Wrap.WORDS),
 )
 
 
@@ -343,7 +408,7 @@ def _candidate_cells(c: Candidate, best: int) -> list[str | Text]:
     return [
         escape(c.label or "as is"),
         c.mode,
-        shape(t.output_shape),
+        f"{len(t.outputs)} outputs" if c.recipe.taps else shape(t.output_shape),
         si(t.macs),
         f"x{t.macs / best:.2f}" if best else "-",
         count(t.params),
@@ -356,59 +421,58 @@ def _candidate_cells(c: Candidate, best: int) -> list[str | Text]:
 def render_fit(result: FitResult, top: int, console: Console) -> None:
     src = result.source
     winner = result.winner.trace.input_shape if result.winner.result else src.input_shape
-    console.print(
-        f"[bold]{escape(result.backbone.spec)}[/bold] -> {escape(result.target.describe())}  "
-        f"input {shape(winner)}; {result.evaluated} candidates evaluated, "
-        f"each checked at {len(result.probes)} input sizes"
-    )
+    head = f"[bold]{escape(result.backbone.spec)}[/bold] -> {escape(result.target.describe())}"
+    counts = f"{result.evaluated} candidates evaluated, each checked at {len(result.probes)}"
+    flow(console, [head, f"input {shape(winner)}; {counts} input sizes"])
+    if result.source.outputs:
+        console.print(escape(source_output_line(result.source)))
     best = result.winner.trace.macs if result.winner.result else 0
-    table = Table(header_style="bold", box=box.SIMPLE_HEAD)
-    for name, justify in _FIT_COLUMNS:
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]  # literal values
+    table = Grid(_FIT_COLUMNS, key=1)
     for i, c in enumerate(result.candidates[:top]):
         table.add_row("*" if i == 0 and c.ok else "", *_candidate_cells(c, best))
-    console.print(table)
+    show(table, console)
     w = result.winner
-    if w.result is not None:
+    if w.result is not None and w.recipe.taps:
+        _render_taps(w, console)
+    elif w.result is not None:
         h, wr = w.trace.size_rules()
-        console.print(
-            f"winner: {escape(w.label or 'as is')} ({w.mode}); "
-            f"output {shape(w.trace.output_shape)}, "
-            f"{count(w.trace.macs)} MACs, {h.format('H')}, {wr.format('W')}"
-        )
+        fields = [f"winner: {escape(w.label or 'as is')} ({w.mode});"]
+        fields += [f"output {shape(w.trace.output_shape)},", f"{count(w.trace.macs)} MACs,"]
+        flow(console, [*fields, f"{h.format('H')},", wr.format("W")], gap=" ")
+    probes = [f"{shape(p)}," for p in result.probes]
+    probes[-1] = probes[-1].rstrip(",")
+    tail = [f"(from {shape(result.smallest)},", "the smallest input accepted)"]
+    flow(console, ["probe sizes:", *probes, *tail], gap=" ")
+    if result.outputs is not None:
+        console.print(escape(f"returns {result.outputs.describe()}"))
     hidden = len(result.candidates) - top
     if hidden > 0:
         console.print(f"({hidden} more candidates; --top {len(result.candidates)} shows all)")
 
 
-@contextlib.contextmanager
-def progress_bar(
-    quiet: bool, label: str = "evaluating candidates"
-) -> Iterator[Callable[[int, int], None] | None]:
-    """A progress bar on stderr that appears only when evaluation takes over a second."""
-    if quiet or not sys.stderr.isatty():
-        yield None
-        return
-    from rich.progress import Progress
+def _render_taps(w: Candidate, console: Console) -> None:
+    """The winner of a fit to several targets: each output, the stage it taps, its size."""
+    console.print(
+        f"winner: {escape(w.label or 'as is')} ({w.mode}); {len(w.trace.outputs)} outputs "
+        f"(a {w.recipe.returns or 'list'}), {count(w.trace.macs)} MACs"
+    )
+    table = Grid([Column(name) for name in ("output", "taps", "shape", "down", "size rule")])
+    for tap, out in zip(w.recipe.taps, w.trace.outputs):
+        h, wr = w.trace.size_rules(out.chain)
+        projected = out.channels != _tapped_channels(w, tap["at"])
+        table.add_row(
+            escape(str(out.key)),
+            escape(tap["at"]) + (" + 1x1 conv, BN" if projected else ""),
+            shape(out.shape),
+            describe_factor(out.downsample).removeprefix("1/"),
+            f"{h.format('H')}, {wr.format('W')}",
+        )
+    show(table, console)
 
-    start = time.monotonic()
-    bar: Progress | None = None
-    task = None
 
-    def update(done: int, total: int) -> None:
-        nonlocal bar, task
-        if bar is None and time.monotonic() - start > 1.0:
-            bar = Progress(console=Console(stderr=True), transient=True)
-            bar.start()
-            task = bar.add_task(label, total=total)
-        if bar is not None and task is not None:
-            bar.update(task, completed=done, total=total)
-
-    try:
-        yield update
-    finally:
-        if bar is not None:
-            bar.stop()
+def _tapped_channels(w: Candidate, at: str) -> int | None:
+    stage = w.result.before.stage(at) if w.result is not None else None
+    return stage.channels if stage is not None else None
 
 
 def render_matrix(result: Matrix, console: Console) -> None:
@@ -416,33 +480,40 @@ def render_matrix(result: Matrix, console: Console) -> None:
     winning plan and its size rule, or why there is none."""
     what = f"{result.channels} channels" if result.channels else "own channels"
     steps = "inspect, fit, emit, verify" if result.verify else "inspect, fit (meta device)"
+    aims = [f"{what} at 1/{', 1/'.join(map(str, result.strides))}"] if result.strides else []
+    together = " + ".join(t.describe() for t in result.targets)
+    aims += [f"a {result.returns} of {together}"] if result.targets else []
     console.print(
-        f"[bold]support matrix[/bold] {escape(' '.join(result.patterns))}: {what} at "
-        f"1/{', 1/'.join(map(str, result.strides))}, {result.rounding} rounding; {steps}"
+        f"[bold]support matrix[/bold] {escape(' '.join(result.patterns))}: "
+        f"{escape('; '.join(aims))}, {result.rounding} rounding; {steps}"
     )
-    table = Table(header_style="bold", box=box.SIMPLE_HEAD)
-    table.add_column("backbone")
-    table.add_column("features", justify="right")
-    for s in result.strides:
-        table.add_column(f"1/{s}")
-    if result.verify:
-        table.add_column("emitted")
-    table.add_column("time", justify="right")
+    table = Grid(
+        [
+            Column("backbone"),
+            Column("features", "right", wrap=Wrap.WORDS),
+            *(Column(f"1/{s}", wrap=Wrap.WORDS) for s in result.strides),
+            *([Column(escape(together), wrap=Wrap.WORDS)] if result.targets else []),
+            *([Column("emitted", wrap=Wrap.WORDS)] if result.verify else []),
+            Column("time", "right"),
+        ]
+    )
     for row in result.rows:
         own = "-"
         if row.channels is not None and row.downsample is not None:
             own = f"{row.channels} @ 1/{describe_factor(row.downsample)}"
         if row.reason:
             cells: list[str | Text] = [Text(f"x {row.reason}", style="red")]
-            cells += ["" for _ in result.strides[1:]]
+            cells += ["" for _ in [*result.strides, *result.targets[:1]][1:]]
         else:
             cells = [_matrix_cell(c) for c in row.cells]
         extra = [escape(row.emit_mode or "-")] if result.verify else []
         table.add_row(escape(row.spec), own, *cells, *extra, f"{row.seconds:.1f}s")
-    console.print(table)
+    show(table, console)
     for row in result.rows:
         why = [(row.reason, row.detail)] if row.reason else []
-        why += [(f"1/{c.stride}", c.detail) for c in row.cells if not c.ok]
+        why += [
+            (together if c.targets else f"1/{c.stride}", c.detail) for c in row.cells if not c.ok
+        ]
         for where, detail in why:
             console.print(f"  {escape(row.spec)} {escape(where)}: {escape(detail)}", soft_wrap=True)
     for mode in dict.fromkeys(r.emit for r in result.rows if r.import_reason):
@@ -515,3 +586,37 @@ def matrix_markdown(title: str, result: Matrix, families: dict[str, str] | None 
         lines += ["", "Failures, with the whole message:", ""]
         lines += [f"- `{spec}`{where}: {detail}" for spec, where, detail in failures]
     return "\n".join(lines) + "\n"
+
+
+def render_cross_check(check: CrossCheck, console: Console) -> None:
+    """bbswap's, thop's and torchinfo's totals in one table, and what each counts."""
+    grid = Grid(
+        [
+            Column("counter"),
+            Column("device"),
+            Column("input"),
+            *(Column(name, "right") for name in ("params", "MACs", "bbswap MACs", "vs bbswap")),
+        ],
+        f"cross-check  input {shape(check.input_shape)}",
+    )
+    for c in check.counts:
+        diff = c.macs_difference
+        grid.add_row(
+            str(c.counter),
+            c.device,
+            shape(c.input_shape),
+            count(c.params) if c.params is not None else "-",
+            count(c.macs) if c.macs is not None else "failed",
+            count(c.bbswap_macs),
+            f"{diff:+,}" if diff is not None else "-",
+        )
+    show(grid, console)
+    for c in check.counts:
+        words = c.counts + (f"; {c.misses}" if c.misses else "")
+        console.print(f"{c.counter}: {escape(words)}")
+        if c.error:
+            console.print(f"  {c.counter} failed {escape(c.error)}")
+    console.print(
+        f"bbswap finds {count(check.functional_macs)} MACs in functional calls outside "
+        "leaf modules (what module-call counters cannot see)"
+    )

@@ -6,6 +6,7 @@ file verified (its loader included) is the one written, next to those very bytes
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import tempfile
 from collections.abc import Callable
@@ -15,25 +16,39 @@ from typing import Any
 
 import torch
 
-from bbswap.backbones.registry import Backbone, resolve
-from bbswap.backbones.weights import LoadReport, load_into, read_checkpoint, state_bytes
+from bbswap.backbones.instance import as_backbone, require_emittable
+from bbswap.backbones.registry import Backbone
+from bbswap.backbones.weights import (
+    LoadReport,
+    WeightsSource,
+    checkpoint_file,
+    load_into,
+    read_checkpoint,
+    source_of,
+    state_bytes,
+)
 from bbswap.codegen.module_file import Emitted, emit
 from bbswap.codegen.outputs import check_output, write_files
 from bbswap.codegen.weights_code import ERROR_CLASS, LOADER
 from bbswap.errors import InvalidArgument
+from bbswap.kinds import Phase
 from bbswap.recipes.schema import Recipe
 from bbswap.surgery.apply import ApplyResult, apply_recipe, run_ops, source_input
+from bbswap.surgery.outputs_plan import OutputsPlan
+from bbswap.surgery.several_outputs import with_outputs
 from bbswap.tracing.tracer import Trace
 from bbswap.verify.checks import (
     Check,
     VerifyReport,
     construct,
+    fresh_import,
     import_file,
     require,
     round_up,
     sweep_sizes,
     verify_model,
 )
+from bbswap.verify.outputs_check import verify_several
 
 
 @dataclass(frozen=True)
@@ -44,6 +59,16 @@ class Exported:
     result: ApplyResult
     report: VerifyReport
     load: LoadReport | None
+    weights_source: WeightsSource | None = None  # where the source backbone's weights came from
+
+    def __repr__(self) -> str:
+        """``Exported(backbone.py + backbone.pth, class ResNet50C684S16, 5 checks ok)``."""
+        files = f"{self.path}" + (f" + {self.weights_path}" if self.weights_path else "")
+        state = "ok" if self.report.ok else "failed"
+        return (
+            f"Exported({files}, class {self.emitted.class_name}, "
+            f"{len(self.report.checks)} checks {state})"
+        )
 
 
 def output_paths(
@@ -74,13 +99,14 @@ def compare_sizes(
 
 
 def export(
-    spec: str | Backbone,
+    spec: str | Backbone | torch.nn.Module,
     recipe: Recipe,
     out: str | Path,
     *,
     input_shape: str | None = None,
     kwargs: dict[str, Any] | None = None,
-    weights: str | None = None,
+    weights: str | Path | None = None,
+    pretrained: bool = False,
     partial: bool = False,
     class_name: str | None = None,
     dropin: bool = False,
@@ -89,36 +115,102 @@ def export(
     safetensors: bool = False,
     seed: int = 0,
     also: dict[Path, bytes] | None = None,
+    source_output: int | str | None = None,
+    on_phase: Callable[[Phase], None] | None = None,
+    outputs: OutputsPlan | None = None,
 ) -> Exported:
-    """Build ``recipe`` on ``spec`` with real weights, emit it, verify the file by round
+    """Build ``recipe`` on a backbone with real weights, emit it, verify the file by round
     trip, then write it (and the carried weights, and any files in ``also``) as one
-    transaction: all or nothing, every path checked before any work."""
+    transaction: all or nothing, every path checked before any work.
+
+    The weights are random (from ``seed``) unless ``weights`` names a checkpoint (or a
+    folder holding one) or ``pretrained`` asks a ``tv:``/``timm:`` builder for its own;
+    the emitted docstring records where they came from and that file's SHA-256.
+
+    A model instance given as ``spec`` is emitted from the builder that makes the same
+    model (a zoo entry, a torchvision builder, a timm architecture, or its class called
+    with ``kwargs``), bundled or imported as that spec would be, and its own weights are
+    carried into ``FILE.pth``; when no builder makes the same model, a one-line error says
+    so before any work. The instance is never changed.
+
+    Args:
+        spec: A backbone spec, a resolved :class:`~bbswap.backbones.registry.Backbone`, or
+            a model instance (an ``nn.Module``).
+        recipe: The recipe to apply.
+        out: The ``.py`` file to write.
+        input_shape: The dummy input, ``"NxCxHxW"`` or ``"HxW"``; default the recipe's.
+        kwargs: Constructor arguments for a spec; for a model instance, the arguments it
+            was constructed with.
+        weights: A checkpoint (``.pth``, ``.pt`` or ``.safetensors``), or a folder holding
+            one, to load into the source backbone; its weights are carried into
+            ``FILE.pth`` beside ``out``.
+        pretrained: Carry the ``tv:``/``timm:`` builder's own weights instead.
+        partial: Load ``weights`` non-strictly, reporting missing and unexpected keys.
+        class_name: The emitted class's name; default from the backbone and the target.
+        dropin: Give the class a constructor that accepts and ignores any arguments.
+        import_mode: Import the source backbone from its package instead of bundling it.
+        force: Replace existing files.
+        safetensors: Write the carried weights as ``.safetensors`` instead of ``.pth``.
+        seed: The random seed of the weights of a backbone built without a checkpoint.
+        also: More files to write in the same transaction, as ``{path: bytes}``.
+        source_output: Which output of a backbone that returns several to make the file
+            from (an index or a key); default the one with the largest downsample.
+        on_phase: Called as the build, the emit and the verification begin
+            (:class:`bbswap.kinds.Phase`).
+        outputs: The outputs of a ``--like`` backbone that returns several (or takes a
+            mask), as :attr:`~bbswap.search.fit.FitResult.outputs` plans them: the file
+            returns them all, in that backbone's structure, and is checked for each.
+
+    Returns:
+        An :class:`Exported`: the paths written, the emitted source, the apply result,
+        the verification report and how the checkpoint loaded.
+
+    Raises:
+        VerificationError: The emitted file failed a check (nothing is written).
+
+    Example::
+
+        found = bbswap.fit("resnet50", channels=684, stride=16, in_chans=1)
+        bbswap.export("resnet50", bbswap.winner_recipe(found), "backbone.py")
+        model = torchvision.models.resnet18()
+        bbswap.export(model, bbswap.winner_recipe(bbswap.fit(model, channels=256, stride=16)),
+                      "resnet18_s16.py")                # also writes resnet18_s16.pth
+    """
+    phase = on_phase or (lambda _: None)
     for extra in also or {}:
         check_output(extra, force, "output")
-    backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
-    path, weights_path = output_paths(out, weights is not None, safetensors, force)
+    # the recipe's constructor arguments, those given here taking precedence
+    merged = kwargs if isinstance(spec, torch.nn.Module) else {**recipe.kw, **(kwargs or {})}
+    backbone, checkpoint = weights_options(spec, merged, weights, pretrained)
+    carry = checkpoint is not None or backbone.pretrained or isinstance(spec, torch.nn.Module)
+    path, weights_path = output_paths(out, carry, safetensors, force)
     _, chans = source_input(backbone, recipe, input_shape)
+    phase(Phase.BUILD)
     torch.manual_seed(seed)
-    model = backbone.build(in_chans=chans)
-    load = None
-    if weights is not None:
-        state, note = read_checkpoint(weights)
-        load = load_into(model, state, weights, partial)
-        if note:
-            load = LoadReport(load.loaded, load.missing, load.unexpected, note)
+    model, load, origin = _source_model(backbone, chans, checkpoint, partial)
     # planned and traced on the meta device, then applied to ``model`` itself (built here
     # for this alone), so the weights are held once
-    result = apply_recipe(backbone, recipe, input_shape)
-    result = replace(result, model=run_ops(model, result.before, recipe, in_place=True).finish())
+    result = apply_recipe(backbone, recipe, input_shape, source_output=source_output)
+    patched = run_ops(model, result.before, result.recipe, in_place=True).finish()
+    result = replace(result, model=patched)
+    if outputs is not None:
+        result = with_outputs(result, outputs)
     files = {**(also or {})}
     carried, recorded = None, None
     if weights_path is not None:  # the exact bytes written, hashed into the emitted file
         files[weights_path] = state_bytes(weights_path, result.model.state_dict())
         carried = (weights_path.name, files[weights_path])
         recorded = (weights_path.name, hashlib.sha256(files[weights_path]).hexdigest())
+    phase(Phase.EMIT)
     emitted = emit(
-        result, class_name=class_name, dropin=dropin, import_mode=import_mode, weights=recorded
+        result,
+        class_name=class_name,
+        dropin=dropin,
+        import_mode=import_mode,
+        weights=recorded,
+        weights_source=origin,
     )
+    phase(Phase.VERIFY)
 
     def source() -> torch.nn.Module:  # the unpatched backbone, built only if asked for
         return backbone.build(in_chans=chans)
@@ -127,7 +219,44 @@ def export(
     require(report)
     files[path] = emitted.source.encode("utf-8")  # last: the file that names the others
     write_files(files, force)
-    return Exported(path, weights_path, emitted, result, report, load)
+    return Exported(path, weights_path, emitted, result, report, load, origin)
+
+
+def weights_options(
+    spec: str | Backbone | torch.nn.Module,
+    kwargs: dict[str, Any] | None,
+    weights: str | Path | None,
+    pretrained: bool,
+) -> tuple[Backbone, Path | None]:
+    """The backbone (asking for its builder's own weights with ``pretrained``) and the
+    checkpoint file ``weights`` names (the one in a folder), checked before any work."""
+    if pretrained and weights is not None:
+        raise InvalidArgument(
+            "{pretrained} and {weights} are two sources of weights; give one",
+            params=("pretrained", "weights"),
+        )
+    backbone = as_backbone(spec, kwargs)
+    require_emittable(backbone)
+    backbone = backbone.with_pretrained() if pretrained else backbone
+    return backbone, checkpoint_file(weights) if weights is not None else None
+
+
+def _source_model(
+    backbone: Backbone, chans: int, checkpoint: Path | None, partial: bool
+) -> tuple[torch.nn.Module, LoadReport | None, WeightsSource | None]:
+    """The source backbone with its weights: the builder's own, a checkpoint's or random;
+    the load report of a checkpoint, and where the weights came from."""
+    if backbone.pretrained:
+        model, source = backbone.build_pretrained(in_chans=chans)
+        return model, None, source
+    model = backbone.build(in_chans=chans)
+    if checkpoint is None:
+        return model, None, None
+    state, note = read_checkpoint(checkpoint)
+    load = load_into(model, state, str(checkpoint), partial)
+    if note:
+        load = LoadReport(load.loaded, load.missing, load.unexpected, note)
+    return model, load, source_of("checkpoint", checkpoint)
 
 
 def check_sizes(after: Trace) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -162,11 +291,17 @@ def check_emitted(
     with tempfile.TemporaryDirectory() as tmp:
         file = Path(tmp) / "bbswap_emitted.py"
         file.write_text(emitted.source, encoding="utf-8")
+        fresh_import(file, emitted.class_name, "the emitted file", _not_bundled(emitted))
         module = import_file(file)
         where = "the emitted file"
         model = construct(module, emitted.class_name, where, meta=True)
         c = after.input_shape[1]
-        report = verify_model(
+        verify = (
+            verify_model
+            if result.outputs is None
+            else functools.partial(verify_several, plan=result.outputs)
+        )
+        report = verify(
             model,
             f"the emitted {emitted.class_name}",
             in_chans=c,
@@ -183,6 +318,14 @@ def check_emitted(
         cls = getattr(module, emitted.class_name)
         check = check_loader(cls, Path(tmp) / weights[0], result.model.state_dict())
         return VerifyReport(report.target, (*report.checks, check))
+
+
+def _not_bundled(emitted: Emitted) -> str:
+    """Why the emitted file imports modules of the user's, for an import that fails."""
+    if not emitted.imported:
+        return ""
+    listed = "; ".join(f"{module}: {why}" for module, why in emitted.imported)
+    return f" (it imports modules of yours that could not be bundled: {listed})"
 
 
 def check_loader(cls: type, file: Path, state: dict[str, torch.Tensor]) -> Check:

@@ -15,33 +15,46 @@ from __future__ import annotations
 import ast
 import importlib
 import re
+import sys
 import textwrap
 import unicodedata
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any, cast
 
 from torch import fx, nn
 
 from bbswap import __version__
+from bbswap.backbones.instance import require_emittable
+from bbswap.backbones.loading import is_user_module
 from bbswap.backbones.registry import Backbone
-from bbswap.codegen.size_code import output_size_code
+from bbswap.backbones.weights import WeightsSource
+from bbswap.codegen.bundling import Bundled, bundle_code
+from bbswap.codegen.outputs_code import outputs_lines, projection_comment
+from bbswap.codegen.size_code import output_size_code, outputs_size_code
 from bbswap.codegen.source import (
     Imports,
-    bundle,
-    file_source,
     forward_source,
     identifier,
     imported_names,
     literal,
-    module_source,
     string,
     wrap,
+)
+from bbswap.codegen.taps_code import (
+    docstring_lines,
+    feature_info_lines,
+    output_infos,
+    outputs_head,
 )
 from bbswap.codegen.text import Place, as_source, is_plain_name
 from bbswap.codegen.weights_code import IMPORTS, LOADER, WeightsCode, weights_code
 from bbswap.errors import InvalidArgument, SurgeryError
+from bbswap.parsing import PyRef
+from bbswap.recipes.schema import OpKind
 from bbswap.recipes.structure import Dropout
 from bbswap.recipes.toml_io import recipe_to_toml
+from bbswap.surgery import same
 from bbswap.surgery.apply import ApplyResult
 from bbswap.surgery.core import (
     Edit,
@@ -51,9 +64,10 @@ from bbswap.surgery.core import (
     fx_name,
     module_at,
     parent_path,
-    trace_children_as_leaves,
 )
-from bbswap.tracing.tracer import describe_factor
+from bbswap.surgery.fx_trace import trace_children_as_leaves
+from bbswap.surgery.same import SAME_CLASSES
+from bbswap.tracing.tracer import Trace, describe_factor
 
 _FAMILIES = {
     "resnet": "ResNet",
@@ -88,11 +102,23 @@ def default_class_name(backbone: str, channels: int, downsample: tuple[float, fl
     return identifier("".join(words) + f"C{channels}S{stride}")
 
 
+def default_features_name(backbone: str, after: Trace) -> str:
+    """``resnet50`` with outputs at 1/8, 1/16, 1/32 -> ``ResNet50FeaturesS8S16S32``."""
+    base = default_class_name(backbone, 0, (1, 1)).removesuffix("C0S1")
+    strides = "".join("S" + describe_factor(o.downsample).replace("/", "_") for o in after.outputs)
+    return identifier(f"{base}Features{strides}")
+
+
 @dataclass(frozen=True)
 class Emitted:
     source: str
     class_name: str
     import_reason: str = ""  # why the source backbone is imported, not bundled; "" if bundled
+    imported: tuple[tuple[str, str], ...] = ()  # user modules imported, not bundled: why
+
+    def __repr__(self) -> str:
+        """``Emitted(class ResNet50C684S16, 112 lines)``: not the source itself."""
+        return f"Emitted(class {self.class_name}, {self.source.count(chr(10))} lines)"
 
 
 def _require_class_name(name: str) -> None:
@@ -121,23 +147,52 @@ def emit(
     dropin: bool = False,
     import_mode: bool = False,
     weights: tuple[str, str] | None = None,
+    weights_source: WeightsSource | None = None,
 ) -> Emitted:
-    """The source of a standalone module for a patched backbone. With ``weights`` (the
-    weights file's name and SHA-256), the file records them and gains a loader that
-    refuses any file of other bytes."""
+    """The source of a standalone module for a patched backbone, in memory; nothing is
+    checked or written (:func:`~bbswap.codegen.export.export` does both).
+
+    Args:
+        result: What :func:`~bbswap.surgery.apply.apply_recipe` returned.
+        class_name: The emitted class's name; default from the backbone and the target
+            (``ResNet50C684S16``).
+        dropin: Give the class a constructor that accepts and ignores any arguments.
+        import_mode: Import the source backbone from its package instead of bundling it.
+        weights: The weights file's name and SHA-256: the file records them and gains a
+            loader that refuses any file of other bytes.
+        weights_source: Where the source backbone's weights came from; the docstring
+            records it.
+
+    Returns:
+        An :class:`Emitted`: the ``source`` text and the ``class_name``.
+
+    Example::
+
+        result = bbswap.apply_recipe("resnet50", bbswap.load_recipe("r.toml"))
+        print(bbswap.emit(result, class_name="Backbone").source)
+    """
+    require_emittable(result.backbone)
     after = result.after
     name = class_name
+    if name is None and result.recipe.taps:
+        name = default_features_name(result.backbone.name, after)
     if name is None:
         name = default_class_name(result.backbone.name, after.output_shape[1], after.downsample)
     _require_class_name(name)
     imports = Imports()
-    present = {type(m).__name__ for m in result.surgery.model.modules()}
-    body_source, builder, local, note, reason = _source_code(
+    present = {type(m) for m in result.surgery.model.modules()}
+    code = _source_code(
         result.backbone, imports, import_mode, present, result.before.input_shape[1]
     )
+    body_source, builder, local = code.code, code.builder, set(code.local)
     patched = result.model
+    per_size = _same_classes(patched, imports, local)
     helpers, wrappers = _edited_classes(result, patched, imports, local)
-    chain, size_method = output_size_code(result.after)
+    several = bool(result.recipe.taps)
+    if several:
+        chain, size_method = outputs_size_code(result.after, [i.name for i in output_infos(result)])
+    else:
+        chain, size_method = output_size_code(result.after)
     loader = weights_code(name, *weights) if weights is not None else None
     root = _root_class(result, patched, name, builder, wrappers, imports, local, dropin, loader)
     root += "\n\n" + _indent(size_method, 4)
@@ -149,15 +204,15 @@ def emit(
     if loader is not None:
         _claim_names(loader, imports, local, wrappers)
         root += "\n\n" + _indent(loader.method, 4)
-    doc = _docstring(result, name, note, dropin, weights)
+    doc = _docstring(result, name, code, imports, dropin, weights, weights_source)
     parts = [body_source] if body_source else []
-    parts += [*helpers, *filter(None, [chain, loader.constants if loader else None]), root]
-    code = "\n\n\n".join(p.strip("\n") for p in parts)
+    parts += [*per_size, *helpers, *filter(None, [chain, loader.constants if loader else None])]
+    text = "\n\n\n".join(p.strip("\n") for p in [*parts, root])
     # isort's rule, as ruff applies it: two blank lines after the imports before a
     # definition, one before any other statement (or comment)
-    gap = "\n\n\n" if code.startswith(("class ", "def ", "async def ", "@")) else "\n\n"
-    text = doc + "\n\n" + imports.render() + gap + code + "\n"
-    return Emitted(text, name, reason)
+    gap = "\n\n\n" if text.startswith(("class ", "def ", "async def ", "@")) else "\n\n"
+    text = doc + "\n\n" + imports.render() + gap + text + "\n"
+    return Emitted(text, name, code.reason, code.imported)
 
 
 _OWN_NAMES = {"Step", "_CHAIN_H", "_CHAIN_W", "_through"}  # the output_size code may define them
@@ -166,6 +221,7 @@ _OWN_NAMES = {"Step", "_CHAIN_H", "_CHAIN_W", "_through"}  # the output_size cod
 def _defined_names(imports: Imports, local: set[str], wrappers: dict[str, str]) -> set[str]:
     """The top-level names the emitted file defines or imports, besides the patched class."""
     names = local | set(wrappers.values()) | _OWN_NAMES
+    names |= {f"{table}_{i}" for table in ("_CHAIN_H", "_CHAIN_W") for i in range(64)}
     for line in imports.lines:
         names.update(imported_names(ast.parse(line).body[0]))
     return names
@@ -190,46 +246,145 @@ def _claim_names(
 # -- the source backbone ----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _SourceCode:
+    """The source backbone's part of an emitted file."""
+
+    code: str  # the bundled definitions ("" when the backbone is imported)
+    builder: str  # the call that builds the source backbone
+    local: frozenset[str]  # the top-level names the bundled code defines
+    note: str  # what the file bundles or imports, for the docstring
+    reason: str = ""  # in --import mode, why the backbone is imported
+    imported: tuple[tuple[str, str], ...] = ()  # user modules imported, not bundled: why
+
+
 def _source_code(
-    backbone: Backbone, imports: Imports, import_mode: bool, present: set[str], in_chans: int
-) -> tuple[str, str, set[str], str, str]:
-    """Bundled (or imported) code of the source backbone; returns the code, the builder
-    call, the names it defines, a note for the docstring and, in --import mode, why."""
-    args = ", ".join(
-        f"{k}={_safe_literal(k, v)}" for k, v in sorted(_build_kwargs(backbone, in_chans).items())
-    )
+    backbone: Backbone, imports: Imports, import_mode: bool, present: set[type], in_chans: int
+) -> _SourceCode:
+    """Bundled (or imported) code of the source backbone and of the objects its ``py:``
+    arguments name: the code, the builder call, the names it defines, a note for the
+    docstring and, in --import mode, why."""
+    entry = _entry_module(backbone, import_mode)
+    bundled = _bundle(backbone, imports, entry, present)
+    args = _builder_args(backbone, in_chans, bundled, imports)
     call = f"{backbone.attr}({args})"
+    imported = tuple(sorted(bundled.imported.items()))
+    local = bundled.names
+    code = "\n\n\n".join(bundled.sources)
     if backbone.kind == "tv":
         # torchvision's builders hang on its weights registry and presets: import them
         imports.add(f"from torchvision.models import {backbone.name}")
         tv_args = ", ".join(["weights=None", *filter(None, [args])])
         reason = "torchvision's builders depend on its weights registry, which is not bundled"
         note = f"imports {backbone.name} from torchvision.models (--import mode: {reason})"
-        return "", f"{backbone.name}({tv_args})", {backbone.name}, note, reason
+        builder = f"{backbone.name}({tv_args})"
+        return _SourceCode(code, builder, local | {backbone.name}, note, reason, imported)
     if backbone.kind == "timm":
         imports.add("import timm")
         timm_args = ", ".join([string(backbone.name), "pretrained=False", *filter(None, [args])])
         reason = "timm's model registry is not bundled"
         note = f"builds the model with timm.create_model (--import mode: {reason})"
-        return "", f"timm.create_model({timm_args})", set(), note, reason
+        builder = f"timm.create_model({timm_args})"
+        return _SourceCode(code, builder, local, note, reason, imported)
+    if import_mode:
+        origin = backbone.source
+        imports.add(f"from {origin} import {backbone.attr}")
+        note = f"imports {backbone.attr} from {origin} (--import mode)"
+        reason = "--import given"
+        return _SourceCode(code, call, local | {backbone.attr}, note, reason, imported)
+    assert entry is not None  # a zoo, file or module backbone outside --import mode
+    origins = [_origin(backbone, m) for m in bundled.modules]  # module names
+    note = f"bundles {backbone.attr} and what it needs from {_join_words(origins)}"
+    return _SourceCode(code, call, local, note, "", imported)
+
+
+def _entry_module(backbone: Backbone, import_mode: bool) -> ModuleType | None:
+    """The module whose definitions are bundled; None when the backbone is imported."""
+    if backbone.kind in ("tv", "timm"):
+        return None
     if import_mode:
         if backbone.kind != "module":
             raise InvalidArgument(
                 f"--import needs a package.module:Name backbone; {backbone.spec} is "
                 + ("a zoo model, always bundled" if backbone.kind == "zoo" else "a file path")
             )
-        origin = backbone.source
-        imports.add(f"from {origin} import {backbone.attr}")
-        note = f"imports {backbone.attr} from {origin} (--import mode)"
-        return "", call, {backbone.attr}, note, "--import given"
-    if backbone.kind == "file":
-        text, origin = file_source(backbone.source), backbone.source.replace("\\", "/")
-        origin = origin.rsplit("/", 1)[-1]
-    else:
-        text, origin = module_source(importlib.import_module(backbone.source)), backbone.source
-    b = bundle(text, [backbone.attr], origin, imports, present)
-    note = f"bundles {backbone.attr} and what it needs from {origin}"
-    return "\n\n\n".join(b.sources), call, b.names, note, ""
+        return None
+    name = backbone.module or backbone.source
+    module = sys.modules.get(name)
+    return module if module is not None else importlib.import_module(name)
+
+
+def _bundle(
+    backbone: Backbone, imports: Imports, entry: ModuleType | None, present: set[type]
+) -> Bundled:
+    """The entry's definition and what it needs, the classes of the built model from the
+    modules bundled, and the objects of the ``py:`` arguments that are the user's code."""
+
+    def follow(module: ModuleType) -> bool:
+        return (
+            module is entry or is_user_module(module) or module.__name__.startswith("bbswap.zoo.")
+        )
+
+    wanted = [(entry, backbone.attr)] if entry is not None else []
+    optional = []
+    for cls in sorted(present, key=lambda c: (c.__module__, c.__qualname__)):
+        module = sys.modules.get(cls.__module__)
+        if module is not None and follow(module) and cls.__qualname__ == cls.__name__:
+            optional.append((module, cls.__name__))
+    for key, value in sorted(backbone.kwargs.items()):
+        ref = backbone.objects.get(key)
+        home = sys.modules.get(getattr(ref, "__module__", "") or "")
+        name = getattr(ref, "__name__", None)
+        top = isinstance(name, str) and getattr(ref, "__qualname__", None) == name
+        if isinstance(value, PyRef) and home is not None and follow(home) and top:
+            wanted.append((home, str(name)))
+    return bundle_code(wanted, imports, follow, optional)
+
+
+def _origin(backbone: Backbone, module: str) -> str:
+    """How the docstring names a module bundled from: a file backbone's own by file name."""
+    if backbone.kind == "file" and module == backbone.module:
+        return backbone.source.replace("\\", "/").rsplit("/", 1)[-1]
+    return module
+
+
+def _join_words(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _builder_args(backbone: Backbone, in_chans: int, bundled: Bundled, imports: Imports) -> str:
+    """The constructor arguments as source: literals, and the names of ``py:`` objects
+    (bundled, or imported from where the argument named them)."""
+    out = []
+    for key, value in sorted(_build_kwargs(backbone, in_chans).items()):
+        if isinstance(value, PyRef):
+            obj = backbone.objects[key]
+            text = bundled.name_of(obj) or _ref_source(value, bundled, imports)
+        else:
+            text = _safe_literal(key, value)
+        if not is_plain_name(key):
+            raise SurgeryError(f"constructor argument {key!r} is not a Python name")
+        out.append(f"{key}={text}")
+    return ", ".join(out)
+
+
+def _ref_source(ref: PyRef, bundled: Bundled, imports: Imports) -> str:
+    """``nn.BatchNorm2d`` for ``py:torch.nn.BatchNorm2d``; ``from pkg import Name`` and
+    ``Name`` for another package's object."""
+    parts = ref.path.split(".")
+    used = next(i for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in sys.modules)
+    module, rest = ".".join(parts[:used]), parts[used:]
+    short = {"torch": "torch", "torch.nn": "nn", "torch.nn.functional": "F"}.get(module)
+    if short is not None:
+        if short == "F":
+            imports.add("import torch.nn.functional as F")
+        return ".".join([short, *rest])
+    if rest[0] in bundled.names:
+        raise SurgeryError(
+            f"the py: argument {ref} is named {rest[0]}, which the bundled code defines too"
+        )
+    imports.add(f"from {module} import {rest[0]}")
+    return ".".join(rest)
 
 
 def _build_kwargs(backbone: Backbone, in_chans: int) -> dict[str, Any]:
@@ -248,9 +403,26 @@ def _safe_literal(key: str, value: Any) -> str:
         same = ast.literal_eval(text) == value
     except (ValueError, SyntaxError):
         same = False
-    if not same or not is_plain_name(key):
+    if not same:
         raise SurgeryError(f"constructor argument {key}={text[:40]} cannot be written as a literal")
     return text
+
+
+def _same_classes(model: nn.Module, imports: Imports, local: set[str]) -> list[str]:
+    """The classes of the modules an op made pad each input by its size, copied with what
+    they use from :mod:`bbswap.surgery.same`; their names join ``local``."""
+    used = sorted({type(m).__name__ for m in model.modules() if type(m) in SAME_CLASSES.values()})
+    if not used:
+        return []
+    b = bundle_code([(same, name) for name in used], imports, lambda module: module is same)
+    clash = sorted(b.names & local)
+    if clash:
+        raise SurgeryError(
+            f"the emitted file needs the top-level name {clash[0]} for its padding per input "
+            "size, which the bundled code already defines"
+        )
+    local |= b.names
+    return list(b.sources)
 
 
 # -- rewritten forwards -----------------------------------------------------------------------
@@ -456,7 +628,7 @@ def _plan(result: ApplyResult) -> dict[int, _OpLines]:
                 lines.dropped.append(e.path)
             elif e.path in new and "." not in e.path and e.kind is EditKind.APPEND:
                 lines.appended.append(e.path)  # built where the children are adopted
-            elif e.path in new:
+            elif e.path in new and e.kind is not EditKind.SET:
                 _supersede(plan, e.path, "")
                 lines.statements.append(("module", e.path, "", new[e.path]))
             elif e.kind is EditKind.CALL:
@@ -497,6 +669,8 @@ def _edit_lines(
             lines += _comments_for(_head(op, index, shown))
             lines += _statement_lines(model, op.statements)
             lines += [_comment(f"{note} (in the forward)") for note in op.notes if not wrappers]
+        elif result.recipe.ops[index].op_kind == OpKind.TAP:
+            continue  # the forward returns its module's output: no statement here
         elif not (op.notes or op.dropped or op.appended):
             lines += _comments_for(f"{_head(op, index, shown)}: nothing left to change")
     if wrappers:
@@ -634,8 +808,10 @@ def _dropout_loop(
     if len(names) != 1:  # a block already had a 'dropout' attribute: spell each one out
         return [_set_expr(model, "body", e.path, new[e.path]) for e in edits]
     cls = op.block
+    # the op leaves the model itself out, even when it is of that class (a root Sequential)
+    blocks = "body.modules()" if type(model).__name__ != cls else "list(body.modules())[1:]"
     return [
-        f"for block in [m for m in body.modules() if type(m).__name__ == {string(cls)}]:",
+        f"for block in [m for m in {blocks} if type(m).__name__ == {string(cls)}]:",
         "    " + _assign_attr("block", names.pop(), new[edits[0].path]),
     ]
 
@@ -682,17 +858,33 @@ def _root_class(
     else:
         init_args = ""
     rules = result.after.size_rules()
+    head = (
+        f"{result.after.output_shape[1]} channels at 1/{describe_factor(result.after.downsample)};"
+    )
+    tail = f"{rules[0].format('H')}, {rules[1].format('W')}."
+    contract: list[str] = []
+    more = loader.class_doc if loader else ()
+    if result.recipe.taps:
+        infos = output_infos(result)
+        tail, each = outputs_head(result.surgery.rewrite("").returns, infos)
+        head = ""
+        more = (*each, *(("", *more) if more else ()))
+        contract = feature_info_lines(infos)
     doc = _class_doc(
-        f"{result.backbone.spec} patched by recipe {result.recipe.name}: "
-        f"{result.after.output_shape[1]} channels at 1/{describe_factor(result.after.downsample)};",
-        f"{rules[0].format('H')}, {rules[1].format('W')}.",
-        more=loader.class_doc if loader else (),
+        f"{result.backbone.spec} patched by recipe {result.recipe.name}: {head}".rstrip(),
+        tail,
+        more=more,
     )
     init = "\n".join(_wrap_nested(line, 8) for line in ["super().__init__()", *body])
     return (
         f"class {name}(nn.Module):\n"
         f"    {doc}\n\n"
-        f"    def __init__(self{init_args}) -> None:\n" + init + "\n\n" + _indent(forward, 4)
+        + "".join(f"    {line}\n" for line in contract)
+        + ("\n" if contract else "")
+        + f"    def __init__(self{init_args}) -> None:\n"
+        + init
+        + "\n\n"
+        + _indent(forward, 4)
     )
 
 
@@ -702,6 +894,7 @@ def _adopt_root(
     """The patched model's own children, parameters and buffers, taken from ``body``; a
     truncation is noted here, an appended module under its op's comment."""
     lines = ["# the source backbone's modules, under their own names (state_dict keys)"]
+    lines += _comments_for(_output_note(result, patched, plan))
     for index, op in plan.items():
         if op.dropped:
             after = result.recipe.ops[index]["after"]  # a truncate op's field
@@ -710,12 +903,16 @@ def _adopt_root(
     new = result.surgery.new_modules
     made_by = {path: index for index, op in plan.items() for path in op.appended}
     started: set[int] = set()
+    body = result.surgery.model._modules  # what the source backbone (and the ops) hold
     for child in patched._modules:
         if child in made_by and child in new:
             index = made_by[child]
             if index not in started:  # the op's first module
                 started.add(index)
                 lines += _comments_for(_head(plan[index], index, shown))
+            lines.append(_assign("self", child, new[child]))
+        elif result.outputs is not None and child in new and child not in body:  # another output's
+            lines += _comments_for(projection_comment(result.outputs, child))
             lines.append(_assign("self", child, new[child]))
         else:
             lines.append(_assign("self", child, _get_attr("body", child)))
@@ -724,6 +921,23 @@ def _adopt_root(
     for bname, _ in patched.named_buffers(recurse=False):
         lines.append(_buffer_line(patched, bname, "body"))
     return lines
+
+
+def _output_note(result: ApplyResult, patched: nn.Module, plan: dict[int, _OpLines]) -> str:
+    """Which output of a source that returns several this class returns, and the source's
+    modules that only the others needed; "" for a source that returns one tensor."""
+    before = result.before
+    if before.output_key is None:
+        return ""
+    dropped = {path for op in plan.values() for path in op.dropped}
+    unused = [
+        c for c in result.surgery.model._modules if c not in patched._modules and c not in dropped
+    ]
+    note = (
+        f"the source's forward returns a {before.returns} of {len(before.outputs)}; this "
+        f"class returns its output {before.output_key!r} alone"
+    )
+    return note + (f", so it no longer runs {', '.join(unused)}" if unused else "")
 
 
 def _wrap_nested(line: str, indent: int) -> str:
@@ -735,6 +949,8 @@ def _wrap_nested(line: str, indent: int) -> str:
 def _trace_root(model: nn.Module) -> fx.Graph:
     try:
         return trace_children_as_leaves(model)
+    except SurgeryError:
+        raise
     except Exception as error:  # fx raises many kinds of errors on dynamic code
         raise SurgeryError(
             f"cannot write the forward of {type(model).__name__}: not traceable with torch.fx "
@@ -745,12 +961,11 @@ def _trace_root(model: nn.Module) -> fx.Graph:
 # -- the docstring ------------------------------------------------------------------------------
 
 
-def _needs(backbone: Backbone, note: str) -> str:
-    """What the file imports besides torch: nothing when the source code is bundled."""
-    if not note.startswith(("imports", "builds")):
-        return "needs only torch"
-    package = {"tv": "torchvision", "timm": "timm"}.get(backbone.kind)
-    return f"needs torch and {package or backbone.source.split('.')[0]}"
+def _needs(imports: Imports) -> str:
+    """What the file imports besides torch and the standard library, read off its imports."""
+    tops = {line.split()[1].split(".")[0] for line in imports.lines}
+    others = sorted(t for t in tops if t != "torch" and t not in sys.stdlib_module_names)
+    return f"needs torch and {_join_words(others)}" if others else "needs only torch"
 
 
 def _size_rule_lines(rule: str, name: str) -> list[str]:
@@ -761,16 +976,27 @@ def _size_rule_lines(rule: str, name: str) -> list[str]:
     return [head, " " * 17 + tail]
 
 
-def _generated_by(backbone: Backbone, note: str) -> list[str]:
+def _generated_by(imports: Imports, note: str) -> list[str]:
     """The line on what made the file and what it needs; too long, it breaks before what
-    the file bundles (which stays in one piece) or at the spaces of an import's note."""
-    line = f"Generated by bbswap {__version__}; {_needs(backbone, note)}. This file {note}."
+    the file bundles (which stays in one piece when it fits a line) or at the spaces of
+    an import's note."""
+    line = f"Generated by bbswap {__version__}; {_needs(imports)}. This file {note}."
     if len(line) <= 100:
         return [line]
-    if note.startswith("bundles "):
+    if note.startswith("bundles ") and len(note) < 100:
         return [line[: -len(note) - 2], note + "."]
     # an imported source: the note is this module's own words around a module name
     return textwrap.wrap(line, 100, break_long_words=False, break_on_hyphens=False)
+
+
+def _imported_lines(imported: tuple[tuple[str, str], ...]) -> list[str]:
+    """The user's modules the file imports, not bundled, each with the reason."""
+    lines = []
+    for i, (module, why) in enumerate(imported):
+        head = "Imports:         " if i == 0 else " " * 17
+        text = f"{head}{module} (not bundled: {why}); it must be importable"
+        lines += textwrap.wrap(text, 100, subsequent_indent=" " * 19, break_long_words=False)
+    return lines
 
 
 def _weights_lines(name: str, weights: tuple[str, str]) -> list[str]:
@@ -780,26 +1006,61 @@ def _weights_lines(name: str, weights: tuple[str, str]) -> list[str]:
     return [f"{head} {tail}"] if len(head) + 1 + len(tail) <= 100 else [head, " " * 17 + tail]
 
 
+def _source_lines(source: WeightsSource) -> list[str]:
+    """Where the source backbone's weights came from: what chose them, the file read
+    (alone on its line, however long) and its SHA-256."""
+    lines = [f"Weights from:    {source.origin}"]
+    if source.path is not None:
+        lines.append(" " * 17 + str(source.path))
+    if source.sha256 is not None:
+        lines.append(" " * 17 + f"(SHA-256 {source.sha256})")
+    return lines
+
+
+def _source_output_lines(before: Trace) -> list[str]:
+    """The output of a source that returns several tensors that the file is made from."""
+    if before.output_key is None:
+        return []
+    keys = ", ".join(repr(o.key) for o in before.outputs)
+    return [
+        f"Source output:   {before.output_key!r} of the {before.returns} its forward returns "
+        f"({keys})"
+    ]
+
+
 def _docstring(
     result: ApplyResult,
     name: str,
-    note: str,
+    code: _SourceCode,
+    imports: Imports,
     dropin: bool,
     weights: tuple[str, str] | None = None,
+    source: WeightsSource | None = None,
 ) -> str:
     t, before = result.after, result.before
     rules = t.size_rules()
     recipe_text = recipe_to_toml(result.recipe).rstrip()
+    contract = [
+        f"Downsample:      {describe_factor(t.downsample)}",
+        *_size_rule_lines(f"{rules[0].format('H')}, {rules[1].format('W')}", name),
+    ]
+    output = f"output {shape(t.output_shape)}"
+    if result.recipe.taps:
+        returns = result.surgery.rewrite("").returns
+        contract = docstring_lines(returns, output_infos(result), name)
+        output = f"{len(t.outputs)} outputs"
     lines = [
         f"{name}: {result.backbone.spec} after backbone surgery (recipe {result.recipe.name}).",
         "",
-        *_generated_by(result.backbone, note),
+        *_generated_by(imports, code.note),
         "",
         f"Source backbone: {result.backbone.spec}",
-        f"Traced input:    {shape(t.input_shape)} -> output {shape(t.output_shape)} "
+        *_imported_lines(code.imported),
+        f"Traced input:    {shape(t.input_shape)} -> {output} "
         f"(the source gave {shape(before.output_shape)} for {shape(before.input_shape)})",
-        f"Downsample:      {describe_factor(t.downsample)}",
-        *_size_rule_lines(f"{rules[0].format('H')}, {rules[1].format('W')}", name),
+        *_source_output_lines(before),
+        *(outputs_lines(result.outputs, name) if result.outputs is not None else []),
+        *contract,
         f"Params:          {count(t.params)}",
         f"MACs:            {count(t.macs)} at the traced input",
     ]
@@ -808,6 +1069,8 @@ def _docstring(
         tail = "so it can replace the host's class."
         fits = len(head) + 1 + len(tail) <= 100
         lines += [f"{head} {tail}"] if fits else [head, " " * 17 + tail]
+    if source is not None:
+        lines += _source_lines(source)
     if weights is not None:
         lines += _weights_lines(name, weights)
     prose = "\n".join(lines)

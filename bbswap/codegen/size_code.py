@@ -115,19 +115,56 @@ def output_size_code(trace: Trace) -> tuple[str, str]:
             f"    return {', '.join(results)}",
         ]
     )
-    return (_chain_code(trace, tables) if tables else ""), method
+    chains = {name: trace.chain for name in tables}
+    return (_chain_code(trace, chains) if tables else ""), method
 
 
-def _chain_code(trace: Trace, tables: list[str]) -> str:
+def outputs_size_code(trace: Trace, names: Sequence[str]) -> tuple[str, str]:
+    """The same for a backbone that returns several outputs (``trace.outputs``, called
+    ``names`` in comments): the method returns one (H, W) per output, in their order."""
+    lines: list[str] = []
+    results: list[str] = []
+    chains: dict[str, tuple[str, ...]] = {}
+    for i, out in enumerate(trace.outputs):
+        pair = []
+        for axis, (var, name) in enumerate(_AXES):
+            form = closed_form(trace.steps(axis, out.chain))
+            if form is None:
+                chains[f"{name}_{i}"] = out.chain
+                pair.append(f"_through({name}_{i}, {var})")
+            elif form.guard:
+                lines.append(
+                    f"{var}{i} = {form.expression(var)} if {var} >= {form.minimum} else 0"
+                    "  # smaller inputs give no output"
+                )
+                pair.append(f"{var}{i}")
+            else:
+                pair.append(form.expression(var))
+        results.append(f"({pair[0]}, {pair[1]}),  # {as_source(names[i], Place.COMMENT)}")
+    how = "exact at every size" if not chains else "from the reduction chains"
+    method = "\n".join(
+        [
+            "@staticmethod",
+            "def output_size(h: int, w: int) -> list[tuple[int, int]]:",
+            f'    """The (H, W) of each output, in order, for an input of (h, w); {how}."""',
+            *(f"    {line}" for line in lines),
+            "    return [",
+            *(f"        {line}" for line in results),
+            "    ]",
+        ]
+    )
+    return (_chain_code(trace, chains) if chains else ""), method
+
+
+def _chain_code(trace: Trace, chains: dict[str, tuple[str, ...]]) -> str:
+    """The step tables ``chains`` names (each with the ops of its chain) and ``_through``."""
     by_id = {o.id: o for o in trace.ops}
-    rows: dict[str, list[str]] = {name: [] for _, name in _AXES}
+    rows: dict[str, list[str]] = {name: [] for name in chains}
     used: list[SizeStep] = []
-    for op_id in trace.chain:
-        o = by_id[op_id]
-        for steps, name in ((o.steps_h, "_CHAIN_H"), (o.steps_w, "_CHAIN_W")):
-            if name not in tables:
-                continue
-            for s in steps:
+    for name, chain in chains.items():
+        for op_id in chain:
+            o = by_id[op_id]
+            for s in o.steps_w if name.startswith("_CHAIN_W") else o.steps_h:
                 used.append(s)
                 rows[name].append(
                     f'    ("{s.kind}", {s.kernel}, {s.stride}, {s.padding}, {s.dilation}, '
@@ -137,7 +174,7 @@ def _chain_code(trace: Trace, tables: list[str]) -> str:
         "# The reduction chain from input to output, one step per size-changing op:\n"
         "# (kind, kernel, stride, padding, dilation, ceil_mode, is_pool, value).\n"
         + "Step = tuple[str, int, int, int, int, bool, bool, float]\n\n"
-        + "\n".join(_tuple_block(name, rows[name]) for name in tables)
+        + "\n".join(_tuple_block(name, rows[name]) for name in chains)
     )
     return table.rstrip("\n") + "\n\n\n" + _interpreter(used)
 

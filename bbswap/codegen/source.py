@@ -2,8 +2,9 @@
 
 ``forward_source`` writes a graph's forward as one statement per node with an import
 table (``F.`` for torch.nn.functional, ``torch.`` for torch, infix operators);
-``bundle`` extracts from a module's source the top-level definitions a name needs,
-with their imports, so an emitted file stands alone.
+``top_level`` and ``carried_definitions`` find in a module's source the top-level
+definitions a name needs, which :mod:`bbswap.codegen.bundling` copies into an emitted
+file so that it stands alone.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ import sys
 import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -102,7 +101,8 @@ def literal(value: Any, imports: Imports) -> str:
             return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
         return f"[{', '.join(items)}]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k!r}: {literal(v, imports)}" for k, v in value.items()) + "}"
+        pairs = (f"{literal(k, imports)}: {literal(v, imports)}" for k, v in value.items())
+        return "{" + ", ".join(pairs) + "}"
     if isinstance(value, slice):
         parts = [literal(p, imports) if p is not None else "" for p in (value.start, value.stop)]
         step = f":{literal(value.step, imports)}" if value.step is not None else ""
@@ -222,7 +222,10 @@ def forward_source(
     signature = ", ".join(["self", *params])
     returns = return_type(graph, owner) if owner is not None else ""
     arrow = f" -> {returns}" if returns else ""
-    return f"def forward({signature}){arrow}:\n" + "\n".join(wrap(line, 4, 96) for line in body)
+    head = f"def forward({signature}){arrow}:"
+    if len(head) > 96:  # as ruff writes a signature too long for the class's indentation
+        head = f"def forward(\n    {signature}\n){arrow}:"
+    return head + "\n" + "\n".join(wrap(line, 4, 96) for line in body)
 
 
 # -- return types ---------------------------------------------------------------------------
@@ -260,6 +263,9 @@ def return_type(graph: fx.Graph, owner: nn.Module) -> str:
         if isinstance(out, list):
             return "list[torch.Tensor]"
         return "tuple[" + ", ".join("torch.Tensor" for _ in out) + "]"
+    values = list(out.values()) if isinstance(out, dict) else []
+    if values and all(isinstance(a, fx.Node) and _is_tensor(a, owner) for a in values):
+        return "dict[str, torch.Tensor]"
     return ""
 
 
@@ -345,16 +351,7 @@ def identifier(text: str) -> str:
 # -- bundling ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Bundle:
-    """Top-level definitions copied from a source file, in their original order."""
-
-    origin: str
-    sources: list[str]
-    names: set[str]
-
-
-def _top_level(tree: ast.Module) -> dict[str, ast.stmt]:
+def top_level(tree: ast.Module) -> dict[str, ast.stmt]:
     defs: dict[str, ast.stmt] = {}
     for stmt in tree.body:
         if isinstance(stmt, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
@@ -452,7 +449,7 @@ def _closure(defs: dict[str, ast.stmt], roots: Iterable[str]) -> set[str]:
     return needed
 
 
-def _carried(
+def carried_definitions(
     source: str, defs: dict[str, ast.stmt], roots: list[str]
 ) -> tuple[set[str], dict[int, list[tuple[ast.expr, str]]]]:
     """The definitions to carry and, per carried statement, the rewrites of annotations
@@ -481,85 +478,33 @@ def _carried(
         roots = [*roots, *sorted(missing)]
 
 
-def _offset(lines: list[str], first: int, line: int, col: int) -> int:
+def offset(lines: list[str], first: int, line: int, col: int) -> int:
     """The character offset in the chunk starting at line ``first`` of ast's (line, byte
     column) position."""
     before = sum(len(text) + 1 for text in lines[first - 1 : line - 1])
     return before + len(lines[line - 1].encode("utf-8")[:col].decode("utf-8"))
 
 
-def _chunk(lines: list[str], top: ast.stmt, edits: list[tuple[ast.expr, str]]) -> str:
+Span = tuple[int, int, int, int]  # ast's (line, byte column, end line, end byte column)
+
+
+def span_of(node: ast.expr) -> Span:
+    return (node.lineno, node.col_offset, node.end_lineno or node.lineno, node.end_col_offset or 0)
+
+
+def definition_text(lines: list[str], top: ast.stmt, edits: dict[Span, str]) -> str:
+    """The source of a top-level statement (with its decorators), each span in ``edits``
+    replaced by its text."""
     start = min([top.lineno] + [d.lineno for d in getattr(top, "decorator_list", [])])
     end = top.end_lineno or top.lineno
     text = "\n".join(lines[start - 1 : end])
     spans = {
-        (
-            _offset(lines, start, node.lineno, node.col_offset),
-            _offset(lines, start, node.end_lineno or node.lineno, node.end_col_offset or 0),
-        ): new
-        for node, new in edits
+        (offset(lines, start, a, b), offset(lines, start, c, d)): new
+        for (a, b, c, d), new in edits.items()
     }
     for (a, b), new in sorted(spans.items(), reverse=True):
         text = text[:a] + new + text[b:]
     return text
-
-
-def bundle(
-    source: str, roots: Iterable[str], origin: str, imports: Imports, present: Iterable[str] = ()
-) -> Bundle:
-    """Copy the definitions ``roots`` need from ``source`` (a whole module's text): those
-    their code uses, and the classes in ``present`` (of the modules in the built model)."""
-    tree = ast.parse(source)
-    defs = _top_level(tree)
-    import_stmts = {
-        name: stmt
-        for stmt in tree.body
-        if isinstance(stmt, (ast.Import, ast.ImportFrom))
-        for name in imported_names(stmt)
-    }
-    roots = list(roots)
-    missing = [r for r in roots if r not in defs]
-    if missing:
-        raise SurgeryError(f"{origin} does not define {', '.join(missing)} at top level")
-    used = [p for p in sorted(set(present)) if isinstance(defs.get(p), ast.ClassDef)]
-    needed, rewrites = _carried(source, defs, roots + used)
-    used_imports = {
-        node.id
-        for name in needed
-        for node in ast.walk(defs[name])
-        if isinstance(node, ast.Name) and node.id in import_stmts
-    }
-    for name in sorted(used_imports):
-        stmt = import_stmts[name]
-        if isinstance(stmt, ast.ImportFrom) and stmt.module == "__future__":
-            continue
-        text = ast.unparse(stmt)
-        if isinstance(stmt, ast.ImportFrom) and len(stmt.names) > 1:
-            # keep only the names used
-            kept = [a for a in stmt.names if (a.asname or a.name) in used_imports]
-            text = ast.unparse(ast.ImportFrom(stmt.module, kept, stmt.level))
-        imports.add(text)
-    lines = source.splitlines()
-    chunks = []
-    seen: set[int] = set()
-    for top in tree.body:
-        names = [n for n, d in defs.items() if d is top and n in needed]
-        if not names or id(top) in seen:
-            continue
-        seen.add(id(top))
-        chunks.append(_chunk(lines, top, rewrites.get(id(top), [])))
-    return Bundle(origin, chunks, needed)
-
-
-def module_source(module: ModuleType) -> str:
-    try:
-        return inspect.getsource(module)
-    except (OSError, TypeError) as error:
-        raise SurgeryError(f"the source of {module.__name__} is not available: {error}") from None
-
-
-def file_source(path: str) -> str:
-    return Path(path).read_text(encoding="utf-8")
 
 
 def string(value: str) -> str:

@@ -2,21 +2,41 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from bbswap.errors import RecipeError, choices
 from bbswap.recipes.channels import InChannels, Project
-from bbswap.recipes.schema import Op
+from bbswap.recipes.schema import Field, Op
 from bbswap.recipes.strides import Exact, Stride
 from bbswap.recipes.structure import Dropout, Pool, Truncate
+from bbswap.recipes.taps import Tap
 
 OPS: dict[str, type[Op]] = {
-    cls.op_kind.value: cls for cls in (InChannels, Stride, Exact, Truncate, Project, Pool, Dropout)
+    cls.op_kind.value: cls
+    for cls in (InChannels, Stride, Exact, Truncate, Project, Pool, Dropout, Tap)
 }
 
 
 def make_op(name: str, **params: Any) -> Op:
-    """An op built the way a recipe file's op is read (defaults filled, values checked)."""
+    """An op built the way a recipe file's op is read: defaults filled, values checked.
+
+    Args:
+        name: The op (``bbswap ops`` lists them): ``"in_channels"``, ``"stride"``,
+            ``"exact"``, ``"truncate"``, ``"project"``, ``"pool"``, ``"dropout"`` or
+            ``"tap"``.
+        **params: The op's fields, as in a recipe's ``[[ops]]`` table (a tuple is taken
+            as a list; ``None`` as left out).
+
+    Returns:
+        The :class:`~bbswap.recipes.schema.Op`.
+
+    Example::
+
+        ops = (bbswap.make_op("stride", at="layer4", stride=1, mode="dilate"),
+               bbswap.make_op("project", channels=256))
+        recipe = bbswap.Recipe("resnet18-s16", ops, backbone="resnet18")
+    """
     if name not in OPS:
         raise RecipeError(f"unknown op {name!r} (valid: {choices(sorted(OPS))})")
     raw = {k: list(v) if isinstance(v, tuple) else v for k, v in params.items() if v is not None}
@@ -35,17 +55,15 @@ def op_from_table(raw: Any, where: str) -> Op:
     return OPS[name].from_table(raw, f"{where} ({name})")
 
 
-def describe_ops() -> list[tuple[str, str, list[str]]]:
-    """(name, summary, field descriptions) of every op, for ``bbswap ops``."""
-    rows = []
-    for name, cls in OPS.items():
-        fields = []
-        for f in cls.fields:
-            if f.required:
-                req = "required"
-            else:
-                req = f"default {f.default!r}" if f.default is not None else "optional"
-            extra = f"; one of {', '.join(f.choices)}" if f.choices else ""
-            fields.append(f"{f.name} ({f.kind}, {req}{extra}): {f.help}")
-        rows.append((name, cls.summary, fields))
-    return rows
+@dataclass(frozen=True)
+class OpInfo:
+    """One recipe op as ``bbswap ops`` lists it: its name, what it does, its fields."""
+
+    name: str
+    summary: str
+    fields: tuple[Field, ...]
+
+
+def describe_ops() -> list[OpInfo]:
+    """Every recipe op with its summary and declared fields, for ``bbswap ops``."""
+    return [OpInfo(name, cls.summary, cls.fields) for name, cls in OPS.items()]

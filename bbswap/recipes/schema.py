@@ -25,7 +25,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
@@ -49,6 +49,7 @@ class OpKind(str, enum.Enum):
     PROJECT = "project"
     POOL = "pool"
     DROPOUT = "dropout"
+    TAP = "tap"
 
     def __str__(self) -> str:
         return self.value
@@ -70,6 +71,8 @@ class Field:
     minimum: float | None = None
     maximum: float | None = None  # exclusive upper bound
 
+
+RETURNS = ("list", "tuple", "dict")  # what a recipe with tap ops returns
 
 # Sane bounds for integer fields, so a 20-digit value is refused before any work
 MAX_CHANNELS = 1 << 16
@@ -139,12 +142,65 @@ class Op:
 
 @dataclass(frozen=True)
 class Recipe:
+    """A named, ordered list of ops for a backbone, as a recipe file holds it.
+
+    Args:
+        name: The recipe's name (the emitted file's docstring quotes it).
+        ops: The ops, applied in order (:func:`~bbswap.recipes.registry.make_op`).
+        backbone: The spec it was written for; informative.
+        description: A sentence on what it does.
+        input: The traced input, ``"NxCxHxW"``; the default of ``apply_recipe``.
+        source: The file it was read from, for messages.
+        source_output: Which output of a forward that returns several tensors the ops
+            work on: an index or a dict key (None: the one with the largest downsample).
+        kw: The backbone's constructor arguments (the ``[kw]`` table); a ``py:`` value is
+            a :class:`~bbswap.parsing.PyRef`.
+        returns: With tap ops, what holds the outputs: ``"list"`` (the default),
+            ``"tuple"`` or ``"dict"``.
+
+    Example::
+
+        ops = (bbswap.make_op("stride", at="layer4", stride=1),
+               bbswap.make_op("truncate", after="layer4"))
+        bbswap.apply_recipe("resnet18", bbswap.Recipe("s16", ops)).after.downsample
+        # (16.0, 16.0)
+    """
+
     name: str
     ops: tuple[Op, ...]
     backbone: str = ""
     description: str = ""
     input: str = ""
     source: str = ""  # the file it was read from, for messages
+    # which output of a forward that returns several tensors the recipe works on: an
+    # index or a dict key (None: the one with the largest downsample)
+    source_output: int | str | None = None
+    # the backbone's constructor arguments (``[kw]``); a ``py:`` value is a PyRef
+    kw: dict[str, Any] = field(default_factory=dict)
+    # with tap ops: what holds the outputs, "list" (the default), "tuple" or "dict"
+    returns: str | None = None
+
+    def __post_init__(self) -> None:
+        """Tap ops replace the single output, which project and pool ops act on."""
+        prefix = f"{self.source}: " if self.source else ""
+        kinds = [op.op_kind for op in self.ops]
+        if self.returns is not None and self.returns not in RETURNS:
+            raise RecipeError(f"{prefix}returns {self.returns!r} is not one of {choices(RETURNS)}")
+        if OpKind.TAP not in kinds:
+            if self.returns is not None:
+                raise RecipeError(f"{prefix}returns goes with tap ops; the recipe has none")
+            return
+        for index, kind in enumerate(kinds):
+            if kind in (OpKind.PROJECT, OpKind.POOL):
+                raise RecipeError(
+                    f"{self.where(index)}: a recipe with tap ops returns the taps; give each "
+                    "tap its channels instead of a project or pool op"
+                )
+
+    @property
+    def taps(self) -> tuple[Op, ...]:
+        """The tap ops, in the order of the outputs."""
+        return tuple(op for op in self.ops if op.op_kind == OpKind.TAP)
 
     def where(self, index: int, key: str | None = None) -> str:
         """How an error message names a field: ``file: ops[2] (stride).at``."""

@@ -9,8 +9,9 @@ from typing import Any
 from bbswap.errors import RecipeError, SurgeryError, choices
 from bbswap.recipes.schema import MAX_STRIDE, Field, Op, OpKind
 from bbswap.surgery.core import Surgery, fmt, module_at
+from bbswap.surgery.same import SAME_CLASSES, same_version
 from bbswap.tracing.sizes import SizeStep
-from bbswap.tracing.spatial_ops import pair
+from bbswap.tracing.spatial_ops import dynamic_same, pair
 from bbswap.tracing.tracer import SpatialOp, Trace
 
 WINDOW_OPS = ("conv", "max-pool", "avg-pool", "lp-pool")
@@ -46,7 +47,8 @@ def _check_at(trace: Trace, at: str, where: str) -> None:
 
 
 def current(s: Surgery, o: SpatialOp) -> dict[str, Any]:
-    """An op's kernel, stride, padding and dilation as the surgery has left them so far."""
+    """An op's kernel, stride, padding and dilation as the surgery has left them so far;
+    ``same``: whether it pads each input by its size (by itself, or made to by an op)."""
     if o.kind == "module":
         m = module_at(s.model, o.id)
         padding = getattr(m, "padding", o.padding)
@@ -56,6 +58,7 @@ def current(s: Surgery, o: SpatialOp) -> dict[str, Any]:
             "padding": padding if isinstance(padding, str) else pair(padding),
             "dilation": pair(getattr(m, "dilation", o.dilation)),
             "ceil_mode": bool(getattr(m, "ceil_mode", o.ceil_mode)),
+            "same": o.same or dynamic_same(m),
         }
     values: dict[str, Any] = {
         "kernel_size": o.kernel,
@@ -63,6 +66,7 @@ def current(s: Surgery, o: SpatialOp) -> dict[str, Any]:
         "padding": o.padding,
         "dilation": o.dilation,
         "ceil_mode": o.ceil_mode,
+        "same": o.same,
     }
     rw = s.rewrites.get(o.owner)
     for edit in rw.calls if rw else []:
@@ -71,7 +75,24 @@ def current(s: Surgery, o: SpatialOp) -> dict[str, Any]:
     return values
 
 
-def _set(s: Surgery, o: SpatialOp, values: dict[str, Any]) -> None:
+def pads_per_size(s: Surgery, o: SpatialOp) -> bool:
+    """Whether ``o`` pads each input by its size or can be made to: a plain Conv2d (zero
+    padded), MaxPool2d or AvgPool2d module can (a functional call cannot)."""
+    if o.kind != "module":
+        return o.same
+    m = module_at(s.model, o.id)
+    if o.same or dynamic_same(m):
+        return True
+    return type(m) in SAME_CLASSES and getattr(m, "padding_mode", "zeros") == "zeros"
+
+
+def _set(s: Surgery, o: SpatialOp, values: dict[str, Any], where: str) -> None:
+    """Set an op's values; ``same`` among them makes it pad each input by its size (a
+    module becomes its class of :mod:`bbswap.surgery.same`, sharing its weights)."""
+    values = dict(values)
+    if values.pop("same", False) and not current(s, o)["same"]:
+        _make_same(s, o, values, where)
+        return
     if o.op in ("avg-pool", "lp-pool"):
         values = {k: v for k, v in values.items() if k != "dilation"}
     if o.op == "lp-pool":
@@ -81,6 +102,26 @@ def _set(s: Surgery, o: SpatialOp, values: dict[str, Any]) -> None:
             s.set_attr(o.id, key, value)
     else:
         s.edit_call(o, values)
+
+
+def _make_same(s: Surgery, o: SpatialOp, values: dict[str, Any], where: str) -> None:
+    made = same_version(module_at(s.model, o.id), values) if pads_per_size(s, o) else None
+    if made is None:
+        what = (
+            f"a functional call ({o.func})"
+            if o.kind != "module"
+            else f"a {type(module_at(s.model, o.id)).__name__}, not a plain Conv2d, "
+            "MaxPool2d or AvgPool2d"
+        )
+        raise SurgeryError(
+            f"{where}: {o.id} would need padding that depends on the input size (its window "
+            f"is even or wider than its stride), but it is {what}; choose another "
+            "reduction point"
+        )
+    module = module_at(s.model, o.id)
+    new, source = made
+    new.train(module.training)
+    s.replace(o.id, new, source, getattr(module, "padding", 0), "same per size", "padding")
 
 
 def pre_padding(trace: Trace, o: SpatialOp) -> tuple[int, int]:
@@ -132,43 +173,87 @@ def restride(
     stride: tuple[int, int],
     where: str,
     pre: tuple[int, int] = (0, 0),
+    *,
+    keep_window: bool = False,
+    per_size: bool = False,
 ) -> dict[str, Any]:
     """New kernel/stride/padding for a window op so its size follows the new stride exactly.
 
-    A pooling whose window equals its stride keeps that (the window follows the stride);
-    anything else gets 'same' padding, ``dilation * (kernel - 1) / 2``, so the output is
-    ``ceil(size / stride)`` whatever the input size. When that is not a whole number (an
-    even kernel on a conv, whose weights fix the kernel), a conv going to stride 1 takes
-    torch's ``padding='same'``, which pads the odd pixel on one side; other strides are
-    refused. Padding already applied by a pad call just before the op (``pre``, per side)
-    counts towards that.
+    A pooling whose window equals its stride lets the window follow the stride, unless
+    ``keep_window`` (mode 'dilate': the a-trous algorithm keeps the window, as timm's
+    ``output_stride`` keeps a 2x2/2 average at stride 1) and it can keep it. Anything else
+    gets 'same' padding,
+    ``dilation * (kernel - 1) / 2`` per side, so the output is ``ceil(size / stride)``
+    whatever the input size. When that is not a whole number (an even window), a conv
+    going to stride 1 takes torch's ``padding='same'``, and an op that can (``per_size``)
+    pads each input by its size; both put the odd pixel after. Either is refused where
+    it would change an axis the new stride leaves alone. Padding already applied by a pad
+    call just before the op (``pre``, per side) counts towards the 'same' padding.
     """
     kernel, padding = list(now["kernel_size"]), now["padding"]
-    if o.same:
+    if now.get("same", False):
         return {"stride": stride}  # it pads itself to ceil(size / stride)
     if isinstance(padding, str):
         if any(v != 1 for v in stride) and padding == "same":
             raise SurgeryError(f"{where}: {o.id} uses padding='same', which needs stride 1")
         return {"stride": stride}
     padding = list(padding)
+    odd: list[int] = []  # axes whose 'same' padding is not a whole number per side
     for axis in range(2):
         if stride[axis] == now["stride"][axis]:
             continue
         k, d = kernel[axis], now["dilation"][axis]
-        if o.op != "conv" and k == now["stride"][axis] and padding[axis] == 0:
+        even = d * (k - 1) % 2 == 0
+        keep = keep_window and pre == (0, 0) and (even or per_size)
+        if o.op != "conv" and k == now["stride"][axis] and padding[axis] == 0 and not keep:
             kernel[axis] = stride[axis]
             continue
-        if d * (k - 1) % 2 and o.op == "conv" and stride == (1, 1) and pre == (0, 0):
-            # an even kernel at stride 1: torch's padding='same' pads the odd pixel on
-            # the right and bottom, so the size stays exactly the input's
-            return {"stride": stride, "padding": "same"}
+        if not even:
+            odd.append(axis)
+            continue
         padding[axis] = _same_padding(o, k, d, stride[axis], pre[axis], where, axis)
+    if odd:
+        return _odd_window(o, now, (kernel[0], kernel[1]), stride, odd, where, pre, per_size)
     _check_pool_padding(o, kernel, padding, f"{where}: cannot set stride {fmt(stride)} at {o.id}")
     return {
         "kernel_size": (kernel[0], kernel[1]),
         "stride": stride,
         "padding": (padding[0], padding[1]),
     }
+
+
+def _odd_window(
+    o: SpatialOp,
+    now: dict[str, Any],
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    odd: list[int],
+    where: str,
+    pre: tuple[int, int],
+    per_size: bool,
+) -> dict[str, Any]:
+    """The values for a window whose 'same' padding has an odd pixel on an axis in
+    ``odd``: padding on one side more than the other, if that leaves the other axes as
+    they are (at stride 1, padded by half the span per side already)."""
+    untouched = [a for a in range(2) if stride[a] == now["stride"][a]]
+    keeps = all(
+        now["stride"][a] == 1 and now["dilation"][a] * (kernel[a] - 1) == 2 * now["padding"][a]
+        for a in untouched
+    )
+    if keeps and pre == (0, 0):
+        if o.op == "conv" and stride == (1, 1):
+            # torch's padding='same' pads the odd pixel on the right and bottom, so the
+            # size stays exactly the input's
+            return {"stride": stride, "padding": "same"}
+        if per_size:
+            return {"kernel_size": kernel, "stride": stride, "same": True}
+    axis = odd[0]
+    k, span = kernel[axis], now["dilation"][axis] * (kernel[axis] - 1)
+    raise SurgeryError(
+        f"{where}: cannot set stride {stride[axis]} at {o.id} exactly: its kernel "
+        f"{k} would need {span / 2:g} pixels of padding per side on {'HW'[axis]} "
+        "(a pixel would be lost); choose another reduction point"
+    )
 
 
 def _check_pool_padding(o: SpatialOp, kernel: list[int], padding: list[int], what: str) -> None:
@@ -187,15 +272,18 @@ def _dilate(s: Surgery, o: SpatialOp, factors: list[int], where: str) -> None:
     kernel, dilation = now["kernel_size"], list(now["dilation"])
     if all(k == 1 for k in kernel):
         return
+    if o.op in ("avg-pool", "lp-pool") and now["stride"] == (1, 1):
+        return  # a smoothing with no dilation: it stays as it is, as in timm's output_stride
     if o.op in ("avg-pool", "lp-pool"):
         raise SurgeryError(
             f"{where}: mode 'dilate' would have to dilate {o.id}, an {o.op} with kernel "
-            f"{kernel[0]}, which has no dilation; use mode = 'stride'"
+            f"{kernel[0]} and stride {fmt(now['stride'])}, which has no dilation; use mode = "
+            "'stride'"
         )
     padding = now["padding"]
-    if isinstance(padding, str) or o.same:
+    if isinstance(padding, str) or now["same"]:
         new = (dilation[0] * factors[0], dilation[1] * factors[1])
-        _set(s, o, {"dilation": new})
+        _set(s, o, {"dilation": new}, where)
         return
     padding = list(padding)
     for axis in range(2):
@@ -210,7 +298,8 @@ def _dilate(s: Surgery, o: SpatialOp, factors: list[int], where: str) -> None:
         padding[axis] += grow // 2
         dilation[axis] *= factors[axis]
     _check_pool_padding(o, list(kernel), padding, f"{where}: cannot dilate {o.id}")
-    _set(s, o, {"dilation": (dilation[0], dilation[1]), "padding": (padding[0], padding[1])})
+    values = {"dilation": (dilation[0], dilation[1]), "padding": (padding[0], padding[1])}
+    _set(s, o, values, where)
 
 
 @dataclass(frozen=True)
@@ -261,7 +350,9 @@ class Stride(Op, kind=OpKind.STRIDE):
                 max(1, now["stride"][1] // self.stride[1]),
             )
             pre = pre_padding(surgery.trace, o)
-            _set(surgery, o, restride(o, now, self.stride, where, pre))
+            keep, per_size = self.mode == "dilate", pads_per_size(surgery, o)
+            values = restride(o, now, self.stride, where, pre, keep_window=keep, per_size=per_size)
+            _set(surgery, o, values, where)
         if self.mode == "dilate":
             _dilate_downstream(surgery, removed, where)
 
@@ -292,11 +383,13 @@ def exact_setting(
     ceil: bool,
     rule: str,
     modes: tuple[bool, ...] = (False, True),
+    pre: int = 0,
 ) -> tuple[int, bool] | None:
     """The padding and rounding closest to the current ones for which one axis of a window
     op gives exactly ``rule(size / stride)`` for every input size it accepts; None if no
     padding does (a pooling may pad at most half its kernel, and only a pooling rounds,
-    with a ceil_mode among ``modes``)."""
+    with a ceil_mode among ``modes``). ``pre``: pixels (both sides) that a pad call adds
+    to the input first; the rule is of the size before it."""
     pool = op != "conv"
     span = dilation * (kernel - 1)
     limit = kernel // 2 if pool else span
@@ -306,9 +399,9 @@ def exact_setting(
     for c in modes if pool else (False,):
         for p in range(limit + 1):
             step = SizeStep("window", kernel, stride, p, dilation, c, pool)
-            outs = [step.out_size(n) for n in sizes]
+            outs = [step.out_size(n + pre) for n in sizes]
             if all(o <= 0 or o == want(n, stride) for n, o in zip(sizes, outs)) and all(
-                o > 0 for n, o in zip(sizes, outs) if n > span
+                o > 0 for n, o in zip(sizes, outs) if n + pre > span
             ):
                 found.append((c != ceil, abs(p - padding), p, c))
     if not found:
@@ -317,8 +410,23 @@ def exact_setting(
     return p, c
 
 
-def _exact_values(o: SpatialOp, now: dict[str, Any], rule: str, where: str) -> dict[str, Any]:
-    """The padding (and a pooling's ceil_mode) that makes ``o`` follow ``rule``."""
+def pad_before(trace: Trace, o: SpatialOp) -> tuple[int, int]:
+    """Pixels (both sides) that a pad call adds to ``o``'s input on H and W, when it is the
+    last op before ``o`` that changes the size; (0, 0) when there is none."""
+    by_id = {p.id: p for p in trace.ops}
+    last = by_id.get(o.in_chain[-1]) if o.in_chain else None
+    if last is None or last.op != "pad":
+        return (0, 0)
+    return (last.steps_h[0].padding, last.steps_w[0].padding)
+
+
+def _exact_values(
+    o: SpatialOp, now: dict[str, Any], rule: str, where: str, pre: tuple[int, int]
+) -> dict[str, Any]:
+    """The padding (and a pooling's ceil_mode) that makes ``o`` follow ``rule``: a fixed
+    one if there is one; else, with no pad call before it, torch's ``padding='same'`` for
+    a conv at stride 1, or padding per input size where that gives the rule (always at
+    stride 1; at a stride, for ceil)."""
     # ceil_mode is one flag for both axes: the current one if it serves both, else the other
     for mode in (now["ceil_mode"], not now["ceil_mode"]):
         settings = [
@@ -331,6 +439,7 @@ def _exact_values(o: SpatialOp, now: dict[str, Any], rule: str, where: str) -> d
                 now["ceil_mode"],
                 rule,
                 (mode,),
+                pre[axis],
             )
             for axis in range(2)
         ]
@@ -340,11 +449,16 @@ def _exact_values(o: SpatialOp, now: dict[str, Any], rule: str, where: str) -> d
             if o.op != "conv":
                 values["ceil_mode"] = mode
             return values
+    if pre == (0, 0) and now["stride"] == (1, 1) and o.op == "conv":
+        return {"padding": "same"}  # an even kernel: the odd pixel after, as torch pads it
+    if pre == (0, 0) and (rule == "ceil" or now["stride"] == (1, 1)):
+        return {"same": True}
     axis = 0 if settings[0] is None else 1
     k, st = now["kernel_size"][axis], now["stride"][axis]
+    why = " after the pad call before it" if pre != (0, 0) else ""
     raise SurgeryError(
         f"{where}: no padding makes {o.id} (kernel {k}, stride {st} on {'HW'[axis]}) "
-        f"give exactly {rule}(size/{st})"
+        f"give exactly {rule}(size/{st}){why}"
     )
 
 
@@ -366,15 +480,16 @@ class Exact(Op, kind=OpKind.EXACT):
     def apply(self, surgery: Surgery, where: str) -> None:
         for o in stride_targets(surgery.trace, self.at):
             now = current(surgery, o)
-            if o.same:
-                if self.rule == "floor":
+            if now["same"]:
+                if self.rule == "floor" and now["stride"] != (1, 1):
                     raise SurgeryError(
                         f"{where}: {o.id} pads itself to ceil(size/stride) at every size; "
                         "it cannot round down"
                     )
                 continue
             if isinstance(now["padding"], str):
-                if now["padding"] == "same" or o.stride == (1, 1):
+                if now["padding"] == "same":
                     continue
                 now = {**now, "padding": (0, 0)}  # 'valid'
-            _set(surgery, o, _exact_values(o, now, self.rule, where))
+            values = _exact_values(o, now, self.rule, where, pad_before(surgery.trace, o))
+            _set(surgery, o, values, where)

@@ -15,23 +15,43 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from bbswap.backbones.instance import as_backbone
 from bbswap.backbones.registry import Backbone, resolve
-from bbswap.errors import BBSwapError, InvalidArgument, SurgeryError, TargetError
-from bbswap.kinds import Mode, Prefer, Rounding
-from bbswap.parsing import parse_stride
+from bbswap.errors import BBSwapError, InvalidArgument, ModelError, SurgeryError, TargetError
+from bbswap.kinds import Mode, Phase, Prefer, Returns, Rounding
+from bbswap.parsing import FeatureTarget, parse_stride, parse_target, parse_targets
 from bbswap.recipes.channels import InChannels
 from bbswap.recipes.registry import make_op
 from bbswap.recipes.schema import Op, Recipe
-from bbswap.recipes.strides import Stride, exact_setting, stride_targets
+from bbswap.recipes.strides import Stride, exact_setting, pad_before, stride_targets
+from bbswap.records import short_count
+from bbswap.search import targets as several
+from bbswap.search.like_outputs import choose_taps, no_taps, outputs_plan, probe_sizes
 from bbswap.surgery.apply import ApplyResult, apply_traced
-from bbswap.tracing.inspection import choose_input, first_conv_in_channels, inspect_backbone
-from bbswap.tracing.tracer import SpatialOp, Stage, Trace, trace
+from bbswap.surgery.fx_trace import require_one_forward
+from bbswap.surgery.outputs_plan import OutputsPlan
+from bbswap.tracing.inspection import choose_input, first_conv_in_channels
+from bbswap.tracing.sizes import from_smallest
+from bbswap.tracing.tracer import (
+    ForwardFailed,
+    SpatialOp,
+    Stage,
+    Trace,
+    forward_error,
+    trace,
+    trace_module,
+)
+
+if TYPE_CHECKING:
+    from torch import nn
 
 Size = tuple[int, int]
+# the probe sizes of a model that takes any input; moved up to the smallest input the models
+# of a fit accept (``from_smallest``), so a model that rejects 1x1 is never probed below it
 PROBES: tuple[Size, ...] = (
     (1, 1), (7, 9), (15, 17), (31, 33), (33, 97), (64, 64), (65, 127), (117, 293), (128, 316),
     (255, 257),
@@ -49,6 +69,10 @@ class Target:
     like: str | None = None
     like_sizes: dict[Size, Size] | None = None  # the other backbone's output size per probe
     rounding: str = "ceil"  # with a stride target: "ceil", "floor" or "any" (either)
+    # several outputs, in their order (``channels`` and ``stride`` are the deepest one's),
+    # and what holds them: "list", "tuple" or "dict"
+    outputs: tuple[FeatureTarget, ...] = ()
+    returns: str = "list"
 
     @property
     def rules(self) -> tuple[str, ...]:
@@ -68,6 +92,10 @@ class Target:
             if self.stride[0] == self.stride[1]
             else "x".join(map(str, self.stride))
         )
+        if self.outputs:
+            return (
+                f"{several.describe(self.outputs, Returns(self.returns))}, {self.rounding} rounding"
+            )
         text = f"{self.channels} channels at 1/{stride}"
         return text + (f" (like {self.like})" if self.like else f", {self.rounding} rounding")
 
@@ -93,6 +121,14 @@ class Candidate:
     misses: list[tuple[Size, Size, Size]] = field(default_factory=list)  # size, got, want
     rule: str = ""  # the size rule an exact candidate follows: "ceil" or "floor"
 
+    def __repr__(self) -> str:
+        """``Candidate(layer4: stride 1, dilate, exact, 5.22G MACs)``."""
+        head = f"Candidate({self.label or 'as is'}, {self.mode}"
+        if self.failed:
+            return f"{head}, refused: {self.error or 'not evaluated'})"
+        state = "exact" if self.ok else "rounding only" if self.rounding_only else "inexact"
+        return f"{head}, {state}, {short_count(self.trace.macs)} MACs)"
+
     @property
     def failed(self) -> bool:
         return self.result is None or self.failure is not None
@@ -117,7 +153,10 @@ class Candidate:
         return (
             self.result is not None
             and bool(self.misses)
-            and all(abs(g[0] - w[0]) <= 1 and abs(g[1] - w[1]) <= 1 for _, g, w in self.misses)
+            and all(
+                min(g) > 0 and abs(g[0] - w[0]) <= 1 and abs(g[1] - w[1]) <= 1
+                for _, g, w in self.misses
+            )
         )
 
     @property
@@ -137,8 +176,20 @@ class FitResult:
     source: Trace
     candidates: tuple[Candidate, ...]  # ranked: exact ones first
     evaluated: int
-    probes: tuple[Size, ...]
+    probes: tuple[Size, ...]  # every candidate's output size is checked at each of these
     prefer: str
+    smallest: Size = (1, 1)  # the smallest input the source (and the like-backbone) accept
+    # a like-backbone that returns several outputs (or takes a mask): how the winner gives each
+    outputs: OutputsPlan | None = None
+
+    def __repr__(self) -> str:
+        """``FitResult(resnet50 -> 684 channels at 1/16, ceil rounding; 5 candidates,
+        winner layer4: stride 1 (dilate), 5.22G MACs)``."""
+        w = self.winner
+        return (
+            f"FitResult({self.backbone.spec} -> {self.target.describe()}; {self.evaluated} "
+            f"candidates, winner {w.label or 'as is'} ({w.mode}), {short_count(w.trace.macs)} MACs)"
+        )
 
     @property
     def winner(self) -> Candidate:
@@ -206,7 +257,10 @@ def removals(
 
 
 def _stride_ops(changes: list[tuple[Unit, Size]], mode: str) -> list[Op]:
-    return [
+    """One stride op per unit; in dilate mode the last unit first, so that each dilation
+    meets the later reduction points with their strides already removed (a 2x2/2 conv
+    dilated before its own stride goes would need half a pixel of padding)."""
+    ops = [
         make_op(
             "stride",
             at=u.at,
@@ -215,6 +269,7 @@ def _stride_ops(changes: list[tuple[Unit, Size]], mode: str) -> list[Op]:
         )
         for u, t in changes
     ]
+    return ops[::-1] if mode == Mode.DILATE.value else ops
 
 
 def _hw(size: Size) -> str:
@@ -252,7 +307,8 @@ def plan(
     name = f"fit-{backbone.name}-c{target.channels}-s{_fmt(target.stride)}"
 
     def recipe(ops: list[Op]) -> Recipe:
-        return Recipe(name, tuple(ops), backbone.spec, f"fit target: {target.describe()}", "")
+        about = f"fit target: {target.describe()}"
+        return Recipe(name, tuple(ops), backbone.spec, about, source_output=source.output_key)
 
     candidates = [
         Candidate(recipe([*stem, *ops, *head, *pool, *tail]), label, cmode, order)
@@ -384,26 +440,21 @@ def evaluate(
     A candidate in dilate mode that cannot be dilated exactly (an average pooling after
     the removed stride, an even kernel) is tried again in stride mode.
     """
-    try:
-        candidate.result = apply_traced(backbone, candidate.recipe, source, model)
-    except SurgeryError as error:
-        if candidate.mode != Mode.DILATE.value:
-            candidate.failure = error
-            return candidate
-        ops = tuple(
-            replace(op, mode="stride") if isinstance(op, Stride) else op
-            for op in candidate.recipe.ops
-        )
-        candidate.recipe = replace(candidate.recipe, ops=ops)
-        candidate.mode = Mode.STRIDE.value
-        candidate.dilate_refused = error
-        return evaluate(backbone, source, model, candidate, target, probes)
-    except BBSwapError as error:
-        candidate.failure = error
+    if candidate.failure is not None:  # refused when planned (no stage to tap)
         return candidate
+    if not _applied(backbone, source, model, candidate):
+        return candidate
+    assert candidate.result is not None  # _applied set it
     after = candidate.result.after
-    if len(after.output_shape) != 4 or after.output_shape[1] != target.channels:
-        candidate.failure = TargetError(f"output {after.output_shape}")
+    wrong = (
+        several.wrong_outputs(after, target.outputs)
+        if target.outputs
+        else ""
+        if len(after.output_shape) == 4 and after.output_shape[1] == target.channels
+        else f"output {after.output_shape}"
+    )
+    if wrong:
+        candidate.failure = TargetError(wrong)
         return candidate
     first: list[tuple[Size, Size, Size]] | None = None
     for rule in target.rules:
@@ -416,15 +467,124 @@ def evaluate(
     return candidate
 
 
+def _applied(backbone: Backbone, source: Trace, model: Any, candidate: Candidate) -> bool:
+    """Apply a candidate's recipe on the meta device (``candidate.result``), in stride mode
+    if dilate mode cannot be exact; False if it is refused (``candidate.failure``)."""
+    try:
+        candidate.result = apply_traced(backbone, candidate.recipe, source, model)
+    except SurgeryError as error:
+        if candidate.mode != Mode.DILATE.value:
+            candidate.failure = error
+            return False
+        ops = tuple(
+            replace(op, mode="stride") if isinstance(op, Stride) else op
+            for op in candidate.recipe.ops
+        )
+        candidate.recipe = replace(candidate.recipe, ops=ops)
+        candidate.mode = Mode.STRIDE.value
+        candidate.dilate_refused = error
+        return _applied(backbone, source, model, candidate)
+    except BBSwapError as error:
+        candidate.failure = error
+        return False
+    return True
+
+
+def plan_several(
+    backbone: Backbone,
+    source: Trace,
+    model: Any,
+    target: Target,
+    *,
+    mode: str = "dilate",
+    allow_truncate: bool = False,
+) -> list[Candidate]:
+    """Every candidate for several targets (not yet evaluated): the stride changes that
+    bring the features to the deepest target's stride, then a tap per target at the last
+    stage at its stride; with ``allow_truncate``, also the body cut after an earlier stage
+    already at the deepest stride."""
+    features = source.features
+    down = features.downsample if features is not None else source.downsample
+    have = (round(down[0]), round(down[1]))
+    found = units(source, features)
+    low = several.deepest(target.outputs)
+    one = replace(target, stride=low.stride, channels=low.channels)
+    for i in range(2):
+        big, small = max(have[i], low.stride[i]), min(have[i], low.stride[i])
+        if big % small:
+            raise TargetError(_infeasible(backbone, one, have, found))
+    stem = _stem_ops(source, target)
+    plans: list[tuple[list[Op], str, str, int, str | None]] = [
+        ([*stem, *ops], label, cmode, order, None)
+        for ops, pool, label, cmode, order in _stride_plans(found, have, one, mode)
+        if not pool  # a pooling appended after the body is no stage to tap
+    ]
+    if allow_truncate:
+        plans += [
+            (stem, f"truncate after {s.path}", "-", -1, s.path)
+            for s in truncation_points(source, low.stride)
+        ]
+    out = [_tapped(backbone, source, model, target, *p) for p in plans]
+    if not out:
+        raise TargetError(_infeasible(backbone, one, have, found))
+    return _dedupe(out)
+
+
+def _tapped(
+    backbone: Backbone,
+    source: Trace,
+    model: Any,
+    target: Target,
+    ops: list[Op],
+    label: str,
+    mode: str,
+    order: int,
+    upto: str | None,
+) -> Candidate:
+    """The candidate that makes the stride changes ``ops``, then taps each target at the
+    stage at its stride in the result."""
+    name = f"fit-{backbone.name}-" + "-".join(
+        f"c{t.channels}s{_fmt(t.stride)}" for t in target.outputs
+    )
+    about = f"fit target: {target.describe()}"
+
+    def recipe(ops: list[Op], returns: str | None) -> Recipe:
+        return Recipe(
+            name, tuple(ops), backbone.spec, about, source_output=source.output_key, returns=returns
+        )
+
+    probe = Candidate(recipe(ops, None), label, mode, order)
+    after = source
+    if ops and _applied(backbone, source, model, probe):
+        assert probe.result is not None  # _applied set it
+        after = probe.result.after
+    taps = several.tap_stages(after, target.outputs, upto)
+    stages = [s.path for s in source.stages if not s.functional and "." not in s.path]
+    tapped = ", ".join(dict.fromkeys(s.path for s in taps.stages))
+    shown = f"{label or 'no stride change'}; taps {tapped}" if tapped else label
+    if probe.failure is not None or taps.missing:
+        refused = Candidate(probe.recipe, shown, probe.mode, order)
+        refused.failure = probe.failure or TargetError(taps.missing)
+        return refused
+    last = taps.stages[target.outputs.index(several.deepest(target.outputs))].path
+    cut = [make_op("truncate", after=last)] if stages and stages[-1] != last else []
+    final = [*probe.recipe.ops, *cut, *several.tap_ops(target.outputs, taps)]
+    c = Candidate(recipe(final, target.returns), shown, probe.mode, order)
+    c.dilate_refused = probe.dilate_refused
+    return c
+
+
 def _misses(
     after: Trace, target: Target, probes: tuple[Size, ...]
 ) -> list[tuple[Size, Size, Size]]:
+    if target.outputs:
+        return several.output_misses(after, target.outputs, target.rounding, probes)
     misses = []
     for h, w in probes:
         want = target.size(h, w)
         got = after.output_size(h, w)
-        if want is None or min(got) <= 0 or min(want) <= 0:
-            continue
+        if want is None or min(want) <= 0:
+            continue  # no output wanted there (floor(H/S) of an input below S)
         if got != want:
             misses.append(((h, w), got, want))
     return misses
@@ -438,45 +598,292 @@ _PREFER: dict[Prefer, Callable[[Candidate], tuple[Any, ...]]] = {
 
 
 def fit(
-    spec: str | Backbone,
+    spec: str | Backbone | nn.Module,
     *,
     channels: int | None = None,
     stride: str | int | Size | None = None,
     in_chans: int | None = None,
     input_shape: str | None = None,
     like: str | None = None,
+    like_kw: Mapping[str, Any] | None = None,
     prefer: Prefer | str = Prefer.MACS,
     allow_truncate: bool = False,
     mode: Mode | str = Mode.DILATE,
     rounding: Rounding | str = Rounding.CEIL,
     kwargs: dict[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    source_output: int | str | None = None,
+    on_phase: Callable[[Phase], None] | None = None,
+    targets: Sequence[FeatureTarget | str] | None = None,
+    returns: Returns | str | None = None,
 ) -> FitResult:
-    """Search for the cheapest exact surgery to the target; candidates come ranked."""
+    """Search for the cheapest exact surgery that makes a backbone produce ``channels``
+    channels at 1/``stride``; the candidates come ranked, the winner first.
+
+    The backbone is traced once on the meta device and every candidate recipe is applied
+    and traced there, so nothing is allocated. A model instance is never changed: the
+    search works on a meta copy of it.
+
+    Args:
+        spec: A backbone spec (``"resnet50"``, ``"tv:resnet18"``, ``"timm:resnet18"``,
+            ``"path/to/file.py:Name"``), a resolved :class:`~bbswap.backbones.registry.Backbone`,
+            or a model instance (an ``nn.Module``).
+        channels: The output channels wanted (a 1x1 projection is appended when needed).
+            Optional with ``like``, which then gives them.
+        stride: The downsample wanted: ``16``, ``"16"``, ``(32, 4)`` or ``"32x4"`` (H x W).
+        in_chans: The input channels the patched backbone takes (the stem conv is
+            adapted); default the ones ``input_shape`` names, else the backbone's own.
+        input_shape: The dummy input, ``"NxCxHxW"`` or ``"HxW"``; default 224x224.
+        like: Another backbone spec whose output channels and exact output sizes to match
+            instead of a ``stride`` rule. When it returns several outputs (or is an
+            encoder of ``(img, img_mask)`` returning ``(features, mask)``), the result's
+            ``outputs`` plans every one of them; pass it to
+            :func:`~bbswap.codegen.export.export` as ``outputs``.
+        like_kw: The constructor arguments of the ``like`` backbone.
+        prefer: How exact candidates rank: ``"macs"`` (fewest first), ``"depth"`` (the
+            latest stage changed first) or ``"rf"`` (largest receptive field first).
+        allow_truncate: Also consider cutting the body after a stage already at the stride.
+        mode: ``"dilate"`` (dilate what follows a removed stride) or ``"stride"``.
+        rounding: The size rule wanted: ``"ceil"`` (``ceil(H/S)``), ``"floor"`` or
+            ``"any"`` (either, ceil first).
+        kwargs: Constructor arguments for a spec; for a model instance, the arguments it
+            was constructed with (they name its builder when the winner is emitted).
+        progress: Called as ``progress(done, total)`` after each candidate is evaluated.
+        source_output: For a backbone whose forward returns several tensors, the output to
+            fit (an index or a dict key); default the one with the largest downsample.
+            Every candidate's recipe names it, and the patched backbone returns it.
+        on_phase: Called as the trace and the evaluation of candidates begin
+            (:class:`bbswap.kinds.Phase`).
+        targets: Several outputs instead of ``channels`` and ``stride``: each a
+            :class:`~bbswap.parsing.FeatureTarget` or its text, ``"[NAME=]STRIDE:CHANNELS"``
+            (``"p3=8:256"``). The strides change for the deepest; each target taps the
+            last stage at its stride, projected (1x1 conv + BN) when its channels differ.
+            One target without ``returns`` is the same as ``channels`` and ``stride``.
+        returns: With ``targets``: ``"list"`` (the default, timm's ``features_only``),
+            ``"tuple"`` or ``"dict"`` (keyed by each target's name, else the tapped
+            module's path). The outputs come in the order of ``targets``.
+    Output sizes are checked at probe sizes that start from the smallest input the source
+    (and ``like``) accept (``FitResult.smallest``, ``FitResult.probes``).
+
+    Returns:
+        A :class:`FitResult`: ``candidates`` ranked, ``winner`` the first of them.
+
+    Raises:
+        TargetError: No candidate reaches the target exactly (the message says why).
+        BBSwapError: A bad value; the message names the parameter and the valid choices.
+
+    Example::
+
+        found = bbswap.fit("resnet50", channels=684, stride=16, in_chans=1,
+                           input_shape="1x1x128x316")
+        found.winner.label, found.winner.trace.macs    # ('layer4: stride 1', 5218230272)
+        bbswap.fit(torchvision.models.resnet18(), channels=256, stride=16)
+        bbswap.fit("resnet50", targets=["p3=8:256", "p4=16:256", "p5=32:256"], returns="dict")
+    """
+    outputs, held, channels, stride = _several(targets, returns, channels, stride, like)
     ranking = Prefer.parse(prefer, "prefer")
     how = Mode.parse(mode, "mode")
     rule = Rounding.parse(rounding, "rounding")
-    backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
+    _check_like_kw(like, like_kw)
+    backbone = as_backbone(spec, kwargs)
     shape, asked = choose_input(backbone, input_shape or None, keep_own=True)
-    target = _target(channels, stride, in_chans if in_chans is not None else asked, like)
-    target = replace(target, rounding=rule.value)
+    chans = in_chans if in_chans is not None else asked
+    _check_counts(channels, chans)
+    other = _like_traced(like, like_kw, (shape[2], shape[3])) if like is not None else None
+    target = _target(channels, stride, chans, like, other[0] if other is not None else None)
+    target = replace(target, rounding=rule.value, outputs=outputs, returns=str(held or "list"))
     own = shape[1]
+    if on_phase is not None:
+        on_phase(Phase.TRACE)
     source, model = trace(
         lambda: backbone.build(in_chans=own), (1, own, shape[2], shape[3]), name=backbone.spec
     )
+    source = source.select_output(source_output, backbone.spec)
+    smallest, probes, target, like_plan = _probes(source, like, other, target)
+    _require_stem(backbone, model, target, own)
+    require_one_forward(model)  # its forward is written out in every plan
+    plans = plan_several if outputs else _plan_one
+    candidates = plans(
+        backbone, source, model, target, mode=how.value, allow_truncate=allow_truncate
+    )
+    if on_phase is not None:
+        on_phase(Phase.CANDIDATES)
+    done, reachable = _search(backbone, source, model, candidates, target, probes, progress)
+    ranked = _ranked(backbone, target, done, ranking, reachable)
+    if like_plan is not None:  # the winner is the first that gives every output
+        ranked, like_plan = _with_outputs(backbone, ranked, like_plan)
+    return FitResult(
+        backbone, target, source, ranked, len(done), probes, ranking.value, smallest, like_plan
+    )
+
+
+def _check_like_kw(like: str | None, like_kw: Mapping[str, Any] | None) -> None:
+    if like is None and like_kw:
+        raise InvalidArgument(
+            "{like_kw} gives the constructor arguments of the {like} backbone; give {like} too",
+            params=("like_kw", "like"),
+        )
+
+
+def _require_stem(backbone: Backbone, model: Any, target: Target, own: int) -> None:
+    """A target of other input channels needs a stem conv whose input channels can change."""
     if (
         target.in_chans is not None
         and target.in_chans != own
         and first_conv_in_channels(model) is None
     ):
         raise TargetError(f"{backbone.spec} has no stem conv whose input channels can change")
-    probes = tuple(p for p in PROBES if target.size(*p) is not None) or PROBES
-    candidates = plan(backbone, source, target, mode=how.value, allow_truncate=allow_truncate)
-    done = _evaluate_all(backbone, source, model, candidates, target, probes, progress)
-    if not any(c.ok for c in done) and target.like is None:
+
+
+def _probes(
+    source: Trace, like: str | None, other: tuple[Trace, Any] | None, target: Target
+) -> tuple[Size, tuple[Size, ...], Target, OutputsPlan | None]:
+    """The smallest input the models accept, the probe sizes from it, the target with the
+    like-backbone's real output size at each, and the plan of its several outputs."""
+    smallest, multiple = accepted_input(source, *([other[0]] if other is not None else []))
+    probes = from_smallest(PROBES, smallest, multiple)
+    if like is None or other is None:
+        return smallest, probes, target, None
+    like_plan = outputs_plan(like, other[0])
+    target = replace(target, like_sizes=_like_sizes(like, *other, probes))
+    like_plan = probe_sizes(like_plan, *other, probes) if like_plan is not None else None
+    return smallest, probes, target, like_plan
+
+
+def _with_outputs(
+    backbone: Backbone, ranked: tuple[Candidate, ...], plan: OutputsPlan
+) -> tuple[tuple[Candidate, ...], OutputsPlan]:
+    """The ranking with the first exact candidate that gives every output of ``plan``
+    moved first, and the plan with its taps."""
+    exact = [c for c in ranked if c.ok]
+    found = choose_taps(plan, [c.trace for c in exact])
+    if found is None:
+        raise no_taps(plan, backbone.spec)
+    i, plan = found
+    return (exact[i], *(c for c in ranked if c is not exact[i])), plan
+
+
+def _plan_one(
+    backbone: Backbone, source: Trace, model: Any, target: Target, **options: Any
+) -> list[Candidate]:
+    del model  # a one-target plan needs only the trace
+    return plan(backbone, source, target, **options)
+
+
+def _several(
+    targets: Sequence[FeatureTarget | str] | None,
+    returns: Returns | str | None,
+    channels: int | None,
+    stride: str | int | Size | None,
+    like: str | None,
+) -> tuple[tuple[FeatureTarget, ...], Returns | None, int | None, str | int | Size | None]:
+    """The targets, checked; what holds them (None: not asked); and the channels and the
+    stride of the deepest (for one target and no ``returns``: the shorthand's, no targets)."""
+    outputs, held = _targets_checked(targets, returns, channels, stride, like)
+    if len(outputs) == 1 and held is None:
+        return (), None, outputs[0].channels, outputs[0].stride
+    if outputs:
+        low = several.deepest(outputs)
+        return outputs, held, low.channels, low.stride
+    return outputs, held, channels, stride
+
+
+def _targets_checked(
+    targets: Sequence[FeatureTarget | str] | None,
+    returns: Returns | str | None,
+    channels: int | None,
+    stride: str | int | Size | None,
+    like: str | None,
+) -> tuple[tuple[FeatureTarget, ...], Returns | None]:
+    held = Returns.parse(returns, "returns") if returns is not None else None
+    outputs = parse_targets([parse_target(t) for t in targets or []])
+    if not outputs:
+        if held is not None:
+            raise InvalidArgument(
+                "{returns} says what holds several outputs; give them with {targets}",
+                params=("returns", "targets"),
+            )
+        return (), None
+    if channels is not None or stride is not None:
+        raise InvalidArgument(
+            "{targets} gives each output's stride and channels; leave out {stride} and "
+            "{channels} (they are the one-target shorthand)",
+            params=("targets", "stride", "channels"),
+        )
+    if like is not None:
+        raise InvalidArgument(
+            "{like} takes its target from another backbone; give it or {targets}, not both",
+            params=("like", "targets"),
+        )
+    several.check_targets(outputs, held or Returns.LIST)
+    return outputs, held
+
+
+def accepted_input(*traces: Trace) -> tuple[Size, Size]:
+    """The smallest input H and W that every one of ``traces`` accepts, and the multiple
+    each must be of (a stem that folds 4x4 blocks into channels takes multiples of 4)."""
+    low, step = [1, 1], [1, 1]
+    for t in traces:
+        features = t.features
+        rules = t.size_rules(features.chain if features is not None else None)
+        for axis, smallest in enumerate(t.min_input()):
+            low[axis] = max(low[axis], smallest)
+            step[axis] = math.lcm(step[axis], rules[axis].multiple)
+    return (low[0], low[1]), (step[0], step[1])
+
+
+def _like_traced(like: str, like_kw: Mapping[str, Any] | None, hw: Size) -> tuple[Trace, Any]:
+    """The ``like`` backbone, built with ``like_kw`` and traced at the source's input size
+    with its own input channels; and the model."""
+    other = resolve(like, dict(like_kw or {}))
+    shape, _ = choose_input(other, _hw(hw))
+    try:
+        return trace(lambda: other.build(in_chans=shape[1]), shape, name=other.spec)
+    except ModelError as error:  # said of the like-backbone, which the user may not suspect
+        raise ModelError(
+            "{like} " + like + ": " + error.template, params=("like", *error.params)
+        ) from error
+
+
+def _search(
+    backbone: Backbone,
+    source: Trace,
+    model: Any,
+    candidates: list[Candidate],
+    target: Target,
+    probes: tuple[Size, ...],
+    progress: Callable[[int, int], None] | None,
+) -> tuple[list[Candidate], str | None]:
+    """Every candidate evaluated, then (if none is exact) their exact variants; and, if
+    still none is, the other rounding when a candidate reaches that one."""
+    plain = _evaluate_all(backbone, source, model, candidates, target, probes, progress)
+    done = list(plain)
+    if not any(c.ok for c in done) and target.like is None and not target.outputs:
         done += _exact_variants(backbone, source, model, done, target, probes, progress)
-    ranked = _ranked(backbone, target, done, ranking)
-    return FitResult(backbone, target, source, ranked, len(done), probes, ranking.value)
+    if any(c.ok for c in done):
+        return done, None
+    return done, _other_rounding(backbone, source, model, plain, target, probes)
+
+
+def _other_rounding(
+    backbone: Backbone,
+    source: Trace,
+    model: Any,
+    plain: list[Candidate],
+    target: Target,
+    probes: tuple[Size, ...],
+) -> str | None:
+    """The rounding other than the target's that some candidate reaches exactly, as it
+    stands or with its reduction points made exact; None if none does (or the target
+    takes either, or follows another backbone)."""
+    if target.like is not None or target.outputs or target.rounding == Rounding.ANY.value:
+        return None
+    other = Rounding.FLOOR.value if target.rounding == Rounding.CEIL.value else Rounding.CEIL.value
+    wanted = replace(target, rounding=other)
+    if any(not c.failed and not _misses(c.trace, wanted, probes) for c in plain):
+        return other
+    variants = _exact_variants(backbone, source, model, plain, wanted, probes, None)
+    return other if any(c.ok for c in variants) else None
 
 
 def _evaluate_all(
@@ -497,23 +904,22 @@ def _evaluate_all(
 
 
 def _ranked(
-    backbone: Backbone, target: Target, done: list[Candidate], ranking: Prefer
+    backbone: Backbone,
+    target: Target,
+    done: list[Candidate],
+    ranking: Prefer,
+    other: str | None = None,
 ) -> tuple[Candidate, ...]:
     """Exact candidates first, by ``ranking``; then the inexact, then the refused.
-    No exact one is an error that says why."""
+    No exact one is an error that says why, and names the ``other`` rounding, which a
+    candidate reaches, if there is one."""
     evaluated = [c for c in done if not c.failed]
     exact = sorted((c for c in evaluated if c.ok), key=_PREFER[ranking])
     rest = sorted((c for c in evaluated if not c.ok), key=lambda c: c.trace.macs)
     failed = [c for c in done if c.failed]
     if exact:
         return tuple(exact + rest + failed)
-    if (
-        rest
-        and all(c.rounding_only for c in rest)
-        and target.rounding != Rounding.ANY.value
-        and not target.like
-    ):
-        other = "floor" if target.rounding == "ceil" else "ceil"
+    if other is not None and rest and all(c.rounding_only for c in rest):
         raise TargetError(
             f"every candidate on {backbone.spec} misses {target.describe()} only by rounding "
             f"(e.g. {rest[0].label or 'as is'} gives {_hw(rest[0].misses[0][1])} at "
@@ -529,8 +935,10 @@ def _ranked(
         )
         for c in (rest + failed)[:3]
     )
+    hint = f"; {other}(H/S) is reachable: pass {{rounding}} {other}" if other else ""
     raise TargetError(
-        f"no candidate reaches {target.describe()} exactly on {backbone.spec} ({reasons})"
+        f"no candidate reaches {target.describe()} exactly on {backbone.spec} ({reasons}){hint}",
+        params=("rounding",) if other else (),
     )
 
 
@@ -583,22 +991,31 @@ def _inexact(after: Trace, source_ids: set[str], rule: str) -> list[str] | None:
         group = [c] + [
             o for o in after.ops if o.id != c.id and o.in_chain == c.in_chain and _parallel(o, c)
         ]
-        more = _inexact_ops(group, source_ids, rule)
+        more = _inexact_ops(after, group, source_ids, rule)
         if more is None:
             return None
         fix += [i for i in more if i not in fix]
     return fix
 
 
-def _inexact_ops(ops: list[SpatialOp], source_ids: set[str], rule: str) -> list[str] | None:
+def _inexact_ops(
+    after: Trace, ops: list[SpatialOp], source_ids: set[str], rule: str
+) -> list[str] | None:
+    """The ids among ``ops`` to make exact; a pad call is left as it is, and the window op
+    after it is judged with its padding counted."""
     fix = []
     for o in ops:
-        steps = (*o.steps_h, *o.steps_w)
-        if o.op not in _WINDOW or any(st.kind != "window" for st in steps):
+        if o.op == "pad":
+            continue
+        if o.op not in _WINDOW or any(st.kind != "window" for st in (*o.steps_h, *o.steps_w)):
             return None
+        pre = pad_before(after, o)
         if all(
-            exact_setting(o.op, st.kernel, st.stride, st.dilation, st.padding, st.ceil, rule)
+            exact_setting(
+                o.op, st.kernel, st.stride, st.dilation, st.padding, st.ceil, rule, pre=pre[axis]
+            )
             == (st.padding, st.ceil)
+            for axis, steps in enumerate((o.steps_h, o.steps_w))
             for st in steps
         ):
             continue
@@ -608,14 +1025,23 @@ def _inexact_ops(ops: list[SpatialOp], source_ids: set[str], rule: str) -> list[
     return fix
 
 
-def _target(
-    channels: int | None, stride: str | int | Size | None, in_chans: int | None, like: str | None
-) -> Target:
+def _check_counts(channels: int | None, in_chans: int | None) -> None:
     if channels is not None and channels <= 0:
         raise TargetError(f"{{channels}} must be positive, got {channels}", params=("channels",))
     if in_chans is not None and in_chans <= 0:
         raise TargetError(f"{{in_chans}} must be positive, got {in_chans}", params=("in_chans",))
-    if like is None:
+
+
+def _target(
+    channels: int | None,
+    stride: str | int | Size | None,
+    in_chans: int | None,
+    like: str | None,
+    other: Trace | None,
+) -> Target:
+    """The target of a stride, or of the ``like`` backbone traced as ``other`` (its output
+    sizes come later, at the probes)."""
+    if like is None or other is None:
         if channels is None or stride is None:
             raise InvalidArgument(
                 "give {channels} and {stride}, or {like} BACKBONE",
@@ -625,28 +1051,57 @@ def _target(
         if min(size) < 1:
             raise TargetError(f"{{stride}} must be at least 1, got {stride}", params=("stride",))
         return Target(channels, size, in_chans)
-    report = inspect_backbone(like, "64x64", sizes=[p for p in PROBES])
-    other = report.features or None
-    out_shape = other.out_shape if other is not None else report.trace.output_shape
+    return _like_target(channels, stride, in_chans, like, other)
+
+
+def _like_target(
+    channels: int | None,
+    stride: str | int | Size | None,
+    in_chans: int | None,
+    like: str,
+    other: Trace,
+) -> Target:
+    """The output of the traced ``like`` backbone: its channels (unless ``channels``),
+    downsample and input channels (unless ``in_chans``)."""
+    features = other.features
+    out_shape = features.out_shape if features is not None else other.output_shape
     if len(out_shape) != 4:
         raise TargetError(f"{{like}} {like}: its output is not spatial", params=("like",))
-    down = other.downsample if other is not None else report.trace.downsample
-    sizes = {c.input_hw: c.traced_hw for c in report.sizes if c.traced_hw is not None}
-    if stride is not None and parse_stride(stride) != (
-        round(down[0]),
-        round(down[1]),
-    ):
+    down = features.downsample if features is not None else other.downsample
+    have = (round(down[0]), round(down[1]))
+    if stride is not None and parse_stride(stride) != have:
         raise InvalidArgument(
-            f"{{stride}} {stride} contradicts {{like}} {like} (1/{down[0]:g})",
+            f"{{stride}} {stride} contradicts {{like}} {like} (1/{_fmt(have)})",
             params=("stride", "like"),
         )
     return Target(
         channels if channels is not None else out_shape[1],
-        (round(down[0]), round(down[1])),
-        in_chans if in_chans is not None else report.trace.input_shape[1],
+        have,
+        in_chans if in_chans is not None else other.input_shape[1],
         like,
-        sizes,
+        {},
     )
+
+
+def _like_sizes(like: str, other: Trace, model: Any, probes: tuple[Size, ...]) -> dict[Size, Size]:
+    """The ``like`` backbone's output size at each probe, from a trace at that size."""
+    n, c = other.input_shape[:2]
+    features = other.features
+    sizes: dict[Size, Size] = {}
+    for h, w in probes:
+        try:
+            again = trace_module(model, (n, c, h, w), depth=other.depth, device=other.device)
+        except ForwardFailed as failed:
+            raise ModelError(
+                f"{{like}} {like} fails at {h}x{w}, which its size rule accepts: "
+                + str(forward_error(failed, (n, c, h, w))),
+                params=("like",),
+            ) from failed.error
+        stage = again.stage(features.path) if features is not None else None
+        out = stage.out_shape if stage is not None else again.output_shape
+        if len(out) == 4:
+            sizes[(h, w)] = (out[-2], out[-1])
+    return sizes
 
 
 def winner_input(result: FitResult) -> str:
@@ -658,9 +1113,25 @@ def winner_input(result: FitResult) -> str:
 
 
 def winner_recipe(result: FitResult, input_text: str | None = None) -> Recipe:
-    """The winning candidate as a recipe to save or emit (its input: ``winner_input``)."""
+    """The winning candidate of a fit as a recipe, to save or to emit.
+
+    Args:
+        result: What :func:`fit` returned.
+        input_text: The recipe's traced input, ``"NxCxHxW"``; default the source's input
+            with the channels the winner takes (:func:`winner_input`).
+
+    Returns:
+        The winner's :class:`~bbswap.recipes.schema.Recipe`.
+
+    Example::
+
+        found = bbswap.fit("resnet50", channels=684, stride=16, in_chans=1)
+        recipe = bbswap.winner_recipe(found)
+        open("r.toml", "w").write(bbswap.recipe_to_toml(recipe))
+    """
     c = result.winner
-    return replace(c.recipe, input=input_text or winner_input(result))
+    kw = dict(result.backbone.kwargs)  # a replay builds the same model
+    return replace(c.recipe, input=input_text or winner_input(result), kw=kw)
 
 
 def recipe_header(result: FitResult) -> str:

@@ -1,10 +1,12 @@
 """The support matrix: which backbones reach which targets, and why not.
 
 :func:`matrix` expands one or more spec patterns (``tv:*``, ``timm:resnet*``, zoo names),
-then, for each backbone, inspects it on the meta device and runs :func:`bbswap.search.fit.fit`
-for every stride asked. With ``verify`` (the default), each winning plan is also built with
-random weights, emitted to a temporary file and checked by round trip, as ``bbswap fit -o``
-does; without it, only the meta-device steps run, in seconds per backbone.
+then, for each backbone, inspects it on the meta device with its own input channels (those
+of its first conv, for a file of the user's) and runs :func:`bbswap.search.fit.fit` for every
+stride asked (to ``in_chans`` input channels, when given). With ``verify`` (the default),
+each winning plan is also built with random weights, emitted to a temporary file and checked
+by round trip, as ``bbswap fit -o`` does; without it, only the meta-device steps run, in
+seconds per backbone.
 
 One backbone's failure never stops the sweep: its row says what failed in a few words.
 """
@@ -22,8 +24,8 @@ from typing import Any
 
 from bbswap.backbones.registry import Backbone, list_backbones, resolve
 from bbswap.errors import BBSwapError, InvalidArgument, NotACNN
-from bbswap.kinds import Rounding
-from bbswap.parsing import parse_input
+from bbswap.kinds import Returns, Rounding
+from bbswap.parsing import FeatureTarget, parse_input, parse_target, parse_targets
 
 STRIDES = (8, 16, 32)
 
@@ -41,6 +43,7 @@ class Cell:
     reason: str = ""  # a few words, when not ok
     detail: str = ""  # the whole error message
     bug: bool = False  # the error was not a user error (not a BBSwapError)
+    targets: tuple[FeatureTarget, ...] = ()  # a cell of several targets (``stride``: the deepest)
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class Row:
     seconds: float = 0.0
 
     refused: bool = False  # not a CNN (a transformer, a token model): refused by design
+    in_chans: int | None = None  # the input channels it was inspected with: its own
 
     @property
     def ok(self) -> bool:
@@ -86,6 +90,16 @@ class Matrix:
     verify: bool
     rounding: str
     rows: tuple[Row, ...]
+    targets: tuple[FeatureTarget, ...] = ()  # one more cell per row: all of them at once
+    returns: str = "list"
+
+    def __repr__(self) -> str:
+        """``Matrix(resnet18 tv:alexnet; strides 8, 16, 32; 2 of 2 CNNs reach every target)``."""
+        strides = ", ".join(map(str, self.strides))
+        return (
+            f"Matrix({' '.join(self.patterns)}; strides {strides}; {self.passed} of {self.cnns} "
+            f"CNNs reach every target, {len(self.rows) - self.cnns} refused)"
+        )
 
     @property
     def passed(self) -> int:
@@ -123,25 +137,74 @@ def matrix(
     verify: bool = True,
     rounding: Rounding | str = Rounding.ANY,
     input_shape: str | None = None,
+    in_chans: int | None = None,
     debug: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int, str | None], None] | None = None,
+    targets: Sequence[FeatureTarget | str] | None = None,
+    returns: Returns | str = Returns.LIST,
 ) -> Matrix:
-    """Try every backbone the patterns name at every stride; see the module docstring."""
+    """Try every backbone the patterns name at every stride: inspect and fit on the meta
+    device, then (with ``verify``) emit each winning plan with random weights to a
+    temporary file and verify it by round trip. One backbone's failure is its row's
+    reason; it never stops the sweep.
+
+    Args:
+        patterns: Backbone specs or fnmatch patterns (``"tv:*"``, ``"timm:resnet*"``), one
+            or a sequence.
+        strides: The target strides.
+        channels: The target channels; default each backbone's own.
+        verify: Emit and verify each winning plan (slower); ``False`` runs the meta-device
+            steps only.
+        rounding: The size rule: ``"any"`` (ceil or floor), ``"ceil"`` or ``"floor"``.
+        input_shape: The dummy input, ``"NxCxHxW"`` or ``"HxW"``; default 1x3x224x224.
+        in_chans: Adapt every plan's stem to this many input channels (as ``fit`` does);
+            each backbone is inspected with its own input channels either way.
+        debug: Raise the first unexpected error (a bug) instead of reporting it in a cell.
+        progress: Called as ``progress(done, total, spec)`` as each backbone begins
+            (``spec`` its name, ``done`` the number finished) and once at the end
+            (``spec`` None).
+        targets: Several targets (``"[NAME=]STRIDE:CHANNELS"`` or
+            :class:`~bbswap.parsing.FeatureTarget`): each row gets one more cell, the fit
+            to all of them at once (``strides`` may then be empty).
+        returns: What holds the outputs of that fit: ``"list"``, ``"tuple"`` or ``"dict"``.
+
+    Returns:
+        A :class:`Matrix`: one :class:`Row` per backbone, one :class:`Cell` per stride.
+
+    Example::
+
+        table = bbswap.matrix(["tv:resnet*", "tv:vit_b_16"], strides=(16,), channels=256,
+                              verify=False)
+        [(row.spec, row.refused, [c.macs for c in row.cells]) for row in table.rows]
+    """
     pats = (patterns,) if isinstance(patterns, str) else tuple(patterns)
-    if not strides or min(strides) < 1:
-        raise InvalidArgument(f"--stride must list positive strides, got {list(strides)}")
+    several = parse_targets([parse_target(t) for t in targets or []])
+    held = Returns.parse(returns, "returns").value
+    if (not strides and not several) or (strides and min(strides) < 1):
+        raise InvalidArgument(
+            f"{{strides}} must list positive strides, got {list(strides)}", params=("strides",)
+        )
     if channels is not None and channels < 1:
-        raise InvalidArgument(f"--channels must be positive, got {channels}")
+        raise InvalidArgument(
+            f"{{channels}} must be positive, got {channels}", params=("channels",)
+        )
+    if in_chans is not None and in_chans < 1:
+        raise InvalidArgument(
+            f"{{in_chans}} must be positive, got {in_chans}", params=("in_chans",)
+        )
     rule = Rounding.parse(rounding, "rounding").value
     if input_shape is not None:
         parse_input(input_shape, 3)  # a malformed input shape is the user's error, not a row's
     specs = expand(pats)
     rows = []
     for i, spec in enumerate(specs):
-        rows.append(_row(spec, tuple(strides), channels, verify, rule, input_shape, debug))
         if progress is not None:
-            progress(i + 1, len(specs))
-    return Matrix(pats, tuple(strides), channels, verify, rule, tuple(rows))
+            progress(i, len(specs), spec)
+        given = (input_shape, in_chans, several, held)
+        rows.append(_row(spec, tuple(strides), channels, verify, rule, given, debug))
+    if progress is not None:
+        progress(len(specs), len(specs), None)
+    return Matrix(pats, tuple(strides), channels, verify, rule, tuple(rows), several, held)
 
 
 def brief(error: BaseException) -> tuple[str, str]:
@@ -161,15 +224,20 @@ def _row(
     channels: int | None,
     verify: bool,
     rounding: str,
-    input_shape: str | None,
+    given: tuple[str | None, int | None, tuple[FeatureTarget, ...], str],
     debug: bool,
 ) -> Row:
-    from bbswap.tracing.inspection import inspect_backbone
+    """One backbone's row; ``given`` holds the input shape and the input channels asked,
+    and the targets of the several-targets cell (none: no such cell) and what holds them."""
+    from bbswap.tracing.inspection import choose_input, inspect_backbone
 
     start = time.perf_counter()
+    input_shape, in_chans = given[:2]
     try:
         backbone = resolve(spec)
-        report = inspect_backbone(backbone, input_shape or "1x3x224x224")
+        # its own input channels: those of its first conv when the registry does not know
+        shape, _ = choose_input(backbone, input_shape, keep_own=True, fallback=in_chans or 3)
+        report = inspect_backbone(backbone, shape)
     except Exception as error:  # one backbone's failure is a row, not the end of the sweep
         if debug:
             raise
@@ -182,16 +250,17 @@ def _row(
     out = stage.out_shape if stage is not None else report.trace.output_shape
     down = stage.downsample if stage is not None else report.trace.downsample
     cells, emitted = [], None
-    for stride in strides:
-        cell, how = _cell(backbone, stride, channels or out[1], verify, rounding, input_shape)
+    for stride in [*strides, *([0] if given[2] else [])]:
+        cell, how = _cell(backbone, stride, channels or out[1], verify, rounding, given)
         if debug and cell.bug:
             raise RuntimeError(f"{spec} at stride {stride}: {cell.detail}")
         cells.append(cell)
         emitted = how if emitted is None else emitted
     seconds = time.perf_counter() - start
+    own = shape[1]
     if emitted is None:
-        return Row(spec, out[1], down, tuple(cells), seconds=seconds)
-    return Row(spec, out[1], down, tuple(cells), True, emitted, seconds=seconds)
+        return Row(spec, out[1], down, tuple(cells), seconds=seconds, in_chans=own)
+    return Row(spec, out[1], down, tuple(cells), True, emitted, seconds=seconds, in_chans=own)
 
 
 def _cell(
@@ -200,22 +269,27 @@ def _cell(
     channels: int,
     verify: bool,
     rounding: str,
-    input_shape: str | None,
+    given: tuple[str | None, int | None, tuple[FeatureTarget, ...], str],
 ) -> tuple[Cell, str | None]:
     """The cell, and why its emitted file imports the backbone ("" if bundled, None if not
-    emitted)."""
+    emitted); ``stride`` 0 is the cell of ``given``'s several targets."""
     from bbswap.search.fit import fit, winner_input, winner_recipe
 
+    input_shape, in_chans, several, returns = given
+    aim: dict[str, Any] = {"channels": channels, "stride": stride}
+    if stride == 0:
+        aim = {"targets": several, "returns": returns}
+        stride = max(t.stride[0] for t in several)
+    taps = several if "targets" in aim else ()
     try:
-        found = fit(
-            backbone, channels=channels, stride=stride, rounding=rounding, input_shape=input_shape
-        )
+        found = fit(backbone, rounding=rounding, input_shape=input_shape, in_chans=in_chans, **aim)
     except Exception as error:  # reported in the cell
         reason, detail = brief(error)
         bug = not isinstance(error, BBSwapError)
-        return Cell(stride, False, reason=reason, detail=detail, bug=bug), None
+        return Cell(stride, False, reason=reason, detail=detail, bug=bug, targets=taps), None
     w = found.winner
-    cell = Cell(stride, True, w.trace.macs, w.label, w.rule or found.target.rounding)
+    rule = w.rule or found.target.rounding
+    cell = Cell(stride, True, w.trace.macs, w.label, rule, targets=taps)
     if not verify:
         return cell, None
     text = winner_input(found)
@@ -224,9 +298,11 @@ def _cell(
     except Exception as error:  # reported in the cell
         reason, detail = brief(error)
         bug = not isinstance(error, BBSwapError)
-        failed = Cell(stride, False, cell.macs, cell.plan, cell.rule, False, reason, detail, bug)
+        failed = Cell(
+            stride, False, cell.macs, cell.plan, cell.rule, False, reason, detail, bug, taps
+        )
         return failed, None
-    return Cell(stride, True, cell.macs, cell.plan, cell.rule, True), import_reason
+    return Cell(stride, True, cell.macs, cell.plan, cell.rule, True, targets=taps), import_reason
 
 
 def _export(backbone: Backbone, recipe: Any, input_text: str) -> str:

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from bbswap.backbones.registry import Backbone, resolve
+from bbswap.backbones.instance import as_backbone, has_weights, real_copy
+from bbswap.backbones.registry import Backbone
 from bbswap.errors import InvalidArgument, SurgeryError
 from bbswap.parsing import parse_dims
 from bbswap.recipes.schema import Recipe
+from bbswap.records import dims, short_count
 from bbswap.surgery.core import Edit, Surgery
-from bbswap.tracing.inspection import choose_input
+from bbswap.surgery.fx_trace import require_one_forward
+from bbswap.tracing.inspection import choose_input, features_text
 from bbswap.tracing.tracer import ForwardFailed, Stage, Trace, trace, trace_module
+
+if TYPE_CHECKING:
+    from bbswap.surgery.outputs_plan import OutputsPlan
 
 Shape4 = tuple[int, int, int, int]
 
@@ -27,8 +33,20 @@ class ApplyResult:
     before: Trace
     after: Trace
     edits: tuple[Edit, ...]
-    model: nn.Module  # the patched model: from ``model=`` when given, else on the meta device
+    model: nn.Module  # the patched model: with real weights when given some, else on meta
     surgery: Surgery  # the plan, made on the meta device
+    # the outputs of a --like backbone that returns several, which the model returns too
+    outputs: OutputsPlan | None = None
+
+    def __repr__(self) -> str:
+        """The summary, not the data: ``ApplyResult(resnet50 + seed-hmer-resnet50,
+        1x1x128x316 -> 684@/16, 9 edits, 24.9M params, 11.3G MACs)``."""
+        t = self.after
+        return (
+            f"ApplyResult({self.backbone.spec} + {self.recipe.name}, {dims(t.input_shape)} -> "
+            f"{features_text(t)}, {len(self.edits)} edits, {short_count(t.params)} params, "
+            f"{short_count(t.macs)} MACs)"
+        )
 
 
 def source_input(backbone: Backbone, recipe: Recipe, input_text: str | None) -> tuple[Shape4, int]:
@@ -43,28 +61,71 @@ def source_input(backbone: Backbone, recipe: Recipe, input_text: str | None) -> 
 
 
 def apply_recipe(
-    spec: str | Backbone,
+    spec: str | Backbone | nn.Module,
     recipe: Recipe,
     input_shape: str | None = None,
     *,
     kwargs: dict[str, Any] | None = None,
     model: nn.Module | None = None,
+    source_output: int | str | None = None,
 ) -> ApplyResult:
-    """Apply ``recipe`` to a backbone.
+    """Apply ``recipe`` to a backbone and trace the result. A spec is built with the
+    recipe's constructor arguments (``kw``), those in ``kwargs`` taking precedence.
 
-    The surgery is planned and traced on the meta device; when ``model`` (the same
-    backbone with real weights) is given, the same ops are applied to a copy of it too,
-    and ``result.model`` is that patched copy. ``model`` itself is never changed.
+    The surgery is planned and traced on the meta device, where nothing is allocated.
+    With real weights, from ``model`` or a model instance given as ``spec``, the same ops
+    are applied to a copy of them too, and ``result.model`` is that patched copy: a
+    working CPU module with the weights carried through the edits. Neither ``model`` nor
+    the instance is ever changed.
+
+    Args:
+        spec: A backbone spec (``"resnet50"``, ``"tv:resnet18"``, ``"file.py:Name"``), a
+            resolved :class:`~bbswap.backbones.registry.Backbone`, or a model instance.
+        recipe: The recipe, from :func:`~bbswap.recipes.toml_io.load_recipe` or
+            :func:`~bbswap.search.fit.winner_recipe`.
+        input_shape: The dummy input, ``"NxCxHxW"`` or ``"HxW"``; default the recipe's
+            ``input``, else 224x224.
+        kwargs: Constructor arguments for a spec; for a model instance, the arguments it
+            was constructed with.
+        model: The same backbone as ``spec`` with real weights (built with the same
+            constructor arguments, e.g. with a checkpoint loaded); default the instance
+            when ``spec`` is one, else none, and ``result.model`` is on the meta device.
+        source_output: For a backbone whose forward returns several tensors, the output
+            the ops work on (an index or a dict key; default the recipe's, else the one
+            with the largest downsample); the patched backbone returns that output alone.
+
+    Returns:
+        An :class:`ApplyResult`: the traces ``before`` and ``after``, every ``edits``
+        record, and the patched ``model``.
+
+    Example::
+
+        recipe = bbswap.load_recipe("recipes/seed-hmer-resnet50.toml")
+        result = bbswap.apply_recipe("resnet50", recipe, "1x1x128x316")
+        result.after.output_shape                      # (1, 684, 8, 20)
+        weighted = bbswap.apply_recipe("resnet50", recipe, model=my_resnet50).model
+        weighted(torch.randn(1, 1, 128, 316)).shape    # torch.Size([1, 684, 8, 20])
     """
-    backbone = spec if isinstance(spec, Backbone) else resolve(spec, kwargs)
+    if isinstance(spec, nn.Module):
+        backbone = as_backbone(spec, kwargs)
+        if model is None and has_weights(spec):
+            model = real_copy(spec)
+    else:
+        backbone = as_backbone(spec, {**recipe.kw, **(kwargs or {})})
+        recipe = replace(recipe, kw=dict(backbone.kwargs))  # what was built, for a replay
     shape, chans = source_input(backbone, recipe, input_shape)
     before, source = trace(lambda: backbone.build(in_chans=chans), shape, name=backbone.spec)
+    wanted = source_output if source_output is not None else recipe.source_output
+    before = before.select_output(wanted, backbone.spec)
+    if source_output is not None:  # the recipe shown with the result names the output
+        recipe = replace(recipe, source_output=before.output_key)
+    require_one_forward(source)  # the emitted file writes the model's forward out
     result = apply_traced(backbone, recipe, before, source, model=model)
     if input_shape and len(parse_dims(input_shape, "input_shape")) == 4:
-        wanted = parse_dims(input_shape, "input_shape")[1]
-        if wanted != result.surgery.in_chans:
+        wanted_chans = parse_dims(input_shape, "input_shape")[1]
+        if wanted_chans != result.surgery.in_chans:
             raise InvalidArgument(
-                f"{{input_shape}} has {wanted} channels but the patched model takes "
+                f"{{input_shape}} has {wanted_chans} channels but the patched model takes "
                 f"{result.surgery.in_chans}",
                 params=("input_shape",),
             )
@@ -106,6 +167,8 @@ def run_ops(model: nn.Module, before: Trace, recipe: Recipe, *, in_place: bool =
     for index, op in enumerate(recipe.ops):
         surgery.op_index, surgery.op_name = index, op.op
         op.apply(surgery, recipe.where(index))
+    if recipe.taps:
+        surgery.rewrite("").returns = recipe.returns or "list"
     return surgery
 
 

@@ -18,9 +18,11 @@ so the emitter can write them out as code.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import enum
-from collections.abc import Callable
+import operator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -30,7 +32,9 @@ from torch import fx, nn
 
 from bbswap.errors import SurgeryError
 from bbswap.records import attrs
+from bbswap.surgery.fx_trace import trace_children_as_leaves
 from bbswap.tracing.ids import PointId
+from bbswap.tracing.outputs import OutputKey
 from bbswap.tracing.tracer import SpatialOp, Trace
 
 # fx records F.max_pool2d and friends under their boolean-dispatch wrapper's name.
@@ -105,6 +109,17 @@ class CallEdit:
     op_index: int
 
 
+@dataclass(frozen=True)
+class TapOutput:
+    """One output of a backbone that returns several: a module's output, and the modules
+    appended to it (a projection), as the model's own children."""
+
+    at: str  # the tapped module
+    key: str  # its key in a dict (the target's name, else the module's path)
+    modules: tuple[str, ...]  # child names of the modules run on it, in order
+    op_index: int
+
+
 @dataclass
 class OwnerRewrite:
     """Everything that rewrites one module's forward."""
@@ -113,6 +128,9 @@ class OwnerRewrite:
     calls: list[CallEdit] = field(default_factory=list)
     append: list[tuple[str, int]] = field(default_factory=list)  # (child name, op index)
     truncate_after: str | None = None
+    select: OutputKey | None = None  # the output kept of a forward that returns several
+    taps: list[TapOutput] = field(default_factory=list)  # the outputs of the model itself
+    returns: str = "list"  # what holds the taps: "list", "tuple" or "dict"
 
 
 def fmt(value: Any) -> str:
@@ -152,6 +170,8 @@ class Surgery:
         self.out_spatial = len(out) == 4
         self.in_chans = trace.input_shape[1]
         self.new_modules: dict[str, str] = {}  # path -> constructor source, for the emitter
+        if trace.output_key is not None:  # the patched model returns that output alone
+            self.rewrite("").select = trace.output_key
 
     # -- recording ------------------------------------------------------------------
     def record(
@@ -225,6 +245,16 @@ class Surgery:
         self.record(path, EditKind.APPEND, "-", source)
         return used
 
+    def add_tap(self, at: str, key: str, modules: list[tuple[str, nn.Module, str]]) -> None:
+        """Return ``at``'s output as one of the model's outputs, after ``modules`` (name,
+        module, constructor source), which become the model's own children."""
+        names = []
+        for name, module, source in modules:
+            used = self.add_child("", name, module, source)
+            self.record(used, EditKind.APPEND, "-", source)
+            names.append(used)
+        self.rewrite("").taps.append(TapOutput(at, key, tuple(names), self.op_index))
+
     def truncate(self, after: str, dropped: list[str]) -> None:
         """Make ``after`` the output: each module from it up to the model stops there."""
         path, point = after, PointId.parse(after)
@@ -268,21 +298,11 @@ def _call_values(op: SpatialOp) -> dict[str, Any]:
     return {"kernel_size": op.kernel, **attrs(op, "stride", "padding", "dilation", "ceil_mode")}
 
 
-class _ChildrenAsLeaves(fx.Tracer):
-    """Trace one module's own forward; every submodule call stays a call."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name != ""
-
-
-def trace_children_as_leaves(module: nn.Module) -> fx.Graph:
-    """The graph of ``module``'s own forward, every submodule call kept as a call."""
-    return _ChildrenAsLeaves().trace(module)
-
-
 def trace_forward(module: nn.Module, owner: str) -> fx.Graph:
     try:
-        return trace_children_as_leaves(module)
+        return trace_children_as_leaves(module, owner)
+    except SurgeryError:
+        raise
     except Exception as error:  # fx raises many kinds of errors on dynamic code
         name = owner or "the model"
         raise SurgeryError(
@@ -305,8 +325,14 @@ def _require_fx_names(graph: fx.Graph, owner: str) -> None:
 
 
 def rewrite_forward(module: nn.Module, rw: OwnerRewrite, owner: str) -> fx.GraphModule:
-    """Trace ``module``'s forward, apply the rewrite, return an equivalent GraphModule."""
-    graph = trace_forward(module, owner)
+    """Trace ``module``'s forward, apply the rewrite, return an equivalent GraphModule.
+
+    The modules the rewrite appends are hidden from the trace: a container that runs its
+    children (an ``nn.Sequential``, the model itself or a block of it) would run them as
+    well, and the appended output would then run them a second time."""
+    added = [name for name, _ in rw.append] + [n for tap in rw.taps for n in tap.modules]
+    with _hidden(module, added):
+        graph = trace_forward(module, owner)
     for edit in rw.calls:
         node = _nth_call(graph, edit.func, edit.call, owner)
         names = _CALL_PARAMS.get(edit.func)
@@ -318,6 +344,8 @@ def rewrite_forward(module: nn.Module, rw: OwnerRewrite, owner: str) -> fx.Graph
         node.args = (bound.pop("input"),)
         node.kwargs = bound
     output = next(n for n in graph.nodes if n.op == "output")
+    if rw.select is not None:
+        output.args = (_selected(graph, output, rw.select),)
     if rw.truncate_after is not None:
         target = _stage_node(graph, rw.truncate_after)
         output.args = (target,)
@@ -332,6 +360,8 @@ def rewrite_forward(module: nn.Module, rw: OwnerRewrite, owner: str) -> fx.Graph
             for name, _ in rw.append:
                 value = graph.call_module(name, (value,))
         output.args = (value,)
+    if rw.taps:
+        output.args = (_tap_outputs(graph, output, rw),)
     _require_fx_names(graph, owner)
     gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
     gm.graph.eliminate_dead_code()
@@ -340,6 +370,56 @@ def rewrite_forward(module: nn.Module, rw: OwnerRewrite, owner: str) -> fx.Graph
     gm.recompile()
     _keep_child_order(gm, module)
     return gm
+
+
+@contextlib.contextmanager
+def _hidden(module: nn.Module, names: list[str]) -> Iterator[None]:
+    """``module`` without its children ``names`` for the duration; their order is kept."""
+    if not names:
+        yield
+        return
+    children = module._modules
+    saved = dict(children)
+    for name in names:
+        del children[name]
+    try:
+        yield
+    finally:
+        children.clear()
+        children.update(saved)
+
+
+def _selected(graph: fx.Graph, output: fx.Node, key: OutputKey) -> fx.Node:
+    """The node of output ``key`` of a forward that returns several tensors."""
+    value = output.args[0]
+    if isinstance(value, fx.Node):  # a container made by a call: index it
+        with graph.inserting_before(output):
+            return graph.call_function(operator.getitem, (value, key))
+    try:
+        chosen = value[key]  # type: ignore[index]  # a tuple, list or dict of nodes
+    except (TypeError, KeyError, IndexError):
+        chosen = None
+    if not isinstance(chosen, fx.Node):
+        raise SurgeryError(
+            f"the model's forward returns {type(value).__name__} whose output {key!r} the "
+            "torch.fx trace does not show as one tensor"
+        )
+    return chosen
+
+
+def _tap_outputs(graph: fx.Graph, output: fx.Node, rw: OwnerRewrite) -> Any:
+    """The model's outputs: each tapped module's output node, run through the modules
+    appended to it, held as ``rw.returns`` says."""
+    values = []
+    for tap in rw.taps:
+        value = _stage_node(graph, tap.at)
+        with graph.inserting_before(output):
+            for name in tap.modules:
+                value = graph.call_module(name, (value,))
+        values.append(value)
+    if rw.returns == "dict":
+        return {tap.key: value for tap, value in zip(rw.taps, values)}
+    return tuple(values) if rw.returns == "tuple" else values
 
 
 def _nth_call(graph: fx.Graph, func: str, call: int, owner: str) -> fx.Node:

@@ -11,12 +11,14 @@ from torch import nn
 from bbswap.backbones.registry import Backbone, resolve
 from bbswap.errors import InvalidArgument, ModelError
 from bbswap.parsing import parse_dims, parse_input
+from bbswap.records import dims, short_count
 from bbswap.tracing.sizes import SizeRule
 from bbswap.tracing.tracer import (
     ForwardFailed,
     Stage,
     Trace,
     build_any,
+    describe_factor,
     forward_error,
     trace,
     trace_instance,
@@ -52,6 +54,25 @@ class InspectReport:
     features: Stage | None
     rules: tuple[SizeRule, SizeRule]
     sizes: tuple[SizeCheck, ...]
+
+    def __repr__(self) -> str:
+        """The summary, not the data:
+        ``InspectReport(resnet50, 1x3x224x224 -> 2048@/32, 11 stages, 25.6M params)``."""
+        t = self.trace
+        return (
+            f"InspectReport({self.backbone}, {dims(t.input_shape)} -> {features_text(t)}, "
+            f"{len(t.stages)} stages, {short_count(t.params)} params)"
+        )
+
+
+def features_text(t: Trace) -> str:
+    """The feature map a trace ends in, as ``channels@/downsample`` (a classifier's features
+    stage when the output is not spatial)."""
+    f = t.features
+    shape, down = (f.out_shape, f.downsample) if f is not None else (t.output_shape, t.downsample)
+    if len(shape) != 4:
+        return dims(shape)
+    return f"{shape[1]}@/{describe_factor(down)}"
 
 
 @dataclass(frozen=True)
@@ -152,6 +173,8 @@ def check_sizes(
             raise ModelError(
                 f"{{sizes}} {h}x{w}: {forward_error(failed, (n, c, h, w))}", params=("sizes",)
             ) from failed.error
+        if result.outputs:  # the output the rule is of
+            again = again.select_output(result.output_key)
         out = again.output_shape
         if features is not None:
             out = next((s.out_shape for s in again.stages if s.path == features.path), ())
@@ -167,8 +190,37 @@ def inspect_backbone(
     depth: int = 1,
     sizes: Sequence[tuple[int, int]] = (),
     kwargs: dict[str, Any] | None = None,
+    source_output: int | str | None = None,
 ) -> InspectReport:
-    """Trace a backbone (a spec, a resolved :class:`Backbone` or a model instance)."""
+    """Trace a backbone once on the meta device: its stages, costs, reduction points and
+    size rule, and with ``sizes`` the output size predicted and traced at each.
+
+    A model instance with real weights is traced under ``FakeTensorMode`` and comes back
+    as it was: the same tensors with the same values, hooks and training flags.
+
+    Args:
+        spec: A backbone spec (``"resnet50"``, ``"tv:resnet18"``, ``"timm:resnet18"``,
+            ``"path/to/file.py:Name"``), a resolved :class:`Backbone`, or a model instance.
+        input_shape: The dummy input, ``"NxCxHxW"``, ``"HxW"`` (the model's own channels)
+            or a sequence of four ints.
+        depth: How deep the stage table goes (1: the top-level children).
+        sizes: Input sizes ``(h, w)`` at which to check the size rule against a new trace.
+        kwargs: Constructor arguments for a spec (ignored for a model instance).
+        source_output: For a forward that returns several tensors (``trace.outputs`` lists
+            them all), the one whose size rule and checks are reported; default the one
+            with the largest downsample.
+
+    Returns:
+        An :class:`InspectReport`: ``trace`` (stages, reductions, params, MACs),
+        ``features`` (a classifier's features stage), ``rules`` and ``sizes``.
+
+    Example::
+
+        report = bbswap.inspect_backbone("densenet100", "1x1x128x316", sizes=[(33, 97)])
+        report.trace.output_shape                      # (1, 684, 8, 20)
+        [r.id for r in report.trace.reductions][:2]    # ['conv1', 'max_pool2d()']
+        bbswap.inspect_backbone(torchvision.models.resnet18(), "1x3x224x224")
+    """
     if depth < 1:
         raise InvalidArgument(f"{{depth}} must be at least 1, got {depth}", params=("depth",))
     if isinstance(spec, nn.Module):
@@ -184,6 +236,7 @@ def inspect_backbone(
         prepared = prepare(backbone, input_shape)
         result, model = trace(prepared.build, prepared.input_shape, depth, backbone.spec)
         name = backbone.spec
+    result = result.select_output(source_output, name)
     checks = check_sizes(model, result, sizes) if sizes else ()
     features = result.features
     rules = result.size_rules(features.chain if features else None)

@@ -97,6 +97,30 @@ def min_size(steps: Sequence[SizeStep], limit: int = 4096) -> int:
     return limit
 
 
+def from_smallest(
+    sizes: Sequence[tuple[int, int]],
+    minimum: tuple[int, int] = (1, 1),
+    multiple: tuple[int, int] = (1, 1),
+) -> tuple[tuple[int, int], ...]:
+    """``sizes`` moved up to inputs a model accepts, never below its smallest one.
+
+    On each axis a size under ``minimum`` becomes ``minimum + (size - 1) // 2``: the
+    smallest input itself for a size of 1, then sizes just above it, odd and even, as the
+    small ones were; every size is rounded up to a whole ``multiple``. Each size once, in
+    order; with the defaults the sizes stay as given.
+    """
+
+    def one(size: int, low: int, step: int) -> int:
+        moved = size if size >= low else low + (size - 1) // 2
+        return -(-moved // step) * step
+
+    return tuple(
+        dict.fromkeys(
+            (one(h, minimum[0], multiple[0]), one(w, minimum[1], multiple[1])) for h, w in sizes
+        )
+    )
+
+
 def total_stride(steps: Sequence[SizeStep]) -> float:
     factor = 1.0
     for step in steps:

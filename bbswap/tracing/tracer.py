@@ -29,7 +29,18 @@ from torch.utils._pytree import tree_flatten
 from bbswap.backbones.guard import user_code
 from bbswap.errors import ModelError, NotACNN
 from bbswap.kinds import Device
+from bbswap.records import dims, short_count
 from bbswap.tracing.ids import call_id
+from bbswap.tracing.mask import MaskRule, MaskTrace, all_ones_mask, follow, mask_input
+from bbswap.tracing.outputs import (
+    Output,
+    OutputKey,
+    choose_output,
+    default_output,
+    describe_outputs,
+    refuse_single,
+    returned,
+)
 from bbswap.tracing.sizes import SizeRule, SizeStep, chain_size, min_size, size_rule
 from bbswap.tracing.spatial_ops import (
     SPATIAL,
@@ -151,6 +162,38 @@ class Trace:
     module_stages: tuple[Stage, ...] = ()  # a row for every called module, any depth
     attention: str = ""  # the first module whose forward multiplies two activations
     features_at: str = ""  # the outermost module whose output forward_features returns
+    # a forward that returns several tensors: each of them, what holds them ("tuple",
+    # "list" or "dict"), which one the output fields describe and whether it was asked for
+    outputs: tuple[Output, ...] = ()
+    returns: str = ""
+    output_key: OutputKey | None = None
+    output_given: bool = False
+    mask: MaskTrace | None = None  # a forward of (img, img_mask): what it made of the mask
+
+    def select_output(self, key: OutputKey | None, name: str = "the model") -> Trace:
+        """This trace with its output fields describing the output ``key`` (an index or a
+        dict key; None: the default, the one with the largest downsample)."""
+        if not self.outputs:
+            refuse_single(key, name)
+            return self
+        o = choose_output(self.outputs, self.returns, key, name)
+        return replace(
+            self,
+            output_shape=o.shape,
+            chain=o.chain,
+            downsample=o.downsample,
+            receptive_field=o.receptive_field,
+            output_key=o.key,
+            output_given=key is not None,
+        )
+
+    def __repr__(self) -> str:
+        """The summary line, not the data: ``Trace(1x3x224x224 -> 1x1000, 11 stages, ...)``."""
+        return (
+            f"Trace({dims(self.input_shape)} -> {dims(self.output_shape)}, "
+            f"{len(self.stages)} stages, {len(self.reductions)} reductions, "
+            f"{short_count(self.params)} params, {short_count(self.macs)} MACs, {self.device})"
+        )
 
     def stage(self, path: str) -> Stage | None:
         """The row of a stage or of any called module."""
@@ -261,6 +304,9 @@ class _Recorder:
     features_out: torch.Tensor | None = None  # what the model's forward_features returned
     total_macs: int = 0
     total_act: int = 0
+    # tensors made from a mask input (an encoder's ``img_mask``): the slice rule of each
+    # (None once another call made it) and that call
+    masks: dict[int, tuple[MaskRule | None, str]] = field(default_factory=dict)
 
     def tick(self) -> int:
         self.clock += 1
@@ -304,11 +350,29 @@ class _Mode(TorchFunctionMode):
         out = meta_result(name, args, kwargs, spatial)
         if out is None:
             out = func(*args, **kwargs)
+        if self.rec.masks and self._follow_mask(name, args, kwargs, out):
+            return out
         try:
             self._record(name, args, kwargs, out, spatial)
         except Exception as error:  # a bug in the tracer, not in the user's model
             raise _TracerBug(f"while recording {name}") from error
         return out
+
+    def _follow_mask(self, name: str, args: tuple, kwargs: dict, out: Any) -> bool:
+        """Note what a call made only from mask tensors makes (it is no feature map);
+        False for any other call."""
+        rec = self.rec
+        ins = _tensors((args, kwargs))
+        made = [rec.masks[id(t)] for t in ins if id(t) in rec.masks]
+        if not made or any(id(t) in rec.info for t in ins):
+            return False
+        rule, why = follow(made[0][0], name, args)
+        if len(made) > 1:
+            rule, why = None, name
+        for t in _tensors(out):
+            rec.masks[id(t)] = (rule, why or made[0][1])
+            rec.keep.append(t)
+        return True
 
     def _record(
         self, name: str, args: tuple, kwargs: dict, out: Any, spatial: SpatialArgs | None
@@ -584,10 +648,11 @@ class _TracerBug(RuntimeError):
 class ForwardFailed(Exception):
     """The user's forward raised; ``stage`` is the stage it had reached."""
 
-    def __init__(self, stage: str, error: BaseException) -> None:
+    def __init__(self, stage: str, error: BaseException, mask: str = "") -> None:
         super().__init__(str(error))
         self.stage = stage
         self.error = error
+        self.mask = mask  # the second input, given an all-ones mask, if the forward takes one
 
 
 @contextlib.contextmanager
@@ -615,17 +680,24 @@ def _watch_features(model: nn.Module, rec: _Recorder) -> Iterator[None]:
 def _run(model: nn.Module, x: torch.Tensor) -> tuple[_Recorder, Any]:
     rec = _Recorder(model)
     rec.register(x, _TensorInfo(hw=(x.shape[-2], x.shape[-1]) if x.dim() == 4 else None))
+    # a forward of (img, img_mask) gets an all-ones mask of the image's size
+    names = mask_input(model) if x.dim() == 4 else None
+    extra = [all_ones_mask(x)] if names is not None else []
+    for m in extra:
+        rec.masks[id(m)] = (MaskRule(), "")
+        rec.keep.append(m)
     with _hooked(rec), _eval_mode(model), _watch_features(model, rec), torch.no_grad():
         try:
             with _Mode(rec), user_code("the model's forward"):
-                out = model(x)
+                out = model(x, *extra)
         except _TracerBug:
             raise
         except ModelError as error:  # sys.exit, an interrupt or the time limit
             where = f" in stage '{rec.stack[-1]}'" if rec.stack else ""
             raise ModelError(f"{error}{where}", brief=error.brief) from None
         except Exception as error:  # any failure of the user's forward
-            raise ForwardFailed(rec.stack[-1] if rec.stack else "", error) from error
+            mask = names.mask if names is not None else ""
+            raise ForwardFailed(rec.stack[-1] if rec.stack else "", error, mask) from error
     return rec, out
 
 
@@ -635,7 +707,15 @@ def _summarise(
     outs = _tensors(out)
     if not outs:
         raise ModelError("the model's forward returned no tensor")
-    y = outs[0]
+    y, several = outs[0], returned(out)
+    outputs: tuple[Output, ...] = ()
+    if several is not None:
+        outputs = describe_outputs(several[1], lambda t: _output_info(rec, t))
+        y = dict(several[1])[default_output(outputs).key]
+    mask = _mask_trace(rec, several[1] if several is not None else [(0, y)])
+    if mask is not None and mask.rule is not None:  # its downsample is the slice's step
+        step = (float(mask.rule.step[0]), float(mask.rule.step[1]))
+        outputs = tuple(replace(o, downsample=step) if o.key == mask.key else o for o in outputs)
     y_info = rec.tensor_info(y)
     ops = tuple(sorted(rec.ops.values(), key=lambda o: o.order))
     params = sum(p.numel() for p in rec.model.parameters())
@@ -660,7 +740,30 @@ def _summarise(
         module_stages=_stages(rec, 10**6, functional=False),
         attention=rec.attention or "",
         features_at=_features_at(rec),
+        outputs=outputs,
+        returns=several[0] if several is not None else "",
+        output_key=default_output(outputs).key if outputs else None,
+        mask=mask,
     )
+
+
+def _mask_trace(rec: _Recorder, returned: list[tuple[OutputKey, torch.Tensor]]) -> MaskTrace | None:
+    """What the forward did with its mask input; None for a forward that takes none."""
+    names = mask_input(rec.model)
+    if names is None or not rec.masks:
+        return None
+    for key, t in returned:
+        if id(t) in rec.masks:
+            rule, why = rec.masks[id(t)]
+            return MaskTrace(names, key, rule, why, tuple(t.shape))
+    return MaskTrace(names, None, None)
+
+
+def _output_info(
+    rec: _Recorder, t: torch.Tensor
+) -> tuple[tuple[float, float], tuple[int, int], tuple[str, ...]]:
+    info = rec.tensor_info(t)
+    return info.jump, (int(info.rf[0]), int(info.rf[1])), info.chain
 
 
 def _features_at(rec: _Recorder) -> str:
@@ -742,8 +845,27 @@ def trace_module(
     device: Device | str = Device.META,
     note: str = "",
 ) -> Trace:
-    """Trace a model that already exists: on the meta device if its parameters are
-    there, else under FakeTensorMode so its real weights are neither copied nor used."""
+    """Trace a model that already exists, with one dummy forward.
+
+    Args:
+        model: The model; it is not changed (a forward that writes to its own tensors
+            is :func:`trace_instance`'s case).
+        input_shape: The dummy input's shape, ``(N, C, H, W)``.
+        depth: How deep the stage table goes (1: the top-level children).
+        device: ``"meta"`` (the model is on the meta device), ``"fake"`` (real weights,
+            traced under ``FakeTensorMode``: neither copied nor used) or ``"cpu"`` (real
+            tensors).
+        note: Why the trace runs where it does, kept in ``Trace.note``.
+
+    Returns:
+        The :class:`Trace`: stages, reduction points, params, MACs and size rules.
+
+    Example::
+
+        model = bbswap.resolve("resnet18").build()
+        bbswap.trace_module(model, (1, 3, 224, 224), device="fake").features.downsample
+        # (32.0, 32.0): the classifier's features, before its head
+    """
     device = Device.parse(device, "device")
     if device is Device.META:
         with torch.device("meta"):
@@ -837,8 +959,23 @@ def trace(
     name: str = "the model",
 ) -> tuple[Trace, nn.Module]:
     """Build a model with ``build`` on the meta device and trace it there; fall back to
-    real CPU tensors when the model cannot run without data. Returns the trace and the
-    model it traced (on the device it ran on). A transformer is refused (NotACNN)."""
+    real CPU tensors when the model cannot run without data. A transformer is refused
+    (:class:`~bbswap.errors.NotACNN`).
+
+    Args:
+        build: Makes the model, called with no arguments (under the meta device).
+        input_shape: The dummy input's shape, ``(N, C, H, W)``.
+        depth: How deep the stage table goes (1: the top-level children).
+        name: What the model is called in error messages.
+
+    Returns:
+        The :class:`Trace` and the model it traced (on the device it ran on).
+
+    Example::
+
+        result, model = bbswap.trace(lambda: torchvision.models.resnet18(), (1, 3, 224, 224))
+        result.output_shape, [r.id for r in result.reductions][:2]   # (1, 1000), ['conv1', ...]
+    """
     result, model = _trace_built(build, input_shape, depth)
     require_cnn(result, name)
     return result, model
@@ -888,9 +1025,15 @@ def _require_small_enough(input_shape: Shape, why: BaseException | None) -> None
 def forward_error(failed: ForwardFailed, input_shape: Shape) -> ModelError:
     """The one-line error for a model whose forward raised, naming the stage reached."""
     where = f" in stage '{failed.stage}'" if failed.stage else ""
+    mask = (
+        f" and an all-ones {input_shape[0]}x{'x'.join(map(str, input_shape[2:]))} mask as "
+        f"'{failed.mask}' (a second input is traced as the image's mask)"
+        if failed.mask
+        else ""
+    )
     return ModelError(
         f"the model's forward raised {type(failed.error).__name__}{where} "
-        f"at input {'x'.join(map(str, input_shape))}: {_one_line(failed.error)}"
+        f"at input {'x'.join(map(str, input_shape))}{mask}: {_one_line(failed.error)}"
     )
 
 

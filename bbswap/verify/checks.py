@@ -17,6 +17,7 @@ import hashlib
 import importlib.abc
 import importlib.util
 import math
+import subprocess
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -28,8 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from bbswap.backbones.guard import user_code
+from bbswap.backbones.guard import current_limit, user_code
 from bbswap.errors import InvalidArgument, ModelError, VerificationError
+from bbswap.tracing.mask import all_ones_mask, mask_input
 from bbswap.tracing.meta_run import any_on_meta, meta_copy, on_meta, run_on_meta
 from bbswap.tracing.tracer import build_on_meta
 
@@ -48,6 +50,12 @@ class Check:
 class VerifyReport:
     target: str
     checks: tuple[Check, ...]
+
+    def __repr__(self) -> str:
+        """``VerifyReport(backbone.py:Net, ok, 4 checks)``, or the first failed check."""
+        failed = self.first_failure()
+        state = "ok" if failed is None else f"failed {failed.name}"
+        return f"VerifyReport({self.target}, {state}, {len(self.checks)} checks)"
 
     @property
     def ok(self) -> bool:
@@ -101,6 +109,54 @@ def import_file(path: Path, isolated: bool = True) -> ModuleType:
             f"importing {path} failed: {type(error).__name__}: {_first_line(error)}"
         ) from error
     return module
+
+
+# Run by ``python -I`` (no current directory, no PYTHONPATH, no user site on sys.path):
+# the file's folder goes first on sys.path, bbswap cannot be imported, and the file is
+# imported and its class constructed. argv: the file, its folder, the class.
+_FRESH_SCRIPT = """\
+import importlib.abc, importlib.util, sys
+path, folder, name = sys.argv[1:4]
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == "bbswap" or fullname.startswith("bbswap."):
+            raise ImportError(f"{fullname} is not available to a generated file")
+sys.meta_path.insert(0, Block())
+sys.path.insert(0, folder)
+spec = importlib.util.spec_from_file_location("bbswap_fresh_check", path)
+module = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = module
+spec.loader.exec_module(module)
+getattr(module, name)()
+"""
+
+
+def fresh_import(path: Path, class_name: str, what: str = "", hint: str = "") -> None:
+    """Import ``path`` and construct ``class_name()`` in a fresh interpreter whose
+    ``sys.path`` holds only the file's folder and the installed packages, run in that
+    folder, with bbswap blocked: what the file needs is then measured, not assumed (a
+    module this process has imported proves nothing). Raises VerificationError, naming
+    the file as ``what`` (default: its path) and ending with ``hint``."""
+    what = what or str(path)
+    folder = path.resolve().parent
+    args = [sys.executable, "-I", "-c", _FRESH_SCRIPT, str(path.resolve()), str(folder)]
+    limit = current_limit()
+    try:
+        done = subprocess.run(
+            [*args, class_name], cwd=folder, capture_output=True, text=True, timeout=limit
+        )
+    except subprocess.TimeoutExpired:
+        raise VerificationError(
+            f"importing {what} in a fresh interpreter ran longer than {limit:g} s"
+        ) from None
+    if done.returncode != 0:
+        lines = [line.strip() for line in done.stderr.strip().splitlines() if line.strip()]
+        last = lines[-1] if lines else f"exit status {done.returncode}"
+        raise VerificationError(
+            f"{what} does not stand alone: importing it and constructing {class_name}() in a "
+            f"fresh interpreter (only its folder and the installed packages on sys.path) "
+            f"failed: {last}{hint}"
+        )
 
 
 def _first_line(error: BaseException) -> str:
@@ -186,7 +242,8 @@ def run(model: nn.Module, shape: Sequence[int], seed: int = 0) -> torch.Tensor:
         # torch's notes on how it runs a layer (an even kernel with padding='same' copies
         # its input) say nothing about the check's result
         warnings.simplefilter("ignore", UserWarning)
-        out = model(x)
+        # an encoder of (img, img_mask) is run with a mask of no padding
+        out = model(x, *([all_ones_mask(x)] if mask_input(model) is not None else []))
     return _first_output(out)
 
 
@@ -487,6 +544,7 @@ def verify_model(
     rounding: str = "ceil",
     like: tuple[str, dict[Size, tuple[int, int]]] | None = None,
     source: Callable[[], nn.Module] | None = None,
+    targets: Sequence[tuple[Size, int]] = (),
 ) -> VerifyReport:
     """Run the checks that apply; the models are put in eval mode.
 
@@ -509,6 +567,9 @@ def verify_model(
     for m in (model, reference):
         if m is not None:
             m.eval()
+    if returns_several(model):
+        several = check_several(model, in_chans, sweep, reference, compare_sizes, targets, rounding)
+        return VerifyReport(target, (*checks, *several))
     plan, real, skipping = _real_runs(model, target, in_chans, plan, meta, reference, source)
     checks += [skipping] if skipping is not None else []
     if skipping is not None and not skipping.ok:
@@ -598,3 +659,145 @@ def require(report: VerifyReport) -> None:
     bad = report.first_failure()
     if bad is not None:
         raise VerificationError(f"verification of {report.target} failed: {bad.name}: {bad.detail}")
+
+
+# -- a backbone that returns several outputs ----------------------------------------------------
+# (an emitted class with ``feature_info``: every output is compared and checked)
+
+
+def returns_several(model: nn.Module) -> bool:
+    """Whether the class states several outputs (``feature_info``, timm's convention)."""
+    info = getattr(type(model), "feature_info", None)
+    return isinstance(info, list) and all(isinstance(i, dict) for i in info)
+
+
+def run_all(model: nn.Module, shape: Sequence[int], seed: int = 0) -> list[torch.Tensor]:
+    """Every tensor the model returns for a seeded random input (eval mode), in order."""
+    torch.manual_seed(seed)
+    x = torch.randn(*shape)
+    with torch.no_grad(), user_code("the model's forward"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        out = model(x)
+    items = list(out.values()) if isinstance(out, dict) else out
+    if not isinstance(items, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in items):
+        raise VerificationError(f"the model returned {type(out).__name__}, not tensors")
+    return list(items)
+
+
+def check_several(
+    model: nn.Module,
+    in_chans: int,
+    sweep: Sequence[Size],
+    reference: nn.Module | None = None,
+    compare_sizes: Sequence[Size] = (),
+    targets: Sequence[tuple[Size, int]] = (),
+    rounding: str = "ceil",
+) -> list[Check]:
+    """The checks of every output: the same values as ``reference``; the sizes
+    ``output_size`` gives; the channels ``feature_info`` states; each of ``targets``
+    ((stride, channels), one per output) with the ``rounding`` rule."""
+    checks = []
+    if reference is not None:
+        checks.append(_compare_all(model, reference, in_chans, compare_sizes))
+        if not checks[-1].ok:
+            return checks
+    shapes = {
+        (h, w): [tuple(t.shape) for t in run_all(model, (1, in_chans, h, w))] for h, w in sweep
+    }
+    checks.append(_sizes_said(model, shapes))
+    info = type(model).feature_info  # type: ignore[attr-defined]  # returns_several saw it
+    checks.append(_channels_stated(info, shapes))
+    if targets:
+        checks.append(_targets_met(shapes, targets, rounding))
+    return checks
+
+
+def _compare_all(
+    model: nn.Module, reference: nn.Module, in_chans: int, sizes: Sequence[Size]
+) -> Check:
+    worst, where = 0.0, ""
+    count = 0
+    for h, w in sizes:
+        got, want = run_all(model, (1, in_chans, h, w)), run_all(reference, (1, in_chans, h, w))
+        count = len(want)
+        if [a.shape for a in got] != [b.shape for b in want]:
+            return Check(
+                "outputs",
+                False,
+                f"at {h}x{w} the file gives {', '.join(_dims(a.shape) for a in got)}, the "
+                f"patched model {', '.join(_dims(b.shape) for b in want)}",
+            )
+        for a, b in zip(got, want):
+            diff = float((a - b).abs().max()) if a.numel() else 0.0
+            if diff > worst or math.isnan(diff):
+                worst, where = diff, f"{h}x{w}"
+    ok = worst <= TOLERANCE
+    sizes_text = ", ".join(f"{h}x{w}" for h, w in sizes)
+    detail = f"max |difference| {worst:.2e} in {count} outputs over {sizes_text}" + (
+        "" if ok else f" (worst at {where})"
+    )
+    return Check("outputs", ok, detail)
+
+
+def _sizes_said(model: nn.Module, shapes: dict[Size, list[tuple[int, ...]]]) -> Check:
+    method = getattr(type(model), "output_size", None)
+    if method is None:
+        return Check("output_size", False, "the class has no output_size(h, w) method")
+    for (h, w), outs in shapes.items():
+        said = [tuple(s) for s in method(h, w)]
+        real = [tuple(o[-2:]) for o in outs]
+        if said != real:
+            return Check(
+                "output_size",
+                False,
+                f"output_size({h}, {w}) says {', '.join(map(_dims, said))} but the model "
+                f"gives {', '.join(map(_dims, real))}",
+            )
+    n = len(next(iter(shapes.values()), []))
+    return Check("output_size", True, f"matches all {n} outputs at {len(shapes)} sizes")
+
+
+def _channels_stated(
+    info: list[dict[str, Any]], shapes: dict[Size, list[tuple[int, ...]]]
+) -> Check:
+    stated = [i.get("num_chs") for i in info]
+    for (h, w), outs in shapes.items():
+        real = [o[1] if len(o) == 4 else None for o in outs]
+        if real != stated:
+            return Check(
+                "feature_info",
+                False,
+                f"at {h}x{w} the outputs have {real} channels; feature_info says {stated}",
+            )
+    return Check("feature_info", True, f"channels {stated} at every size, as stated")
+
+
+def _targets_met(
+    shapes: dict[Size, list[tuple[int, ...]]], targets: Sequence[tuple[Size, int]], rounding: str
+) -> Check:
+    """Output i has target i's channels and follows its stride's rule (one rule for all)."""
+    rules = ("ceil", "floor") if rounding == "any" else (rounding,)
+    first = ""
+    for rule in rules:
+        op = math.ceil if rule == "ceil" else math.floor
+        bad = ""
+        for (h, w), outs in shapes.items():
+            if len(outs) != len(targets):
+                bad = f"the model gives {len(outs)} outputs, not {len(targets)}"
+                break
+            for i, (out, ((sh, sw), chans)) in enumerate(zip(outs, targets)):
+                want = (1, chans, op(h / sh), op(w / sw))
+                if len(out) != 4 or tuple(out[1:]) != want[1:]:
+                    bad = (
+                        f"at {h}x{w} output {i} is {_dims(out[1:])}; {chans} channels at "
+                        f"{rule}(H/{sh}) x {rule}(W/{sw}) is {_dims(want[1:])}"
+                    )
+                    break
+            if bad:
+                break
+        if not bad:
+            return Check(
+                "targets", True, f"{len(targets)} outputs at their channels and {rule} sizes"
+            )
+        first = first or bad
+    return Check("targets", False, first)

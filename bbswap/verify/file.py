@@ -9,7 +9,13 @@ from bbswap.errors import InvalidArgument
 from bbswap.kinds import Rounding
 from bbswap.parsing import parse_sizes, parse_stride
 from bbswap.tracing.inspection import first_conv_in_channels, inspect_backbone
-from bbswap.verify.checks import VerifyReport, construct, import_file, verify_model
+from bbswap.verify.checks import (
+    VerifyReport,
+    construct,
+    fresh_import,
+    import_file,
+    verify_model,
+)
 
 DEFAULT_SIZES = [(33, 97), (64, 64), (61, 203), (117, 293), (128, 316)]
 
@@ -36,6 +42,29 @@ def check_file(
     in_chans: int | None = None,
     rounding: Rounding | str = Rounding.CEIL,
 ) -> VerifyReport:
+    """Check a backbone file (emitted or edited by hand) as ``bbswap verify`` does: import
+    it where bbswap cannot be imported, construct the class, run it on real CPU tensors and
+    check its ``output_size`` and whatever target is given.
+
+    Args:
+        target: ``"FILE.py:Class"``.
+        weights: A checkpoint to load into the class strictly first.
+        channels: The output channels expected.
+        stride: The downsample expected: ``"16"`` or ``"32x4"`` (H x W).
+        like: A backbone spec whose output size the file must match at every size.
+        sizes: The input sizes to check, ``"33x97,117x293"``; default five sizes.
+        in_chans: The input channels; default the first conv's.
+        rounding: The size rule of ``stride``: ``"ceil"``, ``"floor"`` or ``"any"``.
+
+    Returns:
+        A :class:`~bbswap.verify.checks.VerifyReport`; ``report.ok`` is whether every
+        check passed (a failed check is a result, not an exception).
+
+    Example::
+
+        report = bbswap.check_file("backbone.py:ResNet50C684S16", channels=684, stride="16")
+        report.ok, [(c.name, c.ok) for c in report.checks]
+    """
     path_text, sep, class_name = target.rpartition(":")
     if not sep or not class_name or not path_text.endswith(".py"):
         raise InvalidArgument(f"malformed target '{target}': expected FILE.py:Class")
@@ -48,6 +77,7 @@ def check_file(
     size_list = parse_sizes(sizes) if sizes is not None else DEFAULT_SIZES
     module = import_file(Path(path_text))
     model = construct(module, class_name, path_text, meta=True)
+    fresh_import(Path(path_text), class_name)
     chans = in_chans or first_conv_in_channels(model)
     if chans is None:
         raise InvalidArgument(
