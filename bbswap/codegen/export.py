@@ -188,13 +188,7 @@ def export(
     phase(Phase.BUILD)
     torch.manual_seed(seed)
     model, load, origin = _source_model(backbone, chans, checkpoint, partial)
-    # planned and traced on the meta device, then applied to ``model`` itself (built here
-    # for this alone), so the weights are held once
-    result = apply_recipe(backbone, recipe, input_shape, source_output=source_output)
-    patched = run_ops(model, result.before, result.recipe, in_place=True).finish()
-    result = replace(result, model=patched)
-    if outputs is not None:
-        result = with_outputs(result, outputs)
+    result = _patched(backbone, recipe, input_shape, model, source_output, outputs)
     files = {**(also or {})}
     carried, recorded = None, None
     if weights_path is not None:  # the exact bytes written, hashed into the emitted file
@@ -272,6 +266,22 @@ def check_sizes(after: Trace) -> tuple[list[tuple[int, int]], list[tuple[int, in
         (160, 224),
     ]
     return compare_sizes(after.downsample, minimum, multiple), sweep
+
+
+def _patched(
+    backbone: Backbone,
+    recipe: Recipe,
+    input_shape: str | None,
+    model: torch.nn.Module,
+    source_output: int | str | None,
+    outputs: OutputsPlan | None,
+) -> ApplyResult:
+    """The recipe planned and traced on the meta device, then applied to ``model`` itself
+    (built for this alone), so the weights are held once."""
+    result = apply_recipe(backbone, recipe, input_shape, source_output=source_output)
+    patched = run_ops(model, result.before, result.recipe, in_place=True).finish()
+    result = replace(result, model=patched)
+    return with_outputs(result, outputs) if outputs is not None else result
 
 
 def check_emitted(
