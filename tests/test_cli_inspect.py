@@ -263,7 +263,7 @@ ERRORS = [
     ("spec-without-name", ["inspect", f"{BAD}:"], ["malformed backbone spec"]),
     ("spec-without-file", ["inspect", ":Net"], ["malformed backbone spec"]),
     ("unknown-module", ["inspect", "no_such_module_for_bbswap:Net"],
-     ["cannot import module 'no_such_module_for_bbswap'"]),
+     ["cannot import no_such_module_for_bbswap", "no module named 'no_such_module_for_bbswap'"]),
     ("module-missing-class", ["inspect", "bbswap.zoo.resnet:Nope"],
      ["'Nope' is not in bbswap.zoo.resnet", "ResNet"]),
     ("constructor-raises", ["inspect", f"{BAD}:ConstructorRaises", "--input", "1x3x32x32"],

@@ -96,6 +96,8 @@ def test_can_target_is_the_model_built_with_its_params(can_dropin):
         "in_chans": 1,
         "like": CAN_SPEC,
         "rounding": "ceil",
+        "outputs": [],
+        "returns": None,
     }
     assert data["candidates"][0]["exact"] is True
     assert data["written"]["class_name"] == "DenseNet"

@@ -53,7 +53,7 @@ def trace_children_as_leaves(module: nn.Module, owner: str = "") -> fx.Graph:
         train = _ChildrenAsLeaves().trace(module)
     with _mode(module, False):
         graph = _ChildrenAsLeaves().trace(module)
-    a, b = _signature(train), _signature(graph)
+    a, b = _signature(train, *_side_heads(train)), _signature(graph, *_side_heads(graph))
     if a != b:
         at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         raise _branches(module, owner, _described(a, at), _described(b, at))
@@ -102,10 +102,44 @@ def _statistics(graph: fx.Graph) -> set[fx.Node]:
     return skip
 
 
-def _signature(graph: fx.Graph) -> list[str]:
+def _side_heads(graph: fx.Graph) -> tuple[set[fx.Node], fx.Node | None]:
+    """The nodes a forward computes only for the later fields of a named record it
+    returns: torchvision's GoogLeNet and Inception-v3 return ``(logits, aux2, aux1)`` in
+    train mode, their auxiliary heads run for nothing else. Only the first field, the
+    one eval mode returns, is on the features' path; the emitted forward is eval's. The
+    nodes left out, and that first field (None when the forward returns no such record)."""
+    out = next((n for n in graph.nodes if n.op == "output"), None)
+    record = out.args[0] if out is not None and out.args else None
+    if isinstance(record, tuple) and hasattr(record, "_fields") and record:
+        first = record[0]  # a namedtuple of nodes, as fx writes one into the output
+    elif (
+        isinstance(record, fx.Node)
+        and record.op == "call_function"
+        and isinstance(record.target, type)
+        and hasattr(record.target, "_fields")  # a namedtuple class called in the graph
+        and record.args
+    ):
+        first = record.args[0]
+    else:
+        return set(), None
+    keep: set[fx.Node] = set()
+    todo = [first] if isinstance(first, fx.Node) else []
+    while todo:
+        node = todo.pop()
+        if node not in keep:
+            keep.add(node)
+            todo += node.all_input_nodes
+    side = {n for n in graph.nodes if n not in keep and n.op not in ("placeholder", "output")}
+    return side, first if isinstance(first, fx.Node) else None
+
+
+def _signature(
+    graph: fx.Graph, side: set[fx.Node] | None = None, first: fx.Node | None = None
+) -> list[str]:
     """One entry per node: what it calls with which arguments (nodes by position), the
-    mode argument of dropout and batch norm left out."""
-    skip = _statistics(graph)
+    mode argument of dropout and batch norm left out; ``side`` nodes left out too, and
+    the output read as returning ``first`` alone when it is given."""
+    skip = _statistics(graph) | (side or set())
     index: dict[fx.Node, int] = {}
     out: list[str] = []
     for node in graph.nodes:
@@ -113,6 +147,8 @@ def _signature(graph: fx.Graph) -> list[str]:
             continue
         index[node] = len(out)
         args, kwargs = _without_mode(node)
+        if node.op == "output" and first is not None:
+            args, kwargs = (first,), {}
         shown = fx.node.map_arg((args, kwargs), lambda n: f"<node {index.get(n, -1)}>")
         out.append(f"{node.op} {_name(node)} {shown!r}")
     return out
