@@ -30,20 +30,23 @@ from bbswap.recipes.schema import Op, Recipe
 from bbswap.recipes.strides import Stride, exact_setting, pad_before, stride_targets
 from bbswap.records import short_count
 from bbswap.search import targets as several
-from bbswap.search.like_outputs import choose_taps, no_taps, outputs_plan, probe_sizes
+from bbswap.search.like_outputs import (
+    choose_taps,
+    no_taps,
+    outputs_plan,
+    probe_sizes,
+    traces_at,
+)
 from bbswap.surgery.apply import ApplyResult, apply_traced
 from bbswap.surgery.fx_trace import require_one_forward
 from bbswap.surgery.outputs_plan import OutputsPlan
 from bbswap.tracing.inspection import choose_input, first_conv_in_channels
 from bbswap.tracing.sizes import from_smallest
 from bbswap.tracing.tracer import (
-    ForwardFailed,
     SpatialOp,
     Stage,
     Trace,
-    forward_error,
     trace,
-    trace_module,
 )
 
 if TYPE_CHECKING:
@@ -745,8 +748,9 @@ def _probes(
     if like is None or other is None:
         return smallest, probes, target, None
     like_plan = outputs_plan(like, other[0])
-    target = replace(target, like_sizes=_like_sizes(like, *other, probes))
-    like_plan = probe_sizes(like_plan, *other, probes) if like_plan is not None else None
+    traces = traces_at(like, *other, probes)
+    target = replace(target, like_sizes=_like_sizes(other[0], traces))
+    like_plan = probe_sizes(like_plan, traces) if like_plan is not None else None
     return smallest, probes, target, like_plan
 
 
@@ -1083,20 +1087,11 @@ def _like_target(
     )
 
 
-def _like_sizes(like: str, other: Trace, model: Any, probes: tuple[Size, ...]) -> dict[Size, Size]:
-    """The ``like`` backbone's output size at each probe, from a trace at that size."""
-    n, c = other.input_shape[:2]
+def _like_sizes(other: Trace, traces: dict[Size, Trace]) -> dict[Size, Size]:
+    """The ``like`` backbone's output size at each probe, from its trace there."""
     features = other.features
     sizes: dict[Size, Size] = {}
-    for h, w in probes:
-        try:
-            again = trace_module(model, (n, c, h, w), depth=other.depth, device=other.device)
-        except ForwardFailed as failed:
-            raise ModelError(
-                f"{{like}} {like} fails at {h}x{w}, which its size rule accepts: "
-                + str(forward_error(failed, (n, c, h, w))),
-                params=("like",),
-            ) from failed.error
+    for (h, w), again in traces.items():
         stage = again.stage(features.path) if features is not None else None
         out = stage.out_shape if stage is not None else again.output_shape
         if len(out) == 4:

@@ -83,20 +83,29 @@ def _require_mask(like: str, trace: Trace) -> None:
         )
 
 
-def probe_sizes(plan: OutputsPlan, trace: Trace, model: Any, probes: Sequence[Size]) -> OutputsPlan:
-    """The plan with each output's size at every probe, from a trace at that size; a
-    mask must be at the features' size, and where its slice says, at every probe."""
+def traces_at(like: str, trace: Trace, model: Any, probes: Sequence[Size]) -> dict[Size, Trace]:
+    """The ``like`` backbone traced at each probe, once for every reader of its sizes."""
     n, c = trace.input_shape[:2]
-    sizes: dict[Any, list[tuple[Size, Size]]] = {o.key: [] for o in plan.outputs}
+    traces: dict[Size, Trace] = {}
     for h, w in probes:
         try:
-            again = trace_module(model, (n, c, h, w), depth=trace.depth, device=trace.device)
+            traces[(h, w)] = trace_module(
+                model, (n, c, h, w), depth=trace.depth, device=trace.device
+            )
         except ForwardFailed as failed:
             raise ModelError(
-                f"{{like}} {plan.like} fails at {h}x{w}, which its size rule accepts: "
+                f"{{like}} {like} fails at {h}x{w}, which its size rule accepts: "
                 + str(forward_error(failed, (n, c, h, w))),
                 params=("like",),
             ) from failed.error
+    return traces
+
+
+def probe_sizes(plan: OutputsPlan, traces: dict[Size, Trace]) -> OutputsPlan:
+    """The plan with each output's size at every probe, from ``traces`` (one per probe);
+    a mask must be at the features' size, and where its slice says, at every probe."""
+    sizes: dict[Any, list[tuple[Size, Size]]] = {o.key: [] for o in plan.outputs}
+    for (h, w), again in traces.items():
         got = {o.key: (o.shape[-2], o.shape[-1]) for o in again.outputs}
         for o in plan.outputs:
             sizes[o.key].append(((h, w), got[o.key]))
