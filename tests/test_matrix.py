@@ -386,3 +386,40 @@ def test_in_chans_gives_every_plan_that_many_input_channels():
         ok(cli("matrix", GRAY, "--stride", 16, "--in-chans", 3, "--no-verify", "--json")).stdout
     )
     assert data["rows"][0]["cells"][0]["macs"] == want.trace.macs
+
+
+# -- worker processes ----------------------------------------------------------------------------
+
+
+def timeless(data: dict[str, Any]) -> dict[str, Any]:
+    """A matrix's JSON without each row's time."""
+    return {**data, "rows": [{k: v for k, v in r.items() if k != "seconds"} for r in data["rows"]]}
+
+
+@pytest.mark.parametrize("verify", ["--no-verify", "--verify"])
+def test_jobs_2_gives_the_rows_of_jobs_1_in_order(verify):
+    args = ("matrix", ALEXNET, VIT, CONVNEXT, "--stride", "16,32", verify, "--json")
+    serial = json.loads(ok(cli(*args, "--jobs", 1)).stdout)
+    parallel = json.loads(ok(cli(*args, "--jobs", 2)).stdout)
+    assert [r["spec"] for r in parallel["rows"]] == [ALEXNET, VIT, CONVNEXT]
+    assert timeless(parallel) == timeless(serial)
+    assert [r["ok"] for r in serial["rows"]] == [True, False, True]
+    if verify == "--verify":
+        fitted_rows = (serial["rows"][0], serial["rows"][2])
+        assert all(c["verified"] for r in fitted_rows for c in r["cells"])
+
+
+def test_jobs_progress_names_a_backbone_not_yet_done():
+    calls: list[tuple[int, int, str | None]] = []
+    specs = [ALEXNET, GRAY, CONVNEXT]
+    found = matrix(specs, strides=(16,), verify=False, jobs=0, progress=lambda *a: calls.append(a))
+    assert [r.spec for r in found.rows] == specs
+    assert calls[0] == (0, 3, ALEXNET) and calls[-1] == (3, 3, None)
+    done = [c[0] for c in calls]
+    assert done == sorted(done) and all(c[2] in specs for c in calls[:-1])
+
+
+def test_negative_jobs_is_a_user_error():
+    assert_one_line_error(cli("matrix", "resnet18", "--jobs", "-1"), "--jobs must be 0")
+    with pytest.raises(InvalidArgument, match=r"^jobs must be 0 \(one per core\) or more"):
+        matrix("resnet18", jobs=-1)
