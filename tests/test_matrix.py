@@ -423,3 +423,18 @@ def test_negative_jobs_is_a_user_error():
     assert_one_line_error(cli("matrix", "resnet18", "--jobs", "-1"), "--jobs must be 0")
     with pytest.raises(InvalidArgument, match=r"^jobs must be 0 \(one per core\) or more"):
         matrix("resnet18", jobs=-1)
+
+
+def test_markdown_has_a_column_for_the_targets_cell():
+    from bbswap.cli.render import matrix_markdown
+
+    found = api((ALEXNET, VIT), strides=(16,), targets=("32x8:64",))
+    lines = matrix_markdown("sample", found).splitlines()
+    header = next(line for line in lines if line.startswith("| backbone"))
+    assert header == "| backbone | features | 1/16 | 32x8:64 |"
+    alexnet = next(line for line in lines if line.startswith(f"| `{ALEXNET}`"))
+    cell = found.rows[0].cells[1]
+    assert alexnet.count("|") == header.count("|") and cell.targets
+    assert ("MACs" if cell.ok else cell.reason) in alexnet.split("|")[4]
+    vit = next(line for line in lines if line.startswith(f"| `{VIT}`"))
+    assert vit.count("|") == header.count("|")
