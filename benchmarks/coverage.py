@@ -14,6 +14,7 @@ docs/coverage.md. Three parts, chosen with ``--parts``:
     python benchmarks/coverage.py --parts all --jobs 0       # the timm list, one worker a core
     python benchmarks/coverage.py --parts sample --seed 1 --sample 50
     python benchmarks/coverage.py --limit 3 --out /tmp/c.md  # 3 models a part, to try it
+    python benchmarks/coverage.py --parts all --models 'timm:vit_*,timm:pnas*' --out /tmp/c.md
 
 Each part reports its counts (reaching every target, refused, failed), its time (and the
 time per model) and every failure's reason, as a count per reason and each message whole.
@@ -25,6 +26,7 @@ downloaded.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import platform
 import random
 import re
@@ -156,7 +158,7 @@ def run_families(args: argparse.Namespace) -> Part:
     if args.only in (None, "tv"):
         import torchvision
 
-        specs = [b.spec for b in list_backbones("tv:*")][: args.limit]
+        specs = _chosen([b.spec for b in list_backbones("tv:*")], args)
         result = _sweep(specs, strides, not args.no_verify, args.jobs)
         sections.append((f"torchvision {torchvision.__version__}", result, {}))
         _report("torchvision", result)
@@ -164,7 +166,7 @@ def run_families(args: argparse.Namespace) -> Part:
         import timm
 
         families = {f"timm:{m}": f for f, m in timm_families().items()}
-        specs = list(families)[: args.limit]
+        specs = _chosen(list(families), args)
         result = _sweep(specs, strides, not args.no_verify, args.jobs)
         sections.append((f"timm {timm.__version__}: one model per family", result, families))
         _report("timm families", result)
@@ -175,7 +177,7 @@ def run_all(args: argparse.Namespace) -> Part:
     import timm
 
     start = time.perf_counter()
-    specs = [f"timm:{m}" for m in timm.list_models()][: args.limit]
+    specs = _chosen([f"timm:{m}" for m in timm.list_models()], args)
     result = _sweep(specs, [16], False, args.jobs)
     _report("timm, every model", result)
     title = f"timm {timm.__version__}: every model at 1/16, meta device"
@@ -187,12 +189,20 @@ def run_sample(args: argparse.Namespace) -> Part:
 
     start = time.perf_counter()
     exclude = set(timm_families().values())
-    specs = sample_specs(args.sample, args.seed, exclude)[: args.limit]
+    specs = _chosen(sample_specs(args.sample, args.seed, exclude), args)
     target = [f"32x8:{CHANNELS}"]
     result = _sweep(specs, [8, 16], not args.no_verify, args.jobs, target)
     _report("timm sample", result)
     title = f"timm {timm.__version__}: a random sample of {len(specs)} (seed {args.seed})"
     return Part("sample", ((title, result, {}),), time.perf_counter() - start, args.jobs)
+
+
+def _chosen(specs: list[str], args: argparse.Namespace) -> list[str]:
+    """The specs that match ``--models`` (any of its patterns), the first ``--limit``."""
+    if args.models:
+        patterns = args.models.split(",")
+        specs = [s for s in specs if any(fnmatch.fnmatch(s, p) for p in patterns)]
+    return specs[: args.limit]
 
 
 def _sweep(
@@ -295,6 +305,7 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=100, help="sample: how many models")
     parser.add_argument("--seed", type=int, default=0, help="sample: the random seed")
     parser.add_argument("--limit", type=int, default=None, help="the first N models a part")
+    parser.add_argument("--models", help="only the specs matching these patterns, e.g. *resnet*")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (0: a core each)")
     parser.add_argument("--out", default=str(Path(__file__).parents[1] / "docs" / "coverage.md"))
     args = parser.parse_args()
