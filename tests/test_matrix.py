@@ -438,3 +438,17 @@ def test_markdown_has_a_column_for_the_targets_cell():
     assert ("MACs" if cell.ok else cell.reason) in alexnet.split("|")[4]
     vit = next(line for line in lines if line.startswith(f"| `{VIT}`"))
     assert vit.count("|") == header.count("|")
+
+
+def test_a_worker_that_dies_is_an_error_not_a_wait(tmp_path):
+    dies = tmp_path / "dies.py"
+    dies.write_text(
+        "import os\n"
+        "from torch import nn\n\n\n"
+        "class Dies(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        os._exit(9)  # as a process killed for memory ends\n"
+    )
+    result = cli("matrix", f"{dies}:Dies", ALEXNET, "--stride", 16, "--no-verify", "--jobs", 2)
+    assert_one_line_error(result, "a worker process died", "Dies", "--jobs 1")

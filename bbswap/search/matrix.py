@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bbswap.backbones.registry import Backbone, list_backbones, resolve
-from bbswap.errors import BBSwapError, InvalidArgument, NotACNN
+from bbswap.errors import BBSwapError, InvalidArgument, ModelError, NotACNN
 from bbswap.kinds import Returns, Rounding
 from bbswap.parsing import FeatureTarget, parse_input, parse_target, parse_targets
 
@@ -248,26 +248,45 @@ def _rows_in_workers(
     """The rows, tried by ``workers`` fresh processes (spawned: no thread pool of this one
     is carried over) that share the cores, one torch thread each; in the order of
     ``specs``. ``progress`` names the first backbone not yet done as each one ends; the
-    first unexpected error with ``debug`` ends the sweep, as it does serially."""
+    first unexpected error with ``debug`` ends the sweep, as it does serially, and so does
+    a worker that dies (killed for memory, say): an error, never a wait without end."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
     from bbswap.backbones.guard import current_limit
 
     threads = max(1, (os.cpu_count() or 1) // workers)
-    context = multiprocessing.get_context("spawn")
-    pool = context.Pool(workers, _start_worker, (threads, current_limit()), maxtasksperchild=50)
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_start_worker,
+        initargs=(threads, current_limit()),
+    )
     rows: dict[int, Row] = {}
     try:
         if progress is not None:
             progress(0, len(specs), specs[0])
-        jobs = [(i, spec, task, debug) for i, spec in enumerate(specs)]
-        for i, row in pool.imap_unordered(_numbered_row, jobs):
-            rows[i] = row
-            pending = next((s for k, s in enumerate(specs) if k not in rows), None)
-            if progress is not None and pending is not None:
-                progress(len(rows), len(specs), pending)
-        pool.close()
+        numbered = {pool.submit(_row_in_worker, s, task, debug): i for i, s in enumerate(specs)}
+        pending = set(numbered)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                rows[numbered[future]] = future.result()
+            left = [s for k, s in enumerate(specs) if k not in rows]
+            if progress is not None and left:
+                progress(len(rows), len(specs), left[0])
+    except BrokenProcessPool:
+        left = [s for k, s in enumerate(specs) if k not in rows][:workers]
+        raise ModelError(
+            "a worker process died (killed, perhaps for memory) while trying one of "
+            f"{', '.join(left)}; try them with {{jobs}} 1",
+            params=("jobs",),
+        ) from None
     finally:
-        pool.terminate()  # an error or a stop signal: no worker goes on running
-        pool.join()
+        processes = getattr(pool, "_processes", None) or {}
+        for process in list(processes.values()):
+            process.terminate()  # an error or a stop signal: no worker goes on running
+        pool.shutdown(wait=True, cancel_futures=True)
     return [rows[i] for i in range(len(specs))]
 
 
@@ -282,12 +301,11 @@ def _start_worker(threads: int, limit: float | None) -> None:
     _worker_limit[0] = limit
 
 
-def _numbered_row(job: tuple[int, str, _Task, bool]) -> tuple[int, Row]:
+def _row_in_worker(spec: str, task: _Task, debug: bool) -> Row:
     from bbswap.backbones.guard import time_limit
 
-    i, spec, task, debug = job
     with time_limit(_worker_limit[0]):
-        return i, _row(spec, *task.args, debug)
+        return _row(spec, *task.args, debug)
 
 
 def brief(error: BaseException) -> tuple[str, str]:
