@@ -880,6 +880,14 @@ class MatrixArgs(RunArgs):
     ] = None
     target: TargetOpt = None
     returns: ReturnOpt = None
+    jobs: Annotated[
+        int,
+        typer.Option(
+            "--jobs",
+            "-j",
+            help="Worker processes that try backbones side by side (0: one per core).",
+        ),
+    ] = 1
 
 
 @app.command("matrix")
@@ -915,6 +923,7 @@ def _run_matrix(a: MatrixArgs, progress: Callable[[int, int, str | None], None] 
         progress=progress,
         targets=a.target,
         returns=a.returns or Returns.LIST,
+        jobs=a.jobs,
     )
 
 
