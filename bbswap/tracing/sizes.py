@@ -23,7 +23,9 @@ class SizeStep:
     ``pad``: ``in + padding`` (``padding`` is the total of both sides); ``transpose``:
     a transposed conv, ``value`` holding its output padding; ``fold``: blocks of
     ``stride`` pixels folded into channels by a reshape, which needs whole blocks (0 for
-    any other size, where the reshape fails).
+    any other size, where the reshape fails); ``blocks``: the size kept, but split into
+    windows of ``stride`` pixels (windowed attention without padding), so only whole
+    windows pass (0 for any other size).
     """
 
     kind: str
@@ -44,6 +46,8 @@ class SizeStep:
             return size + self.padding if size >= self.value else 0
         if self.kind == "fold":
             return size // self.stride if size % self.stride == 0 else 0
+        if self.kind == "blocks":
+            return size if size % self.stride == 0 else 0
         if self.kind == "transpose":
             extra = int(self.value)
             return (
@@ -74,6 +78,8 @@ class SizeStep:
             return f"up k{self.kernel} s{self.stride} p{self.padding}"
         if self.kind == "fold":
             return f"/{self.stride} whole"
+        if self.kind == "blocks":
+            return f"windows of {self.stride}"
         rounding = "ceil" if self.ceil else "floor"
         return f"k{self.kernel} s{self.stride} p{self.padding} d{self.dilation} {rounding}"
 
