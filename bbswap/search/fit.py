@@ -317,7 +317,7 @@ def plan(
         Candidate(recipe([*stem, *ops, *head, *pool, *tail]), label, cmode, order)
         for ops, pool, label, cmode, order in _stride_plans(found, have, target, mode)
     ]
-    if allow_truncate:
+    if allow_truncate or fixed_reductions(source, features):
         for stage in truncation_points(source, target.stride):
             if features is not None and stage.path == features.path:
                 continue
@@ -326,6 +326,15 @@ def plan(
     if not candidates:
         raise TargetError(_infeasible(backbone, target, have, found))
     return _dedupe(candidates)
+
+
+def fixed_reductions(source: Trace, features: Stage | None) -> list[str]:
+    """The reductions on the features' path that no stride op changes: a strided slice or
+    a reshape merging patches (Swin's patch merging). A stage at the target's stride
+    before them is where such a backbone is cut."""
+    by_id = {o.id: o for o in source.ops}
+    chain = features.chain if features is not None else source.chain
+    return [i for i in chain if by_id[i].op in ("slice", "patch-merge") and by_id[i].reduces]
 
 
 def _stem_ops(source: Trace, target: Target) -> list[Op]:
@@ -864,6 +873,11 @@ def _search(
     done = list(plain)
     if not any(c.ok for c in done) and target.like is None and not target.outputs:
         done += _exact_variants(backbone, source, model, done, target, probes, progress)
+    elif fixed_reductions(source, source.features) and target.like is None:
+        # a backbone cut before reductions no stride op changes (Swin's patch merging):
+        # its cuts made exact too, which spare the stages a stride change makes dearer
+        cuts = [c for c in done if not c.ok and c.label.startswith("truncate after ")]
+        done += _exact_variants(backbone, source, model, cuts, target, probes, progress)
     if any(c.ok for c in done):
         return done, None
     return done, _other_rounding(backbone, source, model, plain, target, probes)
@@ -1009,8 +1023,10 @@ def _inexact_ops(
     after it is judged with its padding counted."""
     fix = []
     for o in ops:
-        if o.op == "pad":
+        if o.op in ("pad", "windows"):
             continue
+        if o.op in ("slice", "patch-merge") and rule == Rounding.CEIL.value:
+            continue  # ceil(size / stride) at any size
         if o.op not in _WINDOW or any(st.kind != "window" for st in (*o.steps_h, *o.steps_w)):
             return None
         pre = pad_before(after, o)
