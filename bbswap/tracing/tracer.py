@@ -318,6 +318,7 @@ class _Recorder:
     # tensors made from a mask input (an encoder's ``img_mask``): the slice rule of each
     # (None once another call made it) and that call
     masks: dict[int, tuple[MaskRule | None, str]] = field(default_factory=dict)
+    batch: int = 1  # the input's
 
     def tick(self) -> int:
         self.clock += 1
@@ -514,8 +515,8 @@ class _Mode(TorchFunctionMode):
         lay = Layout.NHWC if info.last is Layout.NHWC else Layout.NCHW
         shape = layouts.as_nchw(tuple(y.shape), lay)
         (h, w), (n, c, oh, ow) = info.hw, shape
-        if min(oh, ow) < 1 or h % oh or w % ow or (h, w) == (oh, ow):
-            return info
+        if min(oh, ow) < 1 or h % oh or w % ow or (h, w) == (oh, ow) or n != self.rec.batch:
+            return info  # not a fold (windows stacked along the batch are none)
         fh, fw = h // oh, w // ow
         if c % (fh * fw):
             return info
@@ -813,7 +814,7 @@ def _watch_features(model: nn.Module, rec: _Recorder) -> Iterator[None]:
 
 
 def _run(model: nn.Module, x: torch.Tensor) -> tuple[_Recorder, Any]:
-    rec = _Recorder(model)
+    rec = _Recorder(model, batch=x.shape[0] if x.dim() else 1)
     grid = (x.shape[-2], x.shape[-1]) if x.dim() == 4 else None
     rec.register(x, _TensorInfo(hw=grid, layout=Layout.NCHW if grid else Layout.NONE))
     # a forward of (img, img_mask) gets an all-ones mask of the image's size
