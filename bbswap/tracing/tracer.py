@@ -270,7 +270,10 @@ class _TensorInfo:
     hw: Pair | None = None  # H and W of the last 4-D feature map on the way here
     layout: Layout = Layout.NONE  # where this tensor holds that grid, if it does
     last: Layout = Layout.NCHW  # the layout of that last map
-    padded: bool = False  # padded by nothing at this size: a padding computed per size
+    padded: bool = False  # just padded: by a padding computed per size, to whole windows
+    # the chain and grid before the last padding of the map: a crop back to that grid (a
+    # window attention's x[:, :H, :W]) undoes the padding, whatever it was at this size
+    before_pad: tuple[tuple[str, ...], Pair] | None = None
 
 
 @dataclass
@@ -473,22 +476,28 @@ class _Mode(TorchFunctionMode):
         x_info = self.rec.tensor_info(x) if x is not None else _TensorInfo()
         in_shape = tuple(x.shape) if x is not None else None
         same_size = x is not None and x.numel() == y.numel()
-        padded = (x_info.padded and same_size) or layouts.zero_pad(spatial)
+        pads = spatial is not None and spatial.op == "pad" and x_info.layout in layouts.GRIDS
+        padded = (x_info.padded and same_size) or layouts.zero_pad(spatial) or pads
         if spatial is not None and y.dim() >= 3 and in_shape is not None:
             lay: Layout = x_info.layout if x_info.layout is Layout.NHWC else Layout.NCHW
             shapes = (layouts.as_nchw(in_shape, lay), layouts.as_nchw(tuple(y.shape), lay))
+            before = (info.chain, x_info.hw) if pads and x_info.hw is not None else None
             info = self._spatial(name, spatial, owner, call, *shapes, info)
             if y.dim() != 4:
-                return replace(info, layout=Layout.NONE, padded=padded)
+                return replace(info, layout=Layout.NONE, padded=padded, before_pad=None)
             grid = layouts.grid_of(tuple(y.shape), lay)
-            return replace(info, layout=lay, last=lay, hw=grid, padded=padded)
+            return replace(info, layout=lay, last=lay, hw=grid, padded=padded, before_pad=before)
         if name == "__getitem__" and x is not None and len(args) > 1:
             sa = layouts.slice_args(args[1], x, x_info.layout)
             if sa is not None and in_shape is not None:
                 lay = x_info.layout
                 shapes = (layouts.as_nchw(in_shape, lay), layouts.as_nchw(tuple(y.shape), lay))
                 info = self._spatial(name, sa, owner, call, *shapes, info)
-                return replace(info, layout=lay, last=lay, hw=layouts.grid_of(tuple(y.shape), lay))
+                grid = layouts.grid_of(tuple(y.shape), lay)
+                return replace(info, layout=lay, last=lay, hw=grid, before_pad=None)
+            undone = self._unpadded(x_info, y, info)
+            if undone is not None:
+                return undone
         if name in _RESHAPES and in_shape is not None and not padded:
             window = layouts.window_blocks(in_shape, tuple(y.shape), x_info.layout)
             if window is not None:
@@ -502,6 +511,17 @@ class _Mode(TorchFunctionMode):
         layout, grid = layouts.place(in_shape, x_info.layout, info.hw, y, info.last)
         last = layout if layout in layouts.GRIDS else info.last
         return replace(info, layout=layout, hw=grid, last=last, padded=padded)
+
+    def _unpadded(self, x: _TensorInfo, y: torch.Tensor, info: _TensorInfo) -> _TensorInfo | None:
+        """A crop of a padded map back to its grid before the padding: the chain and grid
+        from before it (the padding, per input size, and the crop cancel out); None for
+        any other slice."""
+        if x.before_pad is None or x.layout not in layouts.GRIDS:
+            return None
+        chain, grid = x.before_pad
+        if layouts.grid_of(tuple(y.shape), x.layout) != grid or y.dim() != 4:
+            return None
+        return replace(info, chain=chain, hw=grid, layout=x.layout, last=x.layout, before_pad=None)
 
     def _folded(
         self, name: str, owner: str, call: int, y: torch.Tensor, info: _TensorInfo, padded: bool
@@ -525,7 +545,7 @@ class _Mode(TorchFunctionMode):
             rows = [(SizeStep("window", 1, f, 0, 1, False, False),) for f in (fh, fw)]
             sa = replace(sa, op="patch-merge", steps=(rows[0], rows[1]))
         info = self._spatial(name, sa, owner, call, (n, c // (fh * fw), h, w), shape, info)
-        return replace(info, layout=lay, last=lay, hw=(oh, ow), padded=False)
+        return replace(info, layout=lay, last=lay, hw=(oh, ow), padded=False, before_pad=None)
 
     def _spatial(
         self,
