@@ -225,3 +225,14 @@ def test_an_efficientvit_cut_gives_timms_features_only_stage(tmp_path):
         got = cut(x)
     assert got.shape == (1, 64, 6, 10)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_fit_on_windows_split_without_padding_says_which_sizes_it_takes():
+    """4x4 windows at 1/4 and 1/8, no padding: the probes are sizes the model takes, and
+    the winner's rule says which those are."""
+    spec = f"{Path(__file__).resolve().parent / 'fixtures' / 'token_models.py'}:WindowAttention"
+    found = bbswap.fit(spec, channels=64, stride=16, rounding="any")
+    assert found.winner.ok and found.winner.trace.output_shape == (1, 64, 14, 14)
+    assert all(h % 32 < 4 and w % 32 < 4 for h, w in found.probes)
+    rule = found.winner.trace.size_rules()[0].format("H")
+    assert rule.endswith("(H mod 32 in 0-3)")

@@ -753,7 +753,7 @@ def _probes(
     """The smallest input the models accept, the probe sizes from it, the target with the
     like-backbone's real output size at each, and the plan of its several outputs."""
     smallest, multiple = accepted_input(source, *([other[0]] if other is not None else []))
-    probes = from_smallest(PROBES, smallest, multiple)
+    probes = taken_sizes(source, from_smallest(PROBES, smallest, multiple))
     if like is None or other is None:
         return smallest, probes, target, None
     like_plan = outputs_plan(like, other[0])
@@ -761,6 +761,23 @@ def _probes(
     target = replace(target, like_sizes=_like_sizes(other[0], traces))
     like_plan = probe_sizes(like_plan, traces) if like_plan is not None else None
     return smallest, probes, target, like_plan
+
+
+def taken_sizes(source: Trace, sizes: tuple[Size, ...]) -> tuple[Size, ...]:
+    """``sizes`` each moved up to the next size the source takes when its maps are split
+    into windows without padding (MaxViT): only those sizes give whole windows."""
+    features = source.features
+    rules = source.size_rules(features.chain if features is not None else None)
+
+    def up(size: int, axis: int) -> int:
+        rule = rules[axis]
+        if not rule.period:
+            return size
+        while size % rule.period not in rule.remainders:
+            size += 1
+        return size
+
+    return tuple(dict.fromkeys((up(h, 0), up(w, 1)) for h, w in sizes))
 
 
 def _with_outputs(
