@@ -105,7 +105,8 @@ class VerificationError(BBSwapError, brief="verification fails"):
 
 
 class NotACNN(BBSwapError, brief="not a CNN"):
-    """A backbone whose features are tokens or mixed by attention, not a CNN feature map."""
+    """A backbone whose features follow no size rule: tied to one input size (a positional
+    embedding of fixed size, a linear layer across its tokens) or tokens off its grid."""
 
 
 def flag(param: str) -> str:

@@ -58,6 +58,16 @@ class Prefer(Choice):
     RF = "rf"
 
 
+class Layout(Choice):
+    """How a traced tensor holds the image grid it came from."""
+
+    NCHW = "nchw"  # channels, then height and width
+    NHWC = "nhwc"  # height and width, then channels (Swin, ConvNeXt-style blocks)
+    TOKENS = "tokens"  # N x L x C with L = H*W of the grid (PVT, EfficientViT, MobileViT)
+    CHANNELS_TOKENS = "channels-tokens"  # N x C x L (a flattened NCHW map)
+    NONE = "none"  # no grid axis known (weights, windows, attention scores, vectors)
+
+
 class Device(Choice):
     """Where a trace ran: the meta device, fake tensors, or real CPU tensors (a fallback)."""
 

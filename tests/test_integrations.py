@@ -115,18 +115,25 @@ def test_every_torchvision_cnn_is_covered_by_a_family() -> None:
 
 
 @pytest.mark.parametrize(
-    "spec", ["tv:vit_b_16", "tv:swin_t", "tv:maxvit_t", "timm:vit_tiny_patch16_224"]
+    ("spec", "embedding"),
+    [("tv:vit_b_16", "1x197x768 parameter"), ("timm:vit_tiny_patch16_224", "1x197x192 parameter")],
 )
-def test_transformers_are_refused_in_one_line(spec: str) -> None:
+def test_a_fixed_positional_embedding_is_refused_in_one_line(spec: str, embedding: str) -> None:
+    """Not for its attention: for its positional embedding, which holds 197 tokens."""
     for args in (
         ["inspect", spec],
         ["fit", spec, "--channels", "256", "--stride", "16"],
     ):
         result = runner.invoke(app, args)
-        assert_one_line_error(result, f"{spec} is not a CNN backbone", "attention at '")
+        assert_one_line_error(
+            result,
+            f"{spec} has no feature map that follows the input size",
+            f"a positional embedding of fixed size (a {embedding}) is added at",
+            "so the model takes one input size",
+        )
     with pytest.raises(NotACNN) as caught:
         fit(spec, channels=256, stride=16)
-    assert caught.value.brief == "transformer: attention"
+    assert caught.value.brief == "fixed size: positional embedding"
 
 
 def test_matrix_over_torchvision_names_the_refusal() -> None:
@@ -147,11 +154,11 @@ def test_matrix_over_torchvision_names_the_refusal() -> None:
     row = {
         line.split()[0]: line for line in result.output.splitlines() if line.strip()[:3] == "tv:"
     }
-    assert "transformer: attention" in row["tv:vit_b_16"]
+    assert "fixed size: positional embedding" in row["tv:vit_b_16"]
     assert row["tv:resnet18"].count(" ceil") == 3
     assert result.output.splitlines()[-1] == (
         "1 of 1 CNN backbones reach every target (inspect, fit on the meta device); "
-        "1 refused as not CNNs (transformers): tv:vit_b_16"
+        "1 refused as following no size rule: tv:vit_b_16"
     )
 
 

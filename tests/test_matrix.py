@@ -182,11 +182,14 @@ def test_verify_emits_and_checks_each_winner(verified):
 
 def test_a_refused_backbone_is_a_row_not_the_end(verified):
     vit = row_cells(verified, VIT)
-    assert vit[1:] == ["-", "x transformer: attention", "-", vit[-1]]
-    assert f"  {VIT} transformer: attention: {VIT} is not a CNN backbone: attention at" in verified
+    assert vit[1:] == ["-", "x not a CNN: token output", "-", vit[-1]]
+    assert (
+        f"  {VIT} not a CNN: token output: {VIT} has no feature map that follows the input "
+        "size: its features are tokens on its 14x14 grid"
+    ) in verified
     assert verified.splitlines()[-1] == (
         "2 of 2 CNN backbones reach every target (inspect, fit, emit, verify); "
-        f"1 refused as not CNNs (transformers): {VIT}"
+        f"1 refused as following no size rule: {VIT}"
     )
 
 
@@ -231,8 +234,8 @@ def test_json(tmp_path):
         "detail": None,
     }
     assert vit["spec"] == VIT and vit["ok"] is False
-    assert vit["reason"] == "transformer: attention"
-    assert vit["detail"].startswith(f"{VIT} is not a CNN backbone")
+    assert vit["reason"] == "not a CNN: token output"
+    assert vit["detail"].startswith(f"{VIT} has no feature map that follows the input size")
     assert vit["cells"] == [] and vit["channels"] is None and vit["downsample"] is None
 
 

@@ -1,11 +1,13 @@
-"""Transformers and other token models are refused in one line; CNNs with gates are not.
+"""Models no size rule holds for are refused in one line, naming why; attention alone is
+no reason, and CNNs with gates are not refused.
 
-bbswap patches CNN feature maps. A model whose forward multiplies two activations (query
-by key, attention weights by value) or calls a fused attention, or whose MACs mostly run
-on tokens after its last feature map, is refused with :class:`bbswap.errors.NotACNN`
-wherever it is traced: ``inspect``, ``fit`` and ``apply``, on the command line and in
-the Python API. A squeeze-excitation gate or a softmax over branches multiplies
-elementwise, and every zoo model passes.
+Attention keeps the number of tokens, so a windowed-attention model is inspected like a
+CNN. What is refused, with :class:`bbswap.errors.NotACNN`, wherever it is traced
+(``inspect``, ``fit`` and ``apply``, on the command line and in the Python API): a
+positional embedding of fixed size added to the tokens, a linear layer across the tokens
+(MLP-Mixer), and features that are tokens after the last feature map. A
+squeeze-excitation gate or a softmax over branches multiplies elementwise, and every zoo
+model passes.
 
 Also here: ``build_on_meta``'s fallback for a constructor that computes with tensors
 (torchvision's RegNet), which patches ``nn.Module.register_parameter`` and
@@ -59,13 +61,20 @@ token_models = _load_fixtures()
 
 # fixture class -> (brief, a fragment of the one-line message naming why)
 REFUSED = {
-    "TinyViT": ("transformer: attention", "attention at 'encoder.self_attn' mixes tokens"),
-    "WindowAttention": ("transformer: attention", "attention at 'stage1' mixes tokens"),
-    "TokenMixer": (
+    "TinyViT": (
         "not a CNN: token output",
-        "of its MACs run after its last feature map ('patch') on tokens",
+        "its features are tokens on its 14x14 grid ('norm', 1x196x32), after its last feature map",
+    ),
+    "FixedPosViT": (
+        "fixed size: positional embedding",
+        "a positional embedding of fixed size (a 1x196x32 parameter) is added at ''",
+    ),
+    "TokenMixer": (
+        "fixed size: tokens",
+        "a linear layer at 'blocks.0.token_mlp.0' mixes the tokens, 196 of them, no more",
     ),
 }
+WHY = "has no feature map that follows the input size"
 TRIVIAL_RECIPE = 'name = "trivial"\n\n[[ops]]\nop = "project"\nchannels = 8\n'
 
 
@@ -94,10 +103,8 @@ def trivial_recipe(tmp_path: Path) -> Path:
 def test_inspect_refuses(name):
     _, why = REFUSED[name]
     for extra in ([], ["--json"], ["--depth", "3"]):
-        line = assert_one_line_error(
-            cli("inspect", spec(name), *extra), "not a CNN backbone", f"{spec(name)} is not", why
-        )
-        assert "(ViT, Swin, MaxViT and other transformers are refused)" in line
+        line = assert_one_line_error(cli("inspect", spec(name), *extra), f"{spec(name)} {WHY}")
+        assert why in line
 
 
 @pytest.mark.parametrize("name", list(REFUSED))
@@ -106,17 +113,15 @@ def test_fit_refuses_and_writes_nothing(name, tmp_path):
     result = cli(
         "fit", spec(name), "--channels", 64, "--stride", 16, "-o", out, "--save-recipe", saved
     )
-    assert_one_line_error(result, "not a CNN backbone", REFUSED[name][1])
+    assert_one_line_error(result, WHY, REFUSED[name][1])
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("name", list(REFUSED))
 def test_apply_refuses(name, trivial_recipe, tmp_path):
-    assert_one_line_error(
-        cli("apply", spec(name), trivial_recipe), "not a CNN backbone", REFUSED[name][1]
-    )
+    assert_one_line_error(cli("apply", spec(name), trivial_recipe), WHY, REFUSED[name][1])
     out = tmp_path / "patched.py"
-    assert_one_line_error(cli("apply", spec(name), trivial_recipe, "-o", out), "not a CNN backbone")
+    assert_one_line_error(cli("apply", spec(name), trivial_recipe, "-o", out), WHY)
     assert not out.exists()
 
 
@@ -130,7 +135,7 @@ def refused(call: Any, name: str) -> NotACNN:
     assert isinstance(error, BBSwapError) and error.exit_code == 2
     brief, why = REFUSED[name]
     assert error.brief == brief
-    assert why in str(error) and "is not a CNN backbone" in str(error)
+    assert why in str(error) and WHY in str(error)
     return error
 
 
@@ -146,8 +151,7 @@ def test_python_api_raises_not_a_cnn(name):
     }
     for what, call in calls.items():
         error = refused(call, name)
-        assert str(error).startswith(f"{s} is not a CNN backbone"), what
-    assert error.brief.startswith("transformer" if name != "TokenMixer" else "not a CNN")
+        assert str(error).startswith(f"{s} {WHY}"), what
 
 
 @pytest.mark.parametrize("name", list(REFUSED))
@@ -156,27 +160,43 @@ def test_an_instance_with_real_weights_is_refused_too(name):
     model = getattr(token_models, name)().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     error = refused(lambda: trace_instance(model, (1, 3, 224, 224), name=name), name)
-    assert str(error).startswith(f"{name} is not a CNN backbone")
+    assert str(error).startswith(f"{name} {WHY}")
     after = model.state_dict()  # the refusal changed nothing, not even the training flags
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert not any(m.training for m in model.modules())
 
 
 def test_trace_module_records_why_without_refusing():
-    """trace_module is the raw trace: it records the attention; require_cnn refuses."""
+    """trace_module is the raw trace: it records the attention and what fixes the size;
+    require_cnn refuses for the latter only."""
     with torch.device("meta"):
-        vit = token_models.TinyViT()
+        vit = token_models.FixedPosViT()
         mixer = token_models.TokenMixer()
     vit_trace = trace_module(vit, (1, 3, 224, 224))
     assert vit_trace.attention == "encoder.self_attn"
-    assert not_a_cnn(vit_trace).startswith("attention at 'encoder.self_attn'")
+    assert vit_trace.fixed_size_at == ""  # the model's own forward adds it
+    assert not_a_cnn(vit_trace).startswith("a positional embedding of fixed size")
     mixer_trace = trace_module(mixer, (1, 3, 224, 224))
     assert mixer_trace.attention == ""
     assert mixer_trace.features is not None and mixer_trace.features.path == "patch"
-    assert "% of its MACs run after its last feature map ('patch')" in not_a_cnn(mixer_trace)
-    with pytest.raises(NotACNN, match=r"^mixer is not a CNN backbone") as caught:
+    assert mixer_trace.fixed_size_at == "blocks.0.token_mlp.0"
+    with pytest.raises(NotACNN, match=rf"^mixer {WHY}: a linear layer") as caught:
         require_cnn(mixer_trace, "mixer")
-    assert caught.value.brief == "not a CNN: token output"
+    assert caught.value.brief == "fixed size: tokens"
+
+
+def test_windowed_attention_is_inspected_with_the_sizes_it_takes():
+    """Attention inside 4x4 windows split without padding: /8, for grids of whole windows
+    at /4 and /8, so H mod 32 in 0-3 (floor(H/4) and floor(H/8) multiples of 4)."""
+    report = bbswap.inspect_backbone(spec("WindowAttention"), "1x3x224x224")
+    t = report.trace
+    assert t.attention == "stage1" and not_a_cnn(t) == ""
+    assert t.output_shape == (1, 32, 28, 28) and t.downsample == (8, 8)
+    rule = t.size_rules()[0]
+    assert rule.format("H") == "H -> floor(H/8) (H mod 32 in 0-3)"
+    assert [t.output_size(h, h)[0] for h in (32, 35, 36, 64)] == [4, 4, 0, 8]
+    windows = [o for o in t.ops if o.op == "windows"]
+    assert [o.id for o in windows] == ["stage1.reshape()", "stage2.reshape()"]
 
 
 def test_is_attention_tells_products_of_activations_from_linear_layers():

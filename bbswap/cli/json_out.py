@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from bbswap.kinds import Layout
 from bbswap.records import attrs
 
 if TYPE_CHECKING:
@@ -151,6 +152,8 @@ def _stage(s: Stage) -> dict[str, Any]:
         "macs": s.macs,
         "activation_bytes": s.activation_bytes,
         "functional": s.functional,
+        "layout": s.layout.value,
+        "grid": list(s.grid) if s.grid is not None and s.layout is not Layout.NONE else None,
     }
 
 

@@ -11,6 +11,7 @@ from rich.padding import Padding
 from rich.text import Text
 
 from bbswap.cli.layout import Column, Grid, Justify, Wrap, flow, show
+from bbswap.kinds import Layout
 from bbswap.surgery.core import EditKind
 from bbswap.tracing.tracer import SpatialOp, Stage, Trace, describe_factor
 
@@ -81,12 +82,23 @@ def stage_table(trace: Trace, title: str | None = None) -> Grid:
     return grid
 
 
+def stage_output(stage: Stage) -> str:
+    """A stage's output shape, with where it holds the image grid when that is not NCHW:
+    ``1x56x56x96 NHWC``, ``1x3136x64 tokens 56x56``."""
+    text = shape(stage.out_shape)
+    if stage.layout is Layout.NHWC and stage.spatial:
+        return f"{text} NHWC"
+    if stage.layout is Layout.TOKENS and stage.grid is not None:
+        return f"{text} tokens {stage.grid[0]}x{stage.grid[1]}"
+    return text
+
+
 def _stage_cells(stage: Stage) -> list[str | Text]:
     path = Text(stage.path, style="italic" if stage.functional else "")
     return [
         path,
         Text(stage.type),
-        shape(stage.out_shape),
+        stage_output(stage),
         str(stage.channels),
         describe_factor(stage.downsample),
         rf(stage.receptive_field),
@@ -194,7 +206,7 @@ def render_inspect(report: InspectReport, console: Console) -> None:
     f = report.features
     if f is not None:
         console.print(
-            f"features: {f.path} {shape(f.out_shape)} at downsample "
+            f"features: {f.path} {stage_output(f)} at downsample "
             f"{describe_factor(f.downsample)}; the stages after it form the head"
         )
     rule = f"size rule{' of ' + f.path if f else ''}: {h.format('H')}, {w.format('W')}"
@@ -524,7 +536,8 @@ def render_matrix(result: Matrix, console: Console) -> None:
 
 
 def matrix_summary(result: Matrix) -> str:
-    """'68 of 68 CNN backbones reach every target (...); 12 refused as not CNNs: ...'."""
+    """'68 of 68 CNN backbones reach every target (...); 12 refused as following no size
+    rule: ...'."""
     steps = "inspect, fit, emit, verify" if result.verify else "inspect, fit on the meta device"
     failed = [r.spec for r in result.rows if not r.ok and not r.refused]
     refused = [r.spec for r in result.rows if r.refused]
@@ -532,7 +545,7 @@ def matrix_summary(result: Matrix) -> str:
     if failed:
         text += f"; {len(failed)} do not: {', '.join(failed)}"
     if refused:
-        text += f"; {len(refused)} refused as not CNNs (transformers): {', '.join(refused)}"
+        text += f"; {len(refused)} refused as following no size rule: {', '.join(refused)}"
     return text
 
 

@@ -54,7 +54,7 @@ from bbswap.parsing import PyRef
 from bbswap.recipes.schema import OpKind
 from bbswap.recipes.structure import Dropout
 from bbswap.recipes.toml_io import recipe_to_toml
-from bbswap.surgery import same
+from bbswap.surgery import layout, same
 from bbswap.surgery.apply import ApplyResult
 from bbswap.surgery.core import (
     Edit,
@@ -66,6 +66,7 @@ from bbswap.surgery.core import (
     parent_path,
 )
 from bbswap.surgery.fx_trace import trace_children_as_leaves
+from bbswap.surgery.layout import LAYOUT_CLASSES
 from bbswap.surgery.same import SAME_CLASSES
 from bbswap.tracing.tracer import Trace, describe_factor
 
@@ -410,11 +411,14 @@ def _safe_literal(key: str, value: Any) -> str:
 
 def _same_classes(model: nn.Module, imports: Imports, local: set[str]) -> list[str]:
     """The classes of the modules an op made pad each input by its size, copied with what
-    they use from :mod:`bbswap.surgery.same`; their names join ``local``."""
+    they use from :mod:`bbswap.surgery.same` (and those that put an NHWC map back in NCHW
+    order, from :mod:`bbswap.surgery.layout`); their names join ``local``."""
     used = sorted({type(m).__name__ for m in model.modules() if type(m) in SAME_CLASSES.values()})
-    if not used:
+    orders = sorted({type(m).__name__ for m in model.modules() if type(m) in LAYOUT_CLASSES})
+    if not used and not orders:
         return []
-    b = bundle_code([(same, name) for name in used], imports, lambda module: module is same)
+    wanted = [(same, name) for name in used] + [(layout, name) for name in orders]
+    b = bundle_code(wanted, imports, lambda module: module in (same, layout))
     clash = sorted(b.names & local)
     if clash:
         raise SurgeryError(

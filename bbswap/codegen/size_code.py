@@ -189,6 +189,10 @@ def _interpreter(used: list[SizeStep]) -> str:
         if any(s.kind == "fold" for s in used)
         else ""
     )
+    if any(s.kind == "blocks" for s in used):  # windows of s pixels, split without padding
+        fold += """
+        elif kind == "blocks":
+            n = n if n % s == 0 else 0"""
     return f'''def _through(chain: tuple[Step, ...], n: int) -> int:
     """Apply PyTorch's output-size formulas of a chain of steps to one axis."""
     for kind, k, s, p, d, ceil, pool, value in chain:

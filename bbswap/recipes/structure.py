@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from torch import nn
 
 from bbswap.errors import RecipeError, SurgeryError, choices
+from bbswap.kinds import Layout
 from bbswap.recipes.channels import need_spatial
 from bbswap.recipes.schema import MAX_STRIDE, Field, Op, OpKind
 from bbswap.surgery.core import Surgery, parent_path
+from bbswap.surgery.layout import ChannelsFirst
 from bbswap.tracing.ids import PointId
 from bbswap.tracing.tracer import Trace
 
@@ -65,6 +67,8 @@ class Truncate(Op, kind=OpKind.TRUNCATE):
         surgery.truncate(self.after, _dropped(surgery.trace, self.after))
         surgery.out_channels = stage.channels
         surgery.out_spatial = stage.spatial
+        if stage.spatial and stage.layout is Layout.NHWC:  # returned channels first, as NCHW
+            surgery.append_output("", "nchw", ChannelsFirst(), "ChannelsFirst()")
 
 
 @dataclass(frozen=True)

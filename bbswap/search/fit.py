@@ -369,7 +369,7 @@ def plan(
         Candidate(recipe([*stem, *ops, *head, *pool, *tail]), label, cmode, order)
         for ops, pool, label, cmode, order in _stride_plans(found, have, target, mode)
     ]
-    if allow_truncate:
+    if allow_truncate or fixed_reductions(source, features):
         for stage in truncation_points(source, target.stride):
             if features is not None and stage.path == features.path:
                 continue
@@ -378,6 +378,15 @@ def plan(
     if not candidates:
         raise TargetError(_infeasible(backbone, target, have, found))
     return _dedupe(candidates)
+
+
+def fixed_reductions(source: Trace, features: Stage | None) -> list[str]:
+    """The reductions on the features' path that no stride op changes: a strided slice or
+    a reshape merging patches (Swin's patch merging). A stage at the target's stride
+    before them is where such a backbone is cut."""
+    by_id = {o.id: o for o in source.ops}
+    chain = features.chain if features is not None else source.chain
+    return [i for i in chain if by_id[i].op in ("slice", "patch-merge") and by_id[i].reduces]
 
 
 def _stem_ops(source: Trace, target: Target) -> list[Op]:
@@ -796,7 +805,7 @@ def _probes(
     """The smallest input the models accept, the probe sizes from it, the target with the
     like-backbone's real output size at each, and the plan of its several outputs."""
     smallest, multiple = accepted_input(source, *([other[0]] if other is not None else []))
-    probes = from_smallest(PROBES, smallest, multiple)
+    probes = taken_sizes(source, from_smallest(PROBES, smallest, multiple))
     if like is None or other is None:
         return smallest, probes, target, None
     like_plan = outputs_plan(like, other[0])
@@ -804,6 +813,23 @@ def _probes(
     target = replace(target, like_sizes=_like_sizes(other[0], traces))
     like_plan = probe_sizes(like_plan, traces) if like_plan is not None else None
     return smallest, probes, target, like_plan
+
+
+def taken_sizes(source: Trace, sizes: tuple[Size, ...]) -> tuple[Size, ...]:
+    """``sizes`` each moved up to the next size the source takes when its maps are split
+    into windows without padding (MaxViT): only those sizes give whole windows."""
+    features = source.features
+    rules = source.size_rules(features.chain if features is not None else None)
+
+    def up(size: int, axis: int) -> int:
+        rule = rules[axis]
+        if not rule.period:
+            return size
+        while size % rule.period not in rule.remainders:
+            size += 1
+        return size
+
+    return tuple(dict.fromkeys((up(h, 0), up(w, 1)) for h, w in sizes))
 
 
 def _with_outputs(
@@ -916,6 +942,11 @@ def _search(
     done = list(plain)
     if not any(c.ok for c in done) and target.like is None and not target.outputs:
         done += _exact_variants(backbone, source, model, done, target, probes, progress)
+    elif fixed_reductions(source, source.features) and target.like is None:
+        # a backbone cut before reductions no stride op changes (Swin's patch merging):
+        # its cuts made exact too, which spare the stages a stride change makes dearer
+        cuts = [c for c in done if not c.ok and c.label.startswith("truncate after ")]
+        done += _exact_variants(backbone, source, model, cuts, target, probes, progress)
     if any(c.ok for c in done):
         return done, None
     return done, _other_rounding(backbone, source, model, plain, target, probes)
@@ -1061,8 +1092,10 @@ def _inexact_ops(
     after it is judged with its padding counted."""
     fix = []
     for o in ops:
-        if o.op == "pad":
+        if o.op in ("pad", "windows"):
             continue
+        if o.op in ("slice", "patch-merge") and rule == Rounding.CEIL.value:
+            continue  # ceil(size / stride) at any size
         if o.op not in _WINDOW or any(st.kind != "window" for st in (*o.steps_h, *o.steps_w)):
             return None
         pre = pad_before(after, o)

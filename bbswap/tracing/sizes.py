@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,9 @@ class SizeStep:
     ``pad``: ``in + padding`` (``padding`` is the total of both sides); ``transpose``:
     a transposed conv, ``value`` holding its output padding; ``fold``: blocks of
     ``stride`` pixels folded into channels by a reshape, which needs whole blocks (0 for
-    any other size, where the reshape fails).
+    any other size, where the reshape fails); ``blocks``: the size kept, but split into
+    windows of ``stride`` pixels (windowed attention without padding), so only whole
+    windows pass (0 for any other size).
     """
 
     kind: str
@@ -44,6 +46,8 @@ class SizeStep:
             return size + self.padding if size >= self.value else 0
         if self.kind == "fold":
             return size // self.stride if size % self.stride == 0 else 0
+        if self.kind == "blocks":
+            return size if size % self.stride == 0 else 0
         if self.kind == "transpose":
             extra = int(self.value)
             return (
@@ -74,6 +78,8 @@ class SizeStep:
             return f"up k{self.kernel} s{self.stride} p{self.padding}"
         if self.kind == "fold":
             return f"/{self.stride} whole"
+        if self.kind == "blocks":
+            return f"windows of {self.stride}"
         rounding = "ceil" if self.ceil else "floor"
         return f"k{self.kernel} s{self.stride} p{self.padding} d{self.dilation} {rounding}"
 
@@ -142,10 +148,39 @@ class SizeRule:
     rounding: str  # "ceil", "floor", "fixed" or "other"
     minimum: int  # smallest input size that yields an output
     multiple: int = 1  # every size that yields an output is a multiple of this
+    # windows split without padding: the sizes taken repeat with this period, at these
+    # remainders (0 and () when every size from the minimum on is taken, or a multiple)
+    period: int = 0
+    remainders: tuple[int, ...] = ()
 
     def format(self, axis: str) -> str:
         rule = f"{axis} -> " + self.expression.format(x=axis)
+        if self.period:
+            return rule + f" ({axis} mod {self.period} in {_ranges(self.remainders)})"
         return rule + (f" ({axis} a multiple of {self.multiple})" if self.multiple > 1 else "")
+
+
+def _ranges(values: tuple[int, ...]) -> str:
+    """``0-3, 8`` for (0, 1, 2, 3, 8)."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][-1] + 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
+def windows_period(steps: Sequence[SizeStep]) -> int:
+    """The period of the sizes a chain with windows split without padding takes: each
+    window times the stride before it (0 when the chain splits no windows)."""
+    period, factor = 0, 1.0
+    for step in steps:
+        if step.kind == "blocks":
+            period = math.lcm(period or 1, round(factor * step.stride))
+        elif step.kind in ("window", "fold"):
+            factor *= step.stride
+    return period
 
 
 def size_rule(steps: Sequence[SizeStep], span: int = 1024) -> SizeRule:
@@ -155,6 +190,11 @@ def size_rule(steps: Sequence[SizeStep], span: int = 1024) -> SizeRule:
     pairs = [(n, o) for n in range(lo, lo + span) if (o := chain_size(steps, n)) > 0]
     multiple = math.gcd(*(n for n, _ in pairs)) if pairs else 1
     factor = total_stride(steps)
+    period = windows_period(steps)
+    if period and pairs and period != multiple:
+        taken = tuple(sorted({n % period for n, _ in pairs}))
+        rule = size_rule([st for st in steps if st.kind != "blocks"], span)
+        return replace(rule, minimum=lo, multiple=multiple, period=period, remainders=taken)
     if any(s.kind == "fixed" for s in steps) and len({o for _, o in pairs}) == 1:
         return SizeRule(str(pairs[0][1]), factor, "fixed", lo, multiple)
     stride = round(factor)

@@ -28,8 +28,9 @@ from torch.utils._pytree import tree_flatten
 
 from bbswap.backbones.guard import user_code
 from bbswap.errors import ModelError, NotACNN
-from bbswap.kinds import Device
+from bbswap.kinds import Device, Layout
 from bbswap.records import dims, short_count
+from bbswap.tracing import layouts
 from bbswap.tracing.ids import call_id
 from bbswap.tracing.mask import MaskRule, MaskTrace, all_ones_mask, follow, mask_input
 from bbswap.tracing.outputs import (
@@ -127,17 +128,19 @@ class Stage:
     activation_bytes: int
     chain: tuple[str, ...] = ()  # ids of the size-changing ops that led to this output
     functional: bool = False
+    layout: Layout = Layout.NCHW  # where its output holds the image grid, if it does
+    grid: tuple[int, int] | None = None  # the H and W of that grid (of the last map before)
 
     @property
     def spatial(self) -> bool:
-        return len(self.out_shape) == 4
+        """A 4-d map on the image grid: NCHW, or NHWC (Swin, ConvNeXt-style blocks)."""
+        return len(self.out_shape) == 4 and self.layout in layouts.GRIDS
 
     @property
     def channels(self) -> int:
-        """Dim 1 of an NC... output; the size of a 1-d one; 1 for a scalar."""
-        if len(self.out_shape) >= 2:
-            return self.out_shape[1]
-        return self.out_shape[-1] if self.out_shape else 1
+        """Dim 1 of an NC... output, the last dim of an NHWC map or of tokens; the size of
+        a 1-d one; 1 for a scalar."""
+        return layouts.channels(self.out_shape, self.layout)
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,10 @@ class Trace:
     depth: int
     module_stages: tuple[Stage, ...] = ()  # a row for every called module, any depth
     attention: str = ""  # the first module whose forward multiplies two activations
+    # what ties the model to one input size (a positional embedding of fixed size, a linear
+    # layer across the tokens), and the module whose forward does it; "" if nothing does
+    fixed_size: str = ""
+    fixed_size_at: str = ""
     features_at: str = ""  # the outermost module whose output forward_features returns
     # a forward that returns several tensors: each of them, what holds them ("tuple",
     # "list" or "dict"), which one the output fields describe and whether it was asked for
@@ -261,6 +268,12 @@ class _TensorInfo:
     chain: tuple[str, ...] = ()
     fixed: bool = False  # sized by the call, not the input (adaptive pool, interpolate to size)
     hw: Pair | None = None  # H and W of the last 4-D feature map on the way here
+    layout: Layout = Layout.NONE  # where this tensor holds that grid, if it does
+    last: Layout = Layout.NCHW  # the layout of that last map
+    padded: bool = False  # just padded: by a padding computed per size, to whole windows
+    # the chain and grid before the last padding of the map: a crop back to that grid (a
+    # window attention's x[:, :H, :W]) undoes the padding, whatever it was at this size
+    before_pad: tuple[tuple[str, ...], Pair] | None = None
 
 
 @dataclass
@@ -301,12 +314,14 @@ class _Recorder:
     clock: int = 0
     by_path: dict[str, nn.Module] = field(default_factory=dict)
     attention: str | None = None
+    fixed_size: tuple[str, str] | None = None  # what ties it to one input size, and where
     features_out: torch.Tensor | None = None  # what the model's forward_features returned
     total_macs: int = 0
     total_act: int = 0
     # tensors made from a mask input (an encoder's ``img_mask``): the slice rule of each
     # (None once another call made it) and that call
     masks: dict[int, tuple[MaskRule | None, str]] = field(default_factory=dict)
+    batch: int = 1  # the input's
 
     def tick(self) -> int:
         self.clock += 1
@@ -346,7 +361,11 @@ class _Mode(TorchFunctionMode):
         parse = SPATIAL.get(name)
         x = args[0] if args else kwargs.get("input")
         if parse is not None and isinstance(x, torch.Tensor) and x.dim() >= 3:
-            spatial = parse(args, kwargs)
+            layout = self.rec.tensor_info(x).layout
+            if layout in (Layout.NCHW, Layout.NONE):
+                spatial = parse(args, kwargs)
+            else:
+                spatial = layouts.reparse(name, args, kwargs, layout)
         out = meta_result(name, args, kwargs, spatial)
         if out is None:
             out = func(*args, **kwargs)
@@ -399,19 +418,15 @@ class _Mode(TorchFunctionMode):
         # A branch sized by its call (a gate pooled to 1x1, or interpolated back to the
         # feature map's shape) does not decide the output's size: the other branch does.
         base = max(infos, key=lambda i: (not i.fixed, i.rf, len(i.chain)))
-        info = _TensorInfo(
-            (max(i.rf[0] for i in infos), max(i.rf[1] for i in infos)),
-            (max(i.jump[0] for i in infos), max(i.jump[1] for i in infos)),
-            base.chain,
-            base.fixed,
-            base.hw,
-        )
-        if spatial is not None and outs[0].dim() >= 3:
-            info = self._spatial(name, spatial, owner, call, tuple(ins[0].shape), outs[0], info)
-        elif name in _RESHAPES and outs[0].dim() == 4:
-            info = self._folded(name, owner, call, outs[0], info)
-        if outs[0].dim() == 4:
-            info = replace(info, hw=(outs[0].shape[-2], outs[0].shape[-1]))
+        jump = (max(i.jump[0] for i in infos), max(i.jump[1] for i in infos))
+        query = layouts.query_first(name, args)
+        if query is not None and id(query) in rec.info:  # its rows are the output's
+            base = rec.info[id(query)]
+            jump = base.jump
+        info = replace(base, rf=(max(i.rf[0] for i in infos), max(i.rf[1] for i in infos)))
+        info = replace(info, jump=jump)
+        self._note_fixed_size(name, args, base, owner)
+        info = self._placed(name, args, spatial, owner, call, ins, outs[0], info)
         n_macs = macs(name, args, kwargs, out)
         new_bytes = sum(
             t.numel() * t.element_size()
@@ -430,21 +445,107 @@ class _Mode(TorchFunctionMode):
         if not is_module_call(owner_module, name) and _changes_shape(ins, outs[0]):
             rec.calls.append(_Call(owner, name, call, outs[0], info, n_macs, new_bytes, rec.tick()))
 
-    def _folded(
-        self, name: str, owner: str, call: int, y: torch.Tensor, info: _TensorInfo
+    def _note_fixed_size(self, name: str, args: tuple, x: _TensorInfo, owner: str) -> None:
+        """Keep the first call that ties the model to one input size."""
+        rec = self.rec
+        if rec.fixed_size is not None:
+            return
+        what = layouts.fixed_embedding(name, args, x.layout, x.hw)
+        if what:
+            what = f"a positional embedding of fixed size ({what}) is added at '{owner}'"
+        tokens = layouts.token_linear(name, args[0] if args else None, x.layout)
+        if tokens:
+            what = f"a linear layer at '{owner}' mixes the tokens, {tokens} of them, no more"
+        if what:
+            rec.fixed_size = (what, owner)
+
+    def _placed(
+        self,
+        name: str,
+        args: tuple,
+        spatial: SpatialArgs | None,
+        owner: str,
+        call: int,
+        ins: list[torch.Tensor],
+        y: torch.Tensor,
+        info: _TensorInfo,
     ) -> _TensorInfo:
-        """A ``view``/``reshape`` back to 4-D that folds pixel blocks into channels
-        (space-to-depth through a 6-D permute): a reduction like a pixel-unshuffle."""
-        if info.hw is None:
-            return info
-        (h, w), (n, c, oh, ow) = info.hw, tuple(y.shape)
-        if min(oh, ow) < 1 or h % oh or w % ow or (h, w) == (oh, ow):
-            return info
+        """The output's info after the call's spatial op, if it makes one, with its layout
+        and grid (see :mod:`bbswap.tracing.layouts`)."""
+        x = ins[0] if ins else None
+        x_info = self.rec.tensor_info(x) if x is not None else _TensorInfo()
+        in_shape = tuple(x.shape) if x is not None else None
+        same_size = x is not None and x.numel() == y.numel()
+        pads = spatial is not None and spatial.op == "pad" and x_info.layout in layouts.GRIDS
+        padded = (x_info.padded and same_size) or layouts.zero_pad(spatial) or pads
+        if spatial is not None and y.dim() >= 3 and in_shape is not None:
+            lay: Layout = x_info.layout if x_info.layout is Layout.NHWC else Layout.NCHW
+            shapes = (layouts.as_nchw(in_shape, lay), layouts.as_nchw(tuple(y.shape), lay))
+            before = (info.chain, x_info.hw) if pads and x_info.hw is not None else None
+            info = self._spatial(name, spatial, owner, call, *shapes, info)
+            if y.dim() != 4:
+                return replace(info, layout=Layout.NONE, padded=padded, before_pad=None)
+            grid = layouts.grid_of(tuple(y.shape), lay)
+            return replace(info, layout=lay, last=lay, hw=grid, padded=padded, before_pad=before)
+        if name == "__getitem__" and x is not None and len(args) > 1:
+            sa = layouts.slice_args(args[1], x, x_info.layout)
+            if sa is not None and in_shape is not None:
+                lay = x_info.layout
+                shapes = (layouts.as_nchw(in_shape, lay), layouts.as_nchw(tuple(y.shape), lay))
+                info = self._spatial(name, sa, owner, call, *shapes, info)
+                grid = layouts.grid_of(tuple(y.shape), lay)
+                return replace(info, layout=lay, last=lay, hw=grid, before_pad=None)
+            undone = self._unpadded(x_info, y, info)
+            if undone is not None:
+                return undone
+        if name in _RESHAPES and in_shape is not None and not padded:
+            window = layouts.window_blocks(in_shape, tuple(y.shape), x_info.layout)
+            if window is not None:
+                nchw = layouts.as_nchw(in_shape, x_info.layout)
+                sa = layouts.blocks_args(window)
+                info = self._spatial(name, sa, owner, call, nchw, nchw, info)
+        if name in _FOLDS and y.dim() == 4:
+            folded = self._folded(name, owner, call, y, info, padded)
+            if folded is not info:
+                return folded
+        layout, grid = layouts.place(in_shape, x_info.layout, info.hw, y, info.last)
+        last = layout if layout in layouts.GRIDS else info.last
+        return replace(info, layout=layout, hw=grid, last=last, padded=padded)
+
+    def _unpadded(self, x: _TensorInfo, y: torch.Tensor, info: _TensorInfo) -> _TensorInfo | None:
+        """A crop of a padded map back to its grid before the padding: the chain and grid
+        from before it (the padding, per input size, and the crop cancel out); None for
+        any other slice."""
+        if x.before_pad is None or x.layout not in layouts.GRIDS:
+            return None
+        chain, grid = x.before_pad
+        if layouts.grid_of(tuple(y.shape), x.layout) != grid or y.dim() != 4:
+            return None
+        return replace(info, chain=chain, hw=grid, layout=x.layout, last=x.layout, before_pad=None)
+
+    def _folded(
+        self, name: str, owner: str, call: int, y: torch.Tensor, info: _TensorInfo, padded: bool
+    ) -> _TensorInfo:
+        """A ``view``/``reshape``/``flatten`` back to 4-D that folds pixel blocks into
+        channels (space-to-depth through a 6-D permute, NCHW or NHWC): a reduction like a
+        pixel-unshuffle; one padded per size first (timm's patch merging) takes any size,
+        rounding up."""
+        if info.hw is None or layouts.classify(tuple(y.shape), info.hw, info.last) in layouts.GRIDS:
+            return info  # the grid itself, in either layout: no fold
+        lay = Layout.NHWC if info.last is Layout.NHWC else Layout.NCHW
+        shape = layouts.as_nchw(tuple(y.shape), lay)
+        (h, w), (n, c, oh, ow) = info.hw, shape
+        if min(oh, ow) < 1 or h % oh or w % ow or (h, w) == (oh, ow) or n != self.rec.batch:
+            return info  # not a fold (windows stacked along the batch are none)
         fh, fw = h // oh, w // ow
         if c % (fh * fw):
             return info
         sa = space_to_depth((fh, fw))
-        return self._spatial(name, sa, owner, call, (n, c // (fh * fw), h, w), y, info)
+        if padded:
+            rows = [(SizeStep("window", 1, f, 0, 1, False, False),) for f in (fh, fw)]
+            sa = replace(sa, op="patch-merge", steps=(rows[0], rows[1]))
+        info = self._spatial(name, sa, owner, call, (n, c // (fh * fw), h, w), shape, info)
+        return replace(info, layout=lay, last=lay, hw=(oh, ow), padded=False, before_pad=None)
 
     def _spatial(
         self,
@@ -453,9 +554,10 @@ class _Mode(TorchFunctionMode):
         owner: str,
         call: int,
         x_shape: Shape,
-        y: torch.Tensor,
+        y_shape: Shape,
         info: _TensorInfo,
     ) -> _TensorInfo:
+        """Record a spatial op (its shapes in N, C, H, W order); the info after it."""
         rec = self.rec
         owner_module = rec.by_path.get(owner, rec.model)
         same = dynamic_same(owner_module)
@@ -474,7 +576,7 @@ class _Mode(TorchFunctionMode):
             op_id, kind = owner, "module"
         else:
             op_id, kind = call_id(owner, name, call), "functional"
-        rf, jump = _grow_field(sa, x_shape[-2:], tuple(y.shape[-2:]), info)
+        rf, jump = _grow_field(sa, x_shape[-2:], y_shape[-2:], info)
         op = SpatialOp(
             id=op_id,
             owner=owner,
@@ -488,7 +590,7 @@ class _Mode(TorchFunctionMode):
             dilation=sa.dilation,
             ceil_mode=sa.ceil_mode,
             in_shape=x_shape,
-            out_shape=tuple(y.shape),
+            out_shape=y_shape,
             stage=_stage_of(owner if kind == "module" else op_id),
             steps_h=sa.steps[0],
             steps_w=sa.steps[1],
@@ -499,7 +601,7 @@ class _Mode(TorchFunctionMode):
         rec.ops.setdefault(op_id, op)
         chain = info.chain + ((op_id,) if op.changes_size else ())
         fixed = info.fixed or any(st.kind == "fixed" for st in (*op.steps_h, *op.steps_w))
-        return _TensorInfo((rf[0], rf[1]), (jump[0], jump[1]), chain, fixed, info.hw)
+        return replace(info, rf=(rf[0], rf[1]), jump=(jump[0], jump[1]), chain=chain, fixed=fixed)
 
 
 def _grow_field(
@@ -521,6 +623,7 @@ def _grow_field(
 
 
 _RESHAPES = frozenset({"view", "reshape"})
+_FOLDS = frozenset({"view", "reshape", "flatten"})
 _ATTENTION = frozenset({"scaled_dot_product_attention", "multi_head_attention_forward"})
 _PRODUCTS = frozenset({"matmul", "__matmul__", "__rmatmul__", "bmm", "baddbmm", "einsum"})
 
@@ -535,40 +638,93 @@ def _is_attention(name: str, ins: list[torch.Tensor]) -> bool:
 
 
 def not_a_cnn(trace: Trace) -> str:
-    """Why a trace is not that of a CNN backbone bbswap can patch, or ""."""
-    if trace.attention:
-        return (
-            f"attention at '{trace.attention}' mixes tokens across the image, so its output "
-            "size follows no stride that surgery can change"
-        )
+    """Why no size rule can hold for the model's features, or "".
+
+    Attention alone is no reason: it keeps the number of tokens, so the features of Swin,
+    PVT or EdgeNeXt follow their strides. What breaks a size rule is what holds one number
+    of tokens: a positional embedding of fixed size added to them, or a linear layer across
+    them; or a model whose work runs on tokens after its last feature map (its features
+    are not that map). Either in a head after the features (CLIP's attention pool) does
+    not matter."""
+    features = trace.features
+    tokens, share = _token_share(trace, features)
+    on_grid = _last_grid(trace)
+    fixed_after = _after(trace, trace.fixed_size_at, on_grid or features)
+    if trace.fixed_size and (not fixed_after or share > 0.3):
+        return f"{trace.fixed_size}, so the model takes one input size"
     if len(trace.output_shape) == 4:
         return ""
-    features = trace.features
+    if (
+        on_grid is not None
+        and on_grid.layout is Layout.TOKENS
+        and _after(trace, on_grid.path, features)
+    ):
+        grid = "x".join(map(str, on_grid.grid or ()))
+        return (
+            f"its features are tokens on its {grid} grid ('{on_grid.path}', "
+            f"{'x'.join(map(str, on_grid.out_shape))}), after its last feature map; laying "
+            "tokens back on their grid is not supported for it"
+        )
     out = "x".join(map(str, trace.output_shape))
     if features is None:
         if any(s.spatial for s in trace.stages):
             return ""
         return f"its output ({out}) comes from no spatial feature map"
-    after = trace.stages[trace.stages.index(features) + 1 :] if features in trace.stages else ()
-    tokens = [s for s in after if len(s.out_shape) == 3 and s.out_shape[1] > 1]
-    share = sum(s.macs for s in tokens) / max(trace.macs, 1)
-    if share > 0.3:
+    if share > 0.3 and tokens is not None:
         return (
             f"{share:.0%} of its MACs run after its last feature map ('{features.path}') on "
-            f"tokens ({'x'.join(map(str, tokens[0].out_shape))} out of '{tokens[0].path}'), "
-            "so the feature map is not its backbone's output"
+            f"tokens ({'x'.join(map(str, tokens.out_shape))} out of '{tokens.path}') that are "
+            "not on its grid, so the feature map is not its backbone's output"
         )
     return ""
 
 
+def _token_share(trace: Trace, features: Stage | None) -> tuple[Stage | None, float]:
+    """The first stage after the features on tokens off the grid, and the share of the
+    MACs such stages take."""
+    if features is None or features not in trace.stages:
+        return None, 0.0
+    after = trace.stages[trace.stages.index(features) + 1 :]
+    tokens = [
+        s
+        for s in after
+        if len(s.out_shape) == 3 and s.out_shape[1] > 1 and s.layout is not Layout.TOKENS
+    ]
+    share = sum(s.macs for s in tokens) / max(trace.macs, 1)
+    return (tokens[0] if tokens else None), share
+
+
+def _last_grid(trace: Trace) -> Stage | None:
+    """The last stage on the image grid, a map or tokens, that no adaptive pooling sized."""
+    by_id = {op.id: op for op in trace.ops}
+    rows = [
+        s
+        for s in trace.stages
+        if (s.spatial or s.layout is Layout.TOKENS)
+        and not any(by_id[i].op.startswith("adaptive") for i in s.chain)
+    ]
+    return rows[-1] if rows else None
+
+
+def _after(trace: Trace, path: str, features: Stage | None) -> bool:
+    """Whether the module at ``path`` runs after the features and outside them (a head)."""
+    if features is None or path not in trace.modules or features.path not in trace.modules:
+        return False
+    inside = path == features.path or path.startswith(f"{features.path}.")
+    return not inside and trace.modules.index(path) > trace.modules.index(features.path)
+
+
 def require_cnn(trace: Trace, name: str) -> None:
-    """Refuse transformers and other token models in one line (see :func:`not_a_cnn`)."""
+    """Refuse, in one line, a model for which no size rule can hold (see
+    :func:`not_a_cnn`): never for attention alone."""
     why = not_a_cnn(trace)
     if why:
+        fixed = bool(trace.fixed_size) and why.startswith(trace.fixed_size)
         raise NotACNN(
-            f"{name} is not a CNN backbone: {why}; bbswap patches CNN feature maps "
-            "(ViT, Swin, MaxViT and other transformers are refused)",
-            brief="transformer: attention" if trace.attention else "not a CNN: token output",
+            f"{name} has no feature map that follows the input size: {why}",
+            brief="fixed size: " + ("positional embedding" if "embedding" in why else "tokens")
+            if fixed
+            else "not a CNN: token output",
         )
 
 
@@ -678,8 +834,9 @@ def _watch_features(model: nn.Module, rec: _Recorder) -> Iterator[None]:
 
 
 def _run(model: nn.Module, x: torch.Tensor) -> tuple[_Recorder, Any]:
-    rec = _Recorder(model)
-    rec.register(x, _TensorInfo(hw=(x.shape[-2], x.shape[-1]) if x.dim() == 4 else None))
+    rec = _Recorder(model, batch=x.shape[0] if x.dim() else 1)
+    grid = (x.shape[-2], x.shape[-1]) if x.dim() == 4 else None
+    rec.register(x, _TensorInfo(hw=grid, layout=Layout.NCHW if grid else Layout.NONE))
     # a forward of (img, img_mask) gets an all-ones mask of the image's size
     names = mask_input(model) if x.dim() == 4 else None
     extra = [all_ones_mask(x)] if names is not None else []
@@ -739,6 +896,8 @@ def _summarise(
         depth=depth,
         module_stages=_stages(rec, 10**6, functional=False),
         attention=rec.attention or "",
+        fixed_size=rec.fixed_size[0] if rec.fixed_size else "",
+        fixed_size_at=rec.fixed_size[1] if rec.fixed_size else "",
         features_at=_features_at(rec),
         outputs=outputs,
         returns=several[0] if several is not None else "",
@@ -779,7 +938,16 @@ def _expanded(rec: _Recorder, path: str, depth: int) -> bool:
     if path == "":
         return True
     module = rec.by_path[path]
+    if path not in rec.modules and any(True for _ in module.children()):
+        return True  # never called (a ModuleList the forward loops over): its children are
     return path.count(".") + 1 < depth and any(True for _ in module.children())
+
+
+def _opened(rec: _Recorder, path: str, depth: int) -> bool:
+    """Whether the stage table at ``depth`` shows the insides of ``path`` and of each of
+    its ancestors."""
+    parts = path.split(".") if path else []
+    return all(_expanded(rec, ".".join(parts[:i]), depth) for i in range(len(parts) + 1))
 
 
 def _stages(rec: _Recorder, depth: int, functional: bool = True) -> tuple[Stage, ...]:
@@ -787,7 +955,7 @@ def _stages(rec: _Recorder, depth: int, functional: bool = True) -> tuple[Stage,
     rows: list[tuple[int, Stage]] = []
     for stats in rec.modules.values():
         parent = stats.path.rsplit(".", 1)[0] if "." in stats.path else ""
-        if functional and (_expanded(rec, stats.path, depth) or not _expanded(rec, parent, depth)):
+        if functional and (_expanded(rec, stats.path, depth) or not _opened(rec, parent, depth)):
             continue
         outs = _tensors(stats.out)
         if not outs:
@@ -807,12 +975,14 @@ def _stages(rec: _Recorder, depth: int, functional: bool = True) -> tuple[Stage,
                     macs=stats.macs,
                     activation_bytes=stats.act_bytes,
                     chain=info.chain,
+                    layout=info.layout,
+                    grid=info.hw,
                 ),
             )
         )
     seen: set[str] = set()
     for c in rec.calls if functional else []:
-        if not _expanded(rec, c.owner, depth):
+        if not _opened(rec, c.owner, depth):
             continue
         path = call_id(c.owner, c.name, c.call)
         if path in seen:
@@ -832,6 +1002,8 @@ def _stages(rec: _Recorder, depth: int, functional: bool = True) -> tuple[Stage,
                     activation_bytes=c.act_bytes,
                     chain=c.info.chain,
                     functional=True,
+                    layout=c.info.layout,
+                    grid=c.info.hw,
                 ),
             )
         )

@@ -1,0 +1,238 @@
+"""Hierarchical transformers and conv/attention hybrids: inspected, fitted, emitted.
+
+Their maps are NHWC (Swin) or token sequences on the grid (PVT, EfficientViT); attention
+keeps the number of tokens, so the features follow the patch-embedding and merging
+strides. Inspection gives those strides; fit cuts at a stage (patch merging is no stride
+op can change) and projects; the emitted file returns NCHW. Values are compared with what
+torchvision's ``create_feature_extractor`` and timm's ``features_only`` give for the same
+stage, with the same weights.
+
+Everything is traced on the meta device; only the value comparisons and the emitted
+files run real (random) weights, on small inputs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torchvision
+from timm.models import FeatureListNet
+from torchvision.models.feature_extraction import create_feature_extractor
+
+import bbswap
+from bbswap.kinds import Layout
+from bbswap.recipes.registry import make_op
+from bbswap.recipes.schema import Recipe
+from bbswap.tracing.meta_run import run_on_meta
+from bbswap.tracing.tracer import build_on_meta, not_a_cnn
+
+# spec -> (the features' stage, their channels): every one at 1/32
+FEATURES = {
+    "tv:swin_t": ("permute", 768),
+    "tv:maxvit_t": ("blocks.3", 512),
+    "timm:edgenext_xx_small": ("stages", 168),
+    "timm:efficientvit_b0": ("stages", 128),
+    "timm:mobilevit_xxs": ("final_conv", 320),
+    "timm:pvt_v2_b0": ("stages", 256),
+}
+
+
+@pytest.mark.parametrize("spec", [s for s in FEATURES if s != "tv:maxvit_t"])
+def test_inspect_gives_the_features_at_one_32nd(spec):
+    sizes = ((224, 224), (224, 320), (256, 192))
+    report = bbswap.inspect_backbone(spec, "1x3x224x224", sizes=sizes)
+    t = report.trace
+    assert t.attention != ""  # they all attend, and none is refused for it
+    assert not_a_cnn(t) == ""
+    assert report.features is not None
+    path, channels = FEATURES[spec]
+    assert (report.features.path, report.features.channels) == (path, channels)
+    assert report.features.downsample == (32.0, 32.0)
+    assert report.features.out_shape == (1, channels, 7, 7)
+    assert [c.predicted_hw for c in report.sizes] == [(7, 7), (7, 10), (8, 6)]
+    assert all(c.ok for c in report.sizes)
+
+
+def test_maxvit_takes_whole_windows_only():
+    """torchvision's MaxViT splits its maps into 7x7 windows without padding: at every
+    stage the grid must hold whole windows, which the size rule says."""
+    report = bbswap.inspect_backbone("tv:maxvit_t", "1x3x224x224", sizes=((224, 224),))
+    assert report.features is not None and report.features.path == "blocks.3"
+    assert report.features.downsample == (32.0, 32.0)
+    assert report.features.out_shape == (1, 512, 7, 7)
+    assert report.rules[0].format("H") == "H -> ceil(H/32) (H mod 224 in 0, 221-223)"
+    t = report.trace
+    assert [t.output_size(h, h, report.features.chain)[0] for h in (224, 221, 225, 320)] == [
+        7,
+        7,
+        0,
+        0,
+    ]
+
+
+def test_torchvision_swin_stages_are_nhwc_and_its_patch_merging_a_reduction():
+    t = bbswap.inspect_backbone("tv:swin_t", "1x3x224x224", depth=2).trace
+    rows = {s.path: s for s in t.stages}
+    for path, (hw, channels, down) in {
+        "features.1": ((56, 56), 96, 4),
+        "features.2": ((28, 28), 192, 8),
+        "features.5": ((14, 14), 384, 16),
+        "features.7": ((7, 7), 768, 32),
+    }.items():
+        s = rows[path]
+        assert s.layout is Layout.NHWC and s.spatial
+        assert s.out_shape == (1, *hw, channels) and s.grid == hw
+        assert (s.channels, s.downsample) == (channels, (down, down))
+    assert rows["permute"].layout is Layout.NCHW
+    merges = [o for o in t.reductions if o.owner == "features.2"]
+    assert [o.id for o in merges] == [
+        "features.2.__getitem__()",
+        "features.2.__getitem__()#1",
+        "features.2.__getitem__()#2",
+        "features.2.__getitem__()#3",
+    ]
+    assert {(o.op, o.stride, o.in_hw, o.out_hw) for o in merges} == {
+        ("slice", (2, 2), (56, 56), (28, 28))
+    }
+    # padded to even before the slices: ceil at every merging, after the 4x4/4 patch conv
+    assert t.features is not None
+    sizes = (224, 225, 227, 228, 97, 60)
+    predicted = [t.output_size(h, h + 8, t.features.chain) for h in sizes]
+    assert [p[0] for p in predicted] == [7, 7, 7, 8, 3, 2]
+    features = build_on_meta(torchvision.models.swin_t).features
+    assert predicted == [tuple(run_on_meta(features, (1, 3, h, h + 8)).shape[1:3]) for h in sizes]
+
+
+def test_timm_swin_features_are_nhwc():
+    t = bbswap.inspect_backbone("timm:swin_tiny_patch4_window7_224", "1x3x224x224").trace
+    assert t.features is not None
+    assert (t.features.path, t.features.layout) == ("norm", Layout.NHWC)
+    assert t.features.out_shape == (1, 7, 7, 768) and t.features.channels == 768
+    assert t.features.downsample == (32.0, 32.0)
+
+
+def test_pvt_tokens_sit_on_their_grid():
+    """PVT-v2 attends over N x L x C tokens with keys pooled by a strided conv (its spatial
+    reduction): the tokens keep their query's grid, not the pooled keys'."""
+    t = bbswap.inspect_backbone("timm:pvt_v2_b0", "1x3x224x224").trace
+    block = t.stage("stages.0.blocks.0")
+    assert block is not None
+    assert block.layout is Layout.TOKENS and block.out_shape == (1, 56 * 56, 32)
+    assert block.grid == (56, 56) and block.downsample == (4.0, 4.0)
+    attn = t.stage("stages.0.blocks.0.attn")
+    assert attn is not None and attn.downsample == (4.0, 4.0)
+
+
+def test_attention_matmuls_are_counted_as_flop_counter_counts_them():
+    """The trace counts the fused attention as its two products; FlopCounterMode sees
+    those products when the attention is written out (it does not count torch's fused
+    CPU kernel at all)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = timm.create_model("pvt_v2_b0").eval()
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False  # q @ k.T and attn @ v as matmuls
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, 64, 64))
+    traced = bbswap.inspect_backbone("timm:pvt_v2_b0", "1x3x64x64").trace
+    assert traced.macs == counter.get_total_flops() // 2
+
+
+# -- fit and the emitted file --------------------------------------------------------------------
+
+SIZES = ((224, 224), (224, 320), (256, 192))
+CHECK = """
+import importlib.util, sys, torch
+sys.modules["bbswap"] = None  # the file must not need it
+spec = importlib.util.spec_from_file_location("emitted", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+model = getattr(module, sys.argv[2])().eval()
+with torch.no_grad():
+    for h, w in ((224, 224), (224, 320), (256, 192)):
+        print(tuple(model(torch.randn(1, 3, h, w)).shape))
+"""
+
+
+@pytest.mark.parametrize(
+    ("spec", "label"),
+    [
+        ("tv:swin_t", "truncate after features.5, exact ceil at features.0.0"),
+        ("timm:efficientvit_b0", "stages.3: stride 1"),
+    ],
+)
+def test_fit_emits_a_file_that_gives_256_channels_at_one_16th(spec, label, tmp_path):
+    found = bbswap.fit(spec, channels=256, stride=16, rounding="any")
+    assert found.winner.ok and found.winner.label == label
+    assert found.winner.trace.output_shape == (1, 256, 14, 14)
+    out = tmp_path / "backbone.py"
+    exported = bbswap.export(spec, bbswap.winner_recipe(found), out)
+    name = exported.emitted.class_name
+    run = subprocess.run(
+        [sys.executable, "-c", CHECK, str(out), name], capture_output=True, text=True, check=True
+    )
+    assert run.stdout.split("\n")[:3] == [f"(1, 256, {h // 16}, {w // 16})" for h, w in SIZES]
+
+
+def _emitted(spec: str, after: str, tmp_path: Path) -> torch.nn.Module:
+    """The file emitted for a cut after ``after``, imported, with random weights."""
+    recipe = Recipe("cut", (make_op("truncate", after=after),), spec)
+    result = bbswap.apply_recipe(spec, recipe, "1x3x224x224")
+    path = tmp_path / "cut.py"
+    emitted = bbswap.emit(result)
+    path.write_text(emitted.source, encoding="utf-8")
+    found = importlib.util.spec_from_file_location("cut_emitted", path)
+    assert found is not None and found.loader is not None
+    module = importlib.util.module_from_spec(found)
+    found.loader.exec_module(module)
+    return getattr(module, emitted.class_name)().eval()
+
+
+def test_a_swin_cut_gives_torchvisions_stage_output_channels_first(tmp_path):
+    torch.manual_seed(0)
+    cut = _emitted("tv:swin_t", "features.5", tmp_path)
+    reference = torchvision.models.swin_t().eval()
+    missing = reference.load_state_dict(cut.state_dict(), strict=False).missing_keys
+    assert all(k.startswith(("features.6", "features.7", "norm", "head")) for k in missing)
+    extractor = create_feature_extractor(reference, return_nodes={"features.5": "out"})
+    x = torch.randn(1, 3, 96, 160)
+    with torch.no_grad():
+        want = extractor(x)["out"].permute(0, 3, 1, 2)
+        got = cut(x)
+    assert got.shape == (1, 384, 6, 10)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_an_efficientvit_cut_gives_timms_features_only_stage(tmp_path):
+    torch.manual_seed(0)
+    cut = _emitted("timm:efficientvit_b0", "stages.2", tmp_path)
+    full = timm.create_model("efficientvit_b0").eval()
+    missing = full.load_state_dict(cut.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith(("stages.3.", "head.")) for k in missing)
+    # what features_only builds, on the model that holds the cut's weights
+    reference = FeatureListNet(full, out_indices=(2,), flatten_sequential=True).eval()
+    assert reference.feature_info.module_name() == ["stages.2"]
+    x = torch.randn(1, 3, 96, 160)
+    with torch.no_grad():
+        [want] = reference(x)
+        got = cut(x)
+    assert got.shape == (1, 64, 6, 10)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_fit_on_windows_split_without_padding_says_which_sizes_it_takes():
+    """4x4 windows at 1/4 and 1/8, no padding: the probes are sizes the model takes, and
+    the winner's rule says which those are."""
+    spec = f"{Path(__file__).resolve().parent / 'fixtures' / 'token_models.py'}:WindowAttention"
+    found = bbswap.fit(spec, channels=64, stride=16, rounding="any")
+    assert found.winner.ok and found.winner.trace.output_shape == (1, 64, 14, 14)
+    assert all(h % 32 < 4 and w % 32 < 4 for h, w in found.probes)
+    rule = found.winner.trace.size_rules()[0].format("H")
+    assert rule.endswith("(H mod 32 in 0-3)")
