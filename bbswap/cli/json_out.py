@@ -144,6 +144,7 @@ def _stage(s: Stage) -> dict[str, Any]:
         "path": s.path,
         "type": s.type,
         "output": list(s.out_shape),
+        "grid": list(s.grid) if s.grid is not None else None,
         "channels": s.channels,
         "downsample": list(s.downsample),
         "receptive_field": list(s.receptive_field),

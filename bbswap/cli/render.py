@@ -86,7 +86,7 @@ def _stage_cells(stage: Stage) -> list[str | Text]:
     return [
         path,
         Text(stage.type),
-        shape(stage.out_shape),
+        shape(stage.out_shape) + _grid_text(stage),
         str(stage.channels),
         describe_factor(stage.downsample),
         rf(stage.receptive_field),
@@ -94,6 +94,15 @@ def _stage_cells(stage: Stage) -> list[str | Text]:
         si(stage.macs) if stage.macs else "-",
         size_bytes(stage.activation_bytes),
     ]
+
+
+def _grid_text(stage: Stage) -> str:
+    """`` (1+14x14)`` for tokens on a grid: the prefix tokens, then the grid's cells."""
+    if stage.grid is None:
+        return ""
+    h, w = stage.grid
+    extra = stage.out_shape[1] - h * w
+    return f" ({extra}+{h}x{w})" if extra else f" ({h}x{w})"
 
 
 def reduction_table(ops: Sequence[SpatialOp], title: str = "reduction points") -> Grid:

@@ -42,6 +42,7 @@ from bbswap.tracing.outputs import (
     returned,
 )
 from bbswap.tracing.sizes import SizeRule, SizeStep, chain_size, min_size, size_rule
+from bbswap.tracing.vit_grid import grid_of
 from bbswap.tracing.spatial_ops import (
     SPATIAL,
     Pair,
@@ -127,6 +128,8 @@ class Stage:
     activation_bytes: int
     chain: tuple[str, ...] = ()  # ids of the size-changing ops that led to this output
     functional: bool = False
+    # tokens (N, L, C) made from a feature map: the H x W of that map's grid
+    grid: Pair | None = None
 
     @property
     def spatial(self) -> bool:
@@ -134,7 +137,10 @@ class Stage:
 
     @property
     def channels(self) -> int:
-        """Dim 1 of an NC... output; the size of a 1-d one; 1 for a scalar."""
+        """Dim 1 of an NC... output (the width C of tokens on a grid); the size of a 1-d
+        one; 1 for a scalar."""
+        if self.grid is not None:
+            return self.out_shape[-1]
         if len(self.out_shape) >= 2:
             return self.out_shape[1]
         return self.out_shape[-1] if self.out_shape else 1
@@ -261,6 +267,7 @@ class _TensorInfo:
     chain: tuple[str, ...] = ()
     fixed: bool = False  # sized by the call, not the input (adaptive pool, interpolate to size)
     hw: Pair | None = None  # H and W of the last 4-D feature map on the way here
+    weights: bool = False  # made from parameters alone (a position embedding resized)
 
 
 @dataclass
@@ -383,13 +390,17 @@ class _Mode(TorchFunctionMode):
         if not outs:
             return
         owner = rec.stack[-1] if rec.stack else ""
+        if _from_weights(rec, ins):  # no stage, no reduction point: weights being shaped
+            for t in outs:
+                rec.register(t, _TensorInfo(weights=True))
+            return
         if rec.attention is None and _is_attention(name, ins):
             rec.attention = owner or "(the model's forward)"
         key = (owner, name)
         call = rec.counts.get(key, 0)
         rec.counts[key] = call + 1
         # activations only: weights and constants carry no size, stride or receptive field
-        ins = [t for t in ins if id(t) in rec.info] or ins
+        ins = [t for t in ins if id(t) in rec.info and not rec.info[id(t)].weights] or ins
         infos = [rec.tensor_info(t) for t in ins]
         if spatial is None:
             # A gate or bias broadcast over H and W (a squeeze-excitation scale) does not
@@ -570,6 +581,23 @@ def require_cnn(trace: Trace, name: str) -> None:
             "(ViT, Swin, MaxViT and other transformers are refused)",
             brief="transformer: attention" if trace.attention else "not a CNN: token output",
         )
+
+
+def _from_weights(rec: _Recorder, ins: list[torch.Tensor]) -> bool:
+    """Whether a call takes parameters (or what was made of them alone) and no activation."""
+    made = [id(t) in rec.info and rec.info[id(t)].weights for t in ins]
+    if any(id(t) in rec.info and not w for t, w in zip(ins, made)):
+        return False
+    return any(made) or any(isinstance(t, nn.Parameter) for t in ins)
+
+
+def _token_grid(shape: Shape, info: _TensorInfo) -> Pair | None:
+    """The grid of tokens (N, L, C) that hold a feature map's H x W cells (and maybe a
+    few prefix tokens before them)."""
+    if len(shape) != 3 or info.hw is None:
+        return None
+    cells = info.hw[0] * info.hw[1]
+    return info.hw if cells > 1 and cells <= shape[1] <= cells + 16 else None
 
 
 def _broadcast(t: torch.Tensor, out: torch.Tensor) -> bool:
@@ -776,7 +804,7 @@ def _features_at(rec: _Recorder) -> str:
 
 def _expanded(rec: _Recorder, path: str, depth: int) -> bool:
     """Whether the stage table at ``depth`` shows this module's insides instead of it."""
-    if path == "":
+    if path == "" or path not in rec.modules:  # a container never called: its children
         return True
     module = rec.by_path[path]
     return path.count(".") + 1 < depth and any(True for _ in module.children())
@@ -807,6 +835,7 @@ def _stages(rec: _Recorder, depth: int, functional: bool = True) -> tuple[Stage,
                     macs=stats.macs,
                     activation_bytes=stats.act_bytes,
                     chain=info.chain,
+                    grid=_token_grid(tuple(outs[0].shape), info),
                 ),
             )
         )
@@ -832,6 +861,7 @@ def _stages(rec: _Recorder, depth: int, functional: bool = True) -> tuple[Stage,
                     activation_bytes=c.act_bytes,
                     chain=c.info.chain,
                     functional=True,
+                    grid=_token_grid(tuple(c.out.shape), c.info),
                 ),
             )
         )
@@ -977,7 +1007,11 @@ def trace(
         result.output_shape, [r.id for r in result.reductions][:2]   # (1, 1000), ['conv1', ...]
     """
     result, model = _trace_built(build, input_shape, depth)
-    require_cnn(result, name)
+    layout = grid_of(model)
+    if layout is None:
+        require_cnn(result, name)
+    else:  # a ViT on its grid keeps its tokens' number: no refusal
+        result = replace(result, note="; ".join(filter(None, [result.note, layout.note])))
     return result, model
 
 
@@ -1043,7 +1077,8 @@ def trace_instance(
     """Trace a model that already exists, falling back to real CPU tensors (with a note)
     when it cannot run on meta or fake tensors. A transformer is refused (NotACNN)."""
     result = _trace_instance(model, input_shape, depth)
-    require_cnn(result, name)
+    if grid_of(model) is None:
+        require_cnn(result, name)
     return result
 
 
