@@ -54,22 +54,22 @@ class ViTGrid(nn.Module):
                 patches.flatten(2).transpose(1, 2), patches, self.encoder.pos_embedding
             )
             tokens = self.encoder.ln(self.encoder.layers(self.encoder.dropout(tokens)))
-        grid = tokens[:, self.vit_layout.prefix :].transpose(1, 2)
-        return grid.reshape(patches.shape[0], patches.shape[1], patches.shape[2], patches.shape[3])
+        # the prefix tokens dropped, the others laid back on the patches' grid (NCHW)
+        return tokens[:, self.vit_layout.prefix :].transpose(1, 2).unflatten(2, patches.shape[2:])
 
     def _embed(
         self, tokens: torch.Tensor, patches: torch.Tensor, position: torch.Tensor | None
     ) -> torch.Tensor:
         """The prefix tokens and the position embedding, in the order the ViT adds them."""
         layout = self.vit_layout
-        prefix = [getattr(self, n).expand(tokens.shape[0], -1, -1) for n in layout.prefix_names]
+        prefix = [getattr(self, n).expand(patches.shape[0], -1, -1) for n in layout.prefix_names]
         if position is None or layout.grid is None:
             return torch.cat([*prefix, tokens], dim=1) if prefix else tokens
         rows = layout.pos_prefix
         cells = position[:, rows:].reshape(1, layout.grid[0], layout.grid[1], layout.dim)
         cells = F.interpolate(
             cells.permute(0, 3, 1, 2),
-            size=(patches.shape[2], patches.shape[3]),
+            size=patches.shape[2:],
             mode=layout.mode,
             align_corners=layout.align_corners,
             antialias=layout.antialias,
