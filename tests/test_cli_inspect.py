@@ -123,7 +123,7 @@ def test_inspect_densenet100_json(densenet_json):
     assert d["size_rule"] == {"h": "H -> ceil(H/16)", "w": "W -> ceil(W/16)"}
     assert d["sizes"] == []
     stage_keys = {"path", "type", "output", "channels", "downsample", "receptive_field",
-                  "params", "macs", "activation_bytes", "functional"}  # fmt: skip
+                  "params", "macs", "activation_bytes", "functional", "grid"}  # fmt: skip
     assert all(set(s) == stage_keys for s in d["stages"])
     assert [s["path"] for s in d["stages"]] == [
         "conv1", "max_pool2d()", "dense1", "trans1", "dense2", "trans2", "dense3"

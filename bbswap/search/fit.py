@@ -110,6 +110,9 @@ class Unit:
     at: str
     stride: Size
     order: int
+    # a conv whose kernel is its stride (a ViT's patch embedding): each pixel read once, so
+    # a larger stride would leave pixels it never reads
+    patches: bool = False
 
 
 @dataclass
@@ -214,7 +217,8 @@ def units(source: Trace, features: Stage | None) -> list[Unit]:
             group = stride_targets(source, parent)
             if group and all(_parallel(o, op) for o in group):
                 at = parent
-        found.append(Unit(at, op.stride, op.order))
+        patches = op.op == "conv" and op.kernel == op.stride and op.dilation == (1, 1)
+        found.append(Unit(at, op.stride, op.order, patches))
     return found
 
 
@@ -366,7 +370,7 @@ def _stride_plans(found: list[Unit], have: Size, target: Target, mode: str) -> I
         pool = [make_op("pool", stride=grow, kind="avg", ceil_mode=True)]
         pooled = ", ".join([*label, f"avg-pool /{_fmt(grow)}"])
         yield _stride_ops(changes, mode), pool, pooled, mode, order
-        if not changes and found:
+        if not changes and found and not found[-1].patches:
             # coarsen at the last reduction point, so every earlier layer keeps its resolution
             u = found[-1]
             more = (u.stride[0] * grow[0], u.stride[1] * grow[1])

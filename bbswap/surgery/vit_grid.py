@@ -25,13 +25,22 @@ class ViTGrid(nn.Module):
     """A timm or torchvision ViT's patch, position and block modules, its tokens returned
     on their grid (N, dim, H // patch, W // patch)."""
 
+    # the ViT's own modules, of its library's classes (timm, then torchvision)
+    patch_embed: Any
+    pos_drop: Any
+    patch_drop: Any
+    norm_pre: Any
+    blocks: Any
+    norm: Any
+    conv_proj: Any
+    encoder: Any
+
     def __init__(self, vit: nn.Module, layout: ViTLayout) -> None:
         super().__init__()
         self.vit_layout = layout
+        names: tuple[str, ...] = ("conv_proj", "encoder")
         if layout.family is ViTFamily.TIMM:
             names = ("patch_embed", "pos_drop", "patch_drop", "norm_pre", "blocks", "norm")
-        else:
-            names = ("conv_proj", "encoder")
         for name in names:
             self.add_module(name, getattr(vit, name))
         for name in (*layout.prefix_names, "pos_embed"):

@@ -42,7 +42,6 @@ from bbswap.tracing.outputs import (
     returned,
 )
 from bbswap.tracing.sizes import SizeRule, SizeStep, chain_size, min_size, size_rule
-from bbswap.tracing.vit_grid import grid_of
 from bbswap.tracing.spatial_ops import (
     SPATIAL,
     Pair,
@@ -53,6 +52,7 @@ from bbswap.tracing.spatial_ops import (
     meta_result,
     space_to_depth,
 )
+from bbswap.tracing.vit_grid import grid_of
 
 Shape = tuple[int, ...]
 

@@ -74,14 +74,15 @@ def recognise(model: nn.Module) -> ViTLayout | None:
     return _timm_layout(model) or _torchvision_layout(model)
 
 
-def _patch(conv: object) -> Pair | None:
-    """The patch of a non-overlapping patch conv (kernel = stride, no padding)."""
+def _patch(conv: object) -> tuple[Pair, int] | None:
+    """The patch and the output width of a non-overlapping patch conv (kernel = stride,
+    no padding)."""
     if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
         return None
     k, s = tuple(conv.kernel_size), tuple(conv.stride)
     if k != s or tuple(conv.dilation) != (1, 1) or conv.padding not in ((0, 0), "valid"):
         return None
-    return (int(k[0]), int(k[1]))
+    return (int(k[0]), int(k[1])), int(conv.out_channels)
 
 
 def _token(model: nn.Module, name: str, dim: int) -> int | None:
@@ -97,18 +98,18 @@ def _token(model: nn.Module, name: str, dim: int) -> int | None:
 
 def _timm_layout(model: nn.Module) -> ViTLayout | None:
     embed = getattr(model, "patch_embed", None)
-    patch = _patch(getattr(embed, "proj", None))
+    found = _patch(getattr(embed, "proj", None))
     needed = ("blocks", "norm", "pos_drop", "patch_drop", "norm_pre", "num_prefix_tokens")
-    if patch is None or not all(hasattr(model, n) for n in needed):
+    if found is None or not all(hasattr(model, n) for n in needed):
         return None
     if not isinstance(getattr(embed, "norm", None), nn.Module):
         return None
-    dim = int(embed.proj.out_channels)  # type: ignore[union-attr]  # checked by _patch
+    patch, dim = found
     names = ("cls_token", "reg_token")
     counts = [_token(model, n, dim) for n in names]
     if any(c is None for c in counts) or sum(c or 0 for c in counts) != model.num_prefix_tokens:
         return None
-    prefix = int(model.num_prefix_tokens)  # type: ignore[arg-type]  # an int in timm
+    prefix = int(model.num_prefix_tokens)
     pos = getattr(model, "pos_embed", None)
     pos_prefix = 0 if getattr(model, "no_embed_class", False) else prefix
     grid = _grid(pos, dim, pos_prefix, getattr(embed, "grid_size", None))
@@ -142,16 +143,16 @@ def _grid(pos: object, dim: int, prefix: int, size: object) -> Pair | None:
 
 
 def _torchvision_layout(model: nn.Module) -> ViTLayout | None:
-    patch = _patch(getattr(model, "conv_proj", None))
+    found = _patch(getattr(model, "conv_proj", None))
     encoder = getattr(model, "encoder", None)
     needed = ("pos_embedding", "dropout", "layers", "ln")
-    if patch is None or not all(hasattr(encoder, n) for n in needed):
+    if found is None or not all(hasattr(encoder, n) for n in needed):
         return None
-    dim = int(model.conv_proj.out_channels)  # type: ignore[union-attr]  # checked by _patch
+    patch, dim = found
     prefix = _token(model, "class_token", dim)
     if not prefix:
         return None
-    grid = _grid(encoder.pos_embedding, dim, prefix, None)  # type: ignore[union-attr]
+    grid = _grid(getattr(encoder, "pos_embedding", None), dim, prefix, None)
     if grid is None:
         return None
     return ViTLayout(
