@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from bbswap.cli.app import app
 from bbswap.codegen.export import export
+from bbswap.errors import NotACNN
 from bbswap.search.fit import fit, winner_recipe
 from bbswap.surgery.vit_grid import ViTGrid, token_grid
 from bbswap.tracing.inspection import inspect_backbone
@@ -32,9 +33,9 @@ TINY = "timm:vit_tiny_patch16_224"
 SIZES = [(224, 224), (224, 320), (256, 192)]
 
 
-def _timm_vit(**kw: object) -> torch.nn.Module:
+def _timm_vit(name: str = "vit_tiny_patch16_224", **kw: object) -> torch.nn.Module:
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, **kw).eval()
+    return timm.create_model(name, pretrained=False, depth=2, **kw).eval()
 
 
 def _on_grid(tokens: torch.Tensor, prefix: int, h: int, w: int) -> torch.Tensor:
@@ -72,20 +73,19 @@ def test_inspect_cli_on_torchvision_vit() -> None:
 
 
 @pytest.mark.parametrize(
-    "kw, prefix",
+    "name, kw, prefix",
     [
-        ({}, 1),
-        ({"reg_tokens": 2, "no_embed_class": True}, 3),
-        ({"class_token": False, "global_pool": "avg"}, 0),
+        ("vit_tiny_patch16_224", {}, 1),
+        ("vit_tiny_patch16_224", {"reg_tokens": 2, "no_embed_class": True}, 3),
+        ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg"}, 0),
+        ("deit_tiny_distilled_patch16_224", {}, 2),  # a class and a distillation token
     ],
 )
-def test_grid_equals_timm_tokens(kw: dict, prefix: int) -> None:
-    vit = _timm_vit(**kw)
+def test_grid_equals_timm_tokens(name: str, kw: dict, prefix: int) -> None:
+    vit = _timm_vit(name, **kw)
     grid = token_grid(vit).eval()
     assert isinstance(grid, ViTGrid) and grid.vit_layout.prefix == prefix
-    dynamic = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, depth=2, dynamic_img_size=True, **kw
-    ).eval()
+    dynamic = _timm_vit(name, dynamic_img_size=True, **kw)
     dynamic.load_state_dict(vit.state_dict())
     with torch.no_grad():
         x = torch.randn(2, 3, 224, 224)
@@ -129,6 +129,50 @@ def test_torchvision_vit_grid_equals_its_encoder_output() -> None:
 def test_other_models_are_not_recognised() -> None:
     assert recognise(torchvision.models.resnet18()) is None
     assert recognise(timm.create_model("resnet18", pretrained=False)) is None
+    # EVA adds a rotary embedding in its blocks: not the layout ViTGrid runs
+    with torch.device("meta"):
+        assert recognise(timm.create_model("eva02_tiny_patch14_224")) is None
+
+
+class _FixedPositionViT(torch.nn.Module):
+    """A ViT of its own layout, whose position embedding is added as it is."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.patch = torch.nn.Conv2d(3, dim, kernel_size=16, stride=16)
+        self.pos = torch.nn.Parameter(torch.zeros(1, 196, dim))
+        self.block = torch.nn.TransformerEncoderLayer(dim, 4, 2 * dim, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        return self.block(tokens)
+
+
+def test_an_unknown_vit_is_refused_for_its_fixed_position_embedding() -> None:
+    with pytest.raises(NotACNN) as caught:
+        inspect_backbone(_FixedPositionViT(), "1x3x224x224")
+    message = str(caught.value)
+    assert "its position embedding 'pos' (1x196x32) holds a fixed number of tokens" in message
+    assert "attention at 'block.self_attn'" in message
+
+
+def test_fit_torchvision_vit_with_one_input_channel_on_meta() -> None:
+    found = fit("tv:vit_b_16", channels=256, stride=16, in_chans=1, rounding="any")
+    ops = [op.op for op in winner_recipe(found).ops]
+    assert ops == ["in_channels", "project"]
+    after = found.winner.trace
+    assert after.input_shape[1] == 1 and after.output_shape == (1, 256, 14, 14)
+
+
+@pytest.mark.parametrize("stride, label, shape", [(32, "avg-pool /2", 7), (8, "stride 8", 28)])
+def test_other_strides(stride: int, label: str, shape: int) -> None:
+    """1/32 pools the grid (the patch conv is not given a stride past its kernel, which
+    would leave pixels unread); 1/8 makes the patches overlap (16x16 every 8 pixels)."""
+    found = fit(TINY, channels=256, stride=stride, rounding="any", kwargs={"depth": 1})
+    labels = [c.label for c in found.candidates if c.ok]
+    assert all("patch_embed: stride 32" not in label for label in labels)
+    assert label in found.winner.label
+    assert found.winner.trace.output_shape == (1, 256, shape, shape)
 
 
 def _import(path: Path, name: str) -> ModuleType:

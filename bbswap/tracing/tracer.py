@@ -167,6 +167,8 @@ class Trace:
     depth: int
     module_stages: tuple[Stage, ...] = ()  # a row for every called module, any depth
     attention: str = ""  # the first module whose forward multiplies two activations
+    # a position embedding of a fixed number of tokens, added as it is: its name and shape
+    position: str = ""
     features_at: str = ""  # the outermost module whose output forward_features returns
     # a forward that returns several tensors: each of them, what holds them ("tuple",
     # "list" or "dict"), which one the output fields describe and whether it was asked for
@@ -308,6 +310,7 @@ class _Recorder:
     clock: int = 0
     by_path: dict[str, nn.Module] = field(default_factory=dict)
     attention: str | None = None
+    position: str = ""  # a parameter of tokens added to the tokens as it is (its shape)
     features_out: torch.Tensor | None = None  # what the model's forward_features returned
     total_macs: int = 0
     total_act: int = 0
@@ -396,6 +399,8 @@ class _Mode(TorchFunctionMode):
             return
         if rec.attention is None and _is_attention(name, ins):
             rec.attention = owner or "(the model's forward)"
+        if not rec.position and name in _ADDS:
+            rec.position = _fixed_position(rec.model, ins, outs[0])
         key = (owner, name)
         call = rec.counts.get(key, 0)
         rec.counts[key] = call + 1
@@ -547,6 +552,13 @@ def _is_attention(name: str, ins: list[torch.Tensor]) -> bool:
 
 def not_a_cnn(trace: Trace) -> str:
     """Why a trace is not that of a CNN backbone bbswap can patch, or ""."""
+    if trace.attention and trace.position:
+        return (
+            f"its position embedding {trace.position} holds a fixed number of tokens, so its "
+            "input size is fixed unless the embedding is interpolated, which bbswap does for "
+            "timm's and torchvision's VisionTransformer only (attention at "
+            f"'{trace.attention}')"
+        )
     if trace.attention:
         return (
             f"attention at '{trace.attention}' mixes tokens across the image, so its output "
@@ -581,6 +593,21 @@ def require_cnn(trace: Trace, name: str) -> None:
             "(ViT, Swin, MaxViT and other transformers are refused)",
             brief="transformer: attention" if trace.attention else "not a CNN: token output",
         )
+
+
+_ADDS = frozenset({"add", "__add__", "__radd__", "__iadd__"})
+
+
+def _fixed_position(model: nn.Module, ins: list[torch.Tensor], out: torch.Tensor) -> str:
+    """``'pos_embed' (1x197x192)`` for a parameter of as many tokens as ``out`` that is
+    added to them as it is (not resized to the input); "" for any other sum."""
+    if out.dim() != 3 or out.shape[1] < 2:
+        return ""
+    for t in ins:
+        if isinstance(t, nn.Parameter) and t.dim() == 3 and t.shape[:2] == (1, out.shape[1]):
+            name = next((n for n, p in model.named_parameters() if p is t), "")
+            return f"'{name}' ({dims(tuple(t.shape))})" if name else ""
+    return ""
 
 
 def _from_weights(rec: _Recorder, ins: list[torch.Tensor]) -> bool:
@@ -767,6 +794,7 @@ def _summarise(
         depth=depth,
         module_stages=_stages(rec, 10**6, functional=False),
         attention=rec.attention or "",
+        position=rec.position,
         features_at=_features_at(rec),
         outputs=outputs,
         returns=several[0] if several is not None else "",

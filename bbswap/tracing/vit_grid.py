@@ -10,7 +10,9 @@ timm does with ``dynamic_img_size`` and torchvision does when it loads weights f
 another image size.
 
 :func:`recognise` reads that layout off timm's and torchvision's ``VisionTransformer``
-(by their attributes, so subclasses and look-alikes with the same layout count).
+(by their attributes, and by the methods that add the position embedding and run the
+blocks being theirs: a subclass that changes either, as EVA's rotary embedding does, is
+not taken for one).
 """
 
 from __future__ import annotations
@@ -96,7 +98,21 @@ def _token(model: nn.Module, name: str, dim: int) -> int | None:
     return int(t.shape[1])
 
 
+def _method(model: object, name: str) -> str:
+    """The qualified name of the method ``name`` of the model's class ("" for none)."""
+    return str(getattr(getattr(type(model), name, None), "__qualname__", ""))
+
+
+_TIMM_POSITIONS = {"VisionTransformer._pos_embed", "VisionTransformerDistilled._pos_embed"}
+
+
 def _timm_layout(model: nn.Module) -> ViTLayout | None:
+    if _method(model, "_pos_embed") not in _TIMM_POSITIONS:
+        return None
+    if _method(model, "forward_features") != "VisionTransformer.forward_features":
+        return None
+    if not isinstance(getattr(model, "blocks", None), nn.Sequential):
+        return None
     embed = getattr(model, "patch_embed", None)
     found = _patch(getattr(embed, "proj", None))
     needed = ("blocks", "norm", "pos_drop", "patch_drop", "norm_pre", "num_prefix_tokens")
@@ -105,7 +121,7 @@ def _timm_layout(model: nn.Module) -> ViTLayout | None:
     if not isinstance(getattr(embed, "norm", None), nn.Module):
         return None
     patch, dim = found
-    names = ("cls_token", "reg_token")
+    names = ("cls_token", "reg_token", "dist_token")  # in sequence order
     counts = [_token(model, n, dim) for n in names]
     if any(c is None for c in counts) or sum(c or 0 for c in counts) != model.num_prefix_tokens:
         return None
@@ -145,6 +161,11 @@ def _grid(pos: object, dim: int, prefix: int, size: object) -> Pair | None:
 def _torchvision_layout(model: nn.Module) -> ViTLayout | None:
     found = _patch(getattr(model, "conv_proj", None))
     encoder = getattr(model, "encoder", None)
+    if (_method(model, "_process_input"), _method(encoder, "forward")) != (
+        "VisionTransformer._process_input",
+        "Encoder.forward",
+    ):
+        return None
     needed = ("pos_embedding", "dropout", "layers", "ln")
     if found is None or not all(hasattr(encoder, n) for n in needed):
         return None
