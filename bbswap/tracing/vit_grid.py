@@ -52,7 +52,7 @@ class ViTLayout:
 
     @property
     def note(self) -> str:
-        """One line for the inspect output."""
+        """One line for the inspect output and the emitted file's docstring."""
         pos = (
             f"position embedding {self.position} learnt for {self.grid[0]}x{self.grid[1]}, "
             f"interpolated ({self.mode}) to each input's grid"
@@ -60,7 +60,7 @@ class ViTLayout:
             else "no position embedding"
         )
         return (
-            f"a ViT traced on its token grid: patch {self.patch[0]}x{self.patch[1]}, "
+            f"a ViT on its token grid: patch {self.patch[0]}x{self.patch[1]}, "
             f"{self.prefix} prefix token{'s' if self.prefix != 1 else ''} dropped, {pos}"
         )
 
