@@ -228,3 +228,13 @@ def test_emitted_grid_features_equal_timm(emitted: tuple) -> None:
         model(x)
         want = _on_grid(dynamic.forward_features(x), 1, 14, 20)
         torch.testing.assert_close(grid[-1], want, rtol=0, atol=1e-5)
+
+
+def test_a_vit_instance_is_refused_naming_its_spec() -> None:
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1)
+    before = {k: v.clone() for k, v in vit.state_dict().items()}
+    with pytest.raises(NotACNN) as caught:
+        inspect_backbone(vit, "1x3x224x224")
+    assert "is a ViT given as a model instance" in str(caught.value)
+    assert "give tv:NAME or timm:NAME" in str(caught.value)
+    assert all(torch.equal(before[k], v) for k, v in vit.state_dict().items())

@@ -52,7 +52,7 @@ from bbswap.tracing.spatial_ops import (
     meta_result,
     space_to_depth,
 )
-from bbswap.tracing.vit_grid import grid_of
+from bbswap.tracing.vit_grid import grid_of, recognise
 
 Shape = tuple[int, ...]
 
@@ -556,7 +556,8 @@ def not_a_cnn(trace: Trace) -> str:
         return (
             f"its position embedding {trace.position} holds a fixed number of tokens, so its "
             "input size is fixed unless the embedding is interpolated, which bbswap does for "
-            "timm's and torchvision's VisionTransformer only (attention at "
+            "timm's and torchvision's VisionTransformer (from a timm: or tv: spec) only "
+            "(attention at "
             f"'{trace.attention}')"
         )
     if trace.attention:
@@ -1106,6 +1107,14 @@ def trace_instance(
     when it cannot run on meta or fake tensors. A transformer is refused (NotACNN)."""
     result = _trace_instance(model, input_shape, depth)
     if grid_of(model) is None:
+        if recognise(model) is not None:
+            raise NotACNN(
+                f"{name} is a ViT given as a model instance: bbswap lays a ViT's tokens on "
+                "their grid, its position embedding interpolated, when it builds the ViT from "
+                "its spec: give tv:NAME or timm:NAME (--kw for its arguments, --weights for "
+                "a checkpoint)",
+                brief="ViT instance: give its spec",
+            )
         require_cnn(result, name)
     return result
 
