@@ -394,6 +394,7 @@ class _Mode(TorchFunctionMode):
             return
         owner = rec.stack[-1] if rec.stack else ""
         if _from_weights(rec, ins):  # no stage, no reduction point: weights being shaped
+            self._count(macs(name, args, kwargs, out), 0)
             for t in outs:
                 rec.register(t, _TensorInfo(weights=True))
             return
@@ -436,15 +437,20 @@ class _Mode(TorchFunctionMode):
         )
         for t in outs:
             rec.register(t, info)
+        self._count(n_macs, new_bytes)
+        owner_module = rec.by_path.get(owner, rec.model)
+        if not is_module_call(owner_module, name) and _changes_shape(ins, outs[0]):
+            rec.calls.append(_Call(owner, name, call, outs[0], info, n_macs, new_bytes, rec.tick()))
+
+    def _count(self, n_macs: int, new_bytes: int) -> None:
+        """Add a call's MACs and new activation bytes to the totals and every open module."""
+        rec = self.rec
         rec.total_macs += n_macs
         rec.total_act += new_bytes
         for path in rec.stack:
             stats = rec.modules[path]
             stats.macs += n_macs
             stats.act_bytes += new_bytes
-        owner_module = rec.by_path.get(owner, rec.model)
-        if not is_module_call(owner_module, name) and _changes_shape(ins, outs[0]):
-            rec.calls.append(_Call(owner, name, call, outs[0], info, n_macs, new_bytes, rec.tick()))
 
     def _folded(
         self, name: str, owner: str, call: int, y: torch.Tensor, info: _TensorInfo
