@@ -95,7 +95,3 @@ def token_grid(model: nn.Module) -> nn.Module:
     """A recognised ViT as a :class:`ViTGrid`; any other model as it is."""
     layout = recognise(model)
     return ViTGrid(model, layout) if layout is not None else model
-
-
-def is_token_grid(model: Any) -> bool:
-    return isinstance(model, ViTGrid)
