@@ -114,12 +114,9 @@ def test_every_torchvision_cnn_is_covered_by_a_family() -> None:
     assert modules == tested
 
 
-@pytest.mark.parametrize(
-    ("spec", "embedding"),
-    [("tv:vit_b_16", "1x197x768 parameter"), ("timm:vit_tiny_patch16_224", "1x197x192 parameter")],
-)
-def test_a_fixed_positional_embedding_is_refused_in_one_line(spec: str, embedding: str) -> None:
-    """Not for its attention: for its positional embedding, which holds 197 tokens."""
+def test_a_linear_layer_across_tokens_is_refused_in_one_line() -> None:
+    """Not for attention or tokens as such: MLP-Mixer's token-mixing layer takes 196 tokens."""
+    spec = "timm:mixer_s16_224"
     for args in (
         ["inspect", spec],
         ["fit", spec, "--channels", "256", "--stride", "16"],
@@ -128,12 +125,12 @@ def test_a_fixed_positional_embedding_is_refused_in_one_line(spec: str, embeddin
         assert_one_line_error(
             result,
             f"{spec} has no feature map that follows the input size",
-            f"a positional embedding of fixed size (a {embedding}) is added at",
+            "a linear layer at 'blocks.0.mlp_tokens.fc1' mixes the tokens, 196 of them",
             "so the model takes one input size",
         )
     with pytest.raises(NotACNN) as caught:
         fit(spec, channels=256, stride=16)
-    assert caught.value.brief == "fixed size: positional embedding"
+    assert caught.value.brief == "fixed size: tokens"
 
 
 def test_matrix_over_torchvision_names_the_refusal() -> None:
@@ -142,7 +139,7 @@ def test_matrix_over_torchvision_names_the_refusal() -> None:
         [
             "matrix",
             "tv:resnet18",
-            "tv:vit_b_16",
+            "timm:mixer_s16_224",
             "--stride",
             "8,16,32",
             "--channels",
@@ -152,13 +149,15 @@ def test_matrix_over_torchvision_names_the_refusal() -> None:
     )
     assert result.exit_code == 0, result.output
     row = {
-        line.split()[0]: line for line in result.output.splitlines() if line.strip()[:3] == "tv:"
+        line.split()[0]: line
+        for line in result.output.splitlines()
+        if line.strip().startswith(("tv:", "timm:"))
     }
-    assert "fixed size: positional embedding" in row["tv:vit_b_16"]
+    assert "fixed size: tokens" in row["timm:mixer_s16_224"]
     assert row["tv:resnet18"].count(" ceil") == 3
     assert result.output.splitlines()[-1] == (
         "1 of 1 CNN backbones reach every target (inspect, fit on the meta device); "
-        "1 refused as following no size rule: tv:vit_b_16"
+        "1 refused as following no size rule: timm:mixer_s16_224"
     )
 
 

@@ -174,10 +174,10 @@ def test_verify_json_validates_passed_and_failed(emitted: tuple[Path, dict[str, 
 
 def test_matrix_json_validates() -> None:
     pytest.importorskip("torchvision")
-    data = _json_of("matrix", "resnet18", "tv:vit_b_16", "--stride", "3,16", "--no-verify")
+    data = _json_of("matrix", "resnet18", "tv:swin_t", "--stride", "3,16", "--no-verify")
     validate("matrix", data)
     rows = {r["spec"]: r for r in data["rows"]}
-    assert rows["tv:vit_b_16"]["refused"] is True and rows["tv:vit_b_16"]["cells"] == []
+    assert rows["tv:swin_t"]["refused"] is True and rows["tv:swin_t"]["cells"] == []
     assert [c["ok"] for c in rows["resnet18"]["cells"]] == [False, True]
     verified = validate("matrix", _json_of("matrix", "resnet18", "--stride", "32", "--verify"))
     assert verified["rows"][0]["emit"] == "bundled"

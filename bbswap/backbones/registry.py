@@ -49,6 +49,7 @@ from bbswap.errors import (
     choices,
 )
 from bbswap.parsing import PyRef
+from bbswap.surgery.vit_grid import token_grid
 from bbswap.zoo import ZOO
 
 
@@ -142,6 +143,8 @@ class Backbone:
             raise ModelError(f"cannot build {self.spec}: {error}") from error
         if not isinstance(model, nn.Module):
             raise ModelError(f"{self.spec} returned {type(model).__name__}, not a torch.nn.Module")
+        if self.kind in (BackboneKind.TV, BackboneKind.TIMM):
+            model = token_grid(model)  # a plain ViT: its tokens on their grid
         return model
 
     @property

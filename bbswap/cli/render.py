@@ -84,12 +84,15 @@ def stage_table(trace: Trace, title: str | None = None) -> Grid:
 
 def stage_output(stage: Stage) -> str:
     """A stage's output shape, with where it holds the image grid when that is not NCHW:
-    ``1x56x56x96 NHWC``, ``1x3136x64 tokens 56x56``."""
+    ``1x56x56x96 NHWC``, ``1x3136x64 tokens 56x56``, ``1x197x768 tokens 1+14x14`` (a
+    prefix token before the grid's)."""
     text = shape(stage.out_shape)
     if stage.layout is Layout.NHWC and stage.spatial:
         return f"{text} NHWC"
     if stage.layout is Layout.TOKENS and stage.grid is not None:
-        return f"{text} tokens {stage.grid[0]}x{stage.grid[1]}"
+        h, w = stage.grid
+        prefix = stage.out_shape[1] - h * w if len(stage.out_shape) == 3 else 0
+        return f"{text} tokens {f'{prefix}+' if prefix > 0 else ''}{h}x{w}"
     return text
 
 

@@ -69,6 +69,7 @@ from bbswap.surgery.fx_trace import trace_children_as_leaves
 from bbswap.surgery.layout import LAYOUT_CLASSES
 from bbswap.surgery.same import SAME_CLASSES
 from bbswap.tracing.tracer import Trace, describe_factor
+from bbswap.tracing.vit_grid import grid_of
 
 _FAMILIES = {
     "resnet": "ResNet",
@@ -993,6 +994,15 @@ def _generated_by(imports: Imports, note: str) -> list[str]:
     return textwrap.wrap(line, 100, break_long_words=False, break_on_hyphens=False)
 
 
+def _grid_lines(source: nn.Module) -> list[str]:
+    """What the file does with a ViT's tokens, for a ViT laid on its grid."""
+    layout = grid_of(source)
+    if layout is None:
+        return []
+    text = f"Token grid:      {layout.note}"
+    return textwrap.wrap(text, 100, subsequent_indent=" " * 17, break_on_hyphens=False)
+
+
 def _imported_lines(imported: tuple[tuple[str, str], ...]) -> list[str]:
     """The user's modules the file imports, not bundled, each with the reason."""
     lines = []
@@ -1059,6 +1069,7 @@ def _docstring(
         *_generated_by(imports, code.note),
         "",
         f"Source backbone: {result.backbone.spec}",
+        *_grid_lines(result.surgery.model),
         *_imported_lines(code.imported),
         f"Traced input:    {shape(t.input_shape)} -> {output} "
         f"(the source gave {shape(before.output_shape)} for {shape(before.input_shape)})",

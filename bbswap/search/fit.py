@@ -114,6 +114,9 @@ class Unit:
     stride: Size
     order: int
     also: tuple[str, ...] = ()
+    # a conv whose kernel is its stride (a ViT's patch embedding): each pixel read once, so
+    # a larger stride would leave pixels it never reads
+    patches: bool = False
 
     @property
     def name(self) -> str:
@@ -240,7 +243,8 @@ def units(source: Trace, features: Stage | None) -> list[Unit]:
                 covered |= {o.id for o in stride_targets(source, ats[-1])}
         first = {at: min(o.order for o in stride_targets(source, at)) for at in ats}
         ats.sort(key=first.__getitem__)  # in the order the forward reaches them
-        found.append(Unit(ats[0], op.stride, op.order, tuple(ats[1:])))
+        patches = op.op == "conv" and op.kernel == op.stride and op.dilation == (1, 1)
+        found.append(Unit(ats[0], op.stride, op.order, tuple(ats[1:]), patches))
     return found
 
 
@@ -427,7 +431,7 @@ def _stride_plans(found: list[Unit], have: Size, target: Target, mode: str) -> I
         pool = [make_op("pool", stride=grow, kind="avg", ceil_mode=True)]
         pooled = ", ".join([*label, f"avg-pool /{_fmt(grow)}"])
         yield _stride_ops(changes, mode), pool, pooled, mode, order
-        if not changes and found:
+        if not changes and found and not found[-1].patches:
             # coarsen at the last reduction point, so every earlier layer keeps its resolution
             u = found[-1]
             more = (u.stride[0] * grow[0], u.stride[1] * grow[1])

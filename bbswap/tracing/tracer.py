@@ -53,6 +53,7 @@ from bbswap.tracing.spatial_ops import (
     meta_result,
     space_to_depth,
 )
+from bbswap.tracing.vit_grid import grid_of, recognise
 
 Shape = tuple[int, ...]
 
@@ -274,6 +275,7 @@ class _TensorInfo:
     # the chain and grid before the last padding of the map: a crop back to that grid (a
     # window attention's x[:, :H, :W]) undoes the padding, whatever it was at this size
     before_pad: tuple[tuple[str, ...], Pair] | None = None
+    weights: bool = False  # made from parameters alone (a position embedding resized)
 
 
 @dataclass
@@ -402,13 +404,18 @@ class _Mode(TorchFunctionMode):
         if not outs:
             return
         owner = rec.stack[-1] if rec.stack else ""
+        if _from_weights(rec, ins):  # no stage, no reduction point: weights being shaped
+            self._count(macs(name, args, kwargs, out), 0)
+            for t in outs:
+                rec.register(t, _TensorInfo(weights=True))
+            return
         if rec.attention is None and _is_attention(name, ins):
             rec.attention = owner or "(the model's forward)"
         key = (owner, name)
         call = rec.counts.get(key, 0)
         rec.counts[key] = call + 1
         # activations only: weights and constants carry no size, stride or receptive field
-        ins = [t for t in ins if id(t) in rec.info] or ins
+        ins = [t for t in ins if id(t) in rec.info and not rec.info[id(t)].weights] or ins
         infos = [rec.tensor_info(t) for t in ins]
         if spatial is None:
             # A gate or bias broadcast over H and W (a squeeze-excitation scale) does not
@@ -435,15 +442,20 @@ class _Mode(TorchFunctionMode):
         )
         for t in outs:
             rec.register(t, info)
+        self._count(n_macs, new_bytes)
+        owner_module = rec.by_path.get(owner, rec.model)
+        if not is_module_call(owner_module, name) and _changes_shape(ins, outs[0]):
+            rec.calls.append(_Call(owner, name, call, outs[0], info, n_macs, new_bytes, rec.tick()))
+
+    def _count(self, n_macs: int, new_bytes: int) -> None:
+        """Add a call's MACs and new activation bytes to the totals and every open module."""
+        rec = self.rec
         rec.total_macs += n_macs
         rec.total_act += new_bytes
         for path in rec.stack:
             stats = rec.modules[path]
             stats.macs += n_macs
             stats.act_bytes += new_bytes
-        owner_module = rec.by_path.get(owner, rec.model)
-        if not is_module_call(owner_module, name) and _changes_shape(ins, outs[0]):
-            rec.calls.append(_Call(owner, name, call, outs[0], info, n_macs, new_bytes, rec.tick()))
 
     def _note_fixed_size(self, name: str, args: tuple, x: _TensorInfo, owner: str) -> None:
         """Keep the first call that ties the model to one input size."""
@@ -728,6 +740,14 @@ def require_cnn(trace: Trace, name: str) -> None:
         )
 
 
+def _from_weights(rec: _Recorder, ins: list[torch.Tensor]) -> bool:
+    """Whether a call takes parameters (or what was made of them alone) and no activation."""
+    made = [id(t) in rec.info and rec.info[id(t)].weights for t in ins]
+    if any(id(t) in rec.info and not w for t, w in zip(ins, made)):
+        return False
+    return any(made) or any(isinstance(t, nn.Parameter) for t in ins)
+
+
 def _broadcast(t: torch.Tensor, out: torch.Tensor) -> bool:
     """Whether ``t`` is 1x1 in space and broadcast over a larger H, W of ``out``."""
     return (
@@ -935,7 +955,7 @@ def _features_at(rec: _Recorder) -> str:
 
 def _expanded(rec: _Recorder, path: str, depth: int) -> bool:
     """Whether the stage table at ``depth`` shows this module's insides instead of it."""
-    if path == "":
+    if path == "" or path not in rec.modules:  # a container never called: its children
         return True
     module = rec.by_path[path]
     if path not in rec.modules and any(True for _ in module.children()):
@@ -1149,7 +1169,11 @@ def trace(
         result.output_shape, [r.id for r in result.reductions][:2]   # (1, 1000), ['conv1', ...]
     """
     result, model = _trace_built(build, input_shape, depth)
-    require_cnn(result, name)
+    layout = grid_of(model)
+    if layout is None:
+        require_cnn(result, name)
+    else:  # a ViT on its grid keeps its tokens' number: no refusal
+        result = replace(result, note="; ".join(filter(None, [result.note, layout.note])))
     return result, model
 
 
@@ -1215,7 +1239,16 @@ def trace_instance(
     """Trace a model that already exists, falling back to real CPU tensors (with a note)
     when it cannot run on meta or fake tensors. A transformer is refused (NotACNN)."""
     result = _trace_instance(model, input_shape, depth)
-    require_cnn(result, name)
+    if grid_of(model) is None:
+        if recognise(model) is not None:
+            raise NotACNN(
+                f"{name} is a ViT given as a model instance: bbswap lays a ViT's tokens on "
+                "their grid, its position embedding interpolated, when it builds the ViT from "
+                "its spec: give tv:NAME or timm:NAME (--kw for its arguments, --weights for "
+                "a checkpoint)",
+                brief="ViT instance: give its spec",
+            )
+        require_cnn(result, name)
     return result
 
 

@@ -1,0 +1,240 @@
+"""Plain ViTs (timm's and torchvision's) as 1/16 backbones: their tokens on the grid.
+
+The grid features are compared value by value with what timm itself gives: at the size
+the position embedding was learnt for, ``forward_features`` without its prefix tokens,
+laid on the grid; at other sizes, the same model built with ``dynamic_img_size=True``
+(timm's own interpolation of the embedding).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bbswap.cli.app import app
+from bbswap.codegen.export import export
+from bbswap.errors import NotACNN
+from bbswap.search.fit import fit, winner_recipe
+from bbswap.surgery.vit_grid import ViTGrid, token_grid
+from bbswap.tracing.inspection import inspect_backbone
+from bbswap.tracing.vit_grid import ViTFamily, recognise
+
+timm = pytest.importorskip("timm")
+torchvision = pytest.importorskip("torchvision")
+
+runner = CliRunner()
+TINY = "timm:vit_tiny_patch16_224"
+SIZES = [(224, 224), (224, 320), (256, 192)]
+
+
+def _timm_vit(name: str = "vit_tiny_patch16_224", **kw: object) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, depth=2, **kw).eval()
+
+
+def _on_grid(tokens: torch.Tensor, prefix: int, h: int, w: int) -> torch.Tensor:
+    """timm's tokens without the prefix ones, laid on the (h, w) grid in NCHW."""
+    return tokens[:, prefix:].transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+
+
+def test_inspect_shows_downsample_16_and_the_grid() -> None:
+    report = inspect_backbone(TINY, "1x3x224x224", kwargs={"depth": 2})
+    t = report.trace
+    assert t.output_shape == (1, 192, 14, 14)
+    assert t.downsample == (16.0, 16.0)
+    assert [op.id for op in t.reductions] == ["patch_embed.proj"]
+    blocks = t.stage("blocks")
+    assert blocks is not None and blocks.out_shape == (1, 197, 192)
+    assert blocks.grid == (14, 14) and blocks.downsample == (16.0, 16.0)
+    assert blocks.channels == 192
+    assert "1 prefix token dropped" in t.note
+    rules = report.rules
+    assert rules[0].format("H") == "H -> floor(H/16)"
+
+
+def test_inspect_cli_on_torchvision_vit() -> None:
+    result = runner.invoke(app, ["inspect", "tv:vit_b_16", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["downsample"] == [16.0, 16.0]
+    assert data["output"] == [1, 768, 14, 14]
+    rows = {s["path"]: s for s in data["stages"]}
+    assert rows["encoder.layers"]["grid"] == [14, 14]
+    assert rows["encoder.layers"]["output"] == [1, 197, 768]
+    assert rows["conv_proj"]["downsample"] == [16.0, 16.0]
+    text = runner.invoke(app, ["inspect", "tv:vit_b_16"]).stdout
+    assert "1x197x768 (1+14x14)" in text
+
+
+@pytest.mark.parametrize(
+    "name, kw, prefix",
+    [
+        ("vit_tiny_patch16_224", {}, 1),
+        ("vit_tiny_patch16_224", {"reg_tokens": 2, "no_embed_class": True}, 3),
+        ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg"}, 0),
+        ("deit_tiny_distilled_patch16_224", {}, 2),  # a class and a distillation token
+    ],
+)
+def test_grid_equals_timm_tokens(name: str, kw: dict, prefix: int) -> None:
+    vit = _timm_vit(name, **kw)
+    grid = token_grid(vit).eval()
+    assert isinstance(grid, ViTGrid) and grid.vit_layout.prefix == prefix
+    dynamic = _timm_vit(name, dynamic_img_size=True, **kw)
+    dynamic.load_state_dict(vit.state_dict())
+    with torch.no_grad():
+        x = torch.randn(2, 3, 224, 224)
+        assert torch.equal(grid(x), _on_grid(vit.forward_features(x), prefix, 14, 14))
+        for h, w in [(224, 320), (256, 192), (96, 160)]:
+            x = torch.randn(1, 3, h, w)
+            want = _on_grid(dynamic.forward_features(x), prefix, h // 16, w // 16)
+            torch.testing.assert_close(grid(x), want, rtol=0, atol=1e-5)
+
+
+def test_torchvision_vit_grid_equals_its_encoder_output() -> None:
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(
+        image_size=64, patch_size=16, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64
+    ).eval()
+    layout = recognise(vit)
+    assert layout is not None and layout.family is ViTFamily.TORCHVISION
+    assert layout.grid == (4, 4) and layout.align_corners
+    grid = token_grid(vit).eval()
+    seen: list[torch.Tensor] = []
+    vit.encoder.register_forward_hook(lambda m, i, out: seen.append(out))
+    with torch.no_grad():
+        x = torch.randn(2, 3, 64, 64)
+        vit(x)
+        assert torch.equal(grid(x), _on_grid(seen[0], 1, 4, 4))
+        # another size: torchvision's own resize of the embedding (bicubic, align_corners)
+        from torchvision.models.vision_transformer import interpolate_embeddings
+
+        big = torchvision.models.VisionTransformer(
+            image_size=96, patch_size=16, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64
+        ).eval()
+        state = interpolate_embeddings(96, 16, vit.state_dict())
+        big.load_state_dict(state)
+        seen.clear()
+        big.encoder.register_forward_hook(lambda m, i, out: seen.append(out))
+        x = torch.randn(1, 3, 96, 96)
+        big(x)
+        torch.testing.assert_close(grid(x), _on_grid(seen[0], 1, 6, 6), rtol=0, atol=1e-5)
+
+
+def test_other_models_are_not_recognised() -> None:
+    assert recognise(torchvision.models.resnet18()) is None
+    assert recognise(timm.create_model("resnet18", pretrained=False)) is None
+    # EVA adds a rotary embedding in its blocks: not the layout ViTGrid runs
+    with torch.device("meta"):
+        assert recognise(timm.create_model("eva02_tiny_patch14_224")) is None
+
+
+class _FixedPositionViT(torch.nn.Module):
+    """A ViT of its own layout, whose position embedding is added as it is."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.patch = torch.nn.Conv2d(3, dim, kernel_size=16, stride=16)
+        self.pos = torch.nn.Parameter(torch.zeros(1, 196, dim))
+        self.block = torch.nn.TransformerEncoderLayer(dim, 4, 2 * dim, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        return self.block(tokens)
+
+
+def test_an_unknown_vit_is_refused_for_its_fixed_position_embedding() -> None:
+    with pytest.raises(NotACNN) as caught:
+        inspect_backbone(_FixedPositionViT(), "1x3x224x224")
+    message = str(caught.value)
+    assert "its position embedding 'pos' (1x196x32) holds a fixed number of tokens" in message
+    assert "attention at 'block.self_attn'" in message
+
+
+def test_fit_torchvision_vit_with_one_input_channel_on_meta() -> None:
+    found = fit("tv:vit_b_16", channels=256, stride=16, in_chans=1, rounding="any")
+    ops = [op.op for op in winner_recipe(found).ops]
+    assert ops == ["in_channels", "project"]
+    after = found.winner.trace
+    assert after.input_shape[1] == 1 and after.output_shape == (1, 256, 14, 14)
+
+
+@pytest.mark.parametrize("stride, label, shape", [(32, "avg-pool /2", 7), (8, "stride 8", 28)])
+def test_other_strides(stride: int, label: str, shape: int) -> None:
+    """1/32 pools the grid (the patch conv is not given a stride past its kernel, which
+    would leave pixels unread); 1/8 makes the patches overlap (16x16 every 8 pixels)."""
+    found = fit(TINY, channels=256, stride=stride, rounding="any", kwargs={"depth": 1})
+    labels = [c.label for c in found.candidates if c.ok]
+    assert all("patch_embed: stride 32" not in label for label in labels)
+    assert label in found.winner.label
+    assert found.winner.trace.output_shape == (1, 256, shape, shape)
+
+
+def _import(path: Path, name: str) -> ModuleType:
+    found = importlib.util.spec_from_file_location(name, path)
+    assert found is not None and found.loader is not None
+    module = importlib.util.module_from_spec(found)
+    found.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def emitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A depth-2 timm ViT fitted to 256 channels at 1/16, emitted, verified by bbswap's
+    round trip, imported and given the patched model's weights."""
+    found = fit(TINY, channels=256, stride=16, rounding="any", kwargs={"depth": 2})
+    assert [c.recipe.ops[-1].op for c in found.candidates if c.ok][:1] == ["project"]
+    out = tmp_path_factory.mktemp("vit") / "vit_grid.py"
+    done = export(TINY, winner_recipe(found), out, kwargs={"depth": 2})
+    assert all(check.ok for check in done.report.checks)
+    module = _import(out, "bbswap_vit_emitted")
+    model = getattr(module, done.emitted.class_name)().eval()
+    model.load_state_dict(done.result.model.state_dict())
+    return model, done.result.model.eval()
+
+
+@pytest.mark.parametrize("h, w", SIZES)
+def test_emitted_file_gives_256_channels_at_one_16th(emitted: tuple, h: int, w: int) -> None:
+    model, patched = emitted
+    x = torch.randn(1, 3, h, w)
+    with torch.no_grad():
+        y = model(x)
+        assert tuple(y.shape) == (1, 256, h // 16, w // 16)
+        assert torch.equal(y, patched(x))
+    assert model.output_size(h, w) == (h // 16, w // 16)
+
+
+def test_emitted_grid_features_equal_timm(emitted: tuple) -> None:
+    """Before the projection, the emitted file gives timm's own features: the tokens of
+    forward_features at 224x224, those of the dynamic_img_size model at 224x320."""
+    model, _ = emitted
+    grid: list[torch.Tensor] = []
+    model.proj.register_forward_pre_hook(lambda m, args: grid.append(args[0]))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("proj")}
+    vit, dynamic = _timm_vit(), _timm_vit(dynamic_img_size=True)
+    for m in (vit, dynamic):
+        missing, unexpected = m.load_state_dict(state, strict=False)
+        assert not unexpected and all(k.startswith("head") for k in missing)
+    with torch.no_grad():
+        x = torch.randn(1, 3, 224, 224)
+        model(x)
+        assert torch.equal(grid[-1], _on_grid(vit.forward_features(x), 1, 14, 14))
+        x = torch.randn(1, 3, 224, 320)
+        model(x)
+        want = _on_grid(dynamic.forward_features(x), 1, 14, 20)
+        torch.testing.assert_close(grid[-1], want, rtol=0, atol=1e-5)
+
+
+def test_a_vit_instance_is_refused_naming_its_spec() -> None:
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1)
+    before = {k: v.clone() for k, v in vit.state_dict().items()}
+    with pytest.raises(NotACNN) as caught:
+        inspect_backbone(vit, "1x3x224x224")
+    assert "is a ViT given as a model instance" in str(caught.value)
+    assert "give tv:NAME or timm:NAME" in str(caught.value)
+    assert all(torch.equal(before[k], v) for k, v in vit.state_dict().items())
