@@ -67,7 +67,8 @@ REFUSED = {
     ),
     "FixedPosViT": (
         "fixed size: positional embedding",
-        "a positional embedding of fixed size (a 1x196x32 parameter) is added at ''",
+        "a positional embedding of fixed size (a 1x196x32 parameter) is added in the model's "
+        "own forward",
     ),
     "TokenMixer": (
         "fixed size: tokens",

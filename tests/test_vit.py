@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from bbswap.cli.app import app
 from bbswap.codegen.export import export
 from bbswap.errors import NotACNN
+from bbswap.kinds import Layout
 from bbswap.search.fit import fit, winner_recipe
 from bbswap.surgery.vit_grid import ViTGrid, token_grid
 from bbswap.tracing.inspection import inspect_backbone
@@ -52,6 +53,7 @@ def test_inspect_shows_downsample_16_and_the_grid() -> None:
     blocks = t.stage("blocks")
     assert blocks is not None and blocks.out_shape == (1, 197, 192)
     assert blocks.grid == (14, 14) and blocks.downsample == (16.0, 16.0)
+    assert blocks.layout is Layout.TOKENS
     assert blocks.channels == 192
     assert "1 prefix token dropped" in t.note
     rules = report.rules
@@ -69,7 +71,7 @@ def test_inspect_cli_on_torchvision_vit() -> None:
     assert rows["encoder.layers"]["output"] == [1, 197, 768]
     assert rows["conv_proj"]["downsample"] == [16.0, 16.0]
     text = runner.invoke(app, ["inspect", "tv:vit_b_16"]).stdout
-    assert "1x197x768 (1+14x14)" in text
+    assert "1x197x768 tokens 1+14x14" in text
 
 
 @pytest.mark.parametrize(
@@ -152,8 +154,10 @@ def test_an_unknown_vit_is_refused_for_its_fixed_position_embedding() -> None:
     with pytest.raises(NotACNN) as caught:
         inspect_backbone(_FixedPositionViT(), "1x3x224x224")
     message = str(caught.value)
-    assert "its position embedding 'pos' (1x196x32) holds a fixed number of tokens" in message
-    assert "attention at 'block.self_attn'" in message
+    assert (
+        "a positional embedding of fixed size (a 1x196x32 parameter) is added in the model's "
+        "own forward, so the model takes one input size" in message
+    )
 
 
 def test_fit_torchvision_vit_with_one_input_channel_on_meta() -> None:

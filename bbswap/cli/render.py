@@ -93,6 +93,8 @@ def stage_output(stage: Stage) -> str:
         h, w = stage.grid
         prefix = stage.out_shape[1] - h * w if len(stage.out_shape) == 3 else 0
         return f"{text} tokens {f'{prefix}+' if prefix > 0 else ''}{h}x{w}"
+    if stage.layout is Layout.CHANNELS_TOKENS and stage.grid is not None:
+        return f"{text} C-first tokens {stage.grid[0]}x{stage.grid[1]}"
     return text
 
 

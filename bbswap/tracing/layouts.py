@@ -78,7 +78,7 @@ def classify(shape: Shape, grid: Pair | None, was: Layout) -> Layout:
             return Layout.NHWC
         return Layout.NCHW if nchw else Layout.NONE
     if len(shape) == 3 and h * w > 1:
-        if shape[1] == h * w:
+        if shape[1] == h * w or _with_prefix(shape, grid):
             return Layout.TOKENS
         if shape[2] == h * w:
             return Layout.CHANNELS_TOKENS
@@ -98,6 +98,16 @@ def place(
     if layout_in is Layout.NCHW and len(shape) == 4 and same_nc:
         return Layout.NCHW, (shape[2], shape[3])
     return classify(shape, grid, last), grid
+
+
+PREFIX = 16  # at most this many prefix tokens (class, register, distillation) before a grid's
+
+
+def _with_prefix(shape: Shape, grid: Pair) -> bool:
+    """Tokens of a grid with a few prefix tokens before them (a ViT's class token): as many
+    as its cells and at most :data:`PREFIX` more."""
+    cells = grid[0] * grid[1]
+    return len(shape) == 3 and cells > 1 and cells <= shape[1] <= cells + PREFIX
 
 
 def grid_of(shape: Shape, layout: Layout) -> Pair | None:

@@ -464,7 +464,8 @@ class _Mode(TorchFunctionMode):
             return
         what = layouts.fixed_embedding(name, args, x.layout, x.hw)
         if what:
-            what = f"a positional embedding of fixed size ({what}) is added at '{owner}'"
+            at = f"at '{owner}'" if owner else "in the model's own forward"
+            what = f"a positional embedding of fixed size ({what}) is added {at}"
         tokens = layouts.token_linear(name, args[0] if args else None, x.layout)
         if tokens:
             what = f"a linear layer at '{owner}' mixes the tokens, {tokens} of them, no more"
