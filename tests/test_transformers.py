@@ -236,3 +236,37 @@ def test_fit_on_windows_split_without_padding_says_which_sizes_it_takes():
     assert all(h % 32 < 4 and w % 32 < 4 for h, w in found.probes)
     rule = found.winner.trace.size_rules()[0].format("H")
     assert rule.endswith("(H mod 32 in 0-3)")
+
+
+# -- the layout rules on their own -----------------------------------------------------------------
+
+
+def test_layouts_read_shapes_against_the_grid():
+    from bbswap.tracing import layouts
+
+    grid = (56, 56)
+    assert layouts.classify((1, 96, 56, 56), grid, Layout.NCHW) is Layout.NCHW
+    assert layouts.classify((1, 56, 56, 96), grid, Layout.NCHW) is Layout.NHWC
+    assert layouts.classify((1, 56, 56, 56), grid, Layout.NHWC) is Layout.NHWC  # as it was
+    assert layouts.classify((1, 3136, 64), grid, Layout.NCHW) is Layout.TOKENS
+    assert layouts.classify((1, 64, 3136), grid, Layout.NCHW) is Layout.CHANNELS_TOKENS
+    assert layouts.classify((16, 6, 49, 32), grid, Layout.NHWC) is Layout.NONE  # windows
+    assert layouts.channels((1, 56, 56, 96), Layout.NHWC) == 96
+    assert layouts.as_nchw((1, 56, 56, 96), Layout.NHWC) == (1, 96, 56, 56)
+
+
+def test_a_strided_slice_is_a_reduction_and_a_window_split_a_constraint():
+    from bbswap.tracing import layouts
+
+    x = torch.empty(1, 56, 56, 96, device="meta")
+    merge = layouts.slice_args(
+        (Ellipsis, slice(1, None, 2), slice(0, None, 2), slice(None)), x, Layout.NHWC
+    )
+    assert merge is not None and (merge.op, merge.stride, merge.kernel) == ("slice", (2, 2), (2, 1))
+    assert [st.out_size(57) for st in (*merge.steps[0], *merge.steps[1])] == [29, 29]  # ceil
+    crop = (slice(None), slice(None, 28), slice(None, 28), slice(None))
+    assert layouts.slice_args(crop, x, Layout.NHWC) is None  # a crop is no reduction
+    split = layouts.window_blocks((1, 64, 56, 56), (1, 64, 8, 7, 8, 7), Layout.NCHW)
+    assert split == (7, 7)
+    assert layouts.window_blocks((1, 56, 56, 96), (1, 8, 7, 8, 7, 96), Layout.NHWC) == (7, 7)
+    assert layouts.window_blocks((1, 96, 56, 56), (1, 96, 3136), Layout.NCHW) is None

@@ -1131,8 +1131,8 @@ def trace(
     name: str = "the model",
 ) -> tuple[Trace, nn.Module]:
     """Build a model with ``build`` on the meta device and trace it there; fall back to
-    real CPU tensors when the model cannot run without data. A transformer is refused
-    (:class:`~bbswap.errors.NotACNN`).
+    real CPU tensors when the model cannot run without data. A model no size rule holds
+    for is refused (:class:`~bbswap.errors.NotACNN`, see :func:`not_a_cnn`).
 
     Args:
         build: Makes the model, called with no arguments (under the meta device).
@@ -1213,7 +1213,8 @@ def trace_instance(
     model: nn.Module, input_shape: Shape, depth: int = 1, name: str = "the model"
 ) -> Trace:
     """Trace a model that already exists, falling back to real CPU tensors (with a note)
-    when it cannot run on meta or fake tensors. A transformer is refused (NotACNN)."""
+    when it cannot run on meta or fake tensors. A model no size rule holds for is refused
+    (NotACNN, see :func:`not_a_cnn`)."""
     result = _trace_instance(model, input_shape, depth)
     require_cnn(result, name)
     return result
