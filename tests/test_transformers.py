@@ -129,19 +129,27 @@ def test_pvt_tokens_sit_on_their_grid():
     assert attn is not None and attn.downsample == (4.0, 4.0)
 
 
-def test_attention_matmuls_are_counted_as_flop_counter_counts_them():
-    """The trace counts the fused attention as its two products; FlopCounterMode sees
-    those products when the attention is written out (it does not count torch's fused
-    CPU kernel at all)."""
+@pytest.mark.parametrize(
+    ("spec", "build", "size"),
+    [
+        ("timm:pvt_v2_b0", lambda: timm.create_model("pvt_v2_b0"), 64),  # sdpa
+        ("tv:maxvit_t", torchvision.models.maxvit_t, 224),  # einsum
+        ("tv:swin_t", torchvision.models.swin_t, 64),  # q @ k.T
+    ],
+)
+def test_attention_matmuls_are_counted_as_flop_counter_counts_them(spec, build, size):
+    """The trace counts a fused attention as its two products; FlopCounterMode sees those
+    products when the attention is written out (it does not count torch's fused CPU
+    kernel at all)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = timm.create_model("pvt_v2_b0").eval()
+    model = build().eval()
     for m in model.modules():
         if hasattr(m, "fused_attn"):
             m.fused_attn = False  # q @ k.T and attn @ v as matmuls
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.zeros(1, 3, 64, 64))
-    traced = bbswap.inspect_backbone("timm:pvt_v2_b0", "1x3x64x64").trace
+        model(torch.zeros(1, 3, size, size))
+    traced = bbswap.inspect_backbone(spec, f"1x3x{size}x{size}").trace
     assert traced.macs == counter.get_total_flops() // 2
 
 
