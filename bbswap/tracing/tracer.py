@@ -97,9 +97,12 @@ class SpatialOp:
 
     @property
     def rounding(self) -> str:
-        """``ceil``, ``floor``, or ``whole`` for a reshape that takes only whole blocks."""
+        """``ceil``, ``floor``, or ``whole`` for a reshape that takes only whole blocks; a
+        strided slice or a patch merging padded per size takes ``ceil(size / stride)``."""
         if self.op == "space-to-depth":
             return "whole"
+        if self.op in ("slice", "patch-merge"):
+            return "ceil"
         return "ceil" if self.ceil_mode else "floor"
 
     @property
