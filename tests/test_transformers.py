@@ -129,19 +129,27 @@ def test_pvt_tokens_sit_on_their_grid():
     assert attn is not None and attn.downsample == (4.0, 4.0)
 
 
-def test_attention_matmuls_are_counted_as_flop_counter_counts_them():
-    """The trace counts the fused attention as its two products; FlopCounterMode sees
-    those products when the attention is written out (it does not count torch's fused
-    CPU kernel at all)."""
+@pytest.mark.parametrize(
+    ("spec", "build", "size"),
+    [
+        ("timm:pvt_v2_b0", lambda: timm.create_model("pvt_v2_b0"), 64),  # sdpa
+        ("tv:maxvit_t", torchvision.models.maxvit_t, 224),  # einsum
+        ("tv:swin_t", torchvision.models.swin_t, 64),  # q @ k.T
+    ],
+)
+def test_attention_matmuls_are_counted_as_flop_counter_counts_them(spec, build, size):
+    """The trace counts a fused attention as its two products; FlopCounterMode sees those
+    products when the attention is written out (it does not count torch's fused CPU
+    kernel at all)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = timm.create_model("pvt_v2_b0").eval()
+    model = build().eval()
     for m in model.modules():
         if hasattr(m, "fused_attn"):
             m.fused_attn = False  # q @ k.T and attn @ v as matmuls
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.zeros(1, 3, 64, 64))
-    traced = bbswap.inspect_backbone("timm:pvt_v2_b0", "1x3x64x64").trace
+        model(torch.zeros(1, 3, size, size))
+    traced = bbswap.inspect_backbone(spec, f"1x3x{size}x{size}").trace
     assert traced.macs == counter.get_total_flops() // 2
 
 
@@ -236,3 +244,37 @@ def test_fit_on_windows_split_without_padding_says_which_sizes_it_takes():
     assert all(h % 32 < 4 and w % 32 < 4 for h, w in found.probes)
     rule = found.winner.trace.size_rules()[0].format("H")
     assert rule.endswith("(H mod 32 in 0-3)")
+
+
+# -- the layout rules on their own -----------------------------------------------------------------
+
+
+def test_layouts_read_shapes_against_the_grid():
+    from bbswap.tracing import layouts
+
+    grid = (56, 56)
+    assert layouts.classify((1, 96, 56, 56), grid, Layout.NCHW) is Layout.NCHW
+    assert layouts.classify((1, 56, 56, 96), grid, Layout.NCHW) is Layout.NHWC
+    assert layouts.classify((1, 56, 56, 56), grid, Layout.NHWC) is Layout.NHWC  # as it was
+    assert layouts.classify((1, 3136, 64), grid, Layout.NCHW) is Layout.TOKENS
+    assert layouts.classify((1, 64, 3136), grid, Layout.NCHW) is Layout.CHANNELS_TOKENS
+    assert layouts.classify((16, 6, 49, 32), grid, Layout.NHWC) is Layout.NONE  # windows
+    assert layouts.channels((1, 56, 56, 96), Layout.NHWC) == 96
+    assert layouts.as_nchw((1, 56, 56, 96), Layout.NHWC) == (1, 96, 56, 56)
+
+
+def test_a_strided_slice_is_a_reduction_and_a_window_split_a_constraint():
+    from bbswap.tracing import layouts
+
+    x = torch.empty(1, 56, 56, 96, device="meta")
+    merge = layouts.slice_args(
+        (Ellipsis, slice(1, None, 2), slice(0, None, 2), slice(None)), x, Layout.NHWC
+    )
+    assert merge is not None and (merge.op, merge.stride, merge.kernel) == ("slice", (2, 2), (2, 1))
+    assert [st.out_size(57) for st in (*merge.steps[0], *merge.steps[1])] == [29, 29]  # ceil
+    crop = (slice(None), slice(None, 28), slice(None, 28), slice(None))
+    assert layouts.slice_args(crop, x, Layout.NHWC) is None  # a crop is no reduction
+    split = layouts.window_blocks((1, 64, 56, 56), (1, 64, 8, 7, 8, 7), Layout.NCHW)
+    assert split == (7, 7)
+    assert layouts.window_blocks((1, 56, 56, 96), (1, 8, 7, 8, 7, 96), Layout.NHWC) == (7, 7)
+    assert layouts.window_blocks((1, 96, 56, 56), (1, 96, 3136), Layout.NCHW) is None

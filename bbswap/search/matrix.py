@@ -62,7 +62,7 @@ class Row:
     detail: str = ""
     seconds: float = 0.0
 
-    refused: bool = False  # not a CNN (a transformer, a token model): refused by design
+    refused: bool = False  # no size rule holds for it (a fixed positional embedding, ...)
     in_chans: int | None = None  # the input channels it was inspected with: its own
 
     @property
@@ -109,7 +109,7 @@ class Matrix:
 
     @property
     def cnns(self) -> int:
-        """Rows that are CNNs: all but those refused as transformers or token models."""
+        """Rows that follow a size rule: all but those refused for following none."""
         return sum(not r.refused for r in self.rows)
 
 

@@ -143,8 +143,8 @@ def zero_pad(sa: SpatialArgs | None) -> bool:
 
 
 def _index_slices(index: Any, ndim: int) -> list[slice | None] | None:
-    """One slice per dim of an index made of slices, an Ellipsis and None-free ints
-    (None for an int); None for any other index (a tensor, a new axis)."""
+    """One slice per dim of an index made of slices, ints and at most one Ellipsis (None
+    in the place of an int); None for any other index (a tensor, a new axis)."""
     items = list(index) if isinstance(index, tuple) else [index]
     if sum(1 for i in items if i is Ellipsis) > 1:
         return None
@@ -169,14 +169,14 @@ def slice_args(index: Any, x: torch.Tensor, layout: Layout) -> SpatialArgs | Non
     picked = [slices[a] for a in axes]
     if any(s is None for s in picked):
         return None  # an int index drops the axis
-    steps_of = [int(s.step or 1) for s in picked if s is not None]
+    steps = [int(s.step or 1) for s in picked if s is not None]
     starts = [int(s.start or 0) for s in picked if s is not None]
-    if max(steps_of) == 1 or min(starts) < 0:
+    if max(steps) == 1 or min(starts) < 0:
         return None
-    stride = (steps_of[0], steps_of[1])
+    stride = (steps[0], steps[1])
     kernel = (starts[0] + 1, starts[1] + 1)
-    steps = tuple((SizeStep("window", 1, stride[i], 0, 1, False, False),) for i in range(2))
-    return SpatialArgs("slice", kernel, stride, (0, 0), (1, 1), False, steps)  # type: ignore[arg-type]  # two axes
+    rows = [(SizeStep("window", 1, s, 0, 1, False, False),) for s in stride]
+    return SpatialArgs("slice", kernel, stride, (0, 0), (1, 1), False, (rows[0], rows[1]))
 
 
 def window_blocks(in_shape: Shape, out_shape: Shape, layout: Layout) -> Pair | None:
@@ -191,7 +191,7 @@ def window_blocks(in_shape: Shape, out_shape: Shape, layout: Layout) -> Pair | N
     j = 0
     for size in in_shape:
         run: list[int] = []
-        while j < len(out_shape) and (math.prod(run) < size or (run and out_shape[j] == 1)):
+        while j < len(out_shape) and (math.prod(run) < size or not run):
             run.append(out_shape[j])
             j += 1
             if math.prod(run) == size:

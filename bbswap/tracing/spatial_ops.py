@@ -255,10 +255,31 @@ def macs(name: str, args: tuple, kwargs: dict, out: Any) -> int:
         return _last_dim_product(out, a.shape[-1]) if a.dim() > 1 else out.numel() * a.shape[0]
     if name in ("addmm", "baddbmm", "addbmm"):
         return _last_dim_product(out, args[1].shape[-1])
+    if name == "einsum":
+        return _einsum_macs(args)
     if name == "scaled_dot_product_attention":
         q, k = args[:2]
         return q.numel() * k.shape[-2] + out.numel() * k.shape[-2]
     return 0
+
+
+def _einsum_macs(args: tuple) -> int:
+    """A product of two operands written as an einsum (MaxViT's attention): the product of
+    the sizes of every index, as the batched matmul it becomes; 0 for one operand, or an
+    equation with an ellipsis."""
+    if not args or not isinstance(args[0], str):
+        return 0
+    operands = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+    equation = args[0].replace(" ", "")
+    inputs = equation.split("->")[0].split(",")
+    if len(operands) != 2 or len(inputs) != 2 or "." in equation:
+        return 0
+    sizes: dict[str, int] = {}
+    for letters, t in zip(inputs, operands):
+        if not isinstance(t, torch.Tensor) or len(letters) != t.dim():
+            return 0
+        sizes.update(zip(letters, t.shape))
+    return math.prod(sizes.values())
 
 
 _SAME_SHAPE = {"batch_norm", "layer_norm", "group_norm", "instance_norm", "local_response_norm"}

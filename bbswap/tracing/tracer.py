@@ -98,9 +98,12 @@ class SpatialOp:
 
     @property
     def rounding(self) -> str:
-        """``ceil``, ``floor``, or ``whole`` for a reshape that takes only whole blocks."""
+        """``ceil``, ``floor``, or ``whole`` for a reshape that takes only whole blocks; a
+        strided slice or a patch merging padded per size takes ``ceil(size / stride)``."""
         if self.op == "space-to-depth":
             return "whole"
+        if self.op in ("slice", "patch-merge"):
+            return "ceil"
         return "ceil" if self.ceil_mode else "floor"
 
     @property
@@ -1152,8 +1155,8 @@ def trace(
     name: str = "the model",
 ) -> tuple[Trace, nn.Module]:
     """Build a model with ``build`` on the meta device and trace it there; fall back to
-    real CPU tensors when the model cannot run without data. A transformer is refused
-    (:class:`~bbswap.errors.NotACNN`).
+    real CPU tensors when the model cannot run without data. A model no size rule holds
+    for is refused (:class:`~bbswap.errors.NotACNN`, see :func:`not_a_cnn`).
 
     Args:
         build: Makes the model, called with no arguments (under the meta device).
@@ -1238,7 +1241,8 @@ def trace_instance(
     model: nn.Module, input_shape: Shape, depth: int = 1, name: str = "the model"
 ) -> Trace:
     """Trace a model that already exists, falling back to real CPU tensors (with a note)
-    when it cannot run on meta or fake tensors. A transformer is refused (NotACNN)."""
+    when it cannot run on meta or fake tensors. A model no size rule holds for is refused
+    (NotACNN, see :func:`not_a_cnn`)."""
     result = _trace_instance(model, input_shape, depth)
     if grid_of(model) is None:
         if recognise(model) is not None:
