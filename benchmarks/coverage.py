@@ -1,26 +1,50 @@
-"""Coverage sweep: every torchvision model and one model per timm CNN family through
-inspect -> fit -> emit -> verify, written to docs/coverage.md.
+"""Coverage sweep: which torchvision and timm models bbswap inspects and fits, written to
+docs/coverage.md. Three parts, chosen with ``--parts``:
 
-    python benchmarks/coverage.py                 # the whole sweep (about an hour on 2 cores)
-    python benchmarks/coverage.py --only tv       # torchvision only
-    python benchmarks/coverage.py --stride 8,16,32 --no-verify   # meta-device fits only
+- ``families``: every torchvision model and one model of every timm family (the curated
+  representatives below, plus one model of every timm module none of them comes from)
+  through inspect -> fit -> emit -> verify, at 1/16 and 1/32;
+- ``all``: every model of ``timm.list_models()`` at 1/16, on the meta device only
+  (inspect and fit, no emit or verify);
+- ``sample``: a seeded random sample of timm models (100, none of them a family
+  representative), verified at 1/8, 1/16 and at a 32x8 target (H/32 x W/8, one output).
 
-It runs ``bbswap matrix`` (the library call) and needs torchvision and timm installed;
-each backbone is built with random weights, nothing is downloaded.
+    python benchmarks/coverage.py                            # every part (hours on 2 cores)
+    python benchmarks/coverage.py --parts families --only tv # torchvision only
+    python benchmarks/coverage.py --parts all --jobs 0       # the timm list, one worker a core
+    python benchmarks/coverage.py --parts sample --seed 1 --sample 50
+    python benchmarks/coverage.py --limit 3 --out /tmp/c.md  # 3 models a part, to try it
+    python benchmarks/coverage.py --parts all --models 'timm:vit_*,timm:pnas*' --out /tmp/c.md
+
+Each part reports its counts (reaching every target, refused, failed), its time (and the
+time per model) and every failure's reason, as a count per reason and each message whole.
+It runs ``bbswap matrix`` (the library call, ``--jobs`` worker processes) and needs
+torchvision and timm installed; each backbone is built with random weights, nothing is
+downloaded.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import platform
+import random
+import re
 import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from bbswap.cli.render import matrix_markdown
+from bbswap.backbones.registry import list_backbones
+from bbswap.cli.render import matrix_markdown, matrix_summary
 from bbswap.parsing import parse_strides
-from bbswap.search.matrix import matrix
+from bbswap.search.matrix import Matrix, matrix
+
+PARTS = ("families", "all", "sample")
+CHANNELS = 256
 
 # One representative model per timm family: the family's smallest common member.
 TIMM_FAMILIES = {
@@ -71,54 +95,244 @@ TIMM_FAMILIES = {
     "fastvit": "fastvit_t8",
     "tinynet": "tinynet_e",
     "spnasnet": "spnasnet_100",
-    # transformers and hybrids: refused, by design
     "edgenext": "edgenext_xx_small",
     "efficientvit (MIT)": "efficientvit_b0",
     "vit": "vit_tiny_patch16_224",
     "swin": "swin_tiny_patch4_window7_224",
     "maxvit": "maxvit_tiny_tf_224",
 }
+# the smallest variant names first, when a module's representative is picked by name
+_SMALL = ("atto", "femto", "pico", "nano", "xxs", "tiny", "xs", "small", "mini", "s0", "b0", "t0")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part's sweep: its matrices (title, result, family per spec) and its time."""
+
+    name: str
+    sections: tuple[tuple[str, Matrix, dict[str, str]], ...]
+    seconds: float
+    jobs: int
+
+    @property
+    def rows(self) -> int:
+        return sum(len(m.rows) for _, m, _ in self.sections)
+
+
+def timm_families() -> dict[str, str]:
+    """family -> model: the curated ones, then one model of every timm module that none of
+    them comes from (its smallest-sounding name, then its shortest)."""
+    import timm
+
+    available = set(timm.list_models())
+    families = {f: m for f, m in TIMM_FAMILIES.items() if m in available}
+    covered = set(families.values())
+    for module in timm.list_modules():
+        names = timm.list_models(module=module)
+        if not names or covered & set(names):
+            continue
+        families[f"{module} (module)"] = min(names, key=_smallness)
+    return families
+
+
+def _smallness(name: str) -> tuple[int, int, int, str]:
+    """Smaller first: a size word early in ``_SMALL``, then the first number in the name
+    (a depth or a width: resnet18 before resnet50), then the length."""
+    rank = next((i for i, word in enumerate(_SMALL) if word in name), len(_SMALL))
+    number = re.search(r"\d+", re.sub(r"v\d+", "", name))  # not a version (beitv2)
+    return rank, int(number.group()) if number else 0, len(name), name
+
+
+def sample_specs(size: int, seed: int, exclude: set[str]) -> list[str]:
+    """A seeded random sample of timm models, none of them in ``exclude``."""
+    import timm
+
+    pool = sorted(m for m in timm.list_models() if m not in exclude)
+    return [f"timm:{m}" for m in random.Random(seed).sample(pool, min(size, len(pool)))]
+
+
+def run_families(args: argparse.Namespace) -> Part:
+    start = time.perf_counter()
+    strides = parse_strides(args.stride)
+    sections = []
+    if args.only in (None, "tv"):
+        import torchvision
+
+        specs = _chosen([b.spec for b in list_backbones("tv:*")], args)
+        result = _sweep(specs, strides, not args.no_verify, args.jobs)
+        sections.append((f"torchvision {torchvision.__version__}", result, {}))
+        _report("torchvision", result)
+    if args.only in (None, "timm"):
+        import timm
+
+        families = {f"timm:{m}": f for f, m in timm_families().items()}
+        specs = _chosen(list(families), args)
+        result = _sweep(specs, strides, not args.no_verify, args.jobs)
+        sections.append((f"timm {timm.__version__}: one model per family", result, families))
+        _report("timm families", result)
+    return Part("families", tuple(sections), time.perf_counter() - start, args.jobs)
+
+
+def run_all(args: argparse.Namespace) -> Part:
+    import timm
+
+    start = time.perf_counter()
+    specs = _chosen([f"timm:{m}" for m in timm.list_models()], args)
+    result = _sweep(specs, [16], False, args.jobs)
+    _report("timm, every model", result)
+    title = f"timm {timm.__version__}: every model at 1/16, meta device"
+    return Part("all", ((title, result, {}),), time.perf_counter() - start, args.jobs)
+
+
+def run_sample(args: argparse.Namespace) -> Part:
+    import timm
+
+    start = time.perf_counter()
+    exclude = set(timm_families().values())
+    specs = _chosen(sample_specs(args.sample, args.seed, exclude), args)
+    target = [f"32x8:{CHANNELS}"]
+    result = _sweep(specs, [8, 16], not args.no_verify, args.jobs, target)
+    _report("timm sample", result)
+    title = f"timm {timm.__version__}: a random sample of {len(specs)} (seed {args.seed})"
+    return Part("sample", ((title, result, {}),), time.perf_counter() - start, args.jobs)
+
+
+def _chosen(specs: list[str], args: argparse.Namespace) -> list[str]:
+    """The specs that match ``--models`` (any of its patterns), the first ``--limit``."""
+    if args.models:
+        patterns = args.models.split(",")
+        specs = [s for s in specs if any(fnmatch.fnmatch(s, p) for p in patterns)]
+    return specs[: args.limit]
+
+
+def _sweep(
+    specs: Sequence[str],
+    strides: Sequence[int],
+    verify: bool,
+    jobs: int,
+    targets: Sequence[str] = (),
+) -> Matrix:
+    done = [0]
+
+    def progress(finished: int, total: int, spec: str | None) -> None:
+        if finished > done[0] or spec is None:
+            print(f"  {finished}/{total}" + (f", next {spec}" if spec else ""), flush=True)
+            done[0] = finished
+
+    return matrix(
+        list(specs),
+        strides=strides,
+        channels=CHANNELS,
+        verify=verify,
+        jobs=jobs,
+        targets=list(targets) or None,
+        progress=progress,
+    )
+
+
+def _report(what: str, result: Matrix) -> None:
+    failed = [r for r in result.rows if not r.ok and not r.refused]
+    seconds = sum(r.seconds for r in result.rows)
+    print(
+        f"{what}: {result.passed} of {result.cnns} CNNs reach every target, "
+        f"{len(result.rows) - result.cnns} refused, {len(failed)} failed; "
+        f"{seconds:.1f} s of work, {seconds / max(1, len(result.rows)):.1f} s per model",
+        flush=True,
+    )
+    slowest = sorted(result.rows, key=lambda r: -r.seconds)[:3]
+    print("  slowest: " + ", ".join(f"{r.spec} {r.seconds:.1f} s" for r in slowest))
+    for reason, n in reasons(result).most_common():
+        print(f"  {n:4d}  {reason}")
+
+
+def reasons(result: Matrix) -> Counter[str]:
+    """How many rows and cells failed for each few-word reason."""
+    found: Counter[str] = Counter()
+    for r in result.rows:
+        if r.reason:
+            found[r.reason] += 1
+        for c in r.cells:
+            if not c.ok:
+                found[c.reason] += 1
+    return found
+
+
+def markdown(part: Part) -> str:
+    """A part's sections: the families and the sample with a row per model, the whole
+    timm list (a thousand rows) with its summary and failures only."""
+    out = []
+    for title, result, families in part.sections:
+        if part.name != "all":  # a row per model
+            out.append(matrix_markdown(title, result, families))
+            continue
+        failures = [f"- `{r.spec}`: {r.detail}" for r in result.rows if r.reason] + [
+            f"- `{r.spec}` 1/{c.stride}: {c.detail}"
+            for r in result.rows
+            for c in r.cells
+            if not c.ok
+        ]
+        out.append(
+            "\n".join([f"## {title}", "", matrix_summary(result) + ".", "", *failures]) + "\n"
+        )
+    out.append(_timing(part))
+    return "\n".join(out)
+
+
+def _timing(part: Part) -> str:
+    results = [m for _, m, _ in part.sections]
+    per_model = sum(r.seconds for m in results for r in m.rows) / max(1, part.rows)
+    tally = Counter[str]()
+    for m in results:
+        tally.update(reasons(m))
+    lines = [
+        f"{part.rows} models in {part.seconds / 60:.1f} minutes with {part.jobs or 'all'} "
+        f"job(s); {per_model:.1f} s of work per model.",
+    ]
+    if tally:
+        lines += ["", "Failures by reason:", ""]
+        lines += [f"- {reason}: {n}" for reason, n in tally.most_common()]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=("tv", "timm"), help="sweep one package only")
-    parser.add_argument("--stride", default="16", help="target strides, e.g. 8,16,32")
-    parser.add_argument("--channels", type=int, default=256)
-    parser.add_argument("--no-verify", action="store_true", help="meta-device fits only")
+    parser.add_argument(
+        "--parts", default=",".join(PARTS), help="comma-separated: " + ", ".join(PARTS)
+    )
+    parser.add_argument("--only", choices=("tv", "timm"), help="families: one package only")
+    parser.add_argument("--stride", default="16,32", help="families: target strides")
+    parser.add_argument("--no-verify", action="store_true", help="families, sample: meta only")
+    parser.add_argument("--sample", type=int, default=100, help="sample: how many models")
+    parser.add_argument("--seed", type=int, default=0, help="sample: the random seed")
+    parser.add_argument("--limit", type=int, default=None, help="the first N models a part")
+    parser.add_argument("--models", help="only the specs matching these patterns, e.g. *resnet*")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes (0: a core each)")
     parser.add_argument("--out", default=str(Path(__file__).parents[1] / "docs" / "coverage.md"))
     args = parser.parse_args()
-    strides = parse_strides(args.stride)
-    sections = []
-    start = time.perf_counter()
-    if args.only in (None, "tv"):
-        import torchvision
-
-        result = matrix("tv:*", strides=strides, channels=args.channels, verify=not args.no_verify)
-        sections.append((f"torchvision {torchvision.__version__}", result, {}))
-        print(f"torchvision: {result.passed} of {len(result.rows)}", flush=True)
-    if args.only in (None, "timm"):
-        import timm
-
-        specs = [f"timm:{m}" for m in TIMM_FAMILIES.values()]
-        families = {f"timm:{m}": f for f, m in TIMM_FAMILIES.items()}
-        result = matrix(specs, strides=strides, channels=args.channels, verify=not args.no_verify)
-        sections.append((f"timm {timm.__version__}", result, families))
-        print(f"timm: {result.passed} of {len(result.rows)}", flush=True)
-    minutes = (time.perf_counter() - start) / 60
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        parser.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    runs: dict[str, Callable[[argparse.Namespace], Part]] = {
+        "families": run_families,
+        "all": run_all,
+        "sample": run_sample,
+    }
+    done = [runs[p](args) for p in PARTS if p in parts]
+    minutes = sum(p.seconds for p in done) / 60
     header = (
         "# Coverage\n\n"
         "Written by `python benchmarks/coverage.py` (do not edit by hand): every model is built "
-        "with random weights, inspected and fitted on the meta device, then the winning plan "
-        "is emitted to a file and verified by round trip (import it, load the weights, compare "
-        "outputs at three sizes and check the size rule at twelve, skipping sizes the source "
-        "backbone itself fails at), as `bbswap matrix` does.\n\n"
-        f"Target: {args.channels} channels at 1/{', 1/'.join(map(str, strides))}, ceil or floor "
-        "rounding (the rule each winner follows is shown). "
+        "with random weights, inspected and fitted on the meta device; where verified, the "
+        "winning plan is emitted to a file and verified by round trip (import it, load the "
+        "weights, compare outputs at three sizes and check the size rule at twelve, skipping "
+        "sizes the source backbone itself fails at), as `bbswap matrix` does.\n\n"
+        f"Parts: {', '.join(p.name for p in done)}; {CHANNELS} channels, ceil or floor rounding "
+        "(the rule each winner follows is shown). "
         f"torch {torch.__version__}, Python {platform.python_version()}, "
         f"{minutes:.0f} minutes on this machine.\n"
     )
-    body = "\n".join(matrix_markdown(title, r, families) for title, r, families in sections)
+    body = "\n".join(markdown(p) for p in done)
     Path(args.out).write_text(header + "\n" + body, encoding="utf-8")
     print(f"wrote {args.out}")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import shellingham  # typer's dependency: how it finds the user's shell
 import torch
 from cli_helpers import assert_one_line_error
 from hypothesis import given, settings
@@ -323,10 +324,12 @@ def test_version_is_the_installed_packages():
     assert result.stdout == f"bbswap {importlib.metadata.version('bbswap')}\n"
 
 
-def test_shell_completion_is_offered():
+def test_shell_completion_is_offered(monkeypatch: pytest.MonkeyPatch):
     result = run("--help", env={"COLUMNS": "120"})
     assert "--install-completion" in result.stdout and "--show-completion" in result.stdout
-    shown = run("--show-completion", "bash")
+    # the shell is found from the process's ancestors, which a test run need not have
+    monkeypatch.setattr(shellingham, "detect_shell", lambda: ("bash", "/bin/bash"))
+    shown = run("--show-completion")
     assert shown.exit_code == 0, (shown.stdout, shown.stderr)
     assert "complete -o default -F" in shown.stdout and "bbswap" in shown.stdout
 
@@ -442,3 +445,21 @@ def test_fit_o_writes_files_with_the_umask(tmp_path):
     assert result.exit_code == 0, (result.stdout, result.stderr)
     assert stat.S_IMODE(out.stat().st_mode) == 0o644
     assert stat.S_IMODE(out.with_suffix(".pth").stat().st_mode) == 0o644
+
+
+def test_the_process_ends_with_its_output_whole():
+    """The console script skips the interpreter's teardown: what it printed is all there,
+    with the command's status."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run(
+        [sys.executable, "-m", "bbswap", "ops", "--json"], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["schema"] == "bbswap.ops/1"
+    bad = subprocess.run(
+        [sys.executable, "-m", "bbswap", "inspect", "resnet50", "--input", "1xbad"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr

@@ -386,3 +386,69 @@ def test_in_chans_gives_every_plan_that_many_input_channels():
         ok(cli("matrix", GRAY, "--stride", 16, "--in-chans", 3, "--no-verify", "--json")).stdout
     )
     assert data["rows"][0]["cells"][0]["macs"] == want.trace.macs
+
+
+# -- worker processes ----------------------------------------------------------------------------
+
+
+def timeless(data: dict[str, Any]) -> dict[str, Any]:
+    """A matrix's JSON without each row's time."""
+    return {**data, "rows": [{k: v for k, v in r.items() if k != "seconds"} for r in data["rows"]]}
+
+
+@pytest.mark.parametrize("verify", ["--no-verify", "--verify"])
+def test_jobs_2_gives_the_rows_of_jobs_1_in_order(verify):
+    args = ("matrix", ALEXNET, VIT, CONVNEXT, "--stride", "16,32", verify, "--json")
+    serial = json.loads(ok(cli(*args, "--jobs", 1)).stdout)
+    parallel = json.loads(ok(cli(*args, "--jobs", 2)).stdout)
+    assert [r["spec"] for r in parallel["rows"]] == [ALEXNET, VIT, CONVNEXT]
+    assert timeless(parallel) == timeless(serial)
+    assert [r["ok"] for r in serial["rows"]] == [True, False, True]
+    if verify == "--verify":
+        fitted_rows = (serial["rows"][0], serial["rows"][2])
+        assert all(c["verified"] for r in fitted_rows for c in r["cells"])
+
+
+def test_jobs_progress_names_a_backbone_not_yet_done():
+    calls: list[tuple[int, int, str | None]] = []
+    specs = [ALEXNET, GRAY, CONVNEXT]
+    found = matrix(specs, strides=(16,), verify=False, jobs=0, progress=lambda *a: calls.append(a))
+    assert [r.spec for r in found.rows] == specs
+    assert calls[0] == (0, 3, ALEXNET) and calls[-1] == (3, 3, None)
+    done = [c[0] for c in calls]
+    assert done == sorted(done) and all(c[2] in specs for c in calls[:-1])
+
+
+def test_negative_jobs_is_a_user_error():
+    assert_one_line_error(cli("matrix", "resnet18", "--jobs", "-1"), "--jobs must be 0")
+    with pytest.raises(InvalidArgument, match=r"^jobs must be 0 \(one per core\) or more"):
+        matrix("resnet18", jobs=-1)
+
+
+def test_markdown_has_a_column_for_the_targets_cell():
+    from bbswap.cli.render import matrix_markdown
+
+    found = api((ALEXNET, VIT), strides=(16,), targets=("32x8:64",))
+    lines = matrix_markdown("sample", found).splitlines()
+    header = next(line for line in lines if line.startswith("| backbone"))
+    assert header == "| backbone | features | 1/16 | 32x8:64 |"
+    alexnet = next(line for line in lines if line.startswith(f"| `{ALEXNET}`"))
+    cell = found.rows[0].cells[1]
+    assert alexnet.count("|") == header.count("|") and cell.targets
+    assert ("MACs" if cell.ok else cell.reason) in alexnet.split("|")[4]
+    vit = next(line for line in lines if line.startswith(f"| `{VIT}`"))
+    assert vit.count("|") == header.count("|")
+
+
+def test_a_worker_that_dies_is_an_error_not_a_wait(tmp_path):
+    dies = tmp_path / "dies.py"
+    dies.write_text(
+        "import os\n"
+        "from torch import nn\n\n\n"
+        "class Dies(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        os._exit(9)  # as a process killed for memory ends\n"
+    )
+    result = cli("matrix", f"{dies}:Dies", ALEXNET, "--stride", 16, "--no-verify", "--jobs", 2)
+    assert_one_line_error(result, "a worker process died", "Dies", "--jobs 1")

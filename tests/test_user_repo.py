@@ -31,7 +31,7 @@ from bbswap.codegen.source import Imports
 from bbswap.errors import InvalidArgument, RecipeError, VerificationError
 from bbswap.parsing import PyRef, parse_kw, parse_kw_value
 from bbswap.recipes.toml_io import load_recipe, recipe_from_dict, recipe_to_toml
-from bbswap.verify.checks import fresh_import
+from bbswap.verify.fresh import fresh_import
 
 REPO = Path(__file__).parent / "fixtures" / "seg_repo"
 FILE = "modeling/backbone/resnet.py"

@@ -25,7 +25,7 @@ import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -588,11 +588,13 @@ def _run_apply(a: ApplyArgs) -> tuple[ApplyResult, Exported | None]:
     from bbswap.parsing import parse_kw
     from bbswap.recipes.toml_io import load_recipe
     from bbswap.surgery.apply import apply_recipe
+    from bbswap.verify.fresh import fresh_interpreter_ahead
 
-    loaded, kwargs = load_recipe(a.recipe), parse_kw(a.kw)
-    if a.output is None:
-        _no_emit_options(a, a.import_mode)
-    with activity(a.json_out, Phase.TRACE) as status:
+    ahead = fresh_interpreter_ahead(a.output is not None)  # for the file's check
+    with ahead, activity(a.json_out, Phase.TRACE) as status:
+        loaded, kwargs = load_recipe(a.recipe), parse_kw(a.kw)
+        if a.output is None:
+            _no_emit_options(a, a.import_mode)
         if a.output is None:
             result = apply_recipe(
                 a.backbone, loaded, a.input_shape, kwargs=kwargs, source_output=a.source_output
@@ -653,10 +655,12 @@ def fit_cmd(a: FitArgs) -> None:
     """Find the cheapest exact surgery to a target stride and channel count."""
     from bbswap.cli.progress import activity
     from bbswap.search.fit import winner_input, winner_recipe
+    from bbswap.verify.fresh import fresh_interpreter_ahead
 
     with _guard(a.debug, a.timeout, a.json_out):
-        recipe_path = _fit_preflight(a)
-        with activity(a.json_out, Phase.TRACE) as status:
+        ahead = fresh_interpreter_ahead(a.output is not None)  # for the file's check
+        with ahead, activity(a.json_out, Phase.TRACE) as status:
+            recipe_path = _fit_preflight(a)
             result = _run_fit(a, status)
             input_text = winner_input(result)
             recipe = winner_recipe(result, input_text)
@@ -876,6 +880,14 @@ class MatrixArgs(RunArgs):
     ] = None
     target: TargetOpt = None
     returns: ReturnOpt = None
+    jobs: Annotated[
+        int,
+        typer.Option(
+            "--jobs",
+            "-j",
+            help="Worker processes that try backbones side by side (0: one per core).",
+        ),
+    ] = 1
 
 
 @app.command("matrix")
@@ -911,6 +923,7 @@ def _run_matrix(a: MatrixArgs, progress: Callable[[int, int, str | None], None] 
         progress=progress,
         targets=a.target,
         returns=a.returns or Returns.LIST,
+        jobs=a.jobs,
     )
 
 
@@ -935,9 +948,25 @@ def ops_cmd(a: OpsArgs) -> None:
         render_ops(describe_ops(), _console())
 
 
-def main(argv: list[str] | None = None) -> Callable[..., Any] | None:
-    """Console-script entry point."""
-    return app(args=argv)
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Console-script entry point: run the command, then end the process at once.
+
+    The process ends with ``os._exit`` as soon as the command has returned and its output
+    is flushed: the interpreter's teardown (unloading torch) adds most of a second to every
+    command and does nothing a finished command needs (every file is written and closed by
+    then). An exception that is a bug keeps its traceback and the usual exit."""
+    try:
+        app(args=argv)
+        code: int | str | None = 0
+    except SystemExit as done:
+        code = done.code
+    if isinstance(code, str):  # SystemExit("message"): the message, and status 1
+        print(code, file=sys.stderr)
+    status = code if isinstance(code, int) else 0 if code is None else 1
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe (``| head``)
+            stream.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":  # pragma: no cover

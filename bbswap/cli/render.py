@@ -557,14 +557,16 @@ def matrix_markdown(title: str, result: Matrix, families: dict[str, str] | None 
     families = families or {}
     lines = [f"## {title}", "", matrix_summary(result) + ".", ""]
     head = ["backbone", *(["family"] if families else []), "features"]
-    head += [f"1/{s}" for s in result.strides] + (["emitted"] if result.verify else [])
+    together = " + ".join(t.describe() for t in result.targets)
+    head += [f"1/{s}" for s in result.strides] + ([together] if result.targets else [])
+    head += ["emitted"] if result.verify else []
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in result.rows:
         own = "-"
         if row.channels is not None and row.downsample is not None:
             own = f"{row.channels} @ 1/{describe_factor(row.downsample)}"
         if row.reason:
-            cells = [f"**{row.reason}**", *("" for _ in result.strides[1:])]
+            cells = [f"**{row.reason}**", *("" for _ in [*result.strides, *result.targets[:1]][1:])]
         else:
             cells = [
                 f"{si(c.macs or 0)}MACs {c.rule}" + (", verified" if c.verified else "")
@@ -588,7 +590,11 @@ def matrix_markdown(title: str, result: Matrix, families: dict[str, str] | None 
         for where, detail in (
             [("", r.detail)]
             if r.reason
-            else [(f" 1/{c.stride}", c.detail) for c in r.cells if not c.ok]
+            else [
+                (f" {together}" if c.targets else f" 1/{c.stride}", c.detail)
+                for c in r.cells
+                if not c.ok
+            ]
         )
     ]
     if failures:

@@ -41,13 +41,13 @@ from bbswap.verify.checks import (
     Check,
     VerifyReport,
     construct,
-    fresh_import,
     import_file,
     require,
     round_up,
     sweep_sizes,
     verify_model,
 )
+from bbswap.verify.fresh import start_fresh_import
 from bbswap.verify.outputs_check import verify_several
 
 
@@ -301,33 +301,57 @@ def check_emitted(
     with tempfile.TemporaryDirectory() as tmp:
         file = Path(tmp) / "bbswap_emitted.py"
         file.write_text(emitted.source, encoding="utf-8")
-        fresh_import(file, emitted.class_name, "the emitted file", _not_bundled(emitted))
-        module = import_file(file)
-        where = "the emitted file"
-        model = construct(module, emitted.class_name, where, meta=True)
-        c = after.input_shape[1]
-        verify = (
-            verify_model
-            if result.outputs is None
-            else functools.partial(verify_several, plan=result.outputs)
+        alone = start_fresh_import(
+            file, emitted.class_name, "the emitted file", _not_bundled(emitted)
         )
-        report = verify(
-            model,
-            f"the emitted {emitted.class_name}",
-            in_chans=c,
-            rebuild=lambda: construct(module, emitted.class_name, where),
-            reference=result.model,
-            compare_sizes=compared,
-            sweep=swept,
-            state=result.model.state_dict(),
-            source=source,
-        )
-        if weights is None:
-            return report
-        (Path(tmp) / weights[0]).write_bytes(weights[1])
-        cls = getattr(module, emitted.class_name)
-        check = check_loader(cls, Path(tmp) / weights[0], result.model.state_dict())
-        return VerifyReport(report.target, (*report.checks, check))
+        try:  # the checks here run while the fresh interpreter does its own
+            report = _check_in_process(emitted, result, file, compared, swept, source, weights)
+        except Exception:
+            alone.wait()  # its failure says more: the file does not even stand alone
+            raise
+        except BaseException:  # an interrupt: end it, wait for nothing
+            alone.interpreter.close()
+            raise
+        alone.wait()
+        return report
+
+
+def _check_in_process(
+    emitted: Emitted,
+    result: ApplyResult,
+    file: Path,
+    compared: list[tuple[int, int]],
+    swept: list[tuple[int, int]],
+    source: Callable[[], torch.nn.Module] | None,
+    weights: tuple[str, bytes] | None,
+) -> VerifyReport:
+    """:func:`check_emitted`'s checks in this process, on the file imported here."""
+    module = import_file(file)
+    where = "the emitted file"
+    model = construct(module, emitted.class_name, where, meta=True)
+    c = result.after.input_shape[1]
+    verify = (
+        verify_model
+        if result.outputs is None
+        else functools.partial(verify_several, plan=result.outputs)
+    )
+    report = verify(
+        model,
+        f"the emitted {emitted.class_name}",
+        in_chans=c,
+        rebuild=lambda: construct(module, emitted.class_name, where),
+        reference=result.model,
+        compare_sizes=compared,
+        sweep=swept,
+        state=result.model.state_dict(),
+        source=source,
+    )
+    if weights is None:
+        return report
+    (file.parent / weights[0]).write_bytes(weights[1])
+    cls = getattr(module, emitted.class_name)
+    check = check_loader(cls, file.parent / weights[0], result.model.state_dict())
+    return VerifyReport(report.target, (*report.checks, check))
 
 
 def _not_bundled(emitted: Emitted) -> str:

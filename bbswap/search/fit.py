@@ -105,14 +105,33 @@ class Target:
 
 @dataclass(frozen=True)
 class Unit:
-    """A place where the downsample factor can change."""
+    """A place where the downsample factor can change: ``at``, and the reductions in other
+    modules that run parallel to it (``also``: they read the same grid, reduce it alike and
+    meet its output at a join, as the previous cell's factorized reduction meets a NASNet
+    reduction cell's output); a stride change changes them all at once."""
 
     at: str
     stride: Size
     order: int
+    also: tuple[str, ...] = ()
     # a conv whose kernel is its stride (a ViT's patch embedding): each pixel read once, so
     # a larger stride would leave pixels it never reads
     patches: bool = False
+
+    @property
+    def name(self) -> str:
+        """``cell_4``, or ``cell_4 + cell_5`` with its parallel reductions; three or more
+        branches of one module as ``cell_stem_1 (9 branches)``."""
+        ats = (self.at, *self.also)
+        parents = [a.rpartition(".")[0] for a in ats]
+        names: list[str] = []
+        for at, parent in zip(ats, parents):
+            n = parents.count(parent)
+            if parent and n >= 3:
+                at = f"{parent} ({n} branches)"
+            if at not in names:
+                names.append(at)
+        return " + ".join(names)
 
 
 @dataclass
@@ -204,22 +223,49 @@ class FitResult:
 
 def units(source: Trace, features: Stage | None) -> list[Unit]:
     """The strided reduction points on the path to the features, widened to the largest
-    enclosing module that holds no other reduction point."""
+    enclosing module that holds no other reduction point; each with the reductions
+    parallel to it in other modules (branches that meet it at a join)."""
     chain = features.chain if features is not None else source.chain
     by_id = {o.id: o for o in source.ops}
+    head = _head_stages(source, features)
     found: list[Unit] = []
     for op_id in chain:
         op = by_id[op_id]
         if op.op not in _WINDOW or op.stride == (1, 1):
             continue
-        at = op.id
-        for parent in _ancestors(op):
-            group = stride_targets(source, parent)
-            if group and all(_parallel(o, op) for o in group):
-                at = parent
+        ats = [_widened(source, op)]
+        covered = {o.id for o in stride_targets(source, ats[0])}
+        for other in source.ops:
+            if other.id in covered or other.stage in head or other.op not in _WINDOW:
+                continue
+            if other.stride != (1, 1) and _parallel(other, op):
+                ats.append(_widened(source, other))
+                covered |= {o.id for o in stride_targets(source, ats[-1])}
+        first = {at: min(o.order for o in stride_targets(source, at)) for at in ats}
+        ats.sort(key=first.__getitem__)  # in the order the forward reaches them
         patches = op.op == "conv" and op.kernel == op.stride and op.dilation == (1, 1)
-        found.append(Unit(at, op.stride, op.order, patches))
+        found.append(Unit(ats[0], op.stride, op.order, tuple(ats[1:]), patches))
     return found
+
+
+def _head_stages(source: Trace, features: Stage | None) -> set[str]:
+    """The top-level modules that run after the features (a classifier's head)."""
+    if features is None:
+        return set()
+    top = features.path.split(".")[0]
+    children = list(source.children)
+    return set(children[children.index(top) + 1 :]) if top in children else set()
+
+
+def _widened(source: Trace, op: SpatialOp) -> str:
+    """The largest module around ``op`` whose reduction points all reduce alike (one
+    stride change covers them), else ``op`` itself."""
+    at = op.id
+    for parent in _ancestors(op):
+        group = stride_targets(source, parent)
+        if group and all(_parallel(o, op) for o in group):
+            at = parent
+    return at
 
 
 def _ancestors(op: SpatialOp) -> list[str]:
@@ -264,19 +310,25 @@ def removals(
 
 
 def _stride_ops(changes: list[tuple[Unit, Size]], mode: str) -> list[Op]:
-    """One stride op per unit; in dilate mode the last unit first, so that each dilation
-    meets the later reduction points with their strides already removed (a 2x2/2 conv
-    dilated before its own stride goes would need half a pixel of padding)."""
-    ops = [
-        make_op(
-            "stride",
-            at=u.at,
-            stride=t,
-            mode=mode if t[0] < u.stride[0] or t[1] < u.stride[1] else "stride",
-        )
+    """The stride ops of each unit (one for it, one for each reduction parallel to it);
+    in dilate mode the last unit first, so that each dilation meets the later reduction
+    points with their strides already removed (a 2x2/2 conv dilated before its own
+    stride goes would need half a pixel of padding)."""
+    per_unit = [
+        [
+            make_op(
+                "stride",
+                at=at,
+                stride=t,
+                mode=mode if t[0] < u.stride[0] or t[1] < u.stride[1] else "stride",
+            )
+            for at in (u.at, *u.also)
+        ]
         for u, t in changes
     ]
-    return ops[::-1] if mode == Mode.DILATE.value else ops
+    if mode == Mode.DILATE.value:
+        per_unit.reverse()
+    return [op for ops in per_unit for op in ops]
 
 
 def _hw(size: Size) -> str:
@@ -363,7 +415,7 @@ def _stride_plans(found: list[Unit], have: Size, target: Target, mode: str) -> I
         if not changes and remove != (1, 1):
             continue
         order = min((u.order for u, _ in changes), default=10**9)
-        label = [f"{u.at}: stride {_fmt(t)}" for u, t in changes]
+        label = [f"{u.name}: stride {_fmt(t)}" for u, t in changes]
         if grow == (1, 1):
             yield _stride_ops(changes, mode), [], ", ".join(label), mode, order
             continue
@@ -377,7 +429,7 @@ def _stride_plans(found: list[Unit], have: Size, target: Target, mode: str) -> I
             yield (
                 _stride_ops([(u, more)], "stride"),
                 [],
-                f"{u.at}: stride {_fmt(more)}",
+                f"{u.name}: stride {_fmt(more)}",
                 "stride",
                 u.order,
             )

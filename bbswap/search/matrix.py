@@ -14,6 +14,8 @@ One backbone's failure never stops the sweep: its row says what failed in a few 
 from __future__ import annotations
 
 import fnmatch
+import multiprocessing
+import os
 import tempfile
 import time
 import traceback
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bbswap.backbones.registry import Backbone, list_backbones, resolve
-from bbswap.errors import BBSwapError, InvalidArgument, NotACNN
+from bbswap.errors import BBSwapError, InvalidArgument, ModelError, NotACNN
 from bbswap.kinds import Returns, Rounding
 from bbswap.parsing import FeatureTarget, parse_input, parse_target, parse_targets
 
@@ -142,6 +144,7 @@ def matrix(
     progress: Callable[[int, int, str | None], None] | None = None,
     targets: Sequence[FeatureTarget | str] | None = None,
     returns: Returns | str = Returns.LIST,
+    jobs: int = 1,
 ) -> Matrix:
     """Try every backbone the patterns name at every stride: inspect and fit on the meta
     device, then (with ``verify``) emit each winning plan with random weights to a
@@ -167,6 +170,8 @@ def matrix(
             :class:`~bbswap.parsing.FeatureTarget`): each row gets one more cell, the fit
             to all of them at once (``strides`` may then be empty).
         returns: What holds the outputs of that fit: ``"list"``, ``"tuple"`` or ``"dict"``.
+        jobs: Worker processes that try backbones side by side (0: one per core); the
+            rows are the same, in the same order, as with 1 (in this process).
 
     Returns:
         A :class:`Matrix`: one :class:`Row` per backbone, one :class:`Cell` per stride.
@@ -192,19 +197,115 @@ def matrix(
         raise InvalidArgument(
             f"{{in_chans}} must be positive, got {in_chans}", params=("in_chans",)
         )
+    if jobs < 0:
+        raise InvalidArgument(
+            f"{{jobs}} must be 0 (one per core) or more, got {jobs}", params=("jobs",)
+        )
     rule = Rounding.parse(rounding, "rounding").value
     if input_shape is not None:
         parse_input(input_shape, 3)  # a malformed input shape is the user's error, not a row's
     specs = expand(pats)
-    rows = []
-    for i, spec in enumerate(specs):
-        if progress is not None:
-            progress(i, len(specs), spec)
-        given = (input_shape, in_chans, several, held)
-        rows.append(_row(spec, tuple(strides), channels, verify, rule, given, debug))
+    task = _Task(tuple(strides), channels, verify, rule, (input_shape, in_chans, several, held))
+    workers = min(jobs or os.cpu_count() or 1, len(specs))
+    if workers > 1:
+        rows = _rows_in_workers(specs, task, debug, workers, progress)
+    else:
+        rows = []
+        for i, spec in enumerate(specs):
+            if progress is not None:
+                progress(i, len(specs), spec)
+            rows.append(_row(spec, *task.args, debug))
     if progress is not None:
         progress(len(specs), len(specs), None)
     return Matrix(pats, tuple(strides), channels, verify, rule, tuple(rows), several, held)
+
+
+_Given = tuple[str | None, int | None, tuple[FeatureTarget, ...], str]
+
+
+@dataclass(frozen=True)
+class _Task:
+    """What every row of a sweep is asked, as :func:`_row` takes it after the spec."""
+
+    strides: tuple[int, ...]
+    channels: int | None
+    verify: bool
+    rounding: str
+    given: _Given
+
+    @property
+    def args(self) -> tuple[tuple[int, ...], int | None, bool, str, _Given]:
+        return (self.strides, self.channels, self.verify, self.rounding, self.given)
+
+
+def _rows_in_workers(
+    specs: list[str],
+    task: _Task,
+    debug: bool,
+    workers: int,
+    progress: Callable[[int, int, str | None], None] | None,
+) -> list[Row]:
+    """The rows, tried by ``workers`` fresh processes (spawned: no thread pool of this one
+    is carried over) that share the cores, one torch thread each; in the order of
+    ``specs``. ``progress`` names the first backbone not yet done as each one ends; the
+    first unexpected error with ``debug`` ends the sweep, as it does serially, and so does
+    a worker that dies (killed for memory, say): an error, never a wait without end."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    from bbswap.backbones.guard import current_limit
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_start_worker,
+        initargs=(threads, current_limit()),
+    )
+    rows: dict[int, Row] = {}
+    try:
+        if progress is not None:
+            progress(0, len(specs), specs[0])
+        numbered = {pool.submit(_row_in_worker, s, task, debug): i for i, s in enumerate(specs)}
+        pending = set(numbered)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                rows[numbered[future]] = future.result()
+            left = [s for k, s in enumerate(specs) if k not in rows]
+            if progress is not None and left:
+                progress(len(rows), len(specs), left[0])
+    except BrokenProcessPool:
+        left = [s for k, s in enumerate(specs) if k not in rows][:workers]
+        raise ModelError(
+            "a worker process died (killed, perhaps for memory) while trying one of "
+            f"{', '.join(left)}; try them with {{jobs}} 1",
+            params=("jobs",),
+        ) from None
+    finally:
+        processes = getattr(pool, "_processes", None) or {}
+        for process in list(processes.values()):
+            process.terminate()  # an error or a stop signal: no worker goes on running
+        pool.shutdown(wait=True, cancel_futures=True)
+    return [rows[i] for i in range(len(specs))]
+
+
+_worker_limit: list[float | None] = [None]
+
+
+def _start_worker(threads: int, limit: float | None) -> None:
+    """A worker's torch threads, and the time limit the sweep gives user code a stage."""
+    import torch
+
+    torch.set_num_threads(threads)
+    _worker_limit[0] = limit
+
+
+def _row_in_worker(spec: str, task: _Task, debug: bool) -> Row:
+    from bbswap.backbones.guard import time_limit
+
+    with time_limit(_worker_limit[0]):
+        return _row(spec, *task.args, debug)
 
 
 def brief(error: BaseException) -> tuple[str, str]:
@@ -224,7 +325,7 @@ def _row(
     channels: int | None,
     verify: bool,
     rounding: str,
-    given: tuple[str | None, int | None, tuple[FeatureTarget, ...], str],
+    given: _Given,
     debug: bool,
 ) -> Row:
     """One backbone's row; ``given`` holds the input shape and the input channels asked,

@@ -17,7 +17,6 @@ import hashlib
 import importlib.abc
 import importlib.util
 import math
-import subprocess
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bbswap.backbones.guard import current_limit, user_code
+from bbswap.backbones.guard import user_code
 from bbswap.errors import InvalidArgument, ModelError, VerificationError
 from bbswap.tracing.mask import all_ones_mask, mask_input
 from bbswap.tracing.meta_run import any_on_meta, meta_copy, on_meta, run_on_meta
@@ -109,54 +108,6 @@ def import_file(path: Path, isolated: bool = True) -> ModuleType:
             f"importing {path} failed: {type(error).__name__}: {_first_line(error)}"
         ) from error
     return module
-
-
-# Run by ``python -I`` (no current directory, no PYTHONPATH, no user site on sys.path):
-# the file's folder goes first on sys.path, bbswap cannot be imported, and the file is
-# imported and its class constructed. argv: the file, its folder, the class.
-_FRESH_SCRIPT = """\
-import importlib.abc, importlib.util, sys
-path, folder, name = sys.argv[1:4]
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname == "bbswap" or fullname.startswith("bbswap."):
-            raise ImportError(f"{fullname} is not available to a generated file")
-sys.meta_path.insert(0, Block())
-sys.path.insert(0, folder)
-spec = importlib.util.spec_from_file_location("bbswap_fresh_check", path)
-module = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = module
-spec.loader.exec_module(module)
-getattr(module, name)()
-"""
-
-
-def fresh_import(path: Path, class_name: str, what: str = "", hint: str = "") -> None:
-    """Import ``path`` and construct ``class_name()`` in a fresh interpreter whose
-    ``sys.path`` holds only the file's folder and the installed packages, run in that
-    folder, with bbswap blocked: what the file needs is then measured, not assumed (a
-    module this process has imported proves nothing). Raises VerificationError, naming
-    the file as ``what`` (default: its path) and ending with ``hint``."""
-    what = what or str(path)
-    folder = path.resolve().parent
-    args = [sys.executable, "-I", "-c", _FRESH_SCRIPT, str(path.resolve()), str(folder)]
-    limit = current_limit()
-    try:
-        done = subprocess.run(
-            [*args, class_name], cwd=folder, capture_output=True, text=True, timeout=limit
-        )
-    except subprocess.TimeoutExpired:
-        raise VerificationError(
-            f"importing {what} in a fresh interpreter ran longer than {limit:g} s"
-        ) from None
-    if done.returncode != 0:
-        lines = [line.strip() for line in done.stderr.strip().splitlines() if line.strip()]
-        last = lines[-1] if lines else f"exit status {done.returncode}"
-        raise VerificationError(
-            f"{what} does not stand alone: importing it and constructing {class_name}() in a "
-            f"fresh interpreter (only its folder and the installed packages on sys.path) "
-            f"failed: {last}{hint}"
-        )
 
 
 def _first_line(error: BaseException) -> str:

@@ -12,10 +12,10 @@ from bbswap.tracing.inspection import first_conv_in_channels, inspect_backbone
 from bbswap.verify.checks import (
     VerifyReport,
     construct,
-    fresh_import,
     import_file,
     verify_model,
 )
+from bbswap.verify.fresh import fresh_import
 
 DEFAULT_SIZES = [(33, 97), (64, 64), (61, 203), (117, 293), (128, 316)]
 
