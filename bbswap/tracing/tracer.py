@@ -172,6 +172,7 @@ class Trace:
     # layer across the tokens), and the module whose forward does it; "" if nothing does
     fixed_size: str = ""
     fixed_size_at: str = ""
+    fixed_size_brief: str = ""  # its refusal's short form: what it is that fixes the size
     features_at: str = ""  # the outermost module whose output forward_features returns
     # a forward that returns several tensors: each of them, what holds them ("tuple",
     # "list" or "dict"), which one the output fields describe and whether it was asked for
@@ -319,7 +320,8 @@ class _Recorder:
     clock: int = 0
     by_path: dict[str, nn.Module] = field(default_factory=dict)
     attention: str | None = None
-    fixed_size: tuple[str, str] | None = None  # what ties it to one input size, and where
+    # what ties it to one input size, where, and the refusal's short form
+    fixed_size: tuple[str, str, str] | None = None
     features_out: torch.Tensor | None = None  # what the model's forward_features returned
     total_macs: int = 0
     total_act: int = 0
@@ -465,15 +467,15 @@ class _Mode(TorchFunctionMode):
         rec = self.rec
         if rec.fixed_size is not None:
             return
-        what = layouts.fixed_embedding(name, args, x.layout, x.hw)
-        if what:
+        embedding = layouts.fixed_embedding(name, args, x.layout, x.hw)
+        if embedding:
             at = f"at '{owner}'" if owner else "in the model's own forward"
-            what = f"a positional embedding of fixed size ({what}) is added {at}"
+            what = f"a positional embedding of fixed size ({embedding}) is added {at}"
+            rec.fixed_size = (what, owner, "fixed size: positional embedding")
         tokens = layouts.token_linear(name, args[0] if args else None, x.layout)
         if tokens:
             what = f"a linear layer at '{owner}' mixes the tokens, {tokens} of them, no more"
-        if what:
-            rec.fixed_size = (what, owner)
+            rec.fixed_size = (what, owner, "fixed size: tokens")
 
     def _placed(
         self,
@@ -665,8 +667,7 @@ def not_a_cnn(trace: Trace) -> str:
     features = trace.features
     tokens, share = _token_share(trace, features)
     on_grid = _last_grid(trace)
-    fixed_after = _after(trace, trace.fixed_size_at, on_grid or features)
-    if trace.fixed_size and (not fixed_after or share > 0.3):
+    if _fixed_size_decides(trace):
         return f"{trace.fixed_size}, so the model takes one input size"
     if len(trace.output_shape) == 4:
         return ""
@@ -693,6 +694,16 @@ def not_a_cnn(trace: Trace) -> str:
             "not on its grid, so the feature map is not its backbone's output"
         )
     return ""
+
+
+def _fixed_size_decides(trace: Trace) -> bool:
+    """Whether what ties the model to one input size acts on its features: before them,
+    or in a head that does most of the work on tokens."""
+    if not trace.fixed_size:
+        return False
+    _, share = _token_share(trace, trace.features)
+    on_grid = _last_grid(trace)
+    return not _after(trace, trace.fixed_size_at, on_grid or trace.features) or share > 0.3
 
 
 def _token_share(trace: Trace, features: Stage | None) -> tuple[Stage | None, float]:
@@ -735,12 +746,10 @@ def require_cnn(trace: Trace, name: str) -> None:
     :func:`not_a_cnn`): never for attention alone."""
     why = not_a_cnn(trace)
     if why:
-        fixed = bool(trace.fixed_size) and why.startswith(trace.fixed_size)
+        fixed = _fixed_size_decides(trace)
         raise NotACNN(
             f"{name} has no feature map that follows the input size: {why}",
-            brief="fixed size: " + ("positional embedding" if "embedding" in why else "tokens")
-            if fixed
-            else "not a CNN: token output",
+            brief=trace.fixed_size_brief if fixed else "not a CNN: token output",
         )
 
 
@@ -922,6 +931,7 @@ def _summarise(
         attention=rec.attention or "",
         fixed_size=rec.fixed_size[0] if rec.fixed_size else "",
         fixed_size_at=rec.fixed_size[1] if rec.fixed_size else "",
+        fixed_size_brief=rec.fixed_size[2] if rec.fixed_size else "",
         features_at=_features_at(rec),
         outputs=outputs,
         returns=several[0] if several is not None else "",
