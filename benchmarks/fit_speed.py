@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from inspect_speed import print_table
+
 TARGET = 2.0
 SCRIPT = Path(sys.executable).parent / "bbswap"
 
@@ -91,19 +93,11 @@ def main() -> int:
         missed |= not ok and not baseline
         rows.append((name, f"{wall[name]:.2f}", f"{ratio:.2f}", evaluated.get(name, "-"),
                      "-" if baseline else ("yes" if ok else "NO")))  # fmt: skip
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     print(
         f"median of {args.runs} runs each; python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.2f}"
     )
-    for i, row in enumerate([header, *rows]):
-        print(
-            "  ".join(
-                c.ljust(wd) if j == 0 else c.rjust(wd) for j, (c, wd) in enumerate(zip(row, widths))
-            )
-        )
-        if i == 0:
-            print("  ".join("-" * wd for wd in widths))
+    print_table(header, rows)
     print("target holds" if not missed else "target MISSED")
     return 1 if missed and args.check else 0
 

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,20 @@ def measure(argv: list[str]) -> Sample:
     # ru_maxrss is in KiB on Linux and in bytes on macOS
     rss = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
     return Sample(wall, rss)
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """The rows under the header and a rule, the first column left-aligned, the rest
+    right-aligned, each as wide as its widest cell."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for i, row in enumerate([header, *rows]):
+        print(
+            "  ".join(
+                c.ljust(wd) if j == 0 else c.rjust(wd) for j, (c, wd) in enumerate(zip(row, widths))
+            )
+        )
+        if i == 0:
+            print("  ".join("-" * wd for wd in widths))
 
 
 def main() -> int:
@@ -95,18 +110,10 @@ def main() -> int:
         missed |= not ok
         rows.append((name, f"{wall[name]:.2f}", f"{w:.2f}", f"{rss[name] / 2**20:.0f}",
                      f"{r:.2f}", "-" if baseline else ("yes" if ok else "NO")))  # fmt: skip
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     print(
         f"median of {args.runs} runs each; python {sys.version.split()[0]}, {os.cpu_count()} CPUs"
     )
-    for i, row in enumerate([header, *rows]):
-        print(
-            "  ".join(
-                c.ljust(wd) if j == 0 else c.rjust(wd) for j, (c, wd) in enumerate(zip(row, widths))
-            )
-        )
-        if i == 0:
-            print("  ".join("-" * wd for wd in widths))
+    print_table(header, rows)
     print("targets hold" if not missed else "target MISSED")
     return 1 if missed and args.check else 0
 

@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from inspect_speed import SCRIPT
+from inspect_speed import SCRIPT, print_table
 
 POLL = 0.005  # seconds between two reads of the child's anonymous memory
 
@@ -147,19 +147,11 @@ def main() -> int:
                      f"{r:.2f}", f"{anon[name] / 2**20:.0f}",
                      f"{(anon[name] - anon['import torch']) / 2**20:+.0f}",
                      "-" if baseline_row else ("yes" if ok else "NO")))  # fmt: skip
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     print(
         f"median of {args.runs} runs each; python {sys.version.split()[0]}, {torch_build()}, "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}"
     )
-    for i, row in enumerate([header, *rows]):
-        print(
-            "  ".join(
-                c.ljust(wd) if j == 0 else c.rjust(wd) for j, (c, wd) in enumerate(zip(row, widths))
-            )
-        )
-        if i == 0:
-            print("  ".join("-" * wd for wd in widths))
+    print_table(header, rows)
     print("targets hold" if not missed else "target MISSED")
     return 1 if missed and args.check else 0
 

@@ -12,6 +12,7 @@ from bbswap.backbones.registry import resolve
 from bbswap.recipes.schema import Recipe
 from bbswap.recipes.toml_io import recipe_from_dict
 from bbswap.surgery.apply import ApplyResult, apply_recipe
+from bbswap.verify import checks
 
 # Small heads: a zoo model's 1000-way classifier is most of VGG's weights and of its
 # build time; every model a test builds with real weights uses this, and so does the
@@ -21,17 +22,10 @@ NO_HEAD = ("densenet100",)  # zoo models without a classifier (no num_classes ar
 
 
 def one_thread() -> Iterator[None]:
-    """Run torch on one thread (use as a module-scoped autouse fixture).
-
-    The models here are small and run one at a time; with other processes busy on
-    the same cores, OpenMP's spinning threads make a small conv tens of times slower.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    """Run torch on one thread (use as a module-scoped autouse fixture), as the checks of
+    an emitted file do: the models here are small and run one at a time."""
+    with checks.one_thread():
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def kwargs_for(spec: str) -> dict[str, Any]:

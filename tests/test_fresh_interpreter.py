@@ -22,17 +22,23 @@ def test_verify_fresh_imports_no_torch() -> None:
     assert done.stdout.strip() == "False", done.stderr
 
 
-def test_the_interpreter_started_ahead_is_the_one_that_checks(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    made: list[FreshInterpreter] = []
+@pytest.fixture
+def made(monkeypatch: pytest.MonkeyPatch) -> list[FreshInterpreter]:
+    """Every fresh interpreter started during the test, in order."""
+    started: list[FreshInterpreter] = []
 
     class Counted(FreshInterpreter):
         def __init__(self) -> None:
             super().__init__()
-            made.append(self)
+            started.append(self)
 
     monkeypatch.setattr(fresh, "FreshInterpreter", Counted)
+    return started
+
+
+def test_the_interpreter_started_ahead_is_the_one_that_checks(
+    tmp_path: Path, made: list[FreshInterpreter]
+) -> None:
     file = tmp_path / "net.py"
     with fresh_interpreter_ahead():
         assert len(made) == 1  # started before the file exists
@@ -74,15 +80,7 @@ def test_a_constructor_that_fails_fails_the_check(tmp_path: Path) -> None:
         fresh_import(file, "Bad")
 
 
-def test_an_unused_interpreter_is_ended(monkeypatch: pytest.MonkeyPatch) -> None:
-    made: list[FreshInterpreter] = []
-
-    class Counted(FreshInterpreter):
-        def __init__(self) -> None:
-            super().__init__()
-            made.append(self)
-
-    monkeypatch.setattr(fresh, "FreshInterpreter", Counted)
+def test_an_unused_interpreter_is_ended(made: list[FreshInterpreter]) -> None:
     with fresh_interpreter_ahead():
         pass
     with fresh_interpreter_ahead(wanted=False):

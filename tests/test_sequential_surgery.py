@@ -17,14 +17,13 @@ import math
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from cli_helpers import cli, import_plain, ok
-from recipe_helpers import randomize_batchnorm, recipe
+from recipe_helpers import one_thread, randomize_batchnorm, recipe
 from torch import nn
 
 from bbswap.backbones.registry import resolve
@@ -40,12 +39,7 @@ def spec(name: str) -> str:
     return f"{FIXTURES}:{name}"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 def calls(model: nn.Module, name: str, x: torch.Tensor) -> tuple[int, torch.Tensor]:

@@ -168,7 +168,7 @@ def _first_output(out: Any) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
+def one_thread() -> Iterator[None]:
     """One intra-op thread for a real run: the runs here are small, so a second thread
     gains little, while with other processes busy on the cores OpenMP's waiting threads
     make a small conv ten times slower or more."""
@@ -186,7 +186,7 @@ def run(model: nn.Module, shape: Sequence[int], seed: int = 0) -> torch.Tensor:
     x = torch.randn(*shape)
     with (
         torch.no_grad(),
-        _one_thread(),
+        one_thread(),
         user_code("the model's forward"),
         warnings.catch_warnings(),
     ):

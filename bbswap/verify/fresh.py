@@ -59,7 +59,7 @@ class FreshInterpreter:
         self._process = subprocess.Popen(
             [sys.executable, "-I", "-c", _FRESH_SCRIPT],
             stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,  # what the file prints says nothing about it
             stderr=subprocess.PIPE,
             text=True,
         )
@@ -117,7 +117,6 @@ class FreshImport:
     """A fresh-interpreter check under way (from :func:`start_fresh_import`)."""
 
     interpreter: FreshInterpreter
-    path: Path
     class_name: str
     what: str
     hint: str
@@ -147,7 +146,7 @@ def start_fresh_import(path: Path, class_name: str, what: str = "", hint: str = 
     interpreter = _AHEAD.get() or FreshInterpreter()
     _AHEAD.set(None)
     interpreter.submit(path, class_name)
-    return FreshImport(interpreter, path, class_name, what or str(path), hint)
+    return FreshImport(interpreter, class_name, what or str(path), hint)
 
 
 def fresh_import(path: Path, class_name: str, what: str = "", hint: str = "") -> None:
