@@ -121,3 +121,10 @@ def choices(values: Iterable[str], limit: int = 12) -> str:
     if len(items) > limit:
         shown += f", ... ({len(items) - limit} more)"
     return shown
+
+
+def gist(error: BaseException) -> str:
+    """An error as its type and the first line of its message (``TypeError: ...``); the
+    type alone for one without a message (a bare ``assert``)."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__

@@ -26,6 +26,7 @@ from timm.models import FeatureListNet
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import bbswap
+from bbswap.errors import NotACNN
 from bbswap.kinds import Layout
 from bbswap.recipes.registry import make_op
 from bbswap.recipes.schema import Recipe
@@ -278,3 +279,51 @@ def test_a_strided_slice_is_a_reduction_and_a_window_split_a_constraint():
     assert split == (7, 7)
     assert layouts.window_blocks((1, 56, 56, 96), (1, 8, 7, 8, 7, 96), Layout.NHWC) == (7, 7)
     assert layouts.window_blocks((1, 96, 56, 56), (1, 96, 3136), Layout.NCHW) is None
+
+
+def test_a_timm_model_built_for_one_size_is_traced_at_it_and_takes_any():
+    # timm's config says swinv2_tiny_window8_256 takes 256x256 only; bbswap traces it
+    # there and builds it with timm's own dynamic_img_size, which adds no weight
+    backbone = bbswap.resolve("timm:swinv2_tiny_window8_256")
+    assert backbone.own_size == (256, 256)
+    assert backbone.kwargs == {"dynamic_img_size": True}
+    assert bbswap.resolve("timm:swin_base_patch4_window12_384", {"img_size": 192}).own_size == (
+        192,
+        192,
+    )
+    assert bbswap.resolve("timm:resnet18").own_size == (224, 224)
+    # a plain ViT is laid on its grid by bbswap, which interpolates its embedding itself
+    assert bbswap.resolve("timm:vit_tiny_patch16_384").kwargs == {}
+    report = bbswap.inspect_backbone(backbone, sizes=((224, 320),))
+    assert report.trace.input_shape == (1, 3, 256, 256)
+    assert report.features is not None
+    assert report.features.layout is Layout.NHWC
+    assert (report.features.channels, report.features.downsample) == (768, (32.0, 32.0))
+    assert [c.predicted_hw for c in report.sizes] == [(7, 10)]
+    assert all(c.ok for c in report.sizes)
+
+
+def test_attention_scores_of_a_window_as_large_as_the_grid_are_no_map():
+    # 8x8 windows hold 64 tokens: at 256x256 the first stage's grid is 64x64 too, so the
+    # scores (windows x heads x 64 x 64) have the grid's shape; they are not a map, and
+    # every patch merging after them is a reduction
+    report = bbswap.inspect_backbone("timm:swinv2_tiny_window8_256", "1x3x256x256", depth=8)
+    scores = report.trace.stage("layers.0.blocks.1.attn.softmax")
+    assert scores is not None and scores.out_shape == (64, 3, 64, 64)
+    assert scores.layout is Layout.NONE
+    merges = [op.id for op in report.trace.reductions if op.op == "patch-merge"]
+    assert len(merges) == 3
+    assert report.features is not None and report.features.out_shape == (1, 8, 8, 768)
+
+
+def test_tokens_after_the_last_map_are_refused_not_cut_at_the_patch_embedding():
+    # a rotary-embedding ViT with dynamic_img_size keeps its patches NHWC for one call;
+    # its features are the tokens after its blocks, not that map
+    with pytest.raises(NotACNN, match=r"tokens on its 16x16 grid \('__getitem__\(\)'"):
+        bbswap.fit("timm:vit_base_patch16_rope_reg1_gap_256", channels=256, stride=16)
+
+
+def test_a_matrix_row_gives_the_channels_of_an_nhwc_map():
+    result = bbswap.matrix(["timm:swin_tiny_patch4_window7_224"], strides=(32,), verify=False)
+    (row,) = result.rows
+    assert (row.channels, row.downsample) == (768, (32.0, 32.0))

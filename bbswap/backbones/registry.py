@@ -35,6 +35,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import torch
 from torch import nn
 
 from bbswap.backbones.guard import user_code
@@ -50,6 +51,7 @@ from bbswap.errors import (
 )
 from bbswap.parsing import PyRef
 from bbswap.surgery.vit_grid import token_grid
+from bbswap.tracing.vit_grid import recognise
 from bbswap.zoo import ZOO
 
 
@@ -99,6 +101,9 @@ class Backbone:
     objects: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     pretrained: bool = False  # the builder's own weights are asked for
     builder_weights: BuilderWeights | None = field(default=None, repr=False, compare=False)
+    # the input H and W the model is traced at by default: 224x224, or the one size a timm
+    # model is built for (its config's ``input_size`` where it says ``fixed_input_size``)
+    own_size: tuple[int, int] = (224, 224)
 
     def build(self, in_chans: int | None = None) -> nn.Module:
         """Call the factory; ``in_chans`` is passed on when the factory takes it."""
@@ -390,18 +395,54 @@ def _timm(spec: str, kwargs: dict[str, Any]) -> Backbone:
 
     found = BuilderWeights(with_weights, _timm_weights_file)
     kind, takes = BackboneKind.TIMM, True
+    asked = {**saved, **kwargs}
     return Backbone(
         spec,
         kind,
         arch,
         factory,
-        {**saved, **kwargs},
+        {**asked, **_timm_dynamic(timm, arch, asked)},
         3,
         takes,
         source="timm",
         attr=arch,
         builder_weights=found,
+        own_size=_timm_size(timm, arch, asked),
     )
+
+
+def _timm_dynamic(timm: ModuleType, arch: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``{"dynamic_img_size": True}`` for a timm model built for one input size whose
+    class can take any (timm's own switch: Swin's windows padded and masked per size, an
+    EVA's or a CaiT's position embedding interpolated to each grid); {} for any other, and
+    for a plain ViT, which bbswap lays on its grid itself. The switch adds no weights, and
+    at the size the model is built for it changes no value."""
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if "dynamic_img_size" in kwargs or cfg is None or not getattr(cfg, "fixed_input_size", False):
+        return {}
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(arch, pretrained=False, dynamic_img_size=True, **kwargs)
+    except TypeError:  # its class has no such argument
+        return {}
+    except Exception:  # any other failure is the plain build's to report
+        return {}
+    return {} if recognise(model) is not None else {"dynamic_img_size": True}
+
+
+def _timm_size(timm: ModuleType, arch: str, kwargs: dict[str, Any]) -> tuple[int, int]:
+    """The input size a timm model is built for, where its config says it takes that one
+    size only (``fixed_input_size``: a ViT's position embedding, a Swin's windows): the
+    ``img_size`` asked for, else its config's ``input_size``; 224x224 for any other."""
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if cfg is None or not getattr(cfg, "fixed_input_size", False):
+        return (224, 224)
+    size = kwargs.get("img_size", tuple(cfg.input_size)[-2:])
+    if isinstance(size, int):
+        return (size, size)
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) for v in size):
+        return (int(size[0]), int(size[1]))
+    return (224, 224)
 
 
 # the model sources timm's create_model takes before a name, with an example of each

@@ -253,7 +253,6 @@ TimeoutOpt = Annotated[
     ),
 ]
 BackboneArg = Annotated[str, typer.Argument(help="Backbone spec (see `bbswap list`).")]
-InputOpt = Annotated[str, typer.Option("--input", "-i", help="Dummy input as NxCxHxW or HxW.")]
 MaybeInputOpt = Annotated[
     str | None, typer.Option("--input", "-i", help="Dummy input as NxCxHxW or HxW.")
 ]
@@ -460,7 +459,15 @@ class RunArgs:
 @dataclasses.dataclass(frozen=True)
 class InspectArgs(RunArgs):
     backbone: BackboneArg
-    input_shape: InputOpt = "1x3x224x224"
+    input_shape: Annotated[
+        str | None,
+        typer.Option(
+            "--input",
+            "-i",
+            help="Dummy input as NxCxHxW or HxW (default: 1x3x224x224, or the one size "
+            "a timm model is built for).",
+        ),
+    ] = None
     depth: Annotated[int, typer.Option(help="Module depth of the stage rows.")] = 1
     sizes: Annotated[
         str | None,

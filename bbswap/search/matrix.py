@@ -159,7 +159,8 @@ def matrix(
         verify: Emit and verify each winning plan (slower); ``False`` runs the meta-device
             steps only.
         rounding: The size rule: ``"any"`` (ceil or floor), ``"ceil"`` or ``"floor"``.
-        input_shape: The dummy input, ``"NxCxHxW"`` or ``"HxW"``; default 1x3x224x224.
+        input_shape: The dummy input, ``"NxCxHxW"`` or ``"HxW"``; default each
+            backbone's own size (224x224, or the one size a timm model is built for).
         in_chans: Adapt every plan's stem to this many input channels (as ``fit`` does);
             each backbone is inspected with its own input channels either way.
         debug: Raise the first unexpected error (a bug) instead of reporting it in a cell.
@@ -348,11 +349,12 @@ def _row(
             spec, reason=reason, detail=detail, seconds=time.perf_counter() - start, refused=refused
         )
     stage = report.features
-    out = stage.out_shape if stage is not None else report.trace.output_shape
+    # its channels as its layout holds them (the last dim of an NHWC map)
+    width = stage.channels if stage is not None else report.trace.output_shape[1]
     down = stage.downsample if stage is not None else report.trace.downsample
     cells, emitted = [], None
     for stride in [*strides, *([0] if given[2] else [])]:
-        cell, how = _cell(backbone, stride, channels or out[1], verify, rounding, given)
+        cell, how = _cell(backbone, stride, channels or width, verify, rounding, given)
         if debug and cell.bug:
             raise RuntimeError(f"{spec} at stride {stride}: {cell.detail}")
         cells.append(cell)
@@ -360,8 +362,8 @@ def _row(
     seconds = time.perf_counter() - start
     own = shape[1]
     if emitted is None:
-        return Row(spec, out[1], down, tuple(cells), seconds=seconds, in_chans=own)
-    return Row(spec, out[1], down, tuple(cells), True, emitted, seconds=seconds, in_chans=own)
+        return Row(spec, width, down, tuple(cells), seconds=seconds, in_chans=own)
+    return Row(spec, width, down, tuple(cells), True, emitted, seconds=seconds, in_chans=own)
 
 
 def _cell(

@@ -9,7 +9,7 @@ from torch import nn
 
 from bbswap.backbones.instance import as_backbone, has_weights, real_copy
 from bbswap.backbones.registry import Backbone
-from bbswap.errors import InvalidArgument, SurgeryError
+from bbswap.errors import InvalidArgument, SurgeryError, gist
 from bbswap.parsing import parse_dims
 from bbswap.recipes.schema import Recipe
 from bbswap.records import dims, short_count
@@ -151,10 +151,8 @@ def apply_traced(
         after = trace_module(patched, (n, surgery.in_chans, h, w), device=before.device)
     except ForwardFailed as failed:
         where = f" in '{failed.stage}'" if failed.stage else ""
-        raise SurgeryError(
-            f"the patched model fails{where}: {type(failed.error).__name__}: "
-            f"{str(failed.error).splitlines()[0]}"
-        ) from failed.error
+        why = gist(failed.error)
+        raise SurgeryError(f"the patched model fails{where}: {why}") from failed.error
     return ApplyResult(
         backbone, recipe, before, after, tuple(surgery.edits), weighted or patched, surgery
     )

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from bbswap.errors import SurgeryError
+from bbswap.errors import SurgeryError, gist
 from bbswap.records import attrs
 from bbswap.surgery.fx_trace import trace_children_as_leaves
 from bbswap.tracing.ids import PointId
@@ -307,7 +307,7 @@ def trace_forward(module: nn.Module, owner: str) -> fx.Graph:
         name = owner or "the model"
         raise SurgeryError(
             f"cannot rewrite the forward of {name} ({type(module).__name__}): it is not "
-            f"traceable with torch.fx ({type(error).__name__}: {str(error).splitlines()[0]})"
+            f"traceable with torch.fx ({gist(error)})"
         ) from error
 
 

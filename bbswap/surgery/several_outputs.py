@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from bbswap.errors import SurgeryError
+from bbswap.errors import SurgeryError, gist
 from bbswap.surgery.apply import ApplyResult
 from bbswap.surgery.core import OwnerRewrite, new_module
 from bbswap.surgery.outputs_plan import OutputRole, OutputsPlan, projection_name
@@ -55,8 +55,7 @@ def _traced(model: nn.Module, taps: list[str]) -> fx.Graph:
     except Exception as error:  # fx raises many kinds of errors on dynamic code
         raise SurgeryError(
             f"cannot write the forward that returns several outputs: the modules holding "
-            f"{', '.join(taps)} are not traceable with torch.fx ({type(error).__name__}: "
-            f"{str(error).splitlines()[0]})"
+            f"{', '.join(taps)} are not traceable with torch.fx ({gist(error)})"
         ) from error
     finally:
         for m, training in flags:

@@ -32,7 +32,7 @@ from torch import nn
 
 from bbswap.backbones.guard import user_code
 from bbswap.backbones.registry import Backbone, resolve
-from bbswap.errors import MissingDependency
+from bbswap.errors import MissingDependency, gist
 from bbswap.tracing.inspection import Shape4, prepare
 from bbswap.tracing.tracer import Trace, build_on_meta, trace
 
@@ -142,11 +142,6 @@ def _small(shape: Shape4) -> Shape4:
     return (1, c, min(h, SMALL_SIDE), min(w, SMALL_SIDE))
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
-
-
 def _run(counter: Counter, model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     with torch.no_grad(), user_code(f"the model's forward under {counter}"):
         return RUNNERS[counter](model, x)
@@ -161,7 +156,7 @@ def _count(counter: Counter, build: Callable[[], nn.Module], shape: Shape4, ours
     except MissingDependency:
         raise
     except Exception as error:  # the library or the model cannot run on meta tensors
-        meta_error = _first_line(error)
+        meta_error = gist(error)
     small = _small(shape)
     torch.manual_seed(0)
     reference, _ = trace(build, small)
@@ -170,7 +165,7 @@ def _count(counter: Counter, build: Callable[[], nn.Module], shape: Shape4, ours
     except MissingDependency:
         raise
     except Exception as error:  # a failure of the library itself: reported in its row
-        failed = f"on the meta device: {meta_error}; on the CPU: {_first_line(error)}"
+        failed = f"on the meta device: {meta_error}; on the CPU: {gist(error)}"
         return Count(
             counter,
             None,
@@ -187,7 +182,7 @@ def _count(counter: Counter, build: Callable[[], nn.Module], shape: Shape4, ours
 
 def cross_check(
     spec: str | Backbone,
-    input_shape: str = "1x3x224x224",
+    input_shape: str | None = None,
     *,
     kwargs: dict[str, Any] | None = None,
     ours: Trace | None = None,
@@ -197,7 +192,8 @@ def cross_check(
 
     Args:
         spec: A backbone spec or a resolved :class:`~bbswap.backbones.registry.Backbone`.
-        input_shape: The input, ``"NxCxHxW"`` or ``"HxW"``.
+        input_shape: The input, ``"NxCxHxW"`` or ``"HxW"``; default 3 channels at the
+            backbone's own size (224x224 for most).
         kwargs: Constructor arguments for a spec.
         ours: bbswap's trace at this input when the caller has one already
             (:func:`~bbswap.tracing.inspection.inspect_backbone` made it); else it is

@@ -10,8 +10,10 @@ from torch import nn
 
 from bbswap.backbones.registry import Backbone, resolve
 from bbswap.errors import InvalidArgument, ModelError
+from bbswap.kinds import Layout
 from bbswap.parsing import parse_dims, parse_input
 from bbswap.records import dims, short_count
+from bbswap.tracing import layouts
 from bbswap.tracing.sizes import SizeRule
 from bbswap.tracing.tracer import (
     ForwardFailed,
@@ -109,10 +111,11 @@ def choose_input(
     """The input the source backbone is traced with (its channels are the ones it is built
     with), and the channel count an ``NxCxHxW`` text names (None for ``HxW`` or no text).
 
-    ``HxW`` or no text (224x224) takes the model's own channels, else ``fallback``;
+    ``HxW`` or no text (the backbone's own size: 224x224 for most, the one size a timm
+    model is built for) takes the model's own channels, else ``fallback``;
     ``NxCxHxW`` takes its own, unless ``keep_own``: the caller changes them later.
     """
-    dims = parse_dims(text, "input_shape") if text is not None else (224, 224)
+    dims = parse_dims(text, "input_shape") if text is not None else backbone.own_size
     if len(dims) not in (2, 4):
         raise InvalidArgument(
             f"malformed {{input_shape}} '{text}': expected NxCxHxW or HxW, e.g. 1x3x224x224",
@@ -130,12 +133,15 @@ def choose_input(
     return (n, chans, dims[-2], dims[-1]), asked
 
 
-def prepare(backbone: Backbone, input_shape: str | Sequence[int]) -> Prepared:
+def prepare(backbone: Backbone, input_shape: str | Sequence[int] | None) -> Prepared:
     """Parse the input shape and decide the channel count the model is built with.
 
     A backbone that takes ``in_chans`` is built for the input's channel count; for
     ``HxW`` the channel count is the model's own (read off its first conv if needed).
+    None is 3 channels at the backbone's own size (224x224 for most).
     """
+    if input_shape is None:
+        input_shape = (1, 3, *backbone.own_size)
     if isinstance(input_shape, str):
         shape, _ = choose_input(backbone, input_shape, fallback=None)
     else:
@@ -175,17 +181,18 @@ def check_sizes(
             ) from failed.error
         if result.outputs:  # the output the rule is of
             again = again.select_output(result.output_key)
-        out = again.output_shape
+        out, layout = again.output_shape, Layout.NCHW
         if features is not None:
-            out = next((s.out_shape for s in again.stages if s.path == features.path), ())
-        traced = (out[-2], out[-1]) if len(out) == 4 else None
+            stage = next((s for s in again.stages if s.path == features.path), None)
+            out, layout = (stage.out_shape, stage.layout) if stage is not None else ((), layout)
+        traced = layouts.grid_of(out, layout) if len(out) == 4 else None
         checks.append(SizeCheck((h, w), predicted, traced))
     return tuple(checks)
 
 
 def inspect_backbone(
     spec: str | Backbone | nn.Module,
-    input_shape: str | Sequence[int] = "1x3x224x224",
+    input_shape: str | Sequence[int] | None = None,
     *,
     depth: int = 1,
     sizes: Sequence[tuple[int, int]] = (),
@@ -202,7 +209,8 @@ def inspect_backbone(
         spec: A backbone spec (``"resnet50"``, ``"tv:resnet18"``, ``"timm:resnet18"``,
             ``"path/to/file.py:Name"``), a resolved :class:`Backbone`, or a model instance.
         input_shape: The dummy input, ``"NxCxHxW"``, ``"HxW"`` (the model's own channels)
-            or a sequence of four ints.
+            or a sequence of four ints; default 1x3x224x224, or at the one size a timm
+            model is built for (its config's ``input_size``, e.g. 384x384).
         depth: How deep the stage table goes (1: the top-level children).
         sizes: Input sizes ``(h, w)`` at which to check the size rule against a new trace.
         kwargs: Constructor arguments for a spec (ignored for a model instance).
@@ -225,8 +233,10 @@ def inspect_backbone(
         raise InvalidArgument(f"{{depth}} must be at least 1, got {depth}", params=("depth",))
     if isinstance(spec, nn.Module):
         model = spec
-        if isinstance(input_shape, str):
-            shape: Shape4 = parse_input(input_shape, first_conv_in_channels(model))
+        if input_shape is None:
+            shape: Shape4 = (1, 3, 224, 224)
+        elif isinstance(input_shape, str):
+            shape = parse_input(input_shape, first_conv_in_channels(model))
         else:
             shape = as_shape4(input_shape)
         result = trace_instance(model, shape, depth, type(model).__name__)

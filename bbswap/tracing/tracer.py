@@ -280,6 +280,7 @@ class _TensorInfo:
     # window attention's x[:, :H, :W]) undoes the padding, whatever it was at this size
     before_pad: tuple[tuple[str, ...], Pair] | None = None
     weights: bool = False  # made from parameters alone (a position embedding resized)
+    scores: bool = False  # a product of activations shaped like a map: attention, no map
 
 
 @dataclass
@@ -438,7 +439,12 @@ class _Mode(TorchFunctionMode):
         info = replace(base, rf=(max(i.rf[0] for i in infos), max(i.rf[1] for i in infos)))
         info = replace(info, jump=jump)
         self._note_fixed_size(name, args, base, owner)
+        grid = info.hw
         info = self._placed(name, args, spatial, owner, call, ins, outs[0], info)
+        if _is_attention(name, ins) and not _keeps_map(rec, ins, outs[0], info.layout):
+            # attention scores (windows x heads x tokens x tokens) are no map, even where
+            # a window holds as many tokens as the grid has rows (8x8 windows on 64x64)
+            info = replace(info, layout=Layout.NONE, hw=grid, scores=True)
         n_macs = macs(name, args, kwargs, out)
         new_bytes = sum(
             t.numel() * t.element_size()
@@ -468,7 +474,10 @@ class _Mode(TorchFunctionMode):
         if rec.fixed_size is not None:
             return
         embedding = layouts.fixed_embedding(name, args, x.layout, x.hw)
-        if embedding:
+        # timm's dynamic_img_size: the model resizes its embedding to any other grid, and
+        # adds it as it is at the grid it was built for (the one traced here, by default)
+        resized = getattr(rec.model, "dynamic_img_size", False) is True
+        if embedding and not resized:
             at = f"at '{owner}'" if owner else "in the model's own forward"
             what = f"a positional embedding of fixed size ({embedding}) is added {at}"
             rec.fixed_size = (what, owner, "fixed size: positional embedding")
@@ -490,6 +499,7 @@ class _Mode(TorchFunctionMode):
     ) -> _TensorInfo:
         """The output's info after the call's spatial op, if it makes one, with its layout
         and grid (see :mod:`bbswap.tracing.layouts`)."""
+        info = replace(info, scores=False)  # scores are made by a product, kept below
         x = ins[0] if ins else None
         x_info = self.rec.tensor_info(x) if x is not None else _TensorInfo()
         in_shape = tuple(x.shape) if x is not None else None
@@ -526,6 +536,8 @@ class _Mode(TorchFunctionMode):
             folded = self._folded(name, owner, call, y, info, padded)
             if folded is not info:
                 return folded
+        if x_info.scores and same_size:  # scaled, masked, softmax, dropout: still scores
+            return replace(info, layout=Layout.NONE, scores=True)
         layout, grid = layouts.place(in_shape, x_info.layout, info.hw, y, info.last)
         last = layout if layout in layouts.GRIDS else info.last
         return replace(info, layout=layout, hw=grid, last=last, padded=padded)
@@ -734,11 +746,17 @@ def _last_grid(trace: Trace) -> Stage | None:
 
 
 def _after(trace: Trace, path: str, features: Stage | None) -> bool:
-    """Whether the module at ``path`` runs after the features and outside them (a head)."""
-    if features is None or path not in trace.modules or features.path not in trace.modules:
+    """Whether the module (or the stage of a call in the model's own forward) at ``path``
+    runs after the features and outside them (a head)."""
+    if features is None:
         return False
     inside = path == features.path or path.startswith(f"{features.path}.")
-    return not inside and trace.modules.index(path) > trace.modules.index(features.path)
+    if path in trace.modules and features.path in trace.modules:
+        return not inside and trace.modules.index(path) > trace.modules.index(features.path)
+    paths = [s.path for s in trace.stages]
+    if path not in paths or features.path not in paths:
+        return False
+    return not inside and paths.index(path) > paths.index(features.path)
 
 
 def require_cnn(trace: Trace, name: str) -> None:
@@ -751,6 +769,16 @@ def require_cnn(trace: Trace, name: str) -> None:
             f"{name} has no feature map that follows the input size: {why}",
             brief=trace.fixed_size_brief if fixed else "not a CNN: token output",
         )
+
+
+def _keeps_map(rec: _Recorder, ins: list[torch.Tensor], out: torch.Tensor, layout: Layout) -> bool:
+    """Whether a product's output in a grid ``layout`` is an operand's map in that layout,
+    reshaped by nothing (a map weighted by a product with it)."""
+    if layout not in layouts.GRIDS:
+        return True
+    return any(
+        tuple(t.shape) == tuple(out.shape) and rec.tensor_info(t).layout is layout for t in ins
+    )
 
 
 def _from_weights(rec: _Recorder, ins: list[torch.Tensor]) -> bool:
