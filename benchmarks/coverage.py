@@ -234,7 +234,7 @@ def _report(what: str, result: Matrix) -> None:
     failed = [r for r in result.rows if not r.ok and not r.refused]
     seconds = sum(r.seconds for r in result.rows)
     print(
-        f"{what}: {result.passed} of {result.cnns} CNNs reach every target, "
+        f"{what}: {result.passed} of {result.cnns} backbones reach every target, "
         f"{len(result.rows) - result.cnns} refused, {len(failed)} failed; "
         f"{seconds:.1f} s of work, {seconds / max(1, len(result.rows)):.1f} s per model",
         flush=True,

@@ -184,7 +184,7 @@ def test_repr_of_a_matrix_and_a_verify_report() -> None:
 
     table = bbswap.matrix(["resnet18"], strides=(16, 32), channels=256, verify=False)
     assert repr(table) == (
-        "Matrix(resnet18; strides 16, 32; 1 of 1 CNNs reach every target, 0 refused)"
+        "Matrix(resnet18; strides 16, 32; 1 of 1 backbones reach every target, 0 refused)"
     )
     checks = (Check("import", True, "x" * 500), Check("outputs", False, "y" * 500))
     shown = repr(VerifyReport("f.py:Net", checks))

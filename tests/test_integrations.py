@@ -156,7 +156,7 @@ def test_matrix_over_torchvision_names_the_refusal() -> None:
     assert "fixed size: tokens" in row["timm:mixer_s16_224"]
     assert row["tv:resnet18"].count(" ceil") == 3
     assert result.output.splitlines()[-1] == (
-        "1 of 1 CNN backbones reach every target (inspect, fit on the meta device); "
+        "1 of 1 backbones reach every target (inspect, fit on the meta device); "
         "1 refused as following no size rule: timm:mixer_s16_224"
     )
 

@@ -119,9 +119,7 @@ def test_table_has_a_row_per_backbone_and_a_cell_per_stride(two):
             float(c.split()[0]) * {"k": 1e3, "M": 1e6, "G": 1e9}[c.split()[1]] for c in cells[2:5]
         ]
         assert macs[0] > macs[1] > macs[2]
-    assert lines[-1] == (
-        "2 of 2 CNN backbones reach every target (inspect, fit on the meta device)"
-    )
+    assert lines[-1] == ("2 of 2 backbones reach every target (inspect, fit on the meta device)")
     assert not re.search(r"\sx [a-z]", two)  # no failed cell
 
 
@@ -188,7 +186,7 @@ def test_a_refused_backbone_is_a_row_not_the_end(verified):
         "size: its features are tokens on its 14x14 grid"
     ) in verified
     assert verified.splitlines()[-1] == (
-        "2 of 2 CNN backbones reach every target (inspect, fit, emit, verify); "
+        "2 of 2 backbones reach every target (inspect, fit, emit, verify); "
         f"1 refused as following no size rule: {VIT}"
     )
 
@@ -249,8 +247,7 @@ def test_an_impossible_stride_is_a_cell_with_its_reason():
     assert re.fullmatch(r"\d+\.\d\d G ceil", cells[3])
     assert "  resnet18 1/3: resnet18 cannot reach stride 3: its features are at 1/32" in text
     assert text.splitlines()[-1] == (
-        "0 of 1 CNN backbones reach every target (inspect, fit on the meta device); "
-        "1 do not: resnet18"
+        "0 of 1 backbones reach every target (inspect, fit on the meta device); 1 do not: resnet18"
     )
     row = api(("resnet18",), strides=(3,)).rows[0]
     assert not row.ok and row.reason == ""

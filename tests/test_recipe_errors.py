@@ -28,7 +28,17 @@ else:  # pragma: no cover
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((ROOT / "recipes").glob("*.toml"))
-ALL_OPS = {"in_channels", "stride", "exact", "truncate", "project", "pool", "dropout", "tap"}
+ALL_OPS = {
+    "in_channels",
+    "patch",
+    "stride",
+    "exact",
+    "truncate",
+    "project",
+    "pool",
+    "dropout",
+    "tap",
+}
 
 
 def toml(*ops: str) -> str:
@@ -44,7 +54,7 @@ BAD = [
         toml('op = "shrink"'),
         [
             "ops[0].op: unknown op 'shrink'",
-            "(valid: dropout, exact, in_channels, pool, project, stride, tap, truncate)",
+            "(valid: dropout, exact, in_channels, patch, pool, project, stride, tap, truncate)",
         ],
     ),
     (
@@ -114,8 +124,8 @@ BAD = [
         "missing-op",
         toml('at = "layer2"'),
         [
-            "ops[0].op: missing (one of dropout, exact, in_channels, pool, project, stride, "
-            "tap, truncate)"
+            "ops[0].op: missing (one of dropout, exact, in_channels, patch, pool, project, "
+            "stride, tap, truncate)"
         ],
     ),
     (
@@ -283,7 +293,7 @@ def test_a_written_recipe_is_applied_like_the_original(tmp_path):
 # -- bbswap ops ---------------------------------------------------------------------------------
 
 
-def test_ops_lists_all_eight_ops_and_their_fields():
+def test_ops_lists_all_nine_ops_and_their_fields():
     assert set(OPS) == ALL_OPS
     result = run("ops")
     assert result.exit_code == 0, result.output

@@ -195,3 +195,24 @@ def test_dropout_after_sequential_blocks_of_a_sequential(tmp_path: Path):
         for handle in handles:
             handle.remove()
         assert sorted(map(id, seen)) == sorted(map(id, drops))  # each one, once
+
+
+def test_a_cut_inside_a_module_list_stops_the_loop_and_keeps_its_first_blocks(tmp_path: Path):
+    # the truncation is written where the loop runs (the root's forward), and the file
+    # keeps body.blocks[:2]: the blocks' own names, so the source's state_dict keys
+    out = tmp_path / "blocks.py"
+    cut = {"op": "truncate", "after": "blocks.1"}
+    exported = export(spec("BlockList"), recipe(cut), out, input_shape="1x3x64x64")
+    text = out.read_text()
+    assert "self.blocks = body.blocks[:2]" in text
+    source = source_model("BlockList", 3).eval()
+    module = import_plain(out)
+    model = getattr(module, exported.emitted.class_name)().eval()
+    weights = {k: v for k, v in source.state_dict().items() if not k.startswith("blocks.2.")}
+    model.load_state_dict(weights)  # strict: exactly the keys of stem, blocks.0 and .1
+    x = torch.randn(1, 3, 70, 45)
+    with torch.no_grad():
+        want = source.blocks[1](source.blocks[0](source.stem(x)))
+        got = model(x)
+    assert got.shape == (1, 32, 9, 6)
+    torch.testing.assert_close(got, want)

@@ -247,6 +247,19 @@ def test_fit_on_windows_split_without_padding_says_which_sizes_it_takes():
     assert rule.endswith("(H mod 32 in 0-3)")
 
 
+def test_a_backbone_no_stride_change_fits_is_cut_at_its_last_stage_at_the_stride():
+    # torchvision's MaxViT partitions its windows for the grid of 224x224: every stride
+    # change breaks a reshape; its stages sit in a ModuleList, so the cut is in the loop
+    found = bbswap.fit("tv:maxvit_t", channels=256, stride=16, rounding="any")
+    assert found.winner.label == "truncate after blocks.2"
+    assert found.winner.trace.output_shape == (1, 256, 14, 14)
+    refused = [c for c in found.candidates if c.label.endswith(": stride 1")]
+    assert refused and all(not c.ok for c in refused)
+    # the deepest stage at the stride, not the patch embedding before the stages
+    cut = bbswap.fit("timm:efficientvit_m0", channels=256, stride=16, rounding="any")
+    assert cut.winner.label == "truncate after stages.0"
+
+
 # -- the layout rules on their own -----------------------------------------------------------------
 
 

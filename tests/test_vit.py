@@ -242,3 +242,55 @@ def test_a_vit_instance_is_refused_naming_its_spec() -> None:
     assert "is a ViT given as a model instance" in str(caught.value)
     assert "give tv:NAME or timm:NAME" in str(caught.value)
     assert all(torch.equal(before[k], v) for k, v in vit.state_dict().items())
+
+
+def test_patch_weights_resample_as_timm_does() -> None:
+    from bbswap.recipes.patch import resize_patch_weight
+
+    torch.manual_seed(0)
+    weight = torch.randn(8, 3, 14, 14)
+    for size in (7, 8, 16, 32):
+        got = resize_patch_weight(weight, size)
+        want = timm.layers.resample_patch_embed(weight, [size, size])
+        assert got.shape == (8, 3, size, size)
+        torch.testing.assert_close(got, want, rtol=0, atol=5e-5)
+
+
+DINO = "timm:vit_small_patch14_dinov2"
+DINO_KW = {"img_size": 70, "depth": 2, "embed_dim": 64, "num_heads": 2}
+
+
+def test_a_patch_14_vit_reaches_one_16th_by_resampling_its_patches(tmp_path: Path) -> None:
+    """No stride change takes 14-pixel patches to 1/16: the patch op makes them 16 pixels
+    and resamples the patch conv's weights; the emitted file equals timm's own ViT built
+    with patch_size=16, given those weights (timm's resample_patch_embed)."""
+    found = fit(DINO, channels=64, stride=16, rounding="any", kwargs=DINO_KW)
+    assert found.winner.label == "patch_embed: patch 16"
+    recipe = winner_recipe(found)
+    assert [op.op for op in recipe.ops] == ["patch"]
+    out = tmp_path / "dino16.py"
+    done = export(DINO, recipe, out, kwargs=DINO_KW)
+    assert all(check.ok for check in done.report.checks)
+    model = getattr(_import(out, "bbswap_dino16"), done.emitted.class_name)().eval()
+    torch.manual_seed(1)
+    source = timm.create_model(DINO[5:], pretrained=False, **DINO_KW).eval()
+    state = source.state_dict()
+    patched = dict(state)
+    patched["patch_embed.proj.weight"] = timm.layers.resample_patch_embed(
+        state["patch_embed.proj.weight"], [16, 16]
+    )
+    # the embedding learnt for 5x5 patches of 14 (70x70) is one for 5x5 patches of 16
+    ref_kw = {**DINO_KW, "img_size": 80, "patch_size": 16, "dynamic_img_size": True}
+    ref = timm.create_model(DINO[5:], pretrained=False, **ref_kw).eval()
+    ref.load_state_dict(patched)
+    mine = {k: v for k, v in patched.items() if k in model.state_dict()}
+    model.load_state_dict(mine)
+    for h, w in ((64, 64), (80, 112)):
+        x = torch.randn(1, 3, h, w)
+        with torch.no_grad():
+            got = model(x)
+            want = ref.forward_intermediates(
+                x, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True
+            )[-1]
+        assert got.shape == (1, 64, h // 16, w // 16)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)

@@ -541,12 +541,12 @@ def render_matrix(result: Matrix, console: Console) -> None:
 
 
 def matrix_summary(result: Matrix) -> str:
-    """'68 of 68 CNN backbones reach every target (...); 12 refused as following no size
+    """'68 of 68 backbones reach every target (...); 12 refused as following no size
     rule: ...'."""
     steps = "inspect, fit, emit, verify" if result.verify else "inspect, fit on the meta device"
     failed = [r.spec for r in result.rows if not r.ok and not r.refused]
     refused = [r.spec for r in result.rows if r.refused]
-    text = f"{result.passed} of {result.cnns} CNN backbones reach every target ({steps})"
+    text = f"{result.passed} of {result.cnns} backbones reach every target ({steps})"
     if failed:
         text += f"; {len(failed)} do not: {', '.join(failed)}"
     if refused:

@@ -920,12 +920,26 @@ def _adopt_root(
             lines += _comments_for(projection_comment(result.outputs, child))
             lines.append(_assign("self", child, new[child]))
         else:
-            lines.append(_assign("self", child, _get_attr("body", child)))
+            lines.append(_assign("self", child, _kept(patched, body, child)))
     for pname, _ in patched.named_parameters(recurse=False):
         lines.append(_assign_attr("self", pname, _get_attr("body", pname)))
     for bname, _ in patched.named_buffers(recurse=False):
         lines.append(_buffer_line(patched, bname, "body"))
     return lines
+
+
+def _kept(patched: nn.Module, body: dict[str, nn.Module | None], child: str) -> str:
+    """The expression of a child taken from ``body``: a ModuleList cut after its first k
+    blocks (the forward that loops over it stops there) is ``body.blocks[:k]``, which keeps
+    the blocks' names and so their state_dict keys."""
+    whole, kept = body.get(child), patched._modules[child]
+    source = _get_attr("body", child)
+    if not isinstance(whole, nn.ModuleList) or kept is None or isinstance(kept, nn.ModuleList):
+        return source
+    names = list(kept._modules)
+    if len(names) < len(whole) and names == [str(i) for i in range(len(names))]:
+        return f"{source}[:{len(names)}]"
+    return source
 
 
 def _output_note(result: ApplyResult, patched: nn.Module, plan: dict[int, _OpLines]) -> str:

@@ -7,6 +7,7 @@ from typing import Any
 
 from bbswap.errors import RecipeError, choices
 from bbswap.recipes.channels import InChannels, Project
+from bbswap.recipes.patch import Patch
 from bbswap.recipes.schema import Field, Op
 from bbswap.recipes.strides import Exact, Stride
 from bbswap.recipes.structure import Dropout, Pool, Truncate
@@ -14,7 +15,7 @@ from bbswap.recipes.taps import Tap
 
 OPS: dict[str, type[Op]] = {
     cls.op_kind.value: cls
-    for cls in (InChannels, Stride, Exact, Truncate, Project, Pool, Dropout, Tap)
+    for cls in (InChannels, Patch, Stride, Exact, Truncate, Project, Pool, Dropout, Tap)
 }
 
 
@@ -22,9 +23,9 @@ def make_op(name: str, **params: Any) -> Op:
     """An op built the way a recipe file's op is read: defaults filled, values checked.
 
     Args:
-        name: The op (``bbswap ops`` lists them): ``"in_channels"``, ``"stride"``,
-            ``"exact"``, ``"truncate"``, ``"project"``, ``"pool"``, ``"dropout"`` or
-            ``"tap"``.
+        name: The op (``bbswap ops`` lists them): ``"in_channels"``, ``"patch"``,
+            ``"stride"``, ``"exact"``, ``"truncate"``, ``"project"``, ``"pool"``,
+            ``"dropout"`` or ``"tap"``.
         **params: The op's fields, as in a recipe's ``[[ops]]`` table (a tuple is taken
             as a list; ``None`` as left out).
 

@@ -43,6 +43,7 @@ class OpKind(str, enum.Enum):
     """The recipe ops; the value is the ``op = "..."`` of a TOML table."""
 
     IN_CHANNELS = "in_channels"
+    PATCH = "patch"
     STRIDE = "stride"
     EXACT = "exact"
     TRUNCATE = "truncate"

@@ -25,6 +25,7 @@ from bbswap.errors import BBSwapError, InvalidArgument, ModelError, SurgeryError
 from bbswap.kinds import Mode, Phase, Prefer, Returns, Rounding
 from bbswap.parsing import FeatureTarget, parse_stride, parse_target, parse_targets
 from bbswap.recipes.channels import InChannels
+from bbswap.recipes.patch import MAX_PATCH, Patch
 from bbswap.recipes.registry import make_op
 from bbswap.recipes.schema import Op, Recipe
 from bbswap.recipes.strides import Stride, exact_setting, pad_before, stride_targets
@@ -356,13 +357,24 @@ def plan(
     down = features.downsample if features is not None else source.downsample
     have = (round(down[0]), round(down[1]))
     found = units(source, features)
-    for i in range(2):
-        big, small = max(have[i], target.stride[i]), min(have[i], target.stride[i])
-        if big % small:
-            raise TargetError(_infeasible(backbone, target, have, found))
     stem = _stem_ops(source, target)
     head = [make_op("truncate", after=features.path)] if features is not None else []
     tail = _project(out[1], target)
+    for i in range(2):
+        big, small = max(have[i], target.stride[i]), min(have[i], target.stride[i])
+        if big % small:
+            repatched = _repatched(found, have, target)
+            if repatched is None:
+                raise TargetError(_infeasible(backbone, target, have, found))
+            ops, label, order = repatched
+            made = Recipe(
+                f"fit-{backbone.name}-c{target.channels}-s{_fmt(target.stride)}",
+                tuple([*stem, *ops, *head, *tail]),
+                backbone.spec,
+                f"fit target: {target.describe()}",
+                source_output=source.output_key,
+            )
+            return [Candidate(made, label, "-", order)]
     name = f"fit-{backbone.name}-c{target.channels}-s{_fmt(target.stride)}"
 
     def recipe(ops: list[Op]) -> Recipe:
@@ -374,14 +386,33 @@ def plan(
         for ops, pool, label, cmode, order in _stride_plans(found, have, target, mode)
     ]
     if allow_truncate or fixed_reductions(source, features):
-        for stage in truncation_points(source, target.stride):
-            if features is not None and stage.path == features.path:
-                continue
-            ops = [*stem, make_op("truncate", after=stage.path), *_project(stage.channels, target)]
-            candidates.append(Candidate(recipe(ops), f"truncate after {stage.path}", "-", -1))
+        candidates += cut_candidates(backbone, source, target)
     if not candidates:
         raise TargetError(_infeasible(backbone, target, have, found))
     return _dedupe(candidates)
+
+
+def cut_candidates(backbone: Backbone, source: Trace, target: Target) -> list[Candidate]:
+    """The candidate that cuts the body after the last stage already at the target's
+    stride (the deepest: a patch embedding at 1/16 is no cut of EfficientViT's stages at
+    1/16), projected to the target's channels; none when that stage is the features."""
+    features = source.features
+    name = f"fit-{backbone.name}-c{target.channels}-s{_fmt(target.stride)}"
+    about = f"fit target: {target.describe()}"
+    order = {path: i for i, path in enumerate(source.modules)}
+    points = sorted(truncation_points(source, target.stride), key=lambda s: order.get(s.path, -1))
+    found = []
+    for stage in points[-1:]:
+        if features is not None and stage.path == features.path:
+            continue
+        ops = [
+            *_stem_ops(source, target),
+            make_op("truncate", after=stage.path),
+            *_project(stage.channels, target),
+        ]
+        made = Recipe(name, tuple(ops), backbone.spec, about, source_output=source.output_key)
+        found.append(Candidate(made, f"truncate after {stage.path}", "-", -1))
+    return found
 
 
 def fixed_reductions(source: Trace, features: Stage | None) -> list[str]:
@@ -477,6 +508,24 @@ def _dedupe(candidates: list[Candidate]) -> list[Candidate]:
             seen.add(key)
             out.append(c)
     return out
+
+
+def _repatched(found: list[Unit], have: Size, target: Target) -> tuple[list[Op], str, int] | None:
+    """The patch op that gives a stride no stride change reaches, when the first reduction
+    is a patch embedding (a ViT's 14-pixel patches, ConvMixer's 7): its patch made
+    ``target / the other reductions``; None where that is no whole number."""
+    if not found or not found[0].patches or target.stride[0] != target.stride[1]:
+        return None
+    first = found[0]
+    if first.stride[0] != first.stride[1] or have[0] != have[1] or have[0] % first.stride[0]:
+        return None
+    rest = have[0] // first.stride[0]
+    if target.stride[0] % rest:
+        return None
+    size = target.stride[0] // rest
+    if size == first.stride[0] or not 1 <= size < MAX_PATCH:
+        return None
+    return [Patch(size=size)], f"{first.name}: patch {size}", first.order
 
 
 def _infeasible(backbone: Backbone, target: Target, have: Size, found: list[Unit]) -> str:
@@ -951,6 +1000,12 @@ def _search(
         # its cuts made exact too, which spare the stages a stride change makes dearer
         cuts = [c for c in done if not c.ok and c.label.startswith("truncate after ")]
         done += _exact_variants(backbone, source, model, cuts, target, probes, progress)
+    if not any(c.ok for c in done) and target.like is None and not target.outputs:
+        # no stride change holds (windows partitioned for one grid, MaxViT's): the body
+        # cut after a stage already at the stride, where there is one
+        tried = {c.label for c in done}
+        more = [c for c in cut_candidates(backbone, source, target) if c.label not in tried]
+        done += _evaluate_all(backbone, source, model, more, target, probes, None)
     if any(c.ok for c in done):
         return done, None
     return done, _other_rounding(backbone, source, model, plain, target, probes)

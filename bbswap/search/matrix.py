@@ -96,11 +96,12 @@ class Matrix:
     returns: str = "list"
 
     def __repr__(self) -> str:
-        """``Matrix(resnet18 tv:alexnet; strides 8, 16, 32; 2 of 2 CNNs reach every target)``."""
+        """``Matrix(resnet18 tv:alexnet; strides 8, 16, 32; 2 of 2 backbones reach every
+        target, 0 refused)``."""
         strides = ", ".join(map(str, self.strides))
         return (
             f"Matrix({' '.join(self.patterns)}; strides {strides}; {self.passed} of {self.cnns} "
-            f"CNNs reach every target, {len(self.rows) - self.cnns} refused)"
+            f"backbones reach every target, {len(self.rows) - self.cnns} refused)"
         )
 
     @property

@@ -262,10 +262,17 @@ class Surgery:
             # a functional call in a module's forward: that module stops at the call
             self.rewrite(point.owner).truncate_after = str(replace(point, owner=""))
             path = point.owner
-        while "." in path:
-            self.rewrite(parent_path(path)).truncate_after = child_name(path)
-            path = parent_path(path)
-        self.rewrite("").truncate_after = path
+        owner, target = parent_path(path), child_name(path)
+        while True:
+            if owner and _runs_nothing(module_at(self.model, owner)):
+                # a ModuleList runs nothing itself: the forward that loops over it stops
+                # at the child (a call of ``blocks.3`` in its graph)
+                owner, target = parent_path(owner), f"{child_name(owner)}.{target}"
+                continue
+            self.rewrite(owner).truncate_after = target
+            if not owner:
+                break
+            owner, target = parent_path(owner), child_name(owner)
         for path in dropped:
             self.record(path, EditKind.REMOVE, type(module_at(self.model, path)).__name__, "-")
 
@@ -281,6 +288,12 @@ class Surgery:
             else:
                 setattr(module_at(model, parent_path(owner)), child_name(owner), gm)
         return model
+
+
+def _runs_nothing(module: nn.Module) -> bool:
+    """A container without a forward of its own (ModuleList, ModuleDict): its owner's
+    forward calls its children."""
+    return type(module).forward is nn.Module.forward
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -1,0 +1,135 @@
+"""The ``patch`` op: another patch size for a patch embedding (a ViT's, ConvMixer's).
+
+A patch embedding is a conv whose kernel is its stride, with no padding: it reads each
+pixel once. Its stride cannot grow past its kernel without leaving pixels unread, and a
+patch of 14 pixels reaches no stride of 16. The op makes the conv's kernel and stride
+the new patch size, and resamples its weights by the pseudo-inverse of the resize (as FlexiViT
+does): the embedding of a patch of the new size is the old embedding of that patch
+resized to the old size, as nearly as a linear map can make it (exactly, when the new
+patch is the larger), with timm's resize (bicubic, antialiased). What follows the
+embedding sees another grid; a ViT on its grid interpolates its position embedding to it,
+as for any input size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bbswap.errors import RecipeError, SurgeryError, choices
+from bbswap.recipes.schema import Field, Op, OpKind
+from bbswap.surgery.core import Surgery, module_at, new_module
+from bbswap.tracing.tracer import SpatialOp, Trace
+
+MAX_PATCH = 1 << 8  # exclusive, as every bound of a field
+
+
+def patch_convs(trace: Trace) -> list[SpatialOp]:
+    """The patch embeddings on the output's path: conv modules whose kernel is their
+    stride (above 1), without padding or dilation."""
+    on_path = set(trace.chain)
+    return [
+        o
+        for o in trace.ops
+        if o.op == "conv"
+        and o.kind == "module"
+        and o.id in on_path
+        and o.kernel == o.stride
+        and max(o.stride) > 1
+        and o.padding == (0, 0)
+        and o.dilation == (1, 1)
+    ]
+
+
+def resize_matrix(old: int, new: int) -> torch.Tensor:
+    """The (new*new, old*old) matrix of the resize of an old x old patch to new x new:
+    bicubic, antialiased, as timm resizes patch embeddings by default."""
+    basis = torch.eye(old * old, dtype=torch.float64).reshape(old * old, 1, old, old)
+    resized = F.interpolate(
+        basis, size=(new, new), mode="bicubic", align_corners=False, antialias=True
+    )
+    return resized.reshape(old * old, new * new).T
+
+
+def resize_patch_weight(weight: torch.Tensor, new: int) -> torch.Tensor:
+    """A patch conv's weight (out, in, k, k) for new x new patches: ``w'`` such that
+    ``<w', resize(x)> = <w, x>`` for every k x k patch ``x``, in the least-squares sense
+    (``w' = pinv(R^T) w`` with ``R`` the resize)."""
+    out, chans, k, _ = weight.shape
+    r = resize_matrix(k, new)  # (new^2, k^2)
+    flat = weight.detach().to(torch.float64).reshape(out * chans, k * k)
+    resampled = flat @ torch.linalg.pinv(r.T).T  # (out*chans, new^2)
+    return resampled.reshape(out, chans, new, new).to(weight.dtype)
+
+
+def _conv_with_patch(conv: nn.Conv2d, size: int) -> tuple[Callable[[], nn.Conv2d], str]:
+    source = (
+        f"nn.Conv2d({conv.in_channels}, {conv.out_channels}, kernel_size={size}, "
+        f"stride={size}, bias={conv.bias is not None})"
+    )
+
+    def make() -> nn.Conv2d:
+        return nn.Conv2d(
+            conv.in_channels, conv.out_channels, size, size, bias=conv.bias is not None
+        )
+
+    return make, source
+
+
+@dataclass(frozen=True)
+class Patch(Op, kind=OpKind.PATCH):
+    """give a patch embedding (a conv whose kernel is its stride) another patch size,
+    resampling its weights"""
+
+    fields = (
+        Field(
+            "size",
+            "int",
+            "the new patch side in pixels",
+            required=True,
+            minimum=1,
+            maximum=MAX_PATCH,
+        ),
+        Field("at", "str", "the patch conv (default: the first on the output's path)"),
+    )
+    size: int
+    at: str | None = None
+
+    def validate(self, trace: Trace, where: str) -> None:
+        self._conv(trace, where)
+
+    def _conv(self, trace: Trace, where: str) -> SpatialOp:
+        convs = patch_convs(trace)
+        if self.at is None:
+            if not convs:
+                raise RecipeError(
+                    f"{where}: the model has no patch embedding (a conv whose kernel is its "
+                    "stride, without padding) on its output's path"
+                )
+            return convs[0]
+        for o in convs:
+            if o.id == self.at:
+                return o
+        raise RecipeError(
+            f"{where}.at: '{self.at}' is not a patch embedding (patch convs: "
+            f"{choices(o.id for o in convs)})"
+        )
+
+    def apply(self, surgery: Surgery, where: str) -> None:
+        target = self._conv(surgery.trace, where)
+        conv = module_at(surgery.model, target.id)
+        if not isinstance(conv, nn.Conv2d) or conv.kernel_size[0] != conv.kernel_size[1]:
+            raise SurgeryError(f"{where}: {target.id} is not a square nn.Conv2d patch embedding")
+        make, source = _conv_with_patch(conv, self.size)
+        new = new_module(make, conv.weight.device)
+        if not conv.weight.is_meta:
+            with torch.no_grad():
+                new.weight.copy_(resize_patch_weight(conv.weight, self.size))
+                if conv.bias is not None and new.bias is not None:
+                    new.bias.copy_(conv.bias)
+        old = f"{conv.kernel_size[0]}x{conv.kernel_size[1]}"
+        surgery.replace(target.id, new, source, old, f"{self.size}x{self.size}", "patch")
