@@ -686,13 +686,14 @@ def not_a_cnn(trace: Trace) -> str:
     if (
         on_grid is not None
         and on_grid.layout is Layout.TOKENS
-        and _after(trace, on_grid.path, features)
+        and (features is None or _after(trace, on_grid.path, features))
     ):
         grid = "x".join(map(str, on_grid.grid or ()))
+        after = ", after its last feature map" if features is not None else ""
         return (
             f"its features are tokens on its {grid} grid ('{on_grid.path}', "
-            f"{'x'.join(map(str, on_grid.out_shape))}), after its last feature map; laying "
-            "tokens back on their grid is not supported for it"
+            f"{'x'.join(map(str, on_grid.out_shape))}){after}; laying tokens back on their "
+            "grid is not supported for it"
         )
     out = "x".join(map(str, trace.output_shape))
     if features is None:
