@@ -367,22 +367,15 @@ def plan(
             if repatched is None:
                 raise TargetError(_infeasible(backbone, target, have, found))
             ops, label, order = repatched
-            made = Recipe(
-                f"fit-{backbone.name}-c{target.channels}-s{_fmt(target.stride)}",
-                tuple([*stem, *ops, *head, *tail]),
-                backbone.spec,
-                f"fit target: {target.describe()}",
-                source_output=source.output_key,
-            )
+            made = _fit_recipe(backbone, source, target, [*stem, *ops, *head, *tail])
             return [Candidate(made, label, "-", order)]
-    name = f"fit-{backbone.name}-c{target.channels}-s{_fmt(target.stride)}"
-
-    def recipe(ops: list[Op]) -> Recipe:
-        about = f"fit target: {target.describe()}"
-        return Recipe(name, tuple(ops), backbone.spec, about, source_output=source.output_key)
-
     candidates = [
-        Candidate(recipe([*stem, *ops, *head, *pool, *tail]), label, cmode, order)
+        Candidate(
+            _fit_recipe(backbone, source, target, [*stem, *ops, *head, *pool, *tail]),
+            label,
+            cmode,
+            order,
+        )
         for ops, pool, label, cmode, order in _stride_plans(found, have, target, mode)
     ]
     if allow_truncate or fixed_reductions(source, features):
@@ -397,8 +390,6 @@ def cut_candidates(backbone: Backbone, source: Trace, target: Target) -> list[Ca
     stride (the deepest: a patch embedding at 1/16 is no cut of EfficientViT's stages at
     1/16), projected to the target's channels; none when that stage is the features."""
     features = source.features
-    name = f"fit-{backbone.name}-c{target.channels}-s{_fmt(target.stride)}"
-    about = f"fit target: {target.describe()}"
     order = {path: i for i, path in enumerate(source.modules)}
     points = sorted(truncation_points(source, target.stride), key=lambda s: order.get(s.path, -1))
     found = []
@@ -410,9 +401,16 @@ def cut_candidates(backbone: Backbone, source: Trace, target: Target) -> list[Ca
             make_op("truncate", after=stage.path),
             *_project(stage.channels, target),
         ]
-        made = Recipe(name, tuple(ops), backbone.spec, about, source_output=source.output_key)
+        made = _fit_recipe(backbone, source, target, ops)
         found.append(Candidate(made, f"truncate after {stage.path}", "-", -1))
     return found
+
+
+def _fit_recipe(backbone: Backbone, source: Trace, target: Target, ops: list[Op]) -> Recipe:
+    """A candidate's recipe: the fit's name and description, on the source's output."""
+    name = f"fit-{backbone.name}-c{target.channels}-s{_fmt(target.stride)}"
+    about = f"fit target: {target.describe()}"
+    return Recipe(name, tuple(ops), backbone.spec, about, source_output=source.output_key)
 
 
 def fixed_reductions(source: Trace, features: Stage | None) -> list[str]:
