@@ -396,18 +396,20 @@ def _timm(spec: str, kwargs: dict[str, Any]) -> Backbone:
     found = BuilderWeights(with_weights, _timm_weights_file)
     kind, takes = BackboneKind.TIMM, True
     asked = {**saved, **kwargs}
+    cfg = timm.models.get_pretrained_cfg(arch)
+    fixed = cfg is not None and bool(getattr(cfg, "fixed_input_size", False))
     return Backbone(
         spec,
         kind,
         arch,
         factory,
-        {**asked, **_timm_dynamic(timm, arch, asked)},
+        {**asked, **(_timm_dynamic(timm, arch, asked) if fixed else {})},
         3,
         takes,
         source="timm",
         attr=arch,
         builder_weights=found,
-        own_size=_timm_size(timm, arch, asked),
+        own_size=_timm_size(cfg.input_size, asked) if fixed else (224, 224),
     )
 
 
@@ -417,27 +419,21 @@ def _timm_dynamic(timm: ModuleType, arch: str, kwargs: dict[str, Any]) -> dict[s
     EVA's or a CaiT's position embedding interpolated to each grid); {} for any other, and
     for a plain ViT, which bbswap lays on its grid itself. The switch adds no weights, and
     at the size the model is built for it changes no value."""
-    cfg = timm.models.get_pretrained_cfg(arch)
-    if "dynamic_img_size" in kwargs or cfg is None or not getattr(cfg, "fixed_input_size", False):
+    if "dynamic_img_size" in kwargs:
         return {}
     try:
         with torch.device("meta"):
             model = timm.create_model(arch, pretrained=False, dynamic_img_size=True, **kwargs)
-    except TypeError:  # its class has no such argument
-        return {}
-    except Exception:  # any other failure is the plain build's to report
-        return {}
+    except Exception:  # its class has no such argument (TypeError), or the plain build
+        return {}  # fails too and reports it
     return {} if recognise(model) is not None else {"dynamic_img_size": True}
 
 
-def _timm_size(timm: ModuleType, arch: str, kwargs: dict[str, Any]) -> tuple[int, int]:
-    """The input size a timm model is built for, where its config says it takes that one
-    size only (``fixed_input_size``: a ViT's position embedding, a Swin's windows): the
-    ``img_size`` asked for, else its config's ``input_size``; 224x224 for any other."""
-    cfg = timm.models.get_pretrained_cfg(arch)
-    if cfg is None or not getattr(cfg, "fixed_input_size", False):
-        return (224, 224)
-    size = kwargs.get("img_size", tuple(cfg.input_size)[-2:])
+def _timm_size(config_size: Any, kwargs: dict[str, Any]) -> tuple[int, int]:
+    """The one input size a timm model is built for (its config says
+    ``fixed_input_size``: a ViT's position embedding, a Swin's windows): the ``img_size``
+    asked for, else its config's ``input_size``; 224x224 if neither is a size."""
+    size = kwargs.get("img_size", tuple(config_size)[-2:])
     if isinstance(size, int):
         return (size, size)
     if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) for v in size):

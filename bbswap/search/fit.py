@@ -360,15 +360,14 @@ def plan(
     stem = _stem_ops(source, target)
     head = [make_op("truncate", after=features.path)] if features is not None else []
     tail = _project(out[1], target)
-    for i in range(2):
-        big, small = max(have[i], target.stride[i]), min(have[i], target.stride[i])
-        if big % small:
-            repatched = _repatched(found, have, target)
-            if repatched is None:
-                raise TargetError(_infeasible(backbone, target, have, found))
-            ops, label, order = repatched
-            made = _fit_recipe(backbone, source, target, [*stem, *ops, *head, *tail])
-            return [Candidate(made, label, "-", order)]
+    if any(max(h, t) % min(h, t) for h, t in zip(have, target.stride)):
+        # no stride change reaches the target: only another patch size can
+        repatched = _repatched(found, have, target)
+        if repatched is None:
+            raise TargetError(_infeasible(backbone, target, have, found))
+        ops, label, order = repatched
+        made = _fit_recipe(backbone, source, target, [*stem, *ops, *head, *tail])
+        return [Candidate(made, label, "-", order)]
     candidates = [
         Candidate(
             _fit_recipe(backbone, source, target, [*stem, *ops, *head, *pool, *tail]),
@@ -389,21 +388,19 @@ def cut_candidates(backbone: Backbone, source: Trace, target: Target) -> list[Ca
     """The candidate that cuts the body after the last stage already at the target's
     stride (the deepest: a patch embedding at 1/16 is no cut of EfficientViT's stages at
     1/16), projected to the target's channels; none when that stage is the features."""
-    features = source.features
     order = {path: i for i, path in enumerate(source.modules)}
     points = sorted(truncation_points(source, target.stride), key=lambda s: order.get(s.path, -1))
-    found = []
-    for stage in points[-1:]:
-        if features is not None and stage.path == features.path:
-            continue
-        ops = [
-            *_stem_ops(source, target),
-            make_op("truncate", after=stage.path),
-            *_project(stage.channels, target),
-        ]
-        made = _fit_recipe(backbone, source, target, ops)
-        found.append(Candidate(made, f"truncate after {stage.path}", "-", -1))
-    return found
+    features = source.features
+    if not points or (features is not None and points[-1].path == features.path):
+        return []
+    stage = points[-1]
+    ops = [
+        *_stem_ops(source, target),
+        make_op("truncate", after=stage.path),
+        *_project(stage.channels, target),
+    ]
+    made = _fit_recipe(backbone, source, target, ops)
+    return [Candidate(made, f"truncate after {stage.path}", "-", -1)]
 
 
 def _fit_recipe(backbone: Backbone, source: Trace, target: Target, ops: list[Op]) -> Recipe:

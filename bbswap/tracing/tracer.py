@@ -751,13 +751,13 @@ def _after(trace: Trace, path: str, features: Stage | None) -> bool:
     runs after the features and outside them (a head)."""
     if features is None:
         return False
-    inside = path == features.path or path.startswith(f"{features.path}.")
-    if path in trace.modules and features.path in trace.modules:
-        return not inside and trace.modules.index(path) > trace.modules.index(features.path)
-    paths = [s.path for s in trace.stages]
-    if path not in paths or features.path not in paths:
+    order = list(trace.modules)
+    if path not in order or features.path not in order:
+        order = [s.path for s in trace.stages]  # a call's stage: the stage table's order
+    if path not in order or features.path not in order:
         return False
-    return not inside and paths.index(path) > paths.index(features.path)
+    inside = path == features.path or path.startswith(f"{features.path}.")
+    return not inside and order.index(path) > order.index(features.path)
 
 
 def require_cnn(trace: Trace, name: str) -> None:
