@@ -58,6 +58,21 @@ BAD = [
         ],
     ),
     (
+        "no-patch-embedding",
+        toml('op = "patch"\nsize = 16'),
+        ["ops[0] (patch): the model has no patch embedding (a conv whose kernel is its stride"],
+    ),
+    (
+        "patch-at-without-patch-embedding",
+        toml('op = "patch"\nsize = 16\nat = "conv1"'),
+        ["ops[0] (patch).at: the model has no patch embedding"],
+    ),
+    (
+        "patch-too-large",
+        toml('op = "patch"\nsize = 256'),
+        ["ops[0] (patch).size: 256 must be below 256"],
+    ),
+    (
         "unknown-stage",
         toml('op = "truncate"\nafter = "layer4"', 'op = "stride"\nat = "layer9"\nstride = 1'),
         [

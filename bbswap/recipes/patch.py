@@ -104,12 +104,13 @@ class Patch(Op, kind=OpKind.PATCH):
 
     def _conv(self, trace: Trace, where: str) -> SpatialOp:
         convs = patch_convs(trace)
+        if not convs:
+            field = ".at" if self.at is not None else ""
+            raise RecipeError(
+                f"{where}{field}: the model has no patch embedding (a conv whose kernel is its "
+                "stride, without padding) on its output's path"
+            )
         if self.at is None:
-            if not convs:
-                raise RecipeError(
-                    f"{where}: the model has no patch embedding (a conv whose kernel is its "
-                    "stride, without padding) on its output's path"
-                )
             return convs[0]
         for o in convs:
             if o.id == self.at:
