@@ -219,6 +219,23 @@ def test_a_swin_cut_gives_torchvisions_stage_output_channels_first(tmp_path):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_a_maxvit_cut_inside_its_block_list_gives_torchvisions_stage_output(tmp_path):
+    # the cut is in the ModuleList the forward loops over; the file keeps blocks 0-2 under
+    # their names, so torchvision's MaxViT takes its weights and its extractor compares
+    torch.manual_seed(0)
+    cut = _emitted("tv:maxvit_t", "blocks.2", tmp_path)
+    reference = torchvision.models.maxvit_t().eval()
+    missing = reference.load_state_dict(cut.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith(("blocks.3", "classifier")) for k in missing)
+    extractor = create_feature_extractor(reference, return_nodes={"blocks.2": "out"})
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        want = extractor(x)["out"]
+        got = cut(x)
+    assert got.shape == (1, 256, 14, 14)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_an_efficientvit_cut_gives_timms_features_only_stage(tmp_path):
     torch.manual_seed(0)
     cut = _emitted("timm:efficientvit_b0", "stages.2", tmp_path)
