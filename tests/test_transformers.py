@@ -26,7 +26,6 @@ from timm.models import FeatureListNet
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import bbswap
-from bbswap.errors import NotACNN
 from bbswap.kinds import Layout
 from bbswap.recipes.registry import make_op
 from bbswap.recipes.schema import Recipe
@@ -346,11 +345,17 @@ def test_attention_scores_of_a_window_as_large_as_the_grid_are_no_map():
     assert report.features is not None and report.features.out_shape == (1, 8, 8, 768)
 
 
-def test_tokens_after_the_last_map_are_refused_not_cut_at_the_patch_embedding():
+def test_tokens_after_the_last_map_are_laid_on_their_grid_not_cut_at_the_patch_embedding():
     # a rotary-embedding ViT with dynamic_img_size keeps its patches NHWC for one call;
-    # its features are the tokens after its blocks, not that map
-    with pytest.raises(NotACNN, match=r"tokens on its 16x16 grid \('__getitem__\(\)'"):
-        bbswap.fit("timm:vit_base_patch16_rope_reg1_gap_256", channels=256, stride=16)
+    # its features are the tokens after its blocks, laid on their grid by its own
+    # forward_intermediates, not that map
+    spec = "timm:vit_base_patch16_rope_reg1_gap_256"
+    report = bbswap.inspect_backbone(spec, kwargs={"depth": 2})
+    assert report.trace.output_shape == (1, 768, 16, 16)
+    assert "forward_intermediates" in report.trace.note
+    paths = [stage.path for stage in report.trace.stages]
+    assert "body.blocks.1" in paths  # the output comes after the last block
+    assert paths.index("body.blocks.1") > paths.index("body.patch_embed")
 
 
 def test_a_matrix_row_gives_the_channels_of_an_nhwc_map():

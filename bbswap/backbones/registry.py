@@ -50,8 +50,9 @@ from bbswap.errors import (
     choices,
 )
 from bbswap.parsing import PyRef
+from bbswap.surgery.intermediates_grid import IntermediatesGrid, call_arguments
 from bbswap.surgery.vit_grid import token_grid
-from bbswap.tracing.vit_grid import recognise
+from bbswap.tracing.vit_grid import grid_of, recognise
 from bbswap.zoo import ZOO
 
 
@@ -104,6 +105,9 @@ class Backbone:
     # the input H and W the model is traced at by default: 224x224, or the one size a timm
     # model is built for (its config's ``input_size`` where it says ``fixed_input_size``)
     own_size: tuple[int, int] = (224, 224)
+    # a timm model whose features are tokens, laid on their grid by its own
+    # ``forward_intermediates`` (bbswap.surgery.intermediates_grid)
+    tokens_by_intermediates: bool = False
 
     def build(self, in_chans: int | None = None) -> nn.Module:
         """Call the factory; ``in_chans`` is passed on when the factory takes it."""
@@ -150,6 +154,8 @@ class Backbone:
             raise ModelError(f"{self.spec} returned {type(model).__name__}, not a torch.nn.Module")
         if self.kind in (BackboneKind.TV, BackboneKind.TIMM):
             model = token_grid(model)  # a plain ViT: its tokens on their grid
+        if self.tokens_by_intermediates and grid_of(model) is None:
+            model = IntermediatesGrid(model)
         return model
 
     @property
@@ -398,19 +404,49 @@ def _timm(spec: str, kwargs: dict[str, Any]) -> Backbone:
     asked = {**saved, **kwargs}
     cfg = timm.models.get_pretrained_cfg(arch)
     fixed = cfg is not None and bool(getattr(cfg, "fixed_input_size", False))
+    built = {**asked, **(_timm_dynamic(timm, arch, asked) if fixed else {})}
+    size = _timm_size(cfg.input_size, asked) if fixed else (224, 224)
     return Backbone(
         spec,
         kind,
         arch,
         factory,
-        {**asked, **(_timm_dynamic(timm, arch, asked) if fixed else {})},
+        built,
         3,
         takes,
         source="timm",
         attr=arch,
         builder_weights=found,
-        own_size=_timm_size(cfg.input_size, asked) if fixed else (224, 224),
+        own_size=size,
+        tokens_by_intermediates=_timm_tokens(timm, arch, built, size),
     )
+
+
+def _timm_tokens(
+    timm: ModuleType, arch: str, kwargs: dict[str, Any], size: tuple[int, int]
+) -> bool:
+    """Whether a timm model's ``forward_features`` returns tokens (N, L, C) where its
+    ``forward_intermediates`` returns the last block's map (N, C, H', W'): EVA, BEiT,
+    XCiT, the rotary ViTs, at its own size and at twice it. Built and run on the meta
+    device; a plain ViT, which bbswap lays on its grid itself, is not one."""
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(arch, pretrained=False, **kwargs)
+            if recognise(model) is not None or not hasattr(model, "forward_intermediates"):
+                return False
+            x = torch.empty(1, int(kwargs.get("in_chans", 3)), *size)
+            tokens = model.eval().forward_features(x)
+            if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
+                return False
+            maps = model.forward_intermediates(x, **call_arguments(model))
+            # at twice the size too: a model that takes one size (MLP-Mixer, a fixed
+            # position embedding) is left as it is, and refused for what ties it
+            twice = model.forward_intermediates(
+                torch.empty(1, x.shape[1], 2 * size[0], 2 * size[1]), **call_arguments(model)
+            )
+    except Exception:  # the plain build or forward fails too, and the trace reports it
+        return False
+    return all(isinstance(m, list) and m and m[-1].dim() == 4 for m in (maps, twice))
 
 
 def _timm_dynamic(timm: ModuleType, arch: str, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -66,10 +66,11 @@ from bbswap.surgery.core import (
     parent_path,
 )
 from bbswap.surgery.fx_trace import trace_children_as_leaves
+from bbswap.surgery.intermediates_grid import MODEL, IntermediatesGrid
 from bbswap.surgery.layout import LAYOUT_CLASSES
 from bbswap.surgery.same import SAME_CLASSES
 from bbswap.tracing.tracer import Trace, describe_factor
-from bbswap.tracing.vit_grid import grid_of
+from bbswap.tracing.vit_grid import grid_note, grid_of
 
 _FAMILIES = {
     "resnet": "ResNet",
@@ -579,7 +580,11 @@ def _indent(text: str, n: int) -> str:
 
 
 def _path_expr(model: nn.Module, base: str, path: str) -> str:
-    """Source that reaches ``path`` from ``base`` (indexing Sequential and ModuleList)."""
+    """Source that reaches ``path`` from ``base`` (indexing Sequential and ModuleList).
+    The file's ``body`` is what its builder returns: for an :class:`IntermediatesGrid`,
+    the timm model the grid holds."""
+    if isinstance(model, IntermediatesGrid) and path.split(".")[0] == MODEL:
+        model, path = model.body, path[len(MODEL) + 1 :]
     out, module = base, model
     for part in path.split(".") if path else []:
         indexable = isinstance(module, (nn.Sequential, nn.ModuleList))
@@ -919,6 +924,9 @@ def _adopt_root(
         elif result.outputs is not None and child in new and child not in body:  # another output's
             lines += _comments_for(projection_comment(result.outputs, child))
             lines.append(_assign("self", child, new[child]))
+        elif isinstance(result.surgery.model, IntermediatesGrid) and child == MODEL:
+            # the whole timm model, whose forward_intermediates the forward calls
+            lines += [IntermediatesGrid.prune_line("body"), _assign("self", child, "body")]
         else:
             lines.append(_assign("self", child, _kept(patched, body, child)))
     for pname, _ in patched.named_parameters(recurse=False):
@@ -1011,9 +1019,10 @@ def _generated_by(imports: Imports, note: str) -> list[str]:
 def _grid_lines(source: nn.Module) -> list[str]:
     """What the file does with a ViT's tokens, for a ViT laid on its grid."""
     layout = grid_of(source)
-    if layout is None:
+    note = layout.note if layout is not None else grid_note(source)
+    if note is None:
         return []
-    text = f"Token grid:      {layout.note}"
+    text = f"Token grid:      {note}"
     return textwrap.wrap(text, 100, subsequent_indent=" " * 17, break_on_hyphens=False)
 
 

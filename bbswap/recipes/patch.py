@@ -22,7 +22,7 @@ from torch import nn
 
 from bbswap.errors import RecipeError, SurgeryError, choices
 from bbswap.recipes.schema import Field, Op, OpKind
-from bbswap.surgery.core import Surgery, module_at, new_module
+from bbswap.surgery.core import Surgery, module_at, new_module, parent_path
 from bbswap.tracing.tracer import SpatialOp, Trace
 
 MAX_PATCH = 1 << 8  # exclusive, as every bound of a field
@@ -134,3 +134,7 @@ class Patch(Op, kind=OpKind.PATCH):
                     new.bias.copy_(conv.bias)
         old = f"{conv.kernel_size[0]}x{conv.kernel_size[1]}"
         surgery.replace(target.id, new, source, old, f"{self.size}x{self.size}", "patch")
+        # timm's PatchEmbed sizes its grid, pads and checks the input by its patch_size
+        owner = module_at(surgery.model, parent_path(target.id))
+        if getattr(owner, "patch_size", None) == tuple(conv.kernel_size):
+            surgery.set_attr(parent_path(target.id), "patch_size", (self.size, self.size))

@@ -379,10 +379,29 @@ def rewrite_forward(module: nn.Module, rw: OwnerRewrite, owner: str) -> fx.Graph
     gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
-    gm.delete_all_unused_submodules()
+    _delete_unused_submodules(gm)
     gm.recompile()
     _keep_child_order(gm, module)
     return gm
+
+
+def _delete_unused_submodules(gm: fx.GraphModule) -> None:
+    """fx's ``delete_all_unused_submodules``, where a module the graph reads as an
+    attribute (``IntermediatesGrid`` reads its timm model, to call one of its methods) is
+    used whole, as a called one is."""
+    used: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "get_attr"):
+            continue
+        parts = str(node.target).split(".")
+        used.update(".".join(parts[: i + 1]) for i in range(len(parts)))
+        try:
+            target = gm.get_submodule(str(node.target))
+        except AttributeError:  # a parameter or buffer, not a module
+            continue
+        used.update(f"{node.target}.{name}" for name, _ in target.named_modules() if name)
+    for name in [name for name, _ in gm.named_modules() if name and name not in used]:
+        gm.delete_submodule(name)
 
 
 @contextlib.contextmanager

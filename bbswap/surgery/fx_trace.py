@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from bbswap.errors import SurgeryError
+from bbswap.surgery.intermediates_grid import IntermediatesGrid
 
 # functions whose argument of this name (at this position) is the module's mode
 _MODE_ARGUMENT: dict[Any, tuple[str, int]] = {
@@ -48,7 +49,11 @@ class _ChildrenAsLeaves(fx.Tracer):
 
 def trace_children_as_leaves(module: nn.Module, owner: str = "") -> fx.Graph:
     """The graph of ``module``'s own forward, every submodule call kept as a call; the
-    forward must not branch on ``self.training`` (``owner``, its path, names it if so)."""
+    forward must not branch on ``self.training`` (``owner``, its path, names it if so).
+    An :class:`IntermediatesGrid`, whose forward only calls a method of its timm model,
+    gives its graph itself."""
+    if isinstance(module, IntermediatesGrid):
+        return module.graph()
     with _mode(module, True):
         train = _ChildrenAsLeaves().trace(module)
     with _mode(module, False):

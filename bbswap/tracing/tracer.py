@@ -53,7 +53,7 @@ from bbswap.tracing.spatial_ops import (
     meta_result,
     space_to_depth,
 )
-from bbswap.tracing.vit_grid import grid_of, recognise
+from bbswap.tracing.vit_grid import grid_note, grid_of, recognise
 
 Shape = tuple[int, ...]
 
@@ -1217,6 +1217,9 @@ def trace(
         require_cnn(result, name)
     else:  # a ViT on its grid keeps its tokens' number: no refusal
         result = replace(result, note="; ".join(filter(None, [result.note, layout.note])))
+    note = grid_note(model)  # tokens laid on their grid by timm's forward_intermediates
+    if note is not None:
+        result = replace(result, note="; ".join(filter(None, [result.note, note])))
     return result, model
 
 

@@ -71,6 +71,13 @@ def grid_of(model: object) -> ViTLayout | None:
     return layout if isinstance(layout, ViTLayout) else None
 
 
+def grid_note(model: object) -> str | None:
+    """What lays a model's tokens on their grid, for a timm model whose own
+    ``forward_intermediates`` does (``bbswap.surgery.intermediates_grid``); else None."""
+    note = getattr(model, "intermediates_note", None)
+    return note if isinstance(note, str) else None
+
+
 def recognise(model: nn.Module) -> ViTLayout | None:
     """The layout of a timm or torchvision ViT; None for any other model."""
     return _timm_layout(model) or _torchvision_layout(model)
