@@ -4,14 +4,13 @@ timm's own models on the same weights."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
+from cli_helpers import import_plain
 
 from bbswap.backbones.registry import resolve
 from bbswap.codegen.export import export
@@ -26,14 +25,6 @@ ROPE = "timm:vit_small_patch16_rope_224"
 ROPE_KW = {"depth": 2, "embed_dim": 64, "num_heads": 2}
 XCIT = "timm:xcit_nano_12_p16_224"
 XCIT_KW = {"depth": 2}
-
-
-def _import(path: Path, name: str) -> ModuleType:
-    found = importlib.util.spec_from_file_location(name, path)
-    assert found is not None and found.loader is not None
-    module = importlib.util.module_from_spec(found)
-    found.loader.exec_module(module)
-    return module
 
 
 def _on_grid(tokens: torch.Tensor, prefix: int, h: int, w: int) -> torch.Tensor:
@@ -74,7 +65,7 @@ def test_a_rope_vit_file_gives_timms_own_tokens_on_their_grid(tmp_path: Path) ->
     assert all(check.ok for check in done.report.checks)
     text = out.read_text()
     assert "body.forward_intermediates(" in text and "import bbswap" not in text
-    model = getattr(_import(out, "bbswap_rope"), done.emitted.class_name)().eval()
+    model = getattr(import_plain(out), done.emitted.class_name)().eval()
     model.load_state_dict(done.result.model.state_dict())
     grid: list[torch.Tensor] = []
     model.proj.register_forward_pre_hook(lambda m, args: grid.append(args[0]))
@@ -101,7 +92,7 @@ def test_an_eva_reaches_one_16th_by_resampling_its_patches(tmp_path: Path) -> No
     done = export(EVA, recipe, out, kwargs=EVA_KW)
     assert all(check.ok for check in done.report.checks)
     assert "body.patch_embed.patch_size = (16, 16)" in out.read_text()
-    model = getattr(_import(out, "bbswap_eva16"), done.emitted.class_name)().eval()
+    model = getattr(import_plain(out), done.emitted.class_name)().eval()
     torch.manual_seed(1)
     state = timm.create_model(EVA[5:], pretrained=False, **EVA_KW).state_dict()
     state["patch_embed.proj.weight"] = timm.layers.resample_patch_embed(
