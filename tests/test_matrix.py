@@ -452,3 +452,30 @@ def test_a_worker_that_dies_is_an_error_not_a_wait(tmp_path):
     )
     result = cli("matrix", f"{dies}:Dies", ALEXNET, "--stride", 16, "--no-verify", "--jobs", 2)
     assert_one_line_error(result, "a worker process died", "Dies", "--jobs 1")
+
+
+def test_a_worker_past_its_share_of_memory_fails_its_row_and_the_sweep_goes_on(tmp_path):
+    from bbswap.search.matrix import _available_memory
+
+    free = _available_memory()
+    if free is None:
+        pytest.skip("no /proc/meminfo: the workers get no memory share here")
+    greedy = tmp_path / "greedy.py"
+    greedy.write_text(
+        "import torch\n"
+        "from torch import nn\n\n\n"
+        "class Greedy(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.Conv2d(3, 8, 3, stride=2)\n"
+        f"        self.cache = torch.empty({free * 3 // 4}, dtype=torch.uint8, device='cpu')\n\n"
+        "    def forward(self, x):\n"
+        "        return self.conv(x)\n"
+    )
+    # three quarters of the free memory, never written: the system would grant it, a
+    # worker's half share does not
+    found = matrix([f"{greedy}:Greedy", ALEXNET], strides=(16,), verify=False, jobs=2)
+    greedy_row, alexnet_row = found.rows
+    assert not greedy_row.ok
+    assert "allocate" in " ".join([greedy_row.detail, *(c.detail for c in greedy_row.cells)])
+    assert alexnet_row.ok

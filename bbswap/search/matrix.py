@@ -258,11 +258,12 @@ def _rows_in_workers(
     from bbswap.backbones.guard import current_limit
 
     threads = max(1, (os.cpu_count() or 1) // workers)
+    memory = _available_memory()
     pool = ProcessPoolExecutor(
         workers,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_start_worker,
-        initargs=(threads, current_limit()),
+        initargs=(threads, current_limit(), memory // workers if memory else None),
     )
     rows: dict[int, Row] = {}
     try:
@@ -295,12 +296,34 @@ def _rows_in_workers(
 _worker_limit: list[float | None] = [None]
 
 
-def _start_worker(threads: int, limit: float | None) -> None:
-    """A worker's torch threads, and the time limit the sweep gives user code a stage."""
+def _available_memory() -> int | None:
+    """The bytes of memory this machine has free now (Linux), or None where unknown."""
+    try:
+        lines = Path("/proc/meminfo").read_text(encoding="ascii").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key == "MemAvailable" and value.split()[-1:] == ["kB"]:
+            return int(value.split()[0]) * 1024
+    return None
+
+
+def _start_worker(threads: int, limit: float | None, memory: int | None) -> None:
+    """A worker's torch threads, the time limit the sweep gives user code a stage, and
+    its share of the free memory: past it an allocation fails in that worker (a failed
+    candidate, or its row's reason) instead of the system killing a worker, which would
+    end the whole sweep."""
     import torch
 
     torch.set_num_threads(threads)
     _worker_limit[0] = limit
+    if memory is not None:
+        import resource
+
+        _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        if hard == resource.RLIM_INFINITY or memory < hard:
+            resource.setrlimit(resource.RLIMIT_DATA, (memory, hard))
 
 
 def _row_in_worker(spec: str, task: _Task, debug: bool) -> Row:
