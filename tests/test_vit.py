@@ -294,3 +294,45 @@ def test_a_patch_14_vit_reaches_one_16th_by_resampling_its_patches(tmp_path: Pat
             )[-1]
         assert got.shape == (1, 64, h // 16, w // 16)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+SAM = "timm:samvit_base_patch16"
+SAM_KW = {
+    "img_size": 64,
+    "embed_dim": 32,
+    "depth": 2,
+    "num_heads": 2,
+    "window_size": 2,
+    "global_attn_indexes": (1,),
+    "neck_chans": 24,
+}
+
+
+def test_sam_vit_resizes_its_own_embedding_and_fits_value_by_value(tmp_path: Path) -> None:
+    """SAM's ViT adds a position embedding learnt for one grid, but resamples it to each
+    grid in its own forward (timm's resample_abs_pos_embed_nhwc): no fixed-size refusal.
+    The emitted file calls the same timm function and equals timm's forward_features at
+    the size it was built for and at two others."""
+    report = inspect_backbone(SAM, "1x3x64x64", kwargs=SAM_KW)
+    assert not report.trace.fixed_size
+    assert report.rules[0].format("H") == "H -> floor(H/16)"
+    found = fit(SAM, channels=24, stride=16, rounding="any", kwargs=SAM_KW)
+    assert found.winner.label == "no stride change"
+    out = tmp_path / "sam.py"
+    done = export(SAM, winner_recipe(found), out, kwargs=SAM_KW)
+    assert all(check.ok for check in done.report.checks)
+    assert "timm.layers.pos_embed.resample_abs_pos_embed_nhwc(" in out.read_text()
+    model = getattr(_import(out, "bbswap_sam"), done.emitted.class_name)().eval()
+    torch.manual_seed(2)
+    ref = timm.create_model(SAM[5:], pretrained=False, **SAM_KW).eval()
+    model.load_state_dict({k: v for k, v in ref.state_dict().items() if k in model.state_dict()})
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    given = inspect_backbone(ref, "1x3x64x64")  # an instance: traced on fake tensors
+    assert not given.trace.fixed_size and given.rules[0].format("W") == "W -> floor(W/16)"
+    assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())
+    for h, w in ((64, 64), (96, 128), (128, 80)):
+        x = torch.randn(1, 3, h, w)
+        with torch.no_grad():
+            got, want = model(x), ref.forward_features(x)
+        assert got.shape == (1, 24, h // 16, w // 16)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

@@ -178,6 +178,9 @@ def function_ref(target: Any, imports: Imports, local: set[str]) -> str:
     if module == "operator":
         imports.add("import operator")
         return f"operator.{name}"
+    if module.split(".")[0] == "timm" and getattr(sys.modules.get(module), name, None) is target:
+        imports.add(f"import {module}")  # a timm model's file imports timm anyway
+        return f"{module}.{name}"  # qualified: the call's result is named as the function
     raise SurgeryError(
         f"cannot name the function {module}.{name} in generated code (it is neither from "
         "torch nor bundled)"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import operator
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,10 +42,24 @@ _MARK = "<mode>"
 
 
 class _ChildrenAsLeaves(fx.Tracer):
-    """Trace one module's own forward; every submodule call stays a call."""
+    """Trace one module's own forward; every submodule call stays a call, and so does a
+    call of timm's position-embedding resampling (:func:`kept_calls`)."""
+
+    def __init__(self) -> None:
+        super().__init__(autowrap_functions=kept_calls())
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name != ""
+
+
+def kept_calls() -> tuple[Any, ...]:
+    """Functions the trace keeps as one call: timm's resampling of a position embedding
+    to the grid it is added to (SAM's ViT calls it in its own forward). It compares the
+    grid with the embedding's, which fx cannot trace; the generated file imports it from
+    timm, as it imports the model's builder. Empty unless timm is already imported."""
+    layers = sys.modules.get("timm.layers")
+    names = ("resample_abs_pos_embed", "resample_abs_pos_embed_nhwc")
+    return tuple(getattr(layers, n) for n in names if hasattr(layers, n))
 
 
 def trace_children_as_leaves(module: nn.Module, owner: str = "") -> fx.Graph:

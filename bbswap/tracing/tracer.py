@@ -15,6 +15,7 @@ data does the trace fall back to real CPU tensors, and it says so.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -480,7 +481,7 @@ class _Mode(TorchFunctionMode):
         if embedding and not resized:
             at = f"at '{owner}'" if owner else "in the model's own forward"
             what = f"a positional embedding of fixed size ({embedding}) is added {at}"
-            rec.fixed_size = (what, owner, "fixed size: positional embedding")
+            rec.fixed_size = (what, owner, FIXED_EMBEDDING)
         tokens = layouts.token_linear(name, args[0] if args else None, x.layout)
         if tokens:
             what = f"a linear layer at '{owner}' mixes the tokens, {tokens} of them, no more"
@@ -1214,6 +1215,7 @@ def trace(
     result, model = _trace_built(build, input_shape, depth)
     layout = grid_of(model)
     if layout is None:
+        result = _resized_elsewhere(result, model, input_shape, depth)
         require_cnn(result, name)
     else:  # a ViT on its grid keeps its tokens' number: no refusal
         result = replace(result, note="; ".join(filter(None, [result.note, layout.note])))
@@ -1221,6 +1223,33 @@ def trace(
     if note is not None:
         result = replace(result, note="; ".join(filter(None, [result.note, note])))
     return result, model
+
+
+FIXED_EMBEDDING = "fixed size: positional embedding"  # a refusal's brief, and its kind
+
+
+def _resized_elsewhere(result: Trace, model: nn.Module, input_shape: Shape, depth: int) -> Trace:
+    """The trace without its fixed-size embedding when that embedding is no tie: the
+    model, traced again at twice the size (on meta or fake tensors, as it was first),
+    runs and adds no parameter as it is there. A model that resizes its embedding to
+    each grid itself (SAM's ViT) adds the parameter unchanged at the size it was built
+    for, the one traced first; a model that cannot take another size fails at twice it,
+    and keeps its refusal."""
+    if result.fixed_size_brief != FIXED_EMBEDDING or result.device is Device.CPU:
+        return result
+    n, c, h, w = input_shape
+    quiet = logging.getLogger("torch._subclasses.fake_tensor")  # it logs the failure
+    level, quiet.level = quiet.level, logging.CRITICAL
+    try:
+        with _preserved(model):
+            other = trace_module(model, (n, c, 2 * h, 2 * w), depth, result.device)
+    except ForwardFailed:
+        return result
+    finally:
+        quiet.setLevel(level)
+    if other.fixed_size:
+        return result
+    return replace(result, fixed_size="", fixed_size_at="", fixed_size_brief="")
 
 
 def _trace_built(
@@ -1295,6 +1324,7 @@ def trace_instance(
                 "a checkpoint)",
                 brief="ViT instance: give its spec",
             )
+        result = _resized_elsewhere(result, model, input_shape, depth)
         require_cnn(result, name)
     return result
 
