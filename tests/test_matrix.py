@@ -479,3 +479,38 @@ def test_a_worker_past_its_share_of_memory_fails_its_row_and_the_sweep_goes_on(t
     assert not greedy_row.ok
     assert "allocate" in " ".join([greedy_row.detail, *(c.detail for c in greedy_row.cells)])
     assert alexnet_row.ok
+
+
+def test_a_row_failed_after_another_in_the_same_worker_is_tried_again_alone(tmp_path):
+    """A backbone that leaves state behind in its process (here a flag on torch; in a
+    sweep, memory the allocator keeps) makes the next one in the same worker fail; the
+    sweep tries that row again in a process of its own, and the second try stands."""
+    from bbswap.search.matrix import _pool_rows, _rows_in_workers, _Task
+
+    models = tmp_path / "leaky.py"
+    models.write_text(
+        "import torch\n"
+        "from torch import nn\n\n\n"
+        "class Leaky(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        torch.bbswap_left_behind = True\n"
+        "        self.conv = nn.Conv2d(3, 8, 3, stride=2)\n\n"
+        "    def forward(self, x):\n"
+        "        return self.conv(x)\n\n\n"
+        "class Fragile(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        if getattr(torch, 'bbswap_left_behind', False):\n"
+        "            raise RuntimeError('something was left behind')\n"
+        "        self.conv = nn.Conv2d(3, 8, 3, stride=2)\n\n"
+        "    def forward(self, x):\n"
+        "        return self.conv(x)\n"
+    )
+    specs = [f"{models}:Leaky", f"{models}:Fragile"]
+    task = _Task((2,), None, False, "any", (None, None, (), "list"))
+    one_worker = _pool_rows(dict(enumerate(specs)), task, False, [1], None, 0)
+    assert one_worker[0].ok and not one_worker[1].ok
+    assert "something was left behind" in one_worker[1].detail
+    leaky, fragile = _rows_in_workers(specs, task, False, 1, None)
+    assert leaky.ok and fragile.ok, fragile.detail

@@ -249,48 +249,80 @@ def _rows_in_workers(
 ) -> list[Row]:
     """The rows, tried by ``workers`` fresh processes (spawned: no thread pool of this one
     is carried over) that share the cores, one torch thread each; in the order of
-    ``specs``. ``progress`` names the first backbone not yet done as each one ends; the
-    first unexpected error with ``debug`` ends the sweep, as it does serially, and so does
-    a worker that dies (killed for memory, say): an error, never a wait without end."""
+    ``specs``. ``progress`` names the first backbone not yet done as each one ends.
+
+    A worker goes on from one backbone to the next, so what one backbone leaves behind
+    (memory its allocator keeps, a library's global state) can make a later one fail
+    there. Every row that failed, refusals aside, is therefore tried once more, each in a
+    process of its own, and that row stands: a sweep's failures are the backbones' own."""
+    if progress is not None:
+        progress(0, len(specs), specs[0])
+    rows = _pool_rows(dict(enumerate(specs)), task, debug, [workers], progress, len(specs))
+    again = [(i, specs[i]) for i, row in sorted(rows.items()) if not row.ok and not row.refused]
+    for k in range(0, len(again), workers):  # ``workers`` at a time, a process for each
+        batch = dict(again[k : k + workers])
+        rows.update(_pool_rows(batch, task, debug, [1] * len(batch), None, 0))
+    return [rows[i] for i in range(len(specs))]
+
+
+def _pool_rows(
+    specs: dict[int, str],
+    task: _Task,
+    debug: bool,
+    pools: list[int],
+    progress: Callable[[int, int, str | None], None] | None,
+    total: int,
+) -> dict[int, Row]:
+    """The rows of ``specs`` (by their place in the sweep) from pools of workers, as many
+    workers in each as ``pools`` says (``[1, 1]``: two pools of one, each given one
+    backbone); the free memory is shared among all of them. The first unexpected error
+    with ``debug`` ends the sweep, as it does serially, and so does a worker that dies
+    (killed for memory, say): an error, never a wait without end."""
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
     from bbswap.backbones.guard import current_limit
 
+    workers = sum(pools)
     threads = max(1, (os.cpu_count() or 1) // workers)
     memory = _available_memory()
-    pool = ProcessPoolExecutor(
-        workers,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_start_worker,
-        initargs=(threads, current_limit(), memory // workers if memory else None),
-    )
+    executors = [
+        ProcessPoolExecutor(
+            n,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_worker,
+            initargs=(threads, current_limit(), memory // workers if memory else None),
+        )
+        for n in pools
+    ]
     rows: dict[int, Row] = {}
     try:
-        if progress is not None:
-            progress(0, len(specs), specs[0])
-        numbered = {pool.submit(_row_in_worker, s, task, debug): i for i, s in enumerate(specs)}
+        numbered = {
+            executors[k % len(executors)].submit(_row_in_worker, s, task, debug): i
+            for k, (i, s) in enumerate(specs.items())
+        }
         pending = set(numbered)
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 rows[numbered[future]] = future.result()
-            left = [s for k, s in enumerate(specs) if k not in rows]
+            left = [s for k, s in specs.items() if k not in rows]
             if progress is not None and left:
-                progress(len(rows), len(specs), left[0])
+                progress(len(rows), total, left[0])
     except BrokenProcessPool:
-        left = [s for k, s in enumerate(specs) if k not in rows][:workers]
+        left = [s for k, s in specs.items() if k not in rows][:workers]
         raise ModelError(
             "a worker process died (killed, perhaps for memory) while trying one of "
             f"{', '.join(left)}; try them with {{jobs}} 1",
             params=("jobs",),
         ) from None
     finally:
-        processes = getattr(pool, "_processes", None) or {}
-        for process in list(processes.values()):
-            process.terminate()  # an error or a stop signal: no worker goes on running
-        pool.shutdown(wait=True, cancel_futures=True)
-    return [rows[i] for i in range(len(specs))]
+        for pool in executors:
+            processes = getattr(pool, "_processes", None) or {}
+            for process in list(processes.values()):
+                process.terminate()  # an error or a stop signal: no worker goes on running
+            pool.shutdown(wait=True, cancel_futures=True)
+    return rows
 
 
 _worker_limit: list[float | None] = [None]
