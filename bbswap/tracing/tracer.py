@@ -1239,7 +1239,8 @@ def _resized_elsewhere(result: Trace, model: nn.Module, input_shape: Shape, dept
         return result
     n, c, h, w = input_shape
     quiet = logging.getLogger("torch._subclasses.fake_tensor")  # it logs the failure
-    level, quiet.level = quiet.level, logging.CRITICAL
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # setLevel, not the attribute: it clears the cache
     try:
         with _preserved(model):
             other = trace_module(model, (n, c, 2 * h, 2 * w), depth, result.device)
