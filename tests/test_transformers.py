@@ -362,3 +362,47 @@ def test_a_matrix_row_gives_the_channels_of_an_nhwc_map():
     result = bbswap.matrix(["timm:swin_tiny_patch4_window7_224"], strides=(32,), verify=False)
     (row,) = result.rows
     assert (row.channels, row.downsample) == (768, (32.0, 32.0))
+
+
+TWINS_KW = {
+    "embed_dims": (16, 32, 48, 64),
+    "num_heads": (1, 2, 3, 4),
+    "depths": (1, 1, 1, 1),
+    "wss": (7, 7, 7, 7),
+    "sr_ratios": (8, 4, 2, 1),
+}
+
+
+def test_a_twins_patch_embedding_given_stride_1_computes_its_grid_from_it(tmp_path):
+    """Twins' PatchEmbed computes its token grid as the input size floor-divided by its
+    patch_size, not from its conv's output. A stride op on its conv sets that patch_size
+    too: the emitted file equals timm's Twins with the same two edits made by hand."""
+    spec = "timm:twins_svt_small"
+    ops = tuple(
+        make_op("stride", at=f"body.patch_embeds.{i}", stride=1, mode="stride") for i in (1, 2)
+    )
+    result = bbswap.apply_recipe(spec, Recipe("twins", ops, spec), "1x3x224x224", kwargs=TWINS_KW)
+    assert [e.attribute for e in result.edits].count("patch_size") == 2
+    path = tmp_path / "twins.py"
+    emitted = bbswap.emit(result)
+    path.write_text(emitted.source, encoding="utf-8")
+    found = importlib.util.spec_from_file_location("twins_emitted", path)
+    assert found is not None and found.loader is not None
+    module = importlib.util.module_from_spec(found)
+    found.loader.exec_module(module)
+    model = getattr(module, emitted.class_name)().eval()
+    torch.manual_seed(4)
+    ref = timm.create_model(spec[5:], pretrained=False, **TWINS_KW).eval()
+    theirs = {f"body.{k}": v for k, v in ref.state_dict().items()}
+    model.load_state_dict({k: theirs.get(k, v) for k, v in model.state_dict().items()})
+    for i in (1, 2):
+        ref.patch_embeds[i].proj.stride = (1, 1)
+        ref.patch_embeds[i].proj.padding = "same"
+        ref.patch_embeds[i].patch_size = (1, 1)
+    for h, w in ((224, 224), (112, 160), (64, 96)):
+        x = torch.randn(1, 3, h, w)
+        with torch.no_grad():
+            got = model(x)
+            want = ref.forward_intermediates(x, indices=1, norm=True, intermediates_only=True)[-1]
+        assert got.shape == (1, 64, h // 8, w // 8)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

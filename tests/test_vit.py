@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from bbswap.cli.app import app
 from bbswap.codegen.export import export
-from bbswap.errors import NotACNN
+from bbswap.errors import NotACNN, TargetError
 from bbswap.kinds import Layout
 from bbswap.search.fit import fit, winner_recipe
 from bbswap.surgery.vit_grid import ViTGrid, token_grid
@@ -336,3 +336,38 @@ def test_sam_vit_resizes_its_own_embedding_and_fits_value_by_value(tmp_path: Pat
             got, want = model(x), ref.forward_features(x)
         assert got.shape == (1, 24, h // 16, w // 16)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+NAFLEX = "timm:naflexvit_base_patch16_gap"
+NAFLEX_KW = {"embed_dim": 32, "depth": 1, "num_heads": 2}
+
+
+def test_naflexvit_patchify_by_reshape_is_a_reduction_by_its_patch(tmp_path: Path) -> None:
+    """NaFlexViT cuts its input into patches with a view, a 6-D permute and a reshape
+    straight to tokens, then a linear layer: a space-to-depth by 16. It counts as the
+    reduction it is, so the grid is at 1/16, the emitted file's output_size says what the
+    model gives, and 1/8 is refused naming the reshape no stride op changes."""
+    report = inspect_backbone(NAFLEX, "1x3x64x64", kwargs=NAFLEX_KW)
+    assert report.trace.downsample == (16.0, 16.0)
+    assert [(o.op, o.stride) for o in report.trace.reductions] == [("space-to-depth", (16, 16))]
+    found = fit(NAFLEX, channels=24, stride=16, rounding="any", kwargs=NAFLEX_KW)
+    out = tmp_path / "naflex.py"
+    done = export(NAFLEX, winner_recipe(found), out, kwargs=NAFLEX_KW)
+    assert all(check.ok for check in done.report.checks)
+    module = _import(out, "bbswap_naflex")
+    model = getattr(module, done.emitted.class_name)().eval()
+    torch.manual_seed(3)
+    ref = timm.create_model(NAFLEX[5:], pretrained=False, **NAFLEX_KW).eval()
+    theirs = {f"body.{k}": v for k, v in ref.state_dict().items()}
+    model.load_state_dict({k: theirs.get(k, v) for k, v in model.state_dict().items()})
+    for h, w in ((64, 64), (48, 112), (160, 32)):
+        assert model.output_size(h, w) == (h // 16, w // 16)
+        x = torch.randn(1, 3, h, w)
+        with torch.no_grad():
+            got = model(x)
+            grid = _on_grid(ref.forward_features(x), ref.num_prefix_tokens, h // 16, w // 16)
+            want = model.proj_bn(model.proj(grid))
+        assert got.shape == (1, 24, h // 16, w // 16)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    with pytest.raises(TargetError, match=r"space-to-depth by 16 at body\.embeds\.reshape\(\)"):
+        fit(NAFLEX, channels=24, stride=8, rounding="any", kwargs=NAFLEX_KW)

@@ -8,7 +8,7 @@ from typing import Any
 
 from bbswap.errors import RecipeError, SurgeryError, choices
 from bbswap.recipes.schema import MAX_STRIDE, Field, Op, OpKind
-from bbswap.surgery.core import Surgery, fmt, module_at
+from bbswap.surgery.core import Surgery, fmt, module_at, parent_path
 from bbswap.surgery.same import SAME_CLASSES, same_version
 from bbswap.tracing.sizes import SizeStep
 from bbswap.tracing.spatial_ops import dynamic_same, pair
@@ -90,6 +90,8 @@ def _set(s: Surgery, o: SpatialOp, values: dict[str, Any], where: str) -> None:
     """Set an op's values; ``same`` among them makes it pad each input by its size (a
     module becomes its class of :mod:`bbswap.surgery.same`, sharing its weights)."""
     values = dict(values)
+    if o.kind == "module" and "stride" in values:
+        _follow_patch_size(s, o, pair(values["stride"]))
     if values.pop("same", False) and not current(s, o)["same"]:
         _make_same(s, o, values, where)
         return
@@ -102,6 +104,19 @@ def _set(s: Surgery, o: SpatialOp, values: dict[str, Any], where: str) -> None:
             s.set_attr(o.id, key, value)
     else:
         s.edit_call(o, values)
+
+
+def _follow_patch_size(s: Surgery, o: SpatialOp, stride: tuple[int, int]) -> None:
+    """A patch embedding that computes its token grid as its input size floor-divided by
+    its ``patch_size`` (Twins' PatchEmbed), not from its conv's output: when its conv,
+    whose stride is that patch size, gets a new stride, the owner's ``patch_size`` follows,
+    so the grid it computes stays the one its conv gives."""
+    path = parent_path(o.id)
+    owner = module_at(s.model, path) if path else s.model
+    before = pair(getattr(module_at(s.model, o.id), "stride", o.stride))
+    patch = getattr(owner, "patch_size", None)
+    if isinstance(patch, (tuple, list)) and tuple(patch) == before and stride != before:
+        s.set_attr(path, "patch_size", stride)
 
 
 def _make_same(s: Surgery, o: SpatialOp, values: dict[str, Any], where: str) -> None:

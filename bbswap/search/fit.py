@@ -364,7 +364,7 @@ def plan(
         # no stride change reaches the target: only another patch size can
         repatched = _repatched(found, have, target)
         if repatched is None:
-            raise TargetError(_infeasible(backbone, target, have, found))
+            raise TargetError(_infeasible(backbone, target, have, found, source))
         ops, label, order = repatched
         made = _fit_recipe(backbone, source, target, [*stem, *ops, *head, *tail])
         return [Candidate(made, label, "-", order)]
@@ -380,7 +380,7 @@ def plan(
     if allow_truncate or fixed_reductions(source, features):
         candidates += cut_candidates(backbone, source, target)
     if not candidates:
-        raise TargetError(_infeasible(backbone, target, have, found))
+        raise TargetError(_infeasible(backbone, target, have, found, source))
     return _dedupe(candidates)
 
 
@@ -523,7 +523,9 @@ def _repatched(found: list[Unit], have: Size, target: Target) -> tuple[list[Op],
     return [Patch(size=size)], f"{first.name}: patch {size}", first.order
 
 
-def _infeasible(backbone: Backbone, target: Target, have: Size, found: list[Unit]) -> str:
+def _infeasible(
+    backbone: Backbone, target: Target, have: Size, found: list[Unit], source: Trace
+) -> str:
     reachable = set()
     for n in range(len(found) + 1):
         for subset in itertools.combinations(found, n):
@@ -532,6 +534,21 @@ def _infeasible(backbone: Backbone, target: Target, have: Size, found: list[Unit
     powers = sorted({r for r in reachable if r} | {have[0] * 2, have[0] * 4})
     near = sorted(powers, key=lambda s: abs(s - target.stride[0]))[:3]
     by = ", ".join(_fmt(u.stride) for u in found) or "nothing"
+    features = source.features
+    chain = features.chain if features is not None else source.chain
+    by_id = {o.id: o for o in source.ops}
+    fixed = [
+        f"{by_id[i].op} by {_fmt(by_id[i].stride)} at {i}"
+        for i in chain
+        if by_id[i].op not in _WINDOW and by_id[i].reduces
+    ]
+    if fixed:
+        fixed_text = ", ".join(fixed)
+        by = (
+            f"{by}, and no stride op changes its {fixed_text}"
+            if found
+            else f"nothing a stride op changes ({fixed_text})"
+        )
     return (
         f"{backbone.spec} cannot reach stride {_fmt(target.stride)}: its features are at 1/"
         f"{_fmt(have)} and its reductions are by {by}; "
@@ -624,7 +641,7 @@ def plan_several(
     for i in range(2):
         big, small = max(have[i], low.stride[i]), min(have[i], low.stride[i])
         if big % small:
-            raise TargetError(_infeasible(backbone, one, have, found))
+            raise TargetError(_infeasible(backbone, one, have, found, source))
     stem = _stem_ops(source, target)
     plans: list[tuple[list[Op], str, str, int, str | None]] = [
         ([*stem, *ops], label, cmode, order, None)
@@ -638,7 +655,7 @@ def plan_several(
         ]
     out = [_tapped(backbone, source, model, target, *p) for p in plans]
     if not out:
-        raise TargetError(_infeasible(backbone, one, have, found))
+        raise TargetError(_infeasible(backbone, one, have, found, source))
     return _dedupe(out)
 
 

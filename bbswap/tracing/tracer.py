@@ -533,7 +533,7 @@ class _Mode(TorchFunctionMode):
                 nchw = layouts.as_nchw(in_shape, x_info.layout)
                 sa = layouts.blocks_args(window)
                 info = self._spatial(name, sa, owner, call, nchw, nchw, info)
-        if name in _FOLDS and y.dim() == 4:
+        if name in _FOLDS and y.dim() in (3, 4):
             folded = self._folded(name, owner, call, y, info, padded)
             if folded is not info:
                 return folded
@@ -563,6 +563,8 @@ class _Mode(TorchFunctionMode):
         rounding up."""
         if info.hw is None or layouts.classify(tuple(y.shape), info.hw, info.last) in layouts.GRIDS:
             return info  # the grid itself, in either layout: no fold
+        if y.dim() == 3:
+            return self._folded_to_tokens(name, owner, call, y, info)
         lay = Layout.NHWC if info.last is Layout.NHWC else Layout.NCHW
         shape = layouts.as_nchw(tuple(y.shape), lay)
         (h, w), (n, c, oh, ow) = info.hw, shape
@@ -577,6 +579,28 @@ class _Mode(TorchFunctionMode):
             sa = replace(sa, op="patch-merge", steps=(rows[0], rows[1]))
         info = self._spatial(name, sa, owner, call, (n, c // (fh * fw), h, w), shape, info)
         return replace(info, layout=lay, last=lay, hw=(oh, ow), padded=False, before_pad=None)
+
+    def _folded_to_tokens(
+        self, name: str, owner: str, call: int, y: torch.Tensor, info: _TensorInfo
+    ) -> _TensorInfo:
+        """A reshape of a 6-D permute straight to tokens, ``N x (H/f * W/f) x (C*f*f)``:
+        a patchify written without a conv (NaFlexViT's linear patch embedding), a
+        space-to-depth by ``f`` whose output is the token sequence of the coarser grid.
+        Only square patches are read so: the token count alone does not tell a 16x8
+        patch from an 8x16 one."""
+        if info.hw is None or info.layout is not Layout.NONE:
+            return info  # tokens of the grid itself, or no grid at all
+        (h, w), (n, tokens, c) = info.hw, tuple(y.shape)
+        if n != self.rec.batch or tokens < 1 or (h * w) % tokens:
+            return info
+        f = math.isqrt((h * w) // tokens)
+        if f < 2 or f * f * tokens != h * w or h % f or w % f or c % (f * f):
+            return info
+        grid = (h // f, w // f)
+        shape = (n, c, grid[0], grid[1])
+        sa = space_to_depth((f, f))
+        info = self._spatial(name, sa, owner, call, (n, c // (f * f), h, w), shape, info)
+        return replace(info, layout=Layout.TOKENS, hw=grid, padded=False, before_pad=None)
 
     def _spatial(
         self,
