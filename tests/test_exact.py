@@ -366,16 +366,31 @@ def test_even_kernel_conv_to_stride_1_takes_padding_same():
             make_op("stride", at="features.2", stride=1, mode="stride"),
             make_op("stride", at="features.2", stride=2, mode="stride"),
         )
-    # another stride on an even kernel: no fixed padding gives ceil(H/2), so the conv
-    # pads each input by its size
+    # another stride on a patch conv (kernel = stride = 4, unpadded, so it floors):
+    # (4 - 2) / 2 pixels a side keep it flooring at the new stride, a plain Conv2d
     stem = patched(CONVNEXT, make_op("stride", at="features.0", stride=2, mode="stride"))
+    conv = stem.model.features[0]
+    assert type(conv) is torch.nn.Conv2d and conv.stride == (2, 2) and conv.padding == (1, 1)
+    assert [(e.path, e.attribute, e.old, e.new) for e in stem.edits] == [
+        ("features.0", "stride", "4", "2"),
+        ("features.0", "padding", "0", "1"),
+    ]
+    for h, w in SIZES[::2]:
+        if h >= 2 and w >= 2:
+            with torch.no_grad():
+                got = conv(torch.randn(1, 3, h, w)).shape[-2:]
+            assert tuple(got) == (h // 2, w // 2), (h, w)
+    # made to round up, it has no fixed padding that gives ceil(H/2): the conv pads each
+    # input by its size
+    stem = patched(
+        CONVNEXT,
+        make_op("stride", at="features.0", stride=2, mode="stride"),
+        make_op("exact", at="features.0", rule="ceil"),
+    )
     conv = stem.model.features[0]
     assert type(conv).__name__ == "Conv2dSame" and conv.stride == (2, 2) and conv.padding == (0, 0)
     assert conv.weight is not real(CONVNEXT).features[0].weight  # a copy's, not the caller's
     assert torch.equal(conv.weight, real(CONVNEXT).features[0].weight)
-    assert [(e.path, e.attribute, e.old, e.new) for e in stem.edits] == [
-        ("features.0", "padding", "0", "same per size")
-    ]
     for h, w in SIZES[::2]:
         with torch.no_grad():
             got = conv(torch.randn(1, 3, h, w)).shape[-2:]

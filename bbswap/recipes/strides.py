@@ -223,6 +223,12 @@ def restride(
         if o.op != "conv" and k == now["stride"][axis] and padding[axis] == 0 and not keep:
             kernel[axis] = stride[axis]
             continue
+        patchify = o.op == "conv" and k == now["stride"][axis] and padding[axis] == 0 and d == 1
+        if patchify and pre == (0, 0) and stride[axis] < k and (k - stride[axis]) % 2 == 0:
+            # a patch conv floors (size // k); (k - s) / 2 pixels a side keep it flooring,
+            # size // s, at any size, as the grid its owner computes from the size does
+            padding[axis] = (k - stride[axis]) // 2
+            continue
         if not even:
             odd.append(axis)
             continue
@@ -358,8 +364,10 @@ class Stride(Op, kind=OpKind.STRIDE):
 
     def apply(self, surgery: Surgery, where: str) -> None:
         removed: dict[str, tuple[int, int]] = {}  # target id -> the stride factor it loses
+        changed: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}  # id -> (old, new)
         for o in stride_targets(surgery.trace, self.at):
             now = current(surgery, o)
+            changed[o.id] = (pair(now["stride"]), self.stride)
             removed[o.id] = (
                 max(1, now["stride"][0] // self.stride[0]),
                 max(1, now["stride"][1] // self.stride[1]),
@@ -370,6 +378,31 @@ class Stride(Op, kind=OpKind.STRIDE):
             _set(surgery, o, values, where)
         if self.mode == "dilate":
             _dilate_downstream(surgery, removed, where)
+        _follow_feature_ratio(surgery, changed)
+
+
+def _follow_feature_ratio(
+    s: Surgery, changed: dict[str, tuple[tuple[int, int], tuple[int, int]]]
+) -> None:
+    """A CNN stem of a hybrid ViT (timm's HybridEmbed) keeps ``feature_ratio``, the
+    reduction its ``backbone`` had when it was built, and lays the tokens on the grid of
+    the input size floor-divided by it (``dynamic_feat_size``): a stride change inside
+    that backbone changes the ratio by the same factor, once for the op's parallel
+    branches (they change by the same factor and meet at a join)."""
+    for path, module in s.model.named_modules():
+        ratio = getattr(module, "feature_ratio", None)
+        if not isinstance(ratio, tuple) or len(ratio) != 2 or not hasattr(module, "backbone"):
+            continue
+        inside = [v for k, v in changed.items() if k.startswith(f"{path}.backbone.".lstrip("."))]
+        if not inside:
+            continue
+        (old, new), now = inside[0], list(ratio)
+        for axis in range(2):
+            if (now[axis] * new[axis]) % old[axis]:
+                return  # no whole ratio: the patched model's trace says what it gives
+            now[axis] = now[axis] * new[axis] // old[axis]
+        if tuple(now) != ratio:
+            s.set_attr(path, "feature_ratio", (now[0], now[1]))
 
 
 def _dilate_downstream(s: Surgery, removed: dict[str, tuple[int, int]], where: str) -> None:

@@ -206,19 +206,21 @@ def run_meta(model: nn.Module, shape: Sequence[int]) -> torch.Tensor:
     return _first_output(out)
 
 
-def _fails(model: nn.Module, in_chans: int, size: Size) -> bool:
+def _fails(model: nn.Module, in_chans: int, size: Size, channels: int | None = None) -> bool:
     """Whether the model's forward fails at this size: on the meta device for a model
-    built there, else on real tensors."""
+    built there, else on real tensors. With ``channels``, a map of other channels is a
+    failure too (a ViT hybrid that lays its tokens on a grid computed from the size by
+    another rounding than its CNN's gives whatever channels the reshape leaves)."""
     try:
         if on_meta(model):
-            run_meta(model, (1, in_chans, *size))
+            out = run_meta(model, (1, in_chans, *size))
         else:
-            run(model, (1, in_chans, *size))
+            out = run(model, (1, in_chans, *size))
     except ModelError:  # an exit, an interrupt or the time limit: nothing was checked
         raise
     except Exception:  # any failure of the model's forward at this size
         return True
-    return False
+    return channels is not None and out.dim() == 4 and out.shape[1] != channels
 
 
 def meta_shapes(
@@ -389,15 +391,30 @@ def sweep_sizes(minimum: Size, count: int = 10, multiple: Size = (1, 1)) -> list
 
 
 def _skip_failing_sizes(
-    reference: nn.Module, source: nn.Module, in_chans: int, failing: Sequence[Size]
+    reference: nn.Module,
+    source: nn.Module,
+    in_chans: int,
+    failing: Sequence[Size],
+    good: Size | None = None,
 ) -> list[Size]:
     """Of the sizes the file fails at, those the patched model and the source backbone
-    fail at too (DLA and HRNet take only multiples of 32). A size the source takes and
-    the file does not is kept, so that its failure is reported."""
+    fail at too (DLA and HRNet take only multiples of 32); the source fails where it
+    gives other channels than at ``good``, a size the file runs at. A size the source
+    takes and the file does not is kept, so that its failure is reported."""
+    channels = None
+    if good is not None:
+        try:
+            out = run_meta(source, (1, in_chans, *good)) if on_meta(source) else None
+            out = out if out is not None else run(source, (1, in_chans, *good))
+            channels = out.shape[1] if out.dim() == 4 else None
+        except ModelError:
+            raise
+        except Exception:  # the source does not run at the file's size: no channels known
+            channels = None
     return [
         size
         for size in failing
-        if _fails(source, in_chans, size) and _fails(reference, in_chans, size)
+        if _fails(source, in_chans, size, channels) and _fails(reference, in_chans, size)
     ]
 
 
@@ -556,7 +573,7 @@ def _real_runs(
     if errors and reference is not None and source is not None:
         good = next(iter(meta), None)
         stand_ins = _stand_ins(reference, source, in_chans, good)
-        skipped = _skip_failing_sizes(*stand_ins, in_chans, list(errors))
+        skipped = _skip_failing_sizes(*stand_ins, in_chans, list(errors), good)
         if skipped:
             plan = plan.without(skipped)
             check = _sizes_check(skipped, plan.compare, plan.sweep)
