@@ -10,7 +10,8 @@ padding puts the odd pixel on one side).
 What it pins: a pooling whose stride goes keeps its window at stride 1 (ResNet-D/T and
 NF-ResNet's 2x2 average shortcut, padded on one side as timm's ``AvgPool2dSame`` pads),
 average poolings after it are not dilated, and a 2x2 downsample conv (ConvNeXt) is
-dilated with the strides after it already removed. One known departure: at stride 1 timm
+dilated with the strides after it already removed, and CondConv's kernel (its experts
+mixed per sample by a routing pooled to 1x1) is no input whose stride counts. One known departure: at stride 1 timm
 leaves ResNeSt's 3x3 average pooling (``avd_last``) out of the block, where the a-trous
 plan keeps the window (as timm's Res2Net keeps its own 3x3 pooling); the test puts it
 back into timm's model and then requires equality too.
@@ -45,6 +46,7 @@ FAMILIES = {
     "nf-resnet": ["nf_resnet26"],
     "regnet": ["regnetx_002"],
     "efficientnet": ["efficientnet_b0"],
+    "condconv": ["efficientnet_cc_b0_4e"],  # kernels mixed per sample by a routing
     "convnext": ["convnext_atto"],
 }
 NAMES = [name for names in FAMILIES.values() for name in names]

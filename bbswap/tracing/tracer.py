@@ -421,6 +421,10 @@ class _Mode(TorchFunctionMode):
         key = (owner, name)
         call = rec.counts.get(key, 0)
         rec.counts[key] = call + 1
+        if spatial is not None and args and isinstance(args[0], torch.Tensor):
+            # a window op's input decides: its kernel, even one computed from the input
+            # (CondConv mixes its experts' kernels by a routing pooled to 1x1), is none
+            ins = [args[0]]
         # activations only: weights and constants carry no size, stride or receptive field
         ins = [t for t in ins if id(t) in rec.info and not rec.info[id(t)].weights] or ins
         infos = [rec.tensor_info(t) for t in ins]
