@@ -514,3 +514,25 @@ def test_a_row_failed_after_another_in_the_same_worker_is_tried_again_alone(tmp_
     assert "something was left behind" in one_worker[1].detail
     leaky, fragile = _rows_in_workers(specs, task, False, 1, None)
     assert leaky.ok and fragile.ok, fragile.detail
+
+
+def test_one_target_without_returns_is_fitted_as_fit_fits_it():
+    """One target and no ``returns``: the cell is fit's shorthand (one output, the tensor
+    itself), so a model whose grid only its own forward lays out (a ViT) is fitted as
+    ``fit --target`` fits it; ``returns`` asks for the list of one, tapped at a stage."""
+    from bbswap.search.fit import fit
+
+    pytest.importorskip("timm")
+    specs = (ALEXNET, "timm:vit_tiny_patch16_224")
+    alone = api(specs, strides=(), targets=("32x8:64",))
+    assert alone.returns == ""
+    for row, spec in zip(alone.rows, specs):
+        want = fit(spec, channels=64, stride="32x8", rounding="any")
+        assert row.cells[0].ok and row.cells[0].plan == want.winner.label
+        assert row.cells[0].macs == want.winner.trace.macs
+    listed = api((ALEXNET,), strides=(), targets=("32x8:64",), returns="list")
+    cell = listed.rows[0].cells[0]
+    assert listed.returns == "list"
+    assert "taps" in cell.plan if cell.ok else "a list of 32x8:64" in cell.detail
+    shown = cli("matrix", ALEXNET, "--target", "32x8:64", "--no-verify")
+    assert "a list of" not in shown.stdout and "32x8:64" in shown.stdout

@@ -11,10 +11,10 @@ What it pins: a pooling whose stride goes keeps its window at stride 1 (ResNet-D
 NF-ResNet's 2x2 average shortcut, padded on one side as timm's ``AvgPool2dSame`` pads),
 average poolings after it are not dilated, and a 2x2 downsample conv (ConvNeXt) is
 dilated with the strides after it already removed, and CondConv's kernel (its experts
-mixed per sample by a routing pooled to 1x1) is no input whose stride counts. One known departure: at stride 1 timm
-leaves ResNeSt's 3x3 average pooling (``avd_last``) out of the block, where the a-trous
-plan keeps the window (as timm's Res2Net keeps its own 3x3 pooling); the test puts it
-back into timm's model and then requires equality too.
+mixed per sample by a routing pooled to 1x1) is no input whose stride counts. One known
+departure: at stride 1 timm leaves ResNeSt's 3x3 average pooling (``avd_last``) out of
+the block, where the a-trous plan keeps the window (as timm's Res2Net keeps its own 3x3
+pooling); the test puts it back into timm's model and then requires equality too.
 
 These tests need timm, which the ``test`` extra installs. Nothing is downloaded.
 """

@@ -929,7 +929,7 @@ def _run_matrix(a: MatrixArgs, progress: Callable[[int, int, str | None], None] 
         debug=a.debug or _state["debug"],
         progress=progress,
         targets=a.target,
-        returns=a.returns or Returns.LIST,
+        returns=a.returns,
         jobs=a.jobs,
     )
 

@@ -324,7 +324,7 @@ def matrix_dict(result: Matrix) -> dict[str, Any]:
         "channels": result.channels,
         "rounding": result.rounding,
         "targets": [t.describe() for t in result.targets],
-        "returns": result.returns if result.targets else None,
+        "returns": (result.returns or None) if result.targets else None,
         "verify": result.verify,
         "passed": result.passed,
         "cnns": result.cnns,

@@ -499,7 +499,8 @@ def render_matrix(result: Matrix, console: Console) -> None:
     steps = "inspect, fit, emit, verify" if result.verify else "inspect, fit (meta device)"
     aims = [f"{what} at 1/{', 1/'.join(map(str, result.strides))}"] if result.strides else []
     together = " + ".join(t.describe() for t in result.targets)
-    aims += [f"a {result.returns} of {together}"] if result.targets else []
+    held = f"a {result.returns} of {together}" if result.returns else together
+    aims += [held] if result.targets else []
     console.print(
         f"[bold]support matrix[/bold] {escape(' '.join(result.patterns))}: "
         f"{escape('; '.join(aims))}, {result.rounding} rounding; {steps}"

@@ -93,7 +93,7 @@ class Matrix:
     rounding: str
     rows: tuple[Row, ...]
     targets: tuple[FeatureTarget, ...] = ()  # one more cell per row: all of them at once
-    returns: str = "list"
+    returns: str = "list"  # what holds them; "" for one target and no returns asked
 
     def __repr__(self) -> str:
         """``Matrix(resnet18 tv:alexnet; strides 8, 16, 32; 2 of 2 backbones reach every
@@ -144,7 +144,7 @@ def matrix(
     debug: bool = False,
     progress: Callable[[int, int, str | None], None] | None = None,
     targets: Sequence[FeatureTarget | str] | None = None,
-    returns: Returns | str = Returns.LIST,
+    returns: Returns | str | None = None,
     jobs: int = 1,
 ) -> Matrix:
     """Try every backbone the patterns name at every stride: inspect and fit on the meta
@@ -171,7 +171,9 @@ def matrix(
         targets: Several targets (``"[NAME=]STRIDE:CHANNELS"`` or
             :class:`~bbswap.parsing.FeatureTarget`): each row gets one more cell, the fit
             to all of them at once (``strides`` may then be empty).
-        returns: What holds the outputs of that fit: ``"list"``, ``"tuple"`` or ``"dict"``.
+        returns: What holds the outputs of that fit: ``"list"`` (the default for several),
+            ``"tuple"`` or ``"dict"``. One target with no ``returns`` is fitted as ``fit``
+            fits it: one output, the tensor itself.
         jobs: Worker processes that try backbones side by side (0: one per core); the
             rows are the same, in the same order, as with 1 (in this process).
 
@@ -186,7 +188,10 @@ def matrix(
     """
     pats = (patterns,) if isinstance(patterns, str) else tuple(patterns)
     several = parse_targets([parse_target(t) for t in targets or []])
-    held = Returns.parse(returns, "returns").value
+    if returns is not None:
+        held = Returns.parse(returns, "returns").value
+    else:
+        held = "" if len(several) == 1 else Returns.LIST.value
     if (not strides and not several) or (strides and min(strides) < 1):
         raise InvalidArgument(
             f"{{strides}} must list positive strides, got {list(strides)}", params=("strides",)
@@ -436,10 +441,16 @@ def _cell(
 
     input_shape, in_chans, several, returns = given
     aim: dict[str, Any] = {"channels": channels, "stride": stride}
-    if stride == 0:
-        aim = {"targets": several, "returns": returns}
+    together = stride == 0  # the cell of the several targets
+    if together:
+        one = several[0]  # one target, no returns asked: fit's shorthand, one output
+        aim = (
+            {"targets": several, "returns": returns}
+            if returns
+            else {"channels": one.channels, "stride": one.stride}
+        )
         stride = max(t.stride[0] for t in several)
-    taps = several if "targets" in aim else ()
+    taps = several if together else ()
     try:
         found = fit(backbone, rounding=rounding, input_shape=input_shape, in_chans=in_chans, **aim)
     except Exception as error:  # reported in the cell
