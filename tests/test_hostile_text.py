@@ -15,6 +15,7 @@ import ast
 import importlib.util
 import shutil
 import sys
+import unicodedata
 from pathlib import Path
 from types import ModuleType
 
@@ -143,8 +144,14 @@ def test_hostile_module_names_stay_data(data: st.DataObject, tmp_path_factory) -
     )
     recipe = Recipe(name="r", ops=(make_op("project", channels=8),))
     spec = f"{FIXTURE}:Named"
-    if any(not n.isprintable() or set(n) & set("\\\"'") for n in names):
-        # torch.fx itself writes module names unescaped: refused in one line, before any fx code
+    if any(
+        not n.isprintable()
+        or set(n) & set("\\\"'")
+        or (n.isidentifier() and unicodedata.normalize("NFKC", n) != n)
+        for n in names
+    ):
+        # torch.fx itself writes module names unescaped, and identifiers as attributes
+        # (which Python reads NFKC-normalised): refused in one line, before any fx code
         with pytest.raises(SurgeryError, match="rename the module") as refused:
             apply_recipe(spec, recipe, "1x3x16x16", kwargs={"names": names})
         assert "\n" not in str(refused.value) and not marker.exists()

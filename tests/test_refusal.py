@@ -32,7 +32,7 @@ from typer.testing import CliRunner
 import bbswap
 import bbswap.cli.render
 from bbswap.cli.app import app
-from bbswap.errors import BBSwapError, ModelError, NotACNN
+from bbswap.errors import BBSwapError, ModelError, NotACNN, TargetError
 from bbswap.recipes.registry import make_op
 from bbswap.recipes.schema import Recipe
 from bbswap.tracing.tracer import (
@@ -299,3 +299,38 @@ def test_register_functions_are_restored_after_a_constructor_that_raises():
     # modules built afterwards register real tensors as usual
     conv = nn.Conv2d(3, 4, 3)
     assert not conv.weight.is_meta and isinstance(conv.weight, nn.Parameter)
+
+
+BIASED = f"{TOKENS}:BiasedAttnNet"
+
+
+def test_a_model_of_one_input_size_says_so_and_is_cut_before_what_ties_it(tmp_path):
+    """An attention bias sized for one grid: traced at 64x64, the model fails at 128x128
+    in 'attn'. inspect says so (and that the rule holds at 64x64 only); a fit that keeps
+    'attn' is refused with that reason, one that cuts before it is fitted and verified;
+    an instance traced so is left as it was."""
+    report = bbswap.inspect_backbone(BIASED, "1x3x64x64")
+    t = report.trace
+    assert t.one_size_at == "attn" and "at 128x128 its forward fails in 'attn'" in t.one_size
+    assert "the size rule holds at 64x64 only" in t.note
+    shown = cli("inspect", BIASED, "--input", "1x3x64x64")
+    assert shown.exit_code == 0 and "at 64x64 only: the model takes one size" in shown.stdout
+    with pytest.raises(TargetError, match=r"it takes one input size: at 128x128") as refused:
+        bbswap.fit(BIASED, channels=64, stride=16, input_shape="1x3x64x64")
+    assert refused.value.brief == "fixed size: one input size"
+    assert "it keeps 'attn', which ties the model to one input size" in str(refused.value)
+    found = bbswap.fit(BIASED, channels=64, stride=8, input_shape="1x3x64x64")
+    assert found.winner.label == "truncate after stem.3"
+    done = bbswap.export(BIASED, bbswap.winner_recipe(found), tmp_path / "cut.py")
+    assert all(check.ok for check in done.report.checks)
+    model = token_models.BiasedAttnNet().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert trace_instance(model, (1, 3, 64, 64)).one_size_at == "attn"
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_model_that_takes_twice_its_size_is_not_of_one_size():
+    """Windowed attention (whole windows only) and a CNN take twice the size: no note."""
+    for name in ("WindowAttention", "GatedCNN"):
+        traced, _ = trace(getattr(token_models, name), (1, 3, 224, 224))
+        assert traced.one_size == "" and traced.one_size_at == ""

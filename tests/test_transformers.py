@@ -26,6 +26,7 @@ from timm.models import FeatureListNet
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import bbswap
+from bbswap.errors import TargetError
 from bbswap.kinds import Layout
 from bbswap.recipes.registry import make_op
 from bbswap.recipes.schema import Recipe
@@ -68,6 +69,7 @@ def test_maxvit_takes_whole_windows_only():
     assert report.features.out_shape == (1, 512, 7, 7)
     assert report.rules[0].format("H") == "H -> ceil(H/32) (H mod 224 in 0, 221-223)"
     t = report.trace
+    assert t.one_size_at.startswith("blocks.0.") and "at 448x448" in t.one_size
     assert [t.output_size(h, h, report.features.chain)[0] for h in (224, 221, 225, 320)] == [
         7,
         7,
@@ -264,13 +266,12 @@ def test_fit_on_windows_split_without_padding_says_which_sizes_it_takes():
 
 
 def test_a_backbone_no_stride_change_fits_is_cut_at_its_last_stage_at_the_stride():
-    # torchvision's MaxViT partitions its windows for the grid of 224x224: every stride
-    # change breaks a reshape; its stages sit in a ModuleList, so the cut is in the loop
-    found = bbswap.fit("tv:maxvit_t", channels=256, stride=16, rounding="any")
-    assert found.winner.label == "truncate after blocks.2"
-    assert found.winner.trace.output_shape == (1, 256, 14, 14)
-    refused = [c for c in found.candidates if c.label.endswith(": stride 1")]
-    assert refused and all(not c.ok for c in refused)
+    # torchvision's MaxViT fixes the number of its windows for the grid of 224x224 when it
+    # is built: at 448x448 its first attention fails, so it takes one input size, and
+    # every plan keeps that attention (no stage before it is at 1/16); the fit says why
+    with pytest.raises(TargetError, match="it takes one input size: at 448x448") as refused:
+        bbswap.fit("tv:maxvit_t", channels=256, stride=16, rounding="any")
+    assert refused.value.brief == "fixed size: one input size"
     # the deepest stage at the stride, not the patch embedding before the stages
     cut = bbswap.fit("timm:efficientvit_m0", channels=256, stride=16, rounding="any")
     assert cut.winner.label == "truncate after stages.0"
@@ -406,3 +407,20 @@ def test_a_twins_patch_embedding_given_stride_1_computes_its_grid_from_it(tmp_pa
             want = ref.forward_intermediates(x, indices=1, norm=True, intermediates_only=True)[-1]
         assert got.shape == (1, 64, h // 8, w // 8)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_levit_conv_takes_one_input_size_and_is_cut_before_its_attention(tmp_path):
+    """LeViT adds an attention bias learnt for one grid (196 x 196 at 224x224): at
+    448x448 its first attention fails, so 1/32 (which keeps it) is refused with that
+    reason, and 1/16 is its stem cut (the stem is at 1/16 before any attention),
+    verified at every size the file takes."""
+    spec = "timm:levit_conv_128"
+    report = bbswap.inspect_backbone(spec)
+    assert report.trace.one_size_at == "stages.0.blocks.0.attn"
+    with pytest.raises(TargetError, match="it takes one input size") as refused:
+        bbswap.fit(spec, channels=256, stride=32)
+    assert refused.value.brief == "fixed size: one input size"
+    found = bbswap.fit(spec, channels=256, stride=16)
+    assert found.winner.label == "truncate after stem.conv4"
+    done = bbswap.export(spec, bbswap.winner_recipe(found), tmp_path / "levit.py")
+    assert all(check.ok for check in done.report.checks)

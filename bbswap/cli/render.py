@@ -215,7 +215,10 @@ def render_inspect(report: InspectReport, console: Console) -> None:
             f"{describe_factor(f.downsample)}; the stages after it form the head"
         )
     rule = f"size rule{' of ' + f.path if f else ''}: {h.format('H')}, {w.format('W')}"
-    flow(console, [escape(rule), f"(smallest input {h.minimum}x{w.minimum})"])
+    smallest = f"(smallest input {h.minimum}x{w.minimum})"
+    if t.one_size:  # the note says why
+        smallest = f"(at {t.input_shape[2]}x{t.input_shape[3]} only: the model takes one size)"
+    flow(console, [escape(rule), smallest])
     if report.sizes:
         names = ("input", "predicted", "traced", "check")
         table = Grid([Column(n, "right") for n in names], "output size by input size")

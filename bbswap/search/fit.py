@@ -172,7 +172,7 @@ class Candidate:
 
     @property
     def ok(self) -> bool:
-        return self.result is not None and not self.misses
+        return self.result is not None and self.failure is None and not self.misses
 
     @property
     def rounding_only(self) -> bool:
@@ -390,6 +390,13 @@ def cut_candidates(backbone: Backbone, source: Trace, target: Target) -> list[Ca
     1/16), projected to the target's channels; none when that stage is the features."""
     order = {path: i for i, path in enumerate(source.modules)}
     points = sorted(truncation_points(source, target.stride), key=lambda s: order.get(s.path, -1))
+    tie = source.one_size_at
+    if tie in order:  # a model of one input size: cut before the stage that ties it
+        points = [
+            s
+            for s in points
+            if order.get(s.path, len(order)) < order[tie] and not tie.startswith(f"{s.path}.")
+        ]
     features = source.features
     if not points or (features is not None and points[-1].path == features.path):
         return []
@@ -582,6 +589,13 @@ def evaluate(
         if len(after.output_shape) == 4 and after.output_shape[1] == target.channels
         else f"output {after.output_shape}"
     )
+    tie = source.one_size_at
+    if not wrong and source.one_size and (not tie or tie in after.modules):
+        wrong = (
+            f"it keeps '{tie}', which ties the model to one input size"
+            if tie
+            else "the model's own forward ties it to one input size"
+        )
     if wrong:
         candidate.failure = TargetError(wrong)
         return candidate
@@ -838,7 +852,7 @@ def fit(
     if on_phase is not None:
         on_phase(Phase.CANDIDATES)
     done, reachable = _search(backbone, source, model, candidates, target, probes, progress)
-    ranked = _ranked(backbone, target, done, ranking, reachable)
+    ranked = _ranked(backbone, target, done, ranking, reachable, source.one_size)
     if like_plan is not None:  # the winner is the first that gives every output
         ranked, like_plan = _with_outputs(backbone, ranked, like_plan)
     return FitResult(
@@ -1067,6 +1081,7 @@ def _ranked(
     done: list[Candidate],
     ranking: Prefer,
     other: str | None = None,
+    one_size: str = "",
 ) -> tuple[Candidate, ...]:
     """Exact candidates first, by ``ranking``; then the inexact, then the refused.
     No exact one is an error that says why, and names the ``other`` rounding, which a
@@ -1093,6 +1108,12 @@ def _ranked(
         )
         for c in (rest + failed)[:3]
     )
+    if one_size:
+        raise TargetError(
+            f"no candidate reaches {target.describe()} on {backbone.spec}: {one_size}, and "
+            f"no cut before that stage reaches the target ({reasons})",
+            brief="fixed size: one input size",
+        )
     hint = f"; {other}(H/S) is reachable: pass {{rounding}} {other}" if other else ""
     raise TargetError(
         f"no candidate reaches {target.describe()} exactly on {backbone.spec} ({reasons}){hint}",

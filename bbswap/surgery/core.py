@@ -22,6 +22,7 @@ import contextlib
 import copy
 import enum
 import operator
+import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -326,14 +327,27 @@ def trace_forward(module: nn.Module, owner: str) -> fx.Graph:
 
 def _require_fx_names(graph: fx.Graph, owner: str) -> None:
     """torch.fx writes a submodule's name into a string literal without escaping it, so
-    a name with a quote, a backslash or a control character cannot be rewritten."""
+    a name with a quote, a backslash or a control character cannot be rewritten; and it
+    writes an identifier as an attribute (``self.name``), which Python reads in its NFKC
+    form (a fullwidth 'Ａbc' is 'Abc' there), so such a name cannot be either."""
     for node in graph.nodes:
         name = str(node.target)
-        if node.op == "call_module" and (not name.isprintable() or any(c in name for c in "\\\"'")):
+        if node.op != "call_module":
+            continue
+        unsafe = not name.isprintable() or any(c in name for c in "\\\"'")
+        folded = any(
+            part.isidentifier() and unicodedata.normalize("NFKC", part) != part
+            for part in name.split(".")
+        )
+        if unsafe or folded:
+            what = (
+                "a name Python reads as another (NFKC)"
+                if folded and not unsafe
+                else "a quote, backslash or control character in a module name"
+            )
             raise SurgeryError(
                 f"cannot rewrite the forward of {owner or 'the model'}: torch.fx cannot write "
-                f"a call of its submodule named {name!r} (a quote, backslash or control "
-                "character in a module name); rename the module"
+                f"a call of its submodule named {name!r} ({what}); rename the module"
             )
 
 

@@ -174,6 +174,10 @@ class Trace:
     fixed_size: str = ""
     fixed_size_at: str = ""
     fixed_size_brief: str = ""  # its refusal's short form: what it is that fixes the size
+    # a model with attention that fails at twice its input size: why, and the stage its
+    # forward had reached there (its size rule holds at the traced size only); "" if not
+    one_size: str = ""
+    one_size_at: str = ""
     features_at: str = ""  # the outermost module whose output forward_features returns
     # a forward that returns several tensors: each of them, what holds them ("tuple",
     # "list" or "dict"), which one the output fields describe and whether it was asked for
@@ -1245,6 +1249,7 @@ def trace(
     if layout is None:
         result = _resized_elsewhere(result, model, input_shape, depth)
         require_cnn(result, name)
+        result = _tried_elsewhere(result, model, input_shape, depth)
     else:  # a ViT on its grid keeps its tokens' number: no refusal
         result = replace(result, note="; ".join(filter(None, [result.note, layout.note])))
     note = grid_note(model)  # tokens laid on their grid by timm's forward_intermediates
@@ -1279,6 +1284,36 @@ def _resized_elsewhere(result: Trace, model: nn.Module, input_shape: Shape, dept
     if other.fixed_size:
         return result
     return replace(result, fixed_size="", fixed_size_at="", fixed_size_brief="")
+
+
+def _tried_elsewhere(result: Trace, model: nn.Module, input_shape: Shape, depth: int) -> Trace:
+    """The trace, noting that the model takes one input size when its forward has
+    attention and fails at twice the size traced (on meta or fake tensors, the model kept
+    as it was): an attention bias or a global query of one grid's size (LeViT, CoAtNet,
+    GCViT), a reshape to the grid it was built for (EfficientFormerV2). Twice a size keeps
+    whatever divisibility windows need, so a failure there is the size's, not a
+    remainder's. A CNN is not tried (its size rule says where it fails)."""
+    if not result.attention or result.fixed_size or result.device is Device.CPU:
+        return result
+    n, c, h, w = input_shape
+    quiet = logging.getLogger("torch._subclasses.fake_tensor")  # it logs the failure
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        with _preserved(model):
+            trace_module(model, (n, c, 2 * h, 2 * w), depth, result.device)
+    except ForwardFailed as failed:
+        where = f" in '{failed.stage}'" if failed.stage else ""
+        why = (
+            f"it takes one input size: at {2 * h}x{2 * w} its forward fails{where} "
+            f"({type(failed.error).__name__}: {_one_line(failed.error)}); the size rule "
+            f"holds at {h}x{w} only"
+        )
+        note = "; ".join(filter(None, [result.note, why]))
+        return replace(result, one_size=why, one_size_at=failed.stage, note=note)
+    finally:
+        quiet.setLevel(level)
+    return result
 
 
 def _trace_built(
@@ -1355,6 +1390,7 @@ def trace_instance(
             )
         result = _resized_elsewhere(result, model, input_shape, depth)
         require_cnn(result, name)
+        result = _tried_elsewhere(result, model, input_shape, depth)
     return result
 
 
