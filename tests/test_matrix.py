@@ -440,7 +440,9 @@ def test_markdown_has_a_column_for_the_targets_cell():
     assert vit.count("|") == header.count("|")
 
 
-def test_a_worker_that_dies_is_an_error_not_a_wait(tmp_path):
+def test_a_worker_that_dies_fails_its_row_and_the_sweep_goes_on(tmp_path):
+    """A worker that dies takes its pool down: the backbone it was trying fails its row
+    (after a try in a process of its own), the others are tried in a new pool."""
     dies = tmp_path / "dies.py"
     dies.write_text(
         "import os\n"
@@ -450,8 +452,15 @@ def test_a_worker_that_dies_is_an_error_not_a_wait(tmp_path):
         "        super().__init__()\n"
         "        os._exit(9)  # as a process killed for memory ends\n"
     )
-    result = cli("matrix", f"{dies}:Dies", ALEXNET, "--stride", 16, "--no-verify", "--jobs", 2)
-    assert_one_line_error(result, "a worker process died", "Dies", "--jobs 1")
+    specs = [ALEXNET, f"{dies}:Dies", "resnet18", "tv:resnet18"]
+    found = matrix(specs, strides=(16,), verify=False, jobs=2)
+    assert [row.spec for row in found.rows] == specs
+    alexnet, died, *others = found.rows
+    assert died.reason == "worker died" and not died.ok and not died.refused
+    assert "killed, perhaps for memory" in died.detail
+    assert alexnet.ok and all(row.ok for row in others)
+    result = cli("matrix", *specs, "--stride", 16, "--no-verify", "--jobs", 2)
+    assert result.exit_code == 0 and "worker died" in result.stdout  # a row, as any failure
 
 
 def test_a_worker_past_its_share_of_memory_fails_its_row_and_the_sweep_goes_on(tmp_path):
@@ -509,7 +518,8 @@ def test_a_row_failed_after_another_in_the_same_worker_is_tried_again_alone(tmp_
     )
     specs = [f"{models}:Leaky", f"{models}:Fragile"]
     task = _Task((2,), None, False, "any", (None, None, (), "list"))
-    one_worker = _pool_rows(dict(enumerate(specs)), task, False, [1], None, 0)
+    one_worker, lost = _pool_rows(dict(enumerate(specs)), task, False, [1], None, 0, 0)
+    assert lost == []
     assert one_worker[0].ok and not one_worker[1].ok
     assert "something was left behind" in one_worker[1].detail
     leaky, fragile = _rows_in_workers(specs, task, False, 1, None)

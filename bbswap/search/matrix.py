@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bbswap.backbones.registry import Backbone, list_backbones, resolve
-from bbswap.errors import BBSwapError, InvalidArgument, ModelError, NotACNN
+from bbswap.errors import BBSwapError, InvalidArgument, NotACNN
 from bbswap.kinds import Returns, Rounding
 from bbswap.parsing import FeatureTarget, parse_input, parse_target, parse_targets
 
@@ -259,15 +259,42 @@ def _rows_in_workers(
     A worker goes on from one backbone to the next, so what one backbone leaves behind
     (memory its allocator keeps, a library's global state) can make a later one fail
     there. Every row that failed, refusals aside, is therefore tried once more, each in a
-    process of its own, and that row stands: a sweep's failures are the backbones' own."""
+    process of its own, and that row stands: a sweep's failures are the backbones' own.
+
+    A worker that dies (killed for memory, say) takes its pool down: the backbones the
+    pool was trying then (the first ``workers`` not done) are tried again alone, the
+    rest go on in a new pool, and a backbone whose worker dies when it is alone fails its
+    row with that reason."""
     if progress is not None:
         progress(0, len(specs), specs[0])
-    rows = _pool_rows(dict(enumerate(specs)), task, debug, [workers], progress, len(specs))
-    again = [(i, specs[i]) for i, row in sorted(rows.items()) if not row.ok and not row.refused]
+    rows: dict[int, Row] = {}
+    alone: list[int] = []  # being tried when a pool died: each gets a process of its own
+    todo = dict(enumerate(specs))
+    while todo:
+        done, lost = _pool_rows(todo, task, debug, [workers], progress, len(specs), len(rows))
+        rows.update(done)
+        alone += lost[:workers]
+        todo = {i: specs[i] for i in lost[workers:]}
+    failed = [i for i, row in rows.items() if not row.ok and not row.refused]
+    again = [(i, specs[i]) for i in sorted({*alone, *failed})]
     for k in range(0, len(again), workers):  # ``workers`` at a time, a process for each
         batch = dict(again[k : k + workers])
-        rows.update(_pool_rows(batch, task, debug, [1] * len(batch), None, 0))
+        done, lost = _pool_rows(batch, task, debug, [1] * len(batch), None, 0, 0)
+        rows.update(done)
+        rows.update({i: _died(specs[i]) for i in lost})
     return [rows[i] for i in range(len(specs))]
+
+
+def _died(spec: str) -> Row:
+    """The row of a backbone whose worker process died while it was tried alone."""
+    return Row(
+        spec,
+        reason="worker died",
+        detail=(
+            "its worker process died (killed, perhaps for memory) while it was tried in a "
+            "process of its own"
+        ),
+    )
 
 
 def _pool_rows(
@@ -277,12 +304,15 @@ def _pool_rows(
     pools: list[int],
     progress: Callable[[int, int, str | None], None] | None,
     total: int,
-) -> dict[int, Row]:
+    finished: int,
+) -> tuple[dict[int, Row], list[int]]:
     """The rows of ``specs`` (by their place in the sweep) from pools of workers, as many
     workers in each as ``pools`` says (``[1, 1]``: two pools of one, each given one
-    backbone); the free memory is shared among all of them. The first unexpected error
-    with ``debug`` ends the sweep, as it does serially, and so does a worker that dies
-    (killed for memory, say): an error, never a wait without end."""
+    backbone); the free memory is shared among all of them. Also the places, in order,
+    of the backbones a pool that died left without a row (a worker killed for memory,
+    say): never a wait without end. ``finished``: rows of the sweep done before these,
+    for ``progress``. The first unexpected error with ``debug`` ends the sweep, as it
+    does serially."""
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
@@ -301,6 +331,7 @@ def _pool_rows(
         for n in pools
     ]
     rows: dict[int, Row] = {}
+    lost: list[int] = []
     try:
         numbered = {
             executors[k % len(executors)].submit(_row_in_worker, s, task, debug): i
@@ -310,24 +341,20 @@ def _pool_rows(
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
-                rows[numbered[future]] = future.result()
-            left = [s for k, s in specs.items() if k not in rows]
+                if isinstance(future.exception(), BrokenProcessPool):
+                    lost.append(numbered[future])
+                else:
+                    rows[numbered[future]] = future.result()
+            left = [s for k, s in specs.items() if k not in rows and k not in lost]
             if progress is not None and left:
-                progress(len(rows), total, left[0])
-    except BrokenProcessPool:
-        left = [s for k, s in specs.items() if k not in rows][:workers]
-        raise ModelError(
-            "a worker process died (killed, perhaps for memory) while trying one of "
-            f"{', '.join(left)}; try them with {{jobs}} 1",
-            params=("jobs",),
-        ) from None
+                progress(finished + len(rows), total, left[0])
     finally:
         for pool in executors:
             processes = getattr(pool, "_processes", None) or {}
             for process in list(processes.values()):
                 process.terminate()  # an error or a stop signal: no worker goes on running
             pool.shutdown(wait=True, cancel_futures=True)
-    return rows
+    return rows, sorted(lost)
 
 
 _worker_limit: list[float | None] = [None]
