@@ -320,7 +320,14 @@ def main() -> None:
         "all": run_all,
         "sample": run_sample,
     }
-    done = [runs[p](args) for p in PARTS if p in parts]
+    done: list[Part] = []
+    for name in (p for p in PARTS if p in parts):
+        done.append(runs[name](args))
+        write(Path(args.out), done)  # after each part: a sweep stopped later keeps these
+    print(f"wrote {args.out}")
+
+
+def write(out: Path, done: list[Part]) -> None:
     minutes = sum(p.seconds for p in done) / 60
     header = (
         "# Coverage\n\n"
@@ -335,8 +342,7 @@ def main() -> None:
         f"{minutes:.0f} minutes on this machine.\n"
     )
     body = "\n".join(markdown(p) for p in done)
-    Path(args.out).write_text(header + "\n" + body, encoding="utf-8")
-    print(f"wrote {args.out}")
+    out.write_text(header + "\n" + body, encoding="utf-8")
 
 
 if __name__ == "__main__":
