@@ -254,46 +254,93 @@ def test_patch_weights_resample_as_timm_does() -> None:
         want = timm.layers.resample_patch_embed(weight, [size, size])
         assert got.shape == (8, 3, size, size)
         torch.testing.assert_close(got, want, rtol=0, atol=5e-5)
+    for h, w in ((32, 8), (4, 1), (16, 14)):
+        got = resize_patch_weight(weight, (h, w))
+        want = timm.layers.resample_patch_embed(weight, [h, w])
+        assert got.shape == (8, 3, h, w)
+        torch.testing.assert_close(got, want, rtol=0, atol=5e-5)
 
 
 DINO = "timm:vit_small_patch14_dinov2"
 DINO_KW = {"img_size": 70, "depth": 2, "embed_dim": 64, "num_heads": 2}
 
 
-def test_a_patch_14_vit_reaches_one_16th_by_resampling_its_patches(tmp_path: Path) -> None:
-    """No stride change takes 14-pixel patches to 1/16: the patch op makes them 16 pixels
-    and resamples the patch conv's weights; the emitted file equals timm's own ViT built
-    with patch_size=16, given those weights (timm's resample_patch_embed)."""
-    found = fit(DINO, channels=64, stride=16, rounding="any", kwargs=DINO_KW)
-    assert found.winner.label == "patch_embed: patch 16"
+@pytest.mark.parametrize(
+    ("stride", "patch"), [(16, (16, 16)), ((32, 8), (32, 8))], ids=["s16", "s32x8"]
+)
+def test_a_patch_14_vit_reaches_its_target_by_resampling_its_patches(
+    tmp_path: Path, stride: int | tuple[int, int], patch: tuple[int, int]
+) -> None:
+    """No stride change takes 14-pixel patches to 1/16 (or to 1/32 x 1/8): the patch op
+    makes them 16 pixels (32 x 8) and resamples the patch conv's weights; the emitted
+    file equals timm's own ViT built with that patch_size, given the weights timm's
+    resample_patch_embed makes."""
+    found = fit(DINO, channels=64, stride=stride, rounding="any", kwargs=DINO_KW)
+    side = "16" if patch == (16, 16) else "32x8"
+    assert found.winner.label == f"patch_embed: patch {side}"
     recipe = winner_recipe(found)
     assert [op.op for op in recipe.ops] == ["patch"]
-    out = tmp_path / "dino16.py"
+    out = tmp_path / f"dino{side}.py"
     done = export(DINO, recipe, out, kwargs=DINO_KW)
     assert all(check.ok for check in done.report.checks)
-    model = getattr(_import(out, "bbswap_dino16"), done.emitted.class_name)().eval()
+    model = getattr(_import(out, f"bbswap_dino{side}"), done.emitted.class_name)().eval()
     torch.manual_seed(1)
     source = timm.create_model(DINO[5:], pretrained=False, **DINO_KW).eval()
     state = source.state_dict()
     patched = dict(state)
     patched["patch_embed.proj.weight"] = timm.layers.resample_patch_embed(
-        state["patch_embed.proj.weight"], [16, 16]
+        state["patch_embed.proj.weight"], list(patch)
     )
     # the embedding learnt for 5x5 patches of 14 (70x70) is one for 5x5 patches of 16
-    ref_kw = {**DINO_KW, "img_size": 80, "patch_size": 16, "dynamic_img_size": True}
+    size = (5 * patch[0], 5 * patch[1])
+    ref_kw = {**DINO_KW, "img_size": size, "patch_size": patch, "dynamic_img_size": True}
     ref = timm.create_model(DINO[5:], pretrained=False, **ref_kw).eval()
     ref.load_state_dict(patched)
     mine = {k: v for k, v in patched.items() if k in model.state_dict()}
     model.load_state_dict(mine)
-    for h, w in ((64, 64), (80, 112)):
+    for h, w in ((64, 64), (160, 112)):
         x = torch.randn(1, 3, h, w)
         with torch.no_grad():
             got = model(x)
             want = ref.forward_intermediates(
                 x, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True
             )[-1]
-        assert got.shape == (1, 64, h // 16, w // 16)
+        assert got.shape == (1, 64, h // patch[0], w // patch[1])
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+CONVNEXT = "timm:test_convnext2"
+
+
+def test_a_4x4_stem_reaches_32x8_by_a_4x1_patch(tmp_path: Path) -> None:
+    """1/32 x 1/8 on ConvNeXt: no stride change is exact (a 4x4 stem or a 2x2
+    downsample at stride 1 on W would lose pixels), so the stem's patch becomes 4x1; the
+    emitted file equals timm's own ConvNeXt with its stem conv replaced by a 4x1 one (its
+    ``patch_size`` takes one side only), given the weights timm's resample_patch_embed
+    makes."""
+    found = fit(CONVNEXT, channels=128, stride=(32, 8), rounding="any")
+    assert found.winner.label == "stem: patch 4x1"
+    recipe = winner_recipe(found)
+    assert [op.op for op in recipe.ops] == ["patch", "truncate"]  # the features, no head
+    assert recipe.ops[0].params["size"] == (4, 1)
+    out = tmp_path / "convnext32x8.py"
+    done = export(CONVNEXT, recipe, out)
+    assert all(check.ok for check in done.report.checks)
+    model = getattr(_import(out, "bbswap_convnext32x8"), done.emitted.class_name)().eval()
+    torch.manual_seed(2)
+    state = timm.create_model(CONVNEXT[5:], pretrained=False).state_dict()
+    state["stem.0.weight"] = timm.layers.resample_patch_embed(state["stem.0.weight"], [4, 1])
+    ref = timm.create_model(CONVNEXT[5:], pretrained=False).eval()
+    stem = ref.stem[0]
+    ref.stem[0] = torch.nn.Conv2d(stem.in_channels, stem.out_channels, (4, 1), (4, 1))
+    ref.load_state_dict(state)
+    model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()})
+    for h, w in ((64, 64), (96, 40)):
+        x = torch.randn(1, 3, h, w)
+        with torch.no_grad():
+            got, want = model(x), ref.forward_features(x)
+        assert got.shape == (1, 128, h // 32, w // 8)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 SAM = "timm:samvit_base_patch16"

@@ -26,6 +26,7 @@ from bbswap.surgery.core import Surgery, module_at, new_module, parent_path
 from bbswap.tracing.tracer import SpatialOp, Trace
 
 MAX_PATCH = 1 << 8  # exclusive, as every bound of a field
+Size = tuple[int, int]
 
 
 def patch_convs(trace: Trace) -> list[SpatialOp]:
@@ -45,31 +46,42 @@ def patch_convs(trace: Trace) -> list[SpatialOp]:
     ]
 
 
-def resize_matrix(old: int, new: int) -> torch.Tensor:
-    """The (new*new, old*old) matrix of the resize of an old x old patch to new x new:
-    bicubic, antialiased, as timm resizes patch embeddings by default."""
-    basis = torch.eye(old * old, dtype=torch.float64).reshape(old * old, 1, old, old)
+def resize_matrix(old: int | Size, new: int | Size) -> torch.Tensor:
+    """The (nh*nw, oh*ow) matrix of the resize of an old patch (oh x ow, or a side) to a
+    new one: bicubic, antialiased, as timm resizes patch embeddings by default."""
+    (oh, ow), (nh, nw) = _hw(old), _hw(new)
+    basis = torch.eye(oh * ow, dtype=torch.float64).reshape(oh * ow, 1, oh, ow)
     resized = F.interpolate(
-        basis, size=(new, new), mode="bicubic", align_corners=False, antialias=True
+        basis, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True
     )
-    return resized.reshape(old * old, new * new).T
+    return resized.reshape(oh * ow, nh * nw).T
 
 
-def resize_patch_weight(weight: torch.Tensor, new: int) -> torch.Tensor:
-    """A patch conv's weight (out, in, k, k) for new x new patches: ``w'`` such that
-    ``<w', resize(x)> = <w, x>`` for every k x k patch ``x``, in the least-squares sense
-    (``w' = pinv(R^T) w`` with ``R`` the resize)."""
-    out, chans, k, _ = weight.shape
-    r = resize_matrix(k, new)  # (new^2, k^2)
-    flat = weight.detach().to(torch.float64).reshape(out * chans, k * k)
-    resampled = flat @ torch.linalg.pinv(r.T).T  # (out*chans, new^2)
-    return resampled.reshape(out, chans, new, new).to(weight.dtype)
+def resize_patch_weight(weight: torch.Tensor, new: int | Size) -> torch.Tensor:
+    """A patch conv's weight (out, in, kh, kw) for new patches (a side, or h x w):
+    ``w'`` such that ``<w', resize(x)> = <w, x>`` for every kh x kw patch ``x``, in the
+    least-squares sense (``w' = pinv(R^T) w`` with ``R`` the resize)."""
+    out, chans, kh, kw = weight.shape
+    nh, nw = _hw(new)
+    r = resize_matrix((kh, kw), (nh, nw))  # (nh*nw, kh*kw)
+    flat = weight.detach().to(torch.float64).reshape(out * chans, kh * kw)
+    resampled = flat @ torch.linalg.pinv(r.T).T  # (out*chans, nh*nw)
+    return resampled.reshape(out, chans, nh, nw).to(weight.dtype)
 
 
-def _conv_with_patch(conv: nn.Conv2d, size: int) -> tuple[Callable[[], nn.Conv2d], str]:
+def _hw(size: int | Size) -> Size:
+    return (size, size) if isinstance(size, int) else (size[0], size[1])
+
+
+def _side(size: Size) -> str:
+    """A patch size as the conv's argument: one number when square."""
+    return str(size[0]) if size[0] == size[1] else f"({size[0]}, {size[1]})"
+
+
+def _conv_with_patch(conv: nn.Conv2d, size: Size) -> tuple[Callable[[], nn.Conv2d], str]:
     source = (
-        f"nn.Conv2d({conv.in_channels}, {conv.out_channels}, kernel_size={size}, "
-        f"stride={size}, bias={conv.bias is not None})"
+        f"nn.Conv2d({conv.in_channels}, {conv.out_channels}, kernel_size={_side(size)}, "
+        f"stride={_side(size)}, bias={conv.bias is not None})"
     )
 
     def make() -> nn.Conv2d:
@@ -88,15 +100,15 @@ class Patch(Op, kind=OpKind.PATCH):
     fields = (
         Field(
             "size",
-            "int",
-            "the new patch side in pixels",
+            "pair",
+            "the new patch side in pixels, or [h, w]",
             required=True,
             minimum=1,
             maximum=MAX_PATCH,
         ),
         Field("at", "str", "the patch conv (default: the first on the output's path)"),
     )
-    size: int
+    size: tuple[int, int]
     at: str | None = None
 
     def validate(self, trace: Trace, where: str) -> None:
@@ -123,8 +135,8 @@ class Patch(Op, kind=OpKind.PATCH):
     def apply(self, surgery: Surgery, where: str) -> None:
         target = self._conv(surgery.trace, where)
         conv = module_at(surgery.model, target.id)
-        if not isinstance(conv, nn.Conv2d) or conv.kernel_size[0] != conv.kernel_size[1]:
-            raise SurgeryError(f"{where}: {target.id} is not a square nn.Conv2d patch embedding")
+        if not isinstance(conv, nn.Conv2d):
+            raise SurgeryError(f"{where}: {target.id} is not an nn.Conv2d patch embedding")
         make, source = _conv_with_patch(conv, self.size)
         new = new_module(make, conv.weight.device)
         if not conv.weight.is_meta:
@@ -133,8 +145,9 @@ class Patch(Op, kind=OpKind.PATCH):
                 if conv.bias is not None and new.bias is not None:
                     new.bias.copy_(conv.bias)
         old = f"{conv.kernel_size[0]}x{conv.kernel_size[1]}"
-        surgery.replace(target.id, new, source, old, f"{self.size}x{self.size}", "patch")
+        new_size = f"{self.size[0]}x{self.size[1]}"
+        surgery.replace(target.id, new, source, old, new_size, "patch")
         # timm's PatchEmbed sizes its grid, pads and checks the input by its patch_size
         owner = module_at(surgery.model, parent_path(target.id))
         if getattr(owner, "patch_size", None) == tuple(conv.kernel_size):
-            surgery.set_attr(parent_path(target.id), "patch_size", (self.size, self.size))
+            surgery.set_attr(parent_path(target.id), "patch_size", tuple(self.size))

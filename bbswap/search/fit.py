@@ -384,6 +384,21 @@ def plan(
     return _dedupe(candidates)
 
 
+def repatched(backbone: Backbone, source: Trace, target: Target) -> list[Candidate]:
+    """The candidate that gives the first patch embedding another patch size for the
+    target's stride, projected to the target's channels; none without one."""
+    features = source.features
+    out = features.out_shape if features is not None else source.output_shape
+    down = features.downsample if features is not None else source.downsample
+    made = _repatched(units(source, features), (round(down[0]), round(down[1])), target)
+    if made is None or len(out) != 4:
+        return []
+    ops, label, order = made
+    head = [make_op("truncate", after=features.path)] if features is not None else []
+    recipe_ops = [*_stem_ops(source, target), *ops, *head, *_project(out[1], target)]
+    return [Candidate(_fit_recipe(backbone, source, target, recipe_ops), label, "-", order)]
+
+
 def cut_candidates(backbone: Backbone, source: Trace, target: Target) -> list[Candidate]:
     """The candidate that cuts the body after the last stage already at the target's
     stride (the deepest: a patch embedding at 1/16 is no cut of EfficientViT's stages at
@@ -514,20 +529,24 @@ def _dedupe(candidates: list[Candidate]) -> list[Candidate]:
 
 def _repatched(found: list[Unit], have: Size, target: Target) -> tuple[list[Op], str, int] | None:
     """The patch op that gives a stride no stride change reaches, when the first reduction
-    is a patch embedding (a ViT's 14-pixel patches, ConvMixer's 7): its patch made
-    ``target / the other reductions``; None where that is no whole number."""
-    if not found or not found[0].patches or target.stride[0] != target.stride[1]:
+    is a patch embedding (a ViT's 14-pixel patches, ConvMixer's 7, ConvNeXt's stem): its
+    patch made ``target / the other reductions`` on each axis; None where that is no
+    whole number, or is the patch it has."""
+    if not found or not found[0].patches:
         return None
     first = found[0]
-    if first.stride[0] != first.stride[1] or have[0] != have[1] or have[0] % first.stride[0]:
+    size = []
+    for axis in range(2):
+        if have[axis] % first.stride[axis]:
+            return None
+        rest = have[axis] // first.stride[axis]
+        if target.stride[axis] % rest or not 1 <= target.stride[axis] // rest < MAX_PATCH:
+            return None
+        size.append(target.stride[axis] // rest)
+    new = (size[0], size[1])
+    if new == first.stride:
         return None
-    rest = have[0] // first.stride[0]
-    if target.stride[0] % rest:
-        return None
-    size = target.stride[0] // rest
-    if size == first.stride[0] or not 1 <= size < MAX_PATCH:
-        return None
-    return [Patch(size=size)], f"{first.name}: patch {size}", first.order
+    return [Patch(size=new)], f"{first.name}: patch {_fmt(new)}", first.order
 
 
 def _infeasible(
@@ -901,12 +920,7 @@ def taken_sizes(source: Trace, sizes: tuple[Size, ...]) -> tuple[Size, ...]:
     rules = source.size_rules(features.chain if features is not None else None)
 
     def up(size: int, axis: int) -> int:
-        rule = rules[axis]
-        if not rule.period:
-            return size
-        while size % rule.period not in rule.remainders:
-            size += 1
-        return size
+        return rules[axis].taken(size) if rules[axis].period else size
 
     return tuple(dict.fromkeys((up(h, 0), up(w, 1)) for h, w in sizes))
 
@@ -1032,6 +1046,12 @@ def _search(
         tried = {c.label for c in done}
         more = [c for c in cut_candidates(backbone, source, target) if c.label not in tried]
         done += _evaluate_all(backbone, source, model, more, target, probes, None)
+    if not any(c.ok for c in done) and target.like is None and not target.outputs:
+        # no stride change holds exactly (a 4x4 stem's kernel would lose pixels at
+        # stride 1 on one axis): another patch size at the first patch embedding
+        done += _evaluate_all(
+            backbone, source, model, repatched(backbone, source, target), target, probes, None
+        )
     if any(c.ok for c in done):
         return done, None
     return done, _other_rounding(backbone, source, model, plain, target, probes)
