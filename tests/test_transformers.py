@@ -424,3 +424,39 @@ def test_levit_conv_takes_one_input_size_and_is_cut_before_its_attention(tmp_pat
     assert found.winner.label == "truncate after stem.conv4"
     done = bbswap.export(spec, bbswap.winner_recipe(found), tmp_path / "levit.py")
     assert all(check.ok for check in done.report.checks)
+
+
+QWEN_KW = {"depth": 2, "embed_dim": 64, "num_heads": 2}
+
+
+def test_a_map_flattened_into_tokens_only_for_the_head_is_the_features(tmp_path):
+    """Qwen3's ViT gives its blocks' output as an NHWC map and flattens it into tokens
+    only for its head: the map is its features (inspect no longer refuses it as token
+    output), and the file fitted at 1/16 with its own channels equals timm's
+    forward_features, channels first, at the size it was built for and at others."""
+    spec = "timm:qwen3_vit_88m"
+    report = bbswap.inspect_backbone(spec, kwargs=QWEN_KW)
+    features = report.trace.features
+    assert features is not None and features.layout is Layout.NHWC
+    found = bbswap.fit(spec, channels=64, stride=16, rounding="any", kwargs=QWEN_KW)
+    recipe = bbswap.winner_recipe(found)
+    path = tmp_path / "qwen.py"
+    done = bbswap.export(spec, recipe, path, kwargs=QWEN_KW)
+    assert all(check.ok for check in done.report.checks)
+    found_spec = importlib.util.spec_from_file_location("qwen_emitted", path)
+    assert found_spec is not None and found_spec.loader is not None
+    module = importlib.util.module_from_spec(found_spec)
+    found_spec.loader.exec_module(module)
+    model = getattr(module, done.emitted.class_name)().eval()
+    torch.manual_seed(5)
+    ref = timm.create_model(spec[5:], pretrained=False, **QWEN_KW).eval()
+    theirs = ref.state_dict()
+    mine = model.state_dict()
+    prefix = next(p for p in ("", "body.") if all(k.removeprefix(p) in theirs for k in mine))
+    model.load_state_dict({k: theirs[k.removeprefix(prefix)] for k in mine})
+    for h, w in ((224, 224), (224, 320), (256, 192)):
+        x = torch.randn(1, 3, h, w)
+        with torch.no_grad():
+            got, want = model(x), ref.forward_features(x).permute(0, 3, 1, 2)
+        assert got.shape == (1, 64, h // 16, w // 16)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

@@ -359,7 +359,7 @@ def plan(
     found = units(source, features)
     stem = _stem_ops(source, target)
     head = [make_op("truncate", after=features.path)] if features is not None else []
-    tail = _project(out[1], target)
+    tail = _project(features.channels if features is not None else out[1], target)
     if any(max(h, t) % min(h, t) for h, t in zip(have, target.stride)):
         # no stride change reaches the target: only another patch size can
         repatched = _repatched(found, have, target)
@@ -395,7 +395,8 @@ def repatched(backbone: Backbone, source: Trace, target: Target) -> list[Candida
         return []
     ops, label, order = made
     head = [make_op("truncate", after=features.path)] if features is not None else []
-    recipe_ops = [*_stem_ops(source, target), *ops, *head, *_project(out[1], target)]
+    own = features.channels if features is not None else out[1]
+    recipe_ops = [*_stem_ops(source, target), *ops, *head, *_project(own, target)]
     return [Candidate(_fit_recipe(backbone, source, target, recipe_ops), label, "-", order)]
 
 
@@ -1276,7 +1277,7 @@ def _like_target(
             params=("stride", "like"),
         )
     return Target(
-        channels if channels is not None else out_shape[1],
+        channels if channels is not None else (features.channels if features else out_shape[1]),
         have,
         in_chans if in_chans is not None else other.input_shape[1],
         like,

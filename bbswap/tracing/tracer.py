@@ -719,7 +719,10 @@ def not_a_cnn(trace: Trace) -> str:
     if (
         on_grid is not None
         and on_grid.layout is Layout.TOKENS
-        and (features is None or _after(trace, on_grid.path, features))
+        and (
+            features is None
+            or (_after(trace, on_grid.path, features) and _tokens_worked_after(trace, features))
+        )
     ):
         grid = "x".join(map(str, on_grid.grid or ()))
         after = ", after its last feature map" if features is not None else ""
@@ -765,6 +768,16 @@ def _token_share(trace: Trace, features: Stage | None) -> tuple[Stage | None, fl
     ]
     share = sum(s.macs for s in tokens) / max(trace.macs, 1)
     return (tokens[0] if tokens else None), share
+
+
+def _tokens_worked_after(trace: Trace, features: Stage) -> bool:
+    """Whether a stage with weights or MACs runs on tokens on the grid after the features
+    (a ViT's blocks after its patch embedding): a flatten of the last map into tokens for
+    the head alone (Qwen3's ViT) leaves that map the backbone's output."""
+    if features not in trace.stages:
+        return True
+    after = trace.stages[trace.stages.index(features) + 1 :]
+    return any(s.layout is Layout.TOKENS and (s.params or s.macs) for s in after)
 
 
 def _last_grid(trace: Trace) -> Stage | None:
