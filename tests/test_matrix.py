@@ -546,3 +546,20 @@ def test_one_target_without_returns_is_fitted_as_fit_fits_it():
     assert "taps" in cell.plan if cell.ok else "a list of 32x8:64" in cell.detail
     shown = cli("matrix", ALEXNET, "--target", "32x8:64", "--no-verify")
     assert "a list of" not in shown.stdout and "32x8:64" in shown.stdout
+
+
+def test_running_out_of_memory_is_no_bug_and_any_other_error_is():
+    from bbswap.search.matrix import OUT_OF_MEMORY, brief
+
+    def raised(error: BaseException) -> BaseException:
+        try:
+            raise error
+        except BaseException as caught:  # with its traceback, as a sweep catches it
+            return caught
+
+    reason, detail = brief(raised(MemoryError()))
+    assert reason == OUT_OF_MEMORY == "out of memory"
+    assert detail.startswith("MemoryError: out of memory at test_matrix.py:")
+    reason, detail = brief(raised(RuntimeError("index 3 is out of bounds")))
+    assert reason == "bug: RuntimeError"
+    assert detail.startswith("RuntimeError: index 3 is out of bounds at test_matrix.py:")

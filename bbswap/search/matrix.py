@@ -397,14 +397,19 @@ def _row_in_worker(spec: str, task: _Task, debug: bool) -> Row:
         return _row(spec, *task.args, debug)
 
 
+OUT_OF_MEMORY = "out of memory"  # a cell's reason: the sweep's machine had too little
+
+
 def brief(error: BaseException) -> tuple[str, str]:
     """A few words and the whole message of an error (worded as ``bbswap fit`` says it);
-    anything not a user error is a bug."""
+    running out of memory is that; anything else not a user error is a bug."""
     if isinstance(error, BBSwapError):
         return error.brief, " ".join(error.as_flags().split())
     message = " ".join(str(error).split())
     where = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
     at = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
+    if isinstance(error, MemoryError):
+        return OUT_OF_MEMORY, f"{type(error).__name__}: {message or 'out of memory'}{at}"
     return f"bug: {type(error).__name__}", f"{type(error).__name__}: {message}{at}"
 
 
@@ -482,7 +487,7 @@ def _cell(
         found = fit(backbone, rounding=rounding, input_shape=input_shape, in_chans=in_chans, **aim)
     except Exception as error:  # reported in the cell
         reason, detail = brief(error)
-        bug = not isinstance(error, BBSwapError)
+        bug = not isinstance(error, (BBSwapError, MemoryError))
         return Cell(stride, False, reason=reason, detail=detail, bug=bug, targets=taps), None
     w = found.winner
     rule = w.rule or found.target.rounding
@@ -494,7 +499,7 @@ def _cell(
         import_reason = _export(backbone, winner_recipe(found, text), text)
     except Exception as error:  # reported in the cell
         reason, detail = brief(error)
-        bug = not isinstance(error, BBSwapError)
+        bug = not isinstance(error, (BBSwapError, MemoryError))
         failed = Cell(
             stride, False, cell.macs, cell.plan, cell.rule, False, reason, detail, bug, taps
         )
