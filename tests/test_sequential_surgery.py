@@ -197,15 +197,19 @@ def test_dropout_after_sequential_blocks_of_a_sequential(tmp_path: Path):
         assert sorted(map(id, seen)) == sorted(map(id, drops))  # each one, once
 
 
-def test_a_cut_inside_a_module_list_stops_the_loop_and_keeps_its_first_blocks(tmp_path: Path):
+@pytest.mark.parametrize("name", ["BlockList", "BlockSequence"])
+def test_a_cut_inside_a_looped_container_stops_the_loop_and_keeps_its_first_blocks(
+    tmp_path: Path, name: str
+):
     # the truncation is written where the loop runs (the root's forward), and the file
-    # keeps body.blocks[:2]: the blocks' own names, so the source's state_dict keys
+    # keeps body.blocks[:2]: the blocks' own names, so the source's state_dict keys; a
+    # Sequential looped over is not rewritten into a module the loop cannot iterate
     out = tmp_path / "blocks.py"
     cut = {"op": "truncate", "after": "blocks.1"}
-    exported = export(spec("BlockList"), recipe(cut), out, input_shape="1x3x64x64")
+    exported = export(spec(name), recipe(cut), out, input_shape="1x3x64x64")
     text = out.read_text()
     assert "self.blocks = body.blocks[:2]" in text
-    source = source_model("BlockList", 3).eval()
+    source = source_model(name, 3).eval()
     module = import_plain(out)
     model = getattr(module, exported.emitted.class_name)().eval()
     weights = {k: v for k, v in source.state_dict().items() if not k.startswith("blocks.2.")}

@@ -937,12 +937,14 @@ def _adopt_root(
 
 
 def _kept(patched: nn.Module, body: dict[str, nn.Module | None], child: str) -> str:
-    """The expression of a child taken from ``body``: a ModuleList cut after its first k
-    blocks (the forward that loops over it stops there) is ``body.blocks[:k]``, which keeps
-    the blocks' names and so their state_dict keys."""
+    """The expression of a child taken from ``body``: a ModuleList (or a Sequential looped
+    over) cut after its first k blocks (the forward that loops over it stops there) is
+    ``body.blocks[:k]``, which keeps the blocks' names and so their state_dict keys."""
     whole, kept = body.get(child), patched._modules[child]
     source = _get_attr("body", child)
-    if not isinstance(whole, nn.ModuleList) or kept is None or isinstance(kept, nn.ModuleList):
+    lists = (nn.ModuleList, nn.Sequential)
+    # fx holds a container it copies as a plain Module of the children the graph calls
+    if not isinstance(whole, lists) or kept is None or isinstance(kept, lists):
         return source
     names = list(kept._modules)
     if len(names) < len(whole) and names == [str(i) for i in range(len(names))]:

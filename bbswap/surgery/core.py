@@ -265,9 +265,10 @@ class Surgery:
             path = point.owner
         owner, target = parent_path(path), child_name(path)
         while True:
-            if owner and _runs_nothing(module_at(self.model, owner)):
-                # a ModuleList runs nothing itself: the forward that loops over it stops
-                # at the child (a call of ``blocks.3`` in its graph)
+            if owner and (_runs_nothing(module_at(self.model, owner)) or self._iterated(owner)):
+                # a ModuleList runs nothing itself, and a Sequential its owner loops over
+                # (``for blk in self.blocks``) runs no forward of its own: the forward that
+                # loops over it stops at the child (a call of ``blocks.3`` in its graph)
                 owner, target = parent_path(owner), f"{child_name(owner)}.{target}"
                 continue
             self.rewrite(owner).truncate_after = target
@@ -276,6 +277,18 @@ class Surgery:
             owner, target = parent_path(owner), child_name(owner)
         for path in dropped:
             self.record(path, EditKind.REMOVE, type(module_at(self.model, path)).__name__, "-")
+
+    def _iterated(self, path: str) -> bool:
+        """An ``nn.Sequential`` whose forward never ran in the trace while its children
+        did: its owner loops over it (SAM2's Hiera), so its forward is not the one to
+        rewrite."""
+        module = module_at(self.model, path)
+        called = set(self.trace.modules)
+        return (
+            type(module) is nn.Sequential
+            and path not in called
+            and any(p.startswith(f"{path}.") for p in called)
+        )
 
     # -- finishing ----------------------------------------------------------------------
     def finish(self) -> nn.Module:
