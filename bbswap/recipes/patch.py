@@ -150,4 +150,4 @@ class Patch(Op, kind=OpKind.PATCH):
         # timm's PatchEmbed sizes its grid, pads and checks the input by its patch_size
         owner = module_at(surgery.model, parent_path(target.id))
         if getattr(owner, "patch_size", None) == tuple(conv.kernel_size):
-            surgery.set_attr(parent_path(target.id), "patch_size", tuple(self.size))
+            surgery.set_attr(parent_path(target.id), "patch_size", self.size)

@@ -362,12 +362,10 @@ def plan(
     tail = _project(features.channels if features is not None else out[1], target)
     if any(max(h, t) % min(h, t) for h, t in zip(have, target.stride)):
         # no stride change reaches the target: only another patch size can
-        repatched = _repatched(found, have, target)
-        if repatched is None:
+        patched = repatched(backbone, source, target)
+        if not patched:
             raise TargetError(_infeasible(backbone, target, have, found, source))
-        ops, label, order = repatched
-        made = _fit_recipe(backbone, source, target, [*stem, *ops, *head, *tail])
-        return [Candidate(made, label, "-", order)]
+        return patched
     candidates = [
         Candidate(
             _fit_recipe(backbone, source, target, [*stem, *ops, *head, *pool, *tail]),
@@ -921,7 +919,12 @@ def taken_sizes(source: Trace, sizes: tuple[Size, ...]) -> tuple[Size, ...]:
     rules = source.size_rules(features.chain if features is not None else None)
 
     def up(size: int, axis: int) -> int:
-        return rules[axis].taken(size) if rules[axis].period else size
+        rule = rules[axis]
+        if not rule.period:
+            return size
+        while size % rule.period not in rule.remainders:
+            size += 1
+        return size
 
     return tuple(dict.fromkeys((up(h, 0), up(w, 1)) for h, w in sizes))
 

@@ -153,15 +153,6 @@ class SizeRule:
     period: int = 0
     remainders: tuple[int, ...] = ()
 
-    def taken(self, size: int) -> int:
-        """The first size from ``size`` up that the chain takes: a multiple of
-        ``multiple``, and at one of the remainders of ``period`` where windows are split
-        without padding (MaxViT's take only sizes that give whole windows)."""
-        size = -(-size // self.multiple) * self.multiple
-        while self.period and size % self.period not in self.remainders:
-            size += self.multiple
-        return size
-
     def format(self, axis: str) -> str:
         rule = f"{axis} -> " + self.expression.format(x=axis)
         if self.period:
