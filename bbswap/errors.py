@@ -98,6 +98,12 @@ class TargetError(BBSwapError, brief="no exact plan"):
     """A fit target that no candidate reaches."""
 
 
+class OneInputSize(TargetError, brief="fixed size: one input size"):
+    """A fit target no candidate reaches because the model takes one input size (an
+    attention bias or a reshape of one grid's size fails at any other) and no cut before
+    the stage that ties it reaches the target: no size rule holds, so surgery cannot help."""
+
+
 class VerificationError(BBSwapError, brief="verification fails"):
     """A generated or hand-edited file does not match what it claims."""
 

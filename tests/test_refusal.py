@@ -32,7 +32,7 @@ from typer.testing import CliRunner
 import bbswap
 import bbswap.cli.render
 from bbswap.cli.app import app
-from bbswap.errors import BBSwapError, ModelError, NotACNN, TargetError
+from bbswap.errors import BBSwapError, ModelError, NotACNN, OneInputSize, TargetError
 from bbswap.recipes.registry import make_op
 from bbswap.recipes.schema import Recipe
 from bbswap.tracing.tracer import (
@@ -317,6 +317,7 @@ def test_a_model_of_one_input_size_says_so_and_is_cut_before_what_ties_it(tmp_pa
     assert shown.exit_code == 0 and "at 64x64 only: the model takes one size" in shown.stdout
     with pytest.raises(TargetError, match=r"it takes one input size: at 128x128") as refused:
         bbswap.fit(BIASED, channels=64, stride=16, input_shape="1x3x64x64")
+    assert isinstance(refused.value, OneInputSize)
     assert refused.value.brief == "fixed size: one input size"
     assert "it keeps 'attn', which ties the model to one input size" in str(refused.value)
     found = bbswap.fit(BIASED, channels=64, stride=8, input_shape="1x3x64x64")
@@ -334,3 +335,23 @@ def test_a_model_that_takes_twice_its_size_is_not_of_one_size():
     for name in ("WindowAttention", "GatedCNN"):
         traced, _ = trace(getattr(token_models, name), (1, 3, 224, 224))
         assert traced.one_size == "" and traced.one_size_at == ""
+
+
+def test_a_model_of_one_input_size_is_a_refused_row_of_the_matrix():
+    """Where every target fails for the one input size the model takes, its matrix row is
+    refused (not a failure, not among the backbones that follow a size rule); where a cut
+    before what ties it reaches one target, the row is an ordinary failure."""
+    only = bbswap.matrix(BIASED, strides=[16, 32], verify=False, input_shape="1x3x64x64")
+    (row,) = only.rows
+    assert row.refused and not row.ok and not row.reason
+    assert [c.one_size for c in row.cells] == [True, True]
+    assert [c.reason for c in row.cells] == ["fixed size: one input size"] * 2
+    assert (only.passed, only.cnns) == (0, 0)
+    assert "1 refused as following no size rule: " + BIASED in bbswap.cli.render.matrix_summary(
+        only
+    )
+    part = bbswap.matrix(BIASED, strides=[8, 16], verify=False, input_shape="1x3x64x64")
+    (row,) = part.rows
+    assert not row.refused and not row.ok
+    assert [(c.ok, c.one_size) for c in row.cells] == [(True, False), (False, True)]
+    assert (part.passed, part.cnns) == (0, 1)

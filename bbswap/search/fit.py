@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 from bbswap.backbones.instance import as_backbone
 from bbswap.backbones.registry import Backbone, resolve
-from bbswap.errors import BBSwapError, InvalidArgument, ModelError, SurgeryError, TargetError
+from bbswap.errors import (
+    BBSwapError,
+    InvalidArgument,
+    ModelError,
+    OneInputSize,
+    SurgeryError,
+    TargetError,
+)
 from bbswap.kinds import Mode, Phase, Prefer, Returns, Rounding
 from bbswap.parsing import FeatureTarget, parse_stride, parse_target, parse_targets
 from bbswap.recipes.channels import InChannels
@@ -1133,10 +1140,9 @@ def _ranked(
         for c in (rest + failed)[:3]
     )
     if one_size:
-        raise TargetError(
+        raise OneInputSize(
             f"no candidate reaches {target.describe()} on {backbone.spec}: {one_size}, and "
-            f"no cut before that stage reaches the target ({reasons})",
-            brief="fixed size: one input size",
+            f"no cut before that stage reaches the target ({reasons})"
         )
     hint = f"; {other}(H/S) is reachable: pass {{rounding}} {other}" if other else ""
     raise TargetError(

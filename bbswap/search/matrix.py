@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bbswap.backbones.registry import Backbone, list_backbones, resolve
-from bbswap.errors import BBSwapError, InvalidArgument, NotACNN
+from bbswap.errors import BBSwapError, InvalidArgument, NotACNN, OneInputSize
 from bbswap.kinds import Returns, Rounding
 from bbswap.parsing import FeatureTarget, parse_input, parse_target, parse_targets
 
@@ -46,6 +46,7 @@ class Cell:
     detail: str = ""  # the whole error message
     bug: bool = False  # the error was not a user error (not a BBSwapError)
     targets: tuple[FeatureTarget, ...] = ()  # a cell of several targets (``stride``: the deepest)
+    one_size: bool = False  # failed because the model takes one input size (OneInputSize)
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,9 @@ class Row:
     detail: str = ""
     seconds: float = 0.0
 
-    refused: bool = False  # no size rule holds for it (a fixed positional embedding, ...)
+    # no size rule holds for it: a fixed positional embedding, ... (NotACNN when traced), or
+    # one input size only, which fails every cell (OneInputSize)
+    refused: bool = False
     in_chans: int | None = None  # the input channels it was inspected with: its own
 
     @property
@@ -454,9 +457,20 @@ def _row(
         emitted = how if emitted is None else emitted
     seconds = time.perf_counter() - start
     own = shape[1]
+    refused = all(c.one_size for c in cells) and bool(cells)
     if emitted is None:
-        return Row(spec, width, down, tuple(cells), seconds=seconds, in_chans=own)
-    return Row(spec, width, down, tuple(cells), True, emitted, seconds=seconds, in_chans=own)
+        return Row(spec, width, down, tuple(cells), seconds=seconds, refused=refused, in_chans=own)
+    return Row(
+        spec,
+        width,
+        down,
+        tuple(cells),
+        True,
+        emitted,
+        seconds=seconds,
+        refused=refused,
+        in_chans=own,
+    )
 
 
 def _cell(
@@ -488,7 +502,11 @@ def _cell(
     except Exception as error:  # reported in the cell
         reason, detail = brief(error)
         bug = not isinstance(error, (BBSwapError, MemoryError))
-        return Cell(stride, False, reason=reason, detail=detail, bug=bug, targets=taps), None
+        fixed = isinstance(error, OneInputSize)
+        failed = Cell(
+            stride, False, reason=reason, detail=detail, bug=bug, targets=taps, one_size=fixed
+        )
+        return failed, None
     w = found.winner
     rule = w.rule or found.target.rounding
     cell = Cell(stride, True, w.trace.macs, w.label, rule, targets=taps)
