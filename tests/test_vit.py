@@ -418,3 +418,26 @@ def test_naflexvit_patchify_by_reshape_is_a_reduction_by_its_patch(tmp_path: Pat
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     with pytest.raises(TargetError, match=r"space-to-depth by 16 at body\.embeds\.reshape\(\)"):
         fit(NAFLEX, channels=24, stride=8, rounding="any", kwargs=NAFLEX_KW)
+
+
+EVA = "timm:eva02_tiny_patch14_224"
+EVA_KW = {"img_size": 84, "depth": 2, "embed_dim": 64, "num_heads": 2}
+
+
+def test_a_new_patch_that_does_not_divide_the_traced_size_is_traced_at_whole_patches(
+    tmp_path: Path,
+) -> None:
+    """EVA-02's patch embedding asserts that the input is whole patches. Built for 84x84
+    (6x6 patches of 14), a 32x8 patch does not divide 84 rows: the patched model is traced
+    at 96x88, the next whole patches, and the fit reaches 1/32 x 1/8 instead of failing
+    every candidate on the assertion."""
+    found = fit(EVA, channels=64, stride=(32, 8), rounding="any", kwargs=EVA_KW)
+    assert found.winner.label == "body: patch 32x8"
+    assert found.winner.trace.input_shape == (1, 3, 96, 88)
+    assert found.winner.trace.output_shape == (1, 64, 3, 11)
+    out = tmp_path / "eva32x8.py"
+    done = export(EVA, winner_recipe(found), out, kwargs=EVA_KW)
+    assert all(check.ok for check in done.report.checks)
+    model = getattr(_import(out, "bbswap_eva32x8"), done.emitted.class_name)().eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 128, 64)).shape == (1, 64, 4, 8)

@@ -11,6 +11,7 @@ from bbswap.backbones.instance import as_backbone, has_weights, real_copy
 from bbswap.backbones.registry import Backbone
 from bbswap.errors import InvalidArgument, SurgeryError, gist
 from bbswap.parsing import parse_dims
+from bbswap.recipes.patch import Patch
 from bbswap.recipes.schema import Recipe
 from bbswap.records import dims, short_count
 from bbswap.surgery.core import Edit, Surgery
@@ -147,6 +148,7 @@ def apply_traced(
     patched = surgery.finish()
     weighted = run_ops(model, before, recipe).finish() if model is not None else None
     n, _, h, w = before.input_shape
+    h, w = _whole_patches(recipe, h, w)
     try:
         after = trace_module(patched, (n, surgery.in_chans, h, w), device=before.device)
     except ForwardFailed as failed:
@@ -156,6 +158,16 @@ def apply_traced(
     return ApplyResult(
         backbone, recipe, before, after, tuple(surgery.edits), weighted or patched, surgery
     )
+
+
+def _whole_patches(recipe: Recipe, h: int, w: int) -> tuple[int, int]:
+    """The traced size ``h x w`` moved up to whole patches of every new patch size the
+    recipe gives: a patch embedding of 32 rows takes no 336-row input (a ViT's asserts)."""
+    for op in recipe.ops:
+        if isinstance(op, Patch):
+            ph, pw = op.size
+            h, w = -(-h // ph) * ph, -(-w // pw) * pw
+    return h, w
 
 
 def run_ops(model: nn.Module, before: Trace, recipe: Recipe, *, in_place: bool = False) -> Surgery:
