@@ -18,12 +18,19 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+def same_padding(
+    size: int, kernel: int, stride: int, dilation: int, on_pixel: bool = False
+) -> tuple[int, int]:
     """Pixels to add before and after an axis of ``size`` pixels so that a window of
-    ``kernel`` pixels, ``dilation`` apart, at ``stride`` gives ``ceil(size / stride)``."""
+    ``kernel`` pixels, ``dilation`` apart, at ``stride`` gives ``ceil(size / stride)``.
+
+    ``on_pixel``: where the input is narrower than the dilation, a split in the middle
+    leaves a window wholly in the padding (for a max pooling, -inf, and NaN after the next
+    conv); there it all goes after, so that each window starts on a pixel."""
     span = (kernel - 1) * dilation + 1
     total = max((math.ceil(size / stride) - 1) * stride + span - size, 0)
-    return total // 2, total - total // 2
+    before = 0 if on_pixel and size < dilation else total // 2
+    return before, total - before
 
 
 def pad_same(
@@ -32,10 +39,11 @@ def pad_same(
     stride: tuple[int, int],
     dilation: tuple[int, int],
     value: float = 0.0,
+    on_pixel: bool = False,
 ) -> torch.Tensor:
     """``x`` padded with ``value`` for a window of ``kernel`` at ``stride``, per axis."""
-    top, bottom = same_padding(x.shape[-2], kernel[0], stride[0], dilation[0])
-    left, right = same_padding(x.shape[-1], kernel[1], stride[1], dilation[1])
+    top, bottom = same_padding(x.shape[-2], kernel[0], stride[0], dilation[0], on_pixel)
+    left, right = same_padding(x.shape[-1], kernel[1], stride[1], dilation[1], on_pixel)
     return F.pad(x, (left, right, top, bottom), value=value)
 
 
@@ -57,7 +65,8 @@ class Conv2dSame(nn.Conv2d):
 
 
 class MaxPool2dSame(nn.MaxPool2d):
-    """A MaxPool2d that pads each input with -inf to give ceil(size / stride) per axis."""
+    """A MaxPool2d that pads each input with -inf to give ceil(size / stride) per axis,
+    never so that a window sees only padding (timm's MaxPool2dSame gives -inf there)."""
 
     kernel_size: tuple[int, int]
     stride: tuple[int, int]
@@ -74,7 +83,7 @@ class MaxPool2dSame(nn.MaxPool2d):
         super().__init__(window, step, 0, as_pair(dilation))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = pad_same(x, self.kernel_size, self.stride, self.dilation, value=-math.inf)
+        x = pad_same(x, self.kernel_size, self.stride, self.dilation, -math.inf, True)
         return F.max_pool2d(x, self.kernel_size, self.stride, 0, self.dilation)
 
 
