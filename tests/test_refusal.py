@@ -355,3 +355,26 @@ def test_a_model_of_one_input_size_is_a_refused_row_of_the_matrix():
     assert not row.refused and not row.ok
     assert [(c.ok, c.one_size) for c in row.cells] == [(True, False), (False, True)]
     assert (part.passed, part.cnns) == (0, 1)
+
+
+def test_features_resized_to_one_size_are_fitted_by_a_cut_before_the_resize(
+    tmp_path: Path,
+) -> None:
+    """The adapter's features are 6x6 at any input size, so no stride change moves them;
+    the stages before it follow a stride, and a cut there (with the projection) is the
+    fit at 1/8, emitted and verified. At 1/16 no stage before the resize is there: the
+    refusal says so, as NotACNN."""
+    s = spec("FixedSizeFeatures")
+    report = bbswap.inspect_backbone(s)
+    assert report.trace.output_shape == (1, 48, 6, 6)
+    assert [r.rounding for r in report.rules] == ["fixed", "fixed"]
+    fitted = bbswap.fit(s, channels=40, stride=8, rounding="any")
+    assert fitted.winner.label == "truncate after stage2"
+    assert fitted.winner.trace.output_shape == (1, 40, 28, 28)
+    out = tmp_path / "fixed_size.py"
+    done = bbswap.export(s, bbswap.winner_recipe(fitted), out)
+    assert all(check.ok for check in done.report.checks)
+    with pytest.raises(NotACNN) as refused:
+        bbswap.fit(s, channels=40, stride=16, rounding="any")
+    assert "resizes its features to 6x6 at any input size" in str(refused.value)
+    assert "no stage before that is at 1/16" in str(refused.value)

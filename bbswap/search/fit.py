@@ -25,6 +25,7 @@ from bbswap.errors import (
     BBSwapError,
     InvalidArgument,
     ModelError,
+    NotACNN,
     OneInputSize,
     SurgeryError,
     TargetError,
@@ -367,6 +368,25 @@ def plan(
     stem = _stem_ops(source, target)
     head = [make_op("truncate", after=features.path)] if features is not None else []
     tail = _project(features.channels if features is not None else out[1], target)
+    rules = source.size_rules(features.chain if features is not None else None)
+    if all(rule.rounding == "fixed" for rule in rules):
+        # the features are resized to one size (MobileNetV5's fusion adapter): no stride
+        # change moves them; only a cut before the resize follows a stride
+        chain = features.chain if features is not None else source.chain
+        by_id = {o.id: o for o in source.ops}
+        resizes = [
+            by_id[i].stage
+            for i in chain
+            if i in by_id
+            and any(st.kind == "fixed" for st in (*by_id[i].steps_h, *by_id[i].steps_w))
+        ]
+        cuts = cut_candidates(backbone, source, target, before=resizes[-1] if resizes else None)
+        if not cuts:
+            raise NotACNN(
+                f"{backbone.spec} resizes its features to {out[2]}x{out[3]} at any input "
+                f"size, and no stage before that is at 1/{_fmt(target.stride)}"
+            )
+        return cuts
     if any(max(h, t) % min(h, t) for h, t in zip(have, target.stride)):
         # no stride change reaches the target: only another patch size can
         patched = repatched(backbone, source, target)
@@ -405,13 +425,17 @@ def repatched(backbone: Backbone, source: Trace, target: Target) -> list[Candida
     return [Candidate(_fit_recipe(backbone, source, target, recipe_ops), label, "-", order)]
 
 
-def cut_candidates(backbone: Backbone, source: Trace, target: Target) -> list[Candidate]:
+def cut_candidates(
+    backbone: Backbone, source: Trace, target: Target, *, before: str | None = None
+) -> list[Candidate]:
     """The candidate that cuts the body after the last stage already at the target's
     stride (the deepest: a patch embedding at 1/16 is no cut of EfficientViT's stages at
-    1/16), projected to the target's channels; none when that stage is the features."""
+    1/16), projected to the target's channels; none when that stage is the features.
+    ``before``: a stage the cut must come before (the one that resizes the features to
+    one size); by default, the one that ties the model to one input size."""
     order = {path: i for i, path in enumerate(source.modules)}
     points = sorted(truncation_points(source, target.stride), key=lambda s: order.get(s.path, -1))
-    tie = source.one_size_at
+    tie = before or source.one_size_at
     if tie in order:  # a model of one input size: cut before the stage that ties it
         points = [
             s
