@@ -369,9 +369,10 @@ def plan(
     head = [make_op("truncate", after=features.path)] if features is not None else []
     tail = _project(features.channels if features is not None else out[1], target)
     rules = source.size_rules(features.chain if features is not None else None)
-    if all(rule.rounding == "fixed" for rule in rules):
-        # the features are resized to one size (MobileNetV5's fusion adapter): no stride
-        # change moves them; only a cut before the resize follows a stride
+    if all(rule.rounding == "fixed" and not rule.period for rule in rules):
+        # the features are resized to one size at every input size (MobileNetV5's fusion
+        # adapter; not MobileViTv2's resize to a multiple, whose rule holds for some sizes
+        # only): no stride change moves them; only a cut before the resize follows a stride
         chain = features.chain if features is not None else source.chain
         by_id = {o.id: o for o in source.ops}
         resizes = [
