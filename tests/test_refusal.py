@@ -378,3 +378,18 @@ def test_features_resized_to_one_size_are_fitted_by_a_cut_before_the_resize(
         bbswap.fit(s, channels=40, stride=16, rounding="any")
     assert "resizes its features to 6x6 at any input size" in str(refused.value)
     assert "no stage before that is at 1/16" in str(refused.value)
+
+
+def test_a_resize_to_a_multiple_of_the_input_is_not_refused_as_one_size() -> None:
+    """A map resized up to a multiple of 4 is traced as the size it gave (28x28 at
+    224x224); a second trace at twice the size gives 56x56, so no refusal says the model
+    has features of one size: at 1/8 a cut before the resize fits, at 1/16 the failure is
+    the search's, not a refusal."""
+    s = spec("ResizedToMultiple")
+    assert bbswap.fit(s, channels=40, stride=8, rounding="any").winner.label == (
+        "truncate after stage2"
+    )
+    with pytest.raises(TargetError) as failed:
+        bbswap.fit(s, channels=40, stride=16, rounding="any")
+    assert not isinstance(failed.value, NotACNN)
+    assert "resizes its features" not in str(failed.value)

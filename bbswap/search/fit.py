@@ -52,10 +52,12 @@ from bbswap.surgery.outputs_plan import OutputsPlan
 from bbswap.tracing.inspection import choose_input, first_conv_in_channels
 from bbswap.tracing.sizes import from_smallest
 from bbswap.tracing.tracer import (
+    ForwardFailed,
     SpatialOp,
     Stage,
     Trace,
     trace,
+    trace_module,
 )
 
 if TYPE_CHECKING:
@@ -356,8 +358,10 @@ def plan(
     *,
     mode: str = "dilate",
     allow_truncate: bool = False,
+    model: nn.Module | None = None,
 ) -> list[Candidate]:
-    """Every candidate recipe for the target (not yet evaluated)."""
+    """Every candidate recipe for the target (not yet evaluated). ``model``, the (meta)
+    model traced, confirms at another size a size rule that says the features have one."""
     features = source.features
     out = features.out_shape if features is not None else source.output_shape
     if len(out) != 4:
@@ -369,7 +373,8 @@ def plan(
     head = [make_op("truncate", after=features.path)] if features is not None else []
     tail = _project(features.channels if features is not None else out[1], target)
     rules = source.size_rules(features.chain if features is not None else None)
-    if all(rule.rounding == "fixed" and not rule.period for rule in rules):
+    fixed = all(rule.rounding == "fixed" and not rule.period for rule in rules)
+    if fixed and (model is None or _one_size_at_twice(source, model)):
         # the features are resized to one size at every input size (MobileNetV5's fusion
         # adapter; not MobileViTv2's resize to a multiple, whose rule holds for some sizes
         # only): no stride change moves them; only a cut before the resize follows a stride
@@ -408,6 +413,23 @@ def plan(
     if not candidates:
         raise TargetError(_infeasible(backbone, target, have, found, source))
     return _dedupe(candidates)
+
+
+def _one_size_at_twice(source: Trace, model: nn.Module) -> bool:
+    """Whether the features are the size they were traced at when the input is twice as
+    large: a resize to a size computed from the input (to a multiple of a patch) is
+    recorded as the size it gave, which a second trace tells from a resize to one size."""
+    n, c, h, w = source.input_shape
+    try:
+        twice = trace_module(model, (n, c, 2 * h, 2 * w), device=source.device)
+    except ForwardFailed:
+        return False  # no second size to compare: nothing says the size is one
+    features = source.features
+    path = features.path if features is not None else None
+    again = twice.stage(path) if path is not None else None
+    have = features.out_shape if features is not None else source.output_shape
+    got = again.out_shape if again is not None else twice.output_shape
+    return tuple(got[-2:]) == tuple(have[-2:])
 
 
 def repatched(backbone: Backbone, source: Trace, target: Target) -> list[Candidate]:
@@ -977,8 +999,7 @@ def _with_outputs(
 def _plan_one(
     backbone: Backbone, source: Trace, model: Any, target: Target, **options: Any
 ) -> list[Candidate]:
-    del model  # a one-target plan needs only the trace
-    return plan(backbone, source, target, **options)
+    return plan(backbone, source, target, model=model, **options)
 
 
 def _several(
