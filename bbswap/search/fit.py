@@ -30,7 +30,7 @@ from bbswap.errors import (
     SurgeryError,
     TargetError,
 )
-from bbswap.kinds import Mode, Phase, Prefer, Returns, Rounding
+from bbswap.kinds import Device, Mode, Phase, Prefer, Returns, Rounding
 from bbswap.parsing import FeatureTarget, parse_stride, parse_target, parse_targets
 from bbswap.recipes.channels import InChannels
 from bbswap.recipes.patch import MAX_PATCH, Patch
@@ -57,7 +57,7 @@ from bbswap.tracing.tracer import (
     Stage,
     Trace,
     trace,
-    trace_module,
+    trace_at_twice,
 )
 
 if TYPE_CHECKING:
@@ -419,9 +419,10 @@ def _one_size_at_twice(source: Trace, model: nn.Module) -> bool:
     """Whether the features are the size they were traced at when the input is twice as
     large: a resize to a size computed from the input (to a multiple of a patch) is
     recorded as the size it gave, which a second trace tells from a resize to one size."""
-    n, c, h, w = source.input_shape
+    if source.device is Device.CPU:
+        return False  # traced on real tensors: not run again (nor, so, called one size)
     try:
-        twice = trace_module(model, (n, c, 2 * h, 2 * w), device=source.device)
+        twice = trace_at_twice(model, source.input_shape, device=source.device)
     except ForwardFailed:
         return False  # no second size to compare: nothing says the size is one
     features = source.features

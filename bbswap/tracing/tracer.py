@@ -1283,17 +1283,10 @@ def _resized_elsewhere(result: Trace, model: nn.Module, input_shape: Shape, dept
     and keeps its refusal."""
     if result.fixed_size_brief != FIXED_EMBEDDING or result.device is Device.CPU:
         return result
-    n, c, h, w = input_shape
-    quiet = logging.getLogger("torch._subclasses.fake_tensor")  # it logs the failure
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)  # setLevel, not the attribute: it clears the cache
     try:
-        with _preserved(model):
-            other = trace_module(model, (n, c, 2 * h, 2 * w), depth, result.device)
+        other = trace_at_twice(model, input_shape, depth, result.device)
     except ForwardFailed:
         return result
-    finally:
-        quiet.setLevel(level)
     if other.fixed_size:
         return result
     return replace(result, fixed_size="", fixed_size_at="", fixed_size_brief="")
@@ -1308,13 +1301,9 @@ def _tried_elsewhere(result: Trace, model: nn.Module, input_shape: Shape, depth:
     remainder's. A CNN is not tried (its size rule says where it fails)."""
     if not result.attention or result.fixed_size or result.device is Device.CPU:
         return result
-    n, c, h, w = input_shape
-    quiet = logging.getLogger("torch._subclasses.fake_tensor")  # it logs the failure
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)
+    h, w = input_shape[2], input_shape[3]
     try:
-        with _preserved(model):
-            trace_module(model, (n, c, 2 * h, 2 * w), depth, result.device)
+        trace_at_twice(model, input_shape, depth, result.device)
     except ForwardFailed as failed:
         where = f" in '{failed.stage}'" if failed.stage else ""
         why = (
@@ -1324,9 +1313,24 @@ def _tried_elsewhere(result: Trace, model: nn.Module, input_shape: Shape, depth:
         )
         note = "; ".join(filter(None, [result.note, why]))
         return replace(result, one_size=why, one_size_at=failed.stage, note=note)
+    return result
+
+
+def trace_at_twice(
+    model: nn.Module, input_shape: Shape, depth: int = 1, device: Device | str = Device.META
+) -> Trace:
+    """The model traced again at twice ``input_shape``'s size, on meta or fake tensors,
+    the model kept as it was; :class:`ForwardFailed` where its forward fails there (the
+    fake-tensor logger, which logs that failure, kept quiet)."""
+    n, c, h, w = input_shape
+    quiet = logging.getLogger("torch._subclasses.fake_tensor")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # setLevel, not the attribute: it clears the cache
+    try:
+        with _preserved(model):
+            return trace_module(model, (n, c, 2 * h, 2 * w), depth, device)
     finally:
         quiet.setLevel(level)
-    return result
 
 
 def _trace_built(
