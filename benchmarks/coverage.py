@@ -233,11 +233,11 @@ def _sweep(
 
 
 def _report(what: str, result: Matrix) -> None:
-    failed = [r for r in result.rows if not r.ok and not r.refused]
     seconds = sum(r.seconds for r in result.rows)
     print(
         f"{what}: {result.passed} of {result.cnns} backbones reach every target, "
-        f"{len(result.rows) - result.cnns} refused, {len(failed)} failed; "
+        f"{result.partly} every target not refused as of one input size, "
+        f"{len(result.rows) - result.cnns} refused, {len(result.failed)} failed; "
         f"{seconds:.1f} s of work, {seconds / max(1, len(result.rows)):.1f} s per model",
         flush=True,
     )

@@ -463,7 +463,9 @@ def test_a_worker_that_dies_fails_its_row_and_the_sweep_goes_on(tmp_path):
     assert result.exit_code == 0 and "worker died" in result.stdout  # a row, as any failure
 
 
-def test_a_worker_past_its_share_of_memory_fails_its_row_and_the_sweep_goes_on(tmp_path):
+def _greedy(tmp_path: Path, share: float) -> str:
+    """A model file that takes ``share`` of the free memory (never written: the system
+    would grant it, a worker's limit need not)."""
     from bbswap.search.matrix import _available_memory
 
     free = _available_memory()
@@ -477,17 +479,44 @@ def test_a_worker_past_its_share_of_memory_fails_its_row_and_the_sweep_goes_on(t
         "    def __init__(self):\n"
         "        super().__init__()\n"
         "        self.conv = nn.Conv2d(3, 8, 3, stride=2)\n"
-        f"        self.cache = torch.empty({free * 3 // 4}, dtype=torch.uint8, device='cpu')\n\n"
+        f"        self.cache = torch.empty({int(free * share)}, dtype=torch.uint8,"
+        " device='cpu')\n\n"
         "    def forward(self, x):\n"
         "        return self.conv(x)\n"
     )
-    # three quarters of the free memory, never written: the system would grant it, a
-    # worker's half share does not
-    found = matrix([f"{greedy}:Greedy", ALEXNET], strides=(16,), verify=False, jobs=2)
+    return f"{greedy}:Greedy"
+
+
+def test_a_worker_past_all_the_memory_fails_its_row_and_the_sweep_goes_on(tmp_path):
+    found = matrix([_greedy(tmp_path, 1.5), ALEXNET], strides=(16,), verify=False, jobs=2)
     greedy_row, alexnet_row = found.rows
     assert not greedy_row.ok
     assert "allocate" in " ".join([greedy_row.detail, *(c.detail for c in greedy_row.cells)])
     assert alexnet_row.ok
+
+
+def test_a_row_past_a_workers_share_of_memory_is_tried_last_with_all_of_it(tmp_path):
+    """A model that holds three tenths of the free memory, built more than once in its
+    row: past a worker's half share, so the row fails in the pool and again in a process
+    beside another; the last try, with no other process at work, has the whole of it,
+    and that row stands."""
+    found = matrix([_greedy(tmp_path, 0.3), ALEXNET], strides=(16,), verify=False, jobs=2)
+    greedy_row, alexnet_row = found.rows
+    assert greedy_row.ok, greedy_row.detail or [c.detail for c in greedy_row.cells]
+    assert alexnet_row.ok
+
+
+def test_only_a_row_that_failed_otherwise_than_by_the_search_is_tried_last_alone():
+    from bbswap.search.matrix import Cell, Row, _not_of_the_search
+
+    searched = Cell(16, False, reason="no exact plan", searched=True)
+    unverified = Cell(16, False, reason="verification fails")
+    one_size = Cell(32, False, reason="fixed size: one input size", one_size=True, searched=True)
+    assert not _not_of_the_search(Row("a", cells=(searched,)))
+    assert not _not_of_the_search(Row("a", cells=(Cell(8, True), one_size)))
+    assert not _not_of_the_search(Row("a", reason="not a CNN", refused=True))
+    assert _not_of_the_search(Row("a", cells=(searched, unverified)))
+    assert _not_of_the_search(Row("a", reason="worker died"))
 
 
 def test_a_row_failed_after_another_in_the_same_worker_is_tried_again_alone(tmp_path):

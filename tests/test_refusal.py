@@ -340,7 +340,8 @@ def test_a_model_that_takes_twice_its_size_is_not_of_one_size():
 def test_a_model_of_one_input_size_is_a_refused_row_of_the_matrix():
     """Where every target fails for the one input size the model takes, its matrix row is
     refused (not a failure, not among the backbones that follow a size rule); where a cut
-    before what ties it reaches one target, the row is an ordinary failure."""
+    before what ties it reaches one target, the row is refused at the other only (it
+    follows a size rule, but is no failure either)."""
     only = bbswap.matrix(BIASED, strides=[16, 32], verify=False, input_shape="1x3x64x64")
     (row,) = only.rows
     assert row.refused and not row.ok and not row.reason
@@ -352,9 +353,12 @@ def test_a_model_of_one_input_size_is_a_refused_row_of_the_matrix():
     )
     part = bbswap.matrix(BIASED, strides=[8, 16], verify=False, input_shape="1x3x64x64")
     (row,) = part.rows
-    assert not row.refused and not row.ok
+    assert not row.refused and not row.ok and row.refused_in_part
     assert [(c.ok, c.one_size) for c in row.cells] == [(True, False), (False, True)]
-    assert (part.passed, part.cnns) == (0, 1)
+    assert (part.passed, part.partly, part.cnns, part.failed) == (0, 1, 1, ())
+    summary = bbswap.cli.render.matrix_summary(part)
+    assert "1 reach every target but those refused as taking one input size: " + BIASED in summary
+    assert "do not" not in summary
 
 
 def test_features_resized_to_one_size_are_fitted_by_a_cut_before_the_resize(

@@ -460,3 +460,30 @@ def test_a_map_flattened_into_tokens_only_for_the_head_is_the_features(tmp_path)
             got, want = model(x), ref.forward_features(x).permute(0, 3, 1, 2)
         assert got.shape == (1, 64, h // 16, w // 16)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+SWINV2_CR_KW = {"embed_dim": 16, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 2, 2)}
+ODD_CHECK = CHECK.replace(
+    "((224, 224), (224, 320), (256, 192))", "((224, 224), (33, 97), (65, 127))"
+)
+
+
+def test_a_new_patch_that_misses_at_odd_sizes_is_padded_to_the_rule(tmp_path):
+    """SwinV2-CR at 1/32 x 1/8: a 4x1 patch floors H at sizes it does not divide before
+    the patch merges round it up, so it misses alone; its embedding made exact (padded to
+    ceil) follows ceil(H/32) x ceil(W/8) at every size."""
+    spec = "timm:swinv2_cr_tiny_ns_224"
+    found = bbswap.fit(spec, channels=32, stride="32x8", rounding="any", kwargs=SWINV2_CR_KW)
+    assert found.winner.label == "patch_embed: patch 4x1, exact ceil at patch_embed.proj"
+    alone = next(c for c in found.candidates if c.label == "patch_embed: patch 4x1")
+    assert not alone.ok and alone.misses
+    out = tmp_path / "swinv2.py"
+    exported = bbswap.export(spec, bbswap.winner_recipe(found), out, kwargs=SWINV2_CR_KW)
+    assert exported.report.ok
+    run = subprocess.run(
+        [sys.executable, "-c", ODD_CHECK, str(out), exported.emitted.class_name],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert run.stdout.split("\n")[:3] == ["(1, 32, 7, 28)", "(1, 32, 2, 13)", "(1, 32, 3, 16)"]

@@ -548,9 +548,15 @@ def matrix_summary(result: Matrix) -> str:
     """'68 of 68 backbones reach every target (...); 12 refused as following no size
     rule: ...'."""
     steps = "inspect, fit, emit, verify" if result.verify else "inspect, fit on the meta device"
-    failed = [r.spec for r in result.rows if not r.ok and not r.refused]
+    failed = [r.spec for r in result.failed]
+    partly = [r.spec for r in result.rows if r.refused_in_part]
     refused = [r.spec for r in result.rows if r.refused]
     text = f"{result.passed} of {result.cnns} backbones reach every target ({steps})"
+    if partly:
+        text += (
+            f"; {len(partly)} reach every target but those refused as taking one input size: "
+            f"{', '.join(partly)}"
+        )
     if failed:
         text += f"; {len(failed)} do not: {', '.join(failed)}"
     if refused:

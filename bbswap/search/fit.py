@@ -1107,9 +1107,14 @@ def _search(
     if not any(c.ok for c in done) and target.like is None and not target.outputs:
         # no stride change holds exactly (a 4x4 stem's kernel would lose pixels at
         # stride 1 on one axis): another patch size at the first patch embedding
-        done += _evaluate_all(
+        patched = _evaluate_all(
             backbone, source, model, repatched(backbone, source, target), target, probes, None
         )
+        done += patched
+        if not any(c.ok for c in patched):
+            # the new patch misses at sizes it does not divide (SwinV2-CR at 4x1 floors
+            # H before its merges round up): its embedding padded to the rule
+            done += _exact_variants(backbone, source, model, patched, target, probes, None)
     if any(c.ok for c in done):
         return done, None
     return done, _other_rounding(backbone, source, model, plain, target, probes)

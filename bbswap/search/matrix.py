@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bbswap.backbones.registry import Backbone, list_backbones, resolve
-from bbswap.errors import BBSwapError, InvalidArgument, NotACNN, OneInputSize
+from bbswap.errors import BBSwapError, InvalidArgument, NotACNN, OneInputSize, TargetError
 from bbswap.kinds import Returns, Rounding
 from bbswap.parsing import FeatureTarget, parse_input, parse_target, parse_targets
 
@@ -47,6 +47,8 @@ class Cell:
     bug: bool = False  # the error was not a user error (not a BBSwapError)
     targets: tuple[FeatureTarget, ...] = ()  # a cell of several targets (``stride``: the deepest)
     one_size: bool = False  # failed because the model takes one input size (OneInputSize)
+    # failed because no candidate reaches the target (TargetError): so in any process
+    searched: bool = False
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,19 @@ class Row:
     @property
     def ok(self) -> bool:
         return not self.reason and bool(self.cells) and all(c.ok for c in self.cells)
+
+    @property
+    def refused_in_part(self) -> bool:
+        """Every cell reached its target but those refused because the model takes one
+        input size (a target only a cut before the stage that ties it could reach):
+        a true reason at each of those, and a fit at every other."""
+        cells = self.cells
+        return (
+            not self.refused
+            and not self.reason
+            and any(c.one_size for c in cells)
+            and all(c.ok or c.one_size for c in cells)
+        )
 
     @property
     def emit_mode(self) -> str:
@@ -110,6 +125,16 @@ class Matrix:
     @property
     def passed(self) -> int:
         return sum(r.ok for r in self.rows)
+
+    @property
+    def partly(self) -> int:
+        """Rows that reach every target but those refused as of one input size."""
+        return sum(r.refused_in_part for r in self.rows)
+
+    @property
+    def failed(self) -> tuple[Row, ...]:
+        """Rows that miss a target for a reason other than a refusal."""
+        return tuple(r for r in self.rows if not (r.ok or r.refused or r.refused_in_part))
 
     @property
     def cnns(self) -> int:
@@ -267,7 +292,9 @@ def _rows_in_workers(
     A worker that dies (killed for memory, say) takes its pool down: the backbones the
     pool was trying then (the first ``workers`` not done) are tried again alone, the
     rest go on in a new pool, and a backbone whose worker dies when it is alone fails its
-    row with that reason."""
+    row with that reason. A row tried again that still fails otherwise than by the search
+    (a model too large to build beside another, say) is tried a last time with no other
+    process at work."""
     if progress is not None:
         progress(0, len(specs), specs[0])
     rows: dict[int, Row] = {}
@@ -278,14 +305,32 @@ def _rows_in_workers(
         rows.update(done)
         alone += lost[:workers]
         todo = {i: specs[i] for i in lost[workers:]}
-    failed = [i for i, row in rows.items() if not row.ok and not row.refused]
+    failed = [i for i, row in rows.items() if not (row.ok or row.refused or row.refused_in_part)]
     again = [(i, specs[i]) for i in sorted({*alone, *failed})]
     for k in range(0, len(again), workers):  # ``workers`` at a time, a process for each
         batch = dict(again[k : k + workers])
         done, lost = _pool_rows(batch, task, debug, [1] * len(batch), None, 0, 0)
         rows.update(done)
         rows.update({i: _died(specs[i]) for i in lost})
+    if workers > 1:  # the last try of a row that may have lacked the memory another held
+        for i, spec in again:
+            if _not_of_the_search(rows[i]):
+                done, lost = _pool_rows({i: spec}, task, debug, [1], None, 0, 0)
+                rows.update(done)
+                rows.update({i: _died(spec) for i in lost})
     return [rows[i] for i in range(len(specs))]
+
+
+def _not_of_the_search(row: Row) -> bool:
+    """Whether a row failed otherwise than by the search finding no plan (which fails the
+    same in any process): its model not built or run (a billion-parameter model, say,
+    whose allocation failed while another process held memory), its file not verified,
+    or its worker died."""
+    if row.ok or row.refused or row.refused_in_part:
+        return False
+    if row.reason:
+        return True
+    return any(not (c.ok or c.searched) for c in row.cells)
 
 
 def _died(spec: str) -> Row:
@@ -502,9 +547,15 @@ def _cell(
     except Exception as error:  # reported in the cell
         reason, detail = brief(error)
         bug = not isinstance(error, (BBSwapError, MemoryError))
-        fixed = isinstance(error, OneInputSize)
         failed = Cell(
-            stride, False, reason=reason, detail=detail, bug=bug, targets=taps, one_size=fixed
+            stride,
+            False,
+            reason=reason,
+            detail=detail,
+            bug=bug,
+            targets=taps,
+            one_size=isinstance(error, OneInputSize),
+            searched=isinstance(error, TargetError),
         )
         return failed, None
     w = found.winner
