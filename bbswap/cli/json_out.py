@@ -328,7 +328,6 @@ def matrix_dict(result: Matrix) -> dict[str, Any]:
         "verify": result.verify,
         "passed": result.passed,
         "cnns": result.cnns,
-        "refused_in_part": result.partly,
         "rows": [_row(r) for r in result.rows],
     }
 
@@ -340,7 +339,6 @@ def _row(r: Row) -> dict[str, Any]:
         "emit": r.emit or None,
         "reason": r.reason or None,
         "refused": r.refused,
-        "refused_in_part": r.refused_in_part,
         "detail": r.detail or None,
         "seconds": round(r.seconds, 2),
         "cells": [_cell(c) for c in r.cells],
