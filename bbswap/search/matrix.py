@@ -79,13 +79,17 @@ class Row:
         """Every cell reached its target but those refused because the model takes one
         input size (a target only a cut before the stage that ties it could reach):
         a true reason at each of those, and a fit at every other."""
-        cells = self.cells
         return (
             not self.refused
             and not self.reason
-            and any(c.one_size for c in cells)
-            and all(c.ok or c.one_size for c in cells)
+            and any(c.one_size for c in self.cells)
+            and all(c.ok or c.one_size for c in self.cells)
         )
+
+    @property
+    def failed(self) -> bool:
+        """It misses a target for a reason other than a refusal."""
+        return not (self.ok or self.refused or self.refused_in_part)
 
     @property
     def emit_mode(self) -> str:
@@ -134,7 +138,7 @@ class Matrix:
     @property
     def failed(self) -> tuple[Row, ...]:
         """Rows that miss a target for a reason other than a refusal."""
-        return tuple(r for r in self.rows if not (r.ok or r.refused or r.refused_in_part))
+        return tuple(r for r in self.rows if r.failed)
 
     @property
     def cnns(self) -> int:
@@ -305,7 +309,7 @@ def _rows_in_workers(
         rows.update(done)
         alone += lost[:workers]
         todo = {i: specs[i] for i in lost[workers:]}
-    failed = [i for i, row in rows.items() if not (row.ok or row.refused or row.refused_in_part)]
+    failed = [i for i, row in rows.items() if row.failed]
     again = [(i, specs[i]) for i in sorted({*alone, *failed})]
     for k in range(0, len(again), workers):  # ``workers`` at a time, a process for each
         batch = dict(again[k : k + workers])
@@ -326,11 +330,9 @@ def _not_of_the_search(row: Row) -> bool:
     same in any process): its model not built or run (a billion-parameter model, say,
     whose allocation failed while another process held memory), its file not verified,
     or its worker died."""
-    if row.ok or row.refused or row.refused_in_part:
+    if not row.failed:
         return False
-    if row.reason:
-        return True
-    return any(not (c.ok or c.searched) for c in row.cells)
+    return bool(row.reason) or any(not (c.ok or c.searched) for c in row.cells)
 
 
 def _died(spec: str) -> Row:
