@@ -397,3 +397,22 @@ def test_a_resize_to_a_multiple_of_the_input_is_not_refused_as_one_size() -> Non
         bbswap.fit(s, channels=40, stride=16, rounding="any")
     assert not isinstance(failed.value, NotACNN)
     assert "resizes its features" not in str(failed.value)
+
+
+def test_a_model_traced_on_real_tensors_that_fails_at_twice_its_size_is_of_one_size():
+    """timm's MViTv2 cannot run on the meta device and indexes relative-position tables
+    sized for the grid it was built for. Once no candidate fits, the search runs it at
+    twice the size on real tensors, and the refusal names the stage and the error; where
+    a candidate fits (1/32, no stride change) it is not run there."""
+    pytest.importorskip("timm")
+    kw = {"img_size": 64}
+    with pytest.raises(OneInputSize) as raised:
+        bbswap.fit("timm:mvitv2_tiny", kwargs=kw, channels=32, stride=16, input_shape="1x3x64x64")
+    message = str(raised.value)
+    assert "it takes one input size: at 128x128 its forward fails" in message
+    assert "'body.stages.0.blocks.0.attn' (IndexError:" in message
+    found = bbswap.fit(
+        "timm:mvitv2_tiny", kwargs=kw, channels=32, stride=32, input_shape="1x3x64x64"
+    )
+    assert found.winner.label == "no stride change"
+    assert not found.source.one_size

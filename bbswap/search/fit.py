@@ -56,6 +56,7 @@ from bbswap.tracing.tracer import (
     SpatialOp,
     Stage,
     Trace,
+    tied_at_twice,
     trace,
     trace_at_twice,
 )
@@ -925,12 +926,25 @@ def fit(
     if on_phase is not None:
         on_phase(Phase.CANDIDATES)
     done, reachable = _search(backbone, source, model, candidates, target, probes, progress)
+    if not any(c.ok for c in done) and _untried_at_twice(source):
+        source = tied_at_twice(source, model, source.input_shape)
+        if source.one_size:  # then only a cut before the stage that ties it can fit
+            tried = {c.label for c in done}
+            cuts = [c for c in cut_candidates(backbone, source, target) if c.label not in tried]
+            done += _evaluate_all(backbone, source, model, cuts, target, probes, None)
     ranked = _ranked(backbone, target, done, ranking, reachable, source.one_size)
     if like_plan is not None:  # the winner is the first that gives every output
         ranked, like_plan = _with_outputs(backbone, ranked, like_plan)
     return FitResult(
         backbone, target, source, ranked, len(done), probes, ranking.value, smallest, like_plan
     )
+
+
+def _untried_at_twice(source: Trace) -> bool:
+    """Whether a model with attention was traced on real tensors, where the tracer does
+    not try it at twice the size (it would run it for real): the search does, once
+    nothing fits, to tell a model of one input size from one no plan fits."""
+    return source.device is Device.CPU and bool(source.attention) and not source.one_size
 
 
 def _check_like_kw(like: str | None, like_kw: Mapping[str, Any] | None) -> None:

@@ -1301,7 +1301,18 @@ def _tried_elsewhere(result: Trace, model: nn.Module, input_shape: Shape, depth:
     remainder's. A CNN is not tried (its size rule says where it fails)."""
     if not result.attention or result.fixed_size or result.device is Device.CPU:
         return result
+    return tied_at_twice(result, model, input_shape, depth)
+
+
+def tied_at_twice(result: Trace, model: nn.Module, input_shape: Shape, depth: int = 1) -> Trace:
+    """The trace, noting that the model takes one input size when its forward fails at
+    twice the size traced, on the device it was traced on (the model kept as it was).
+    On real tensors this runs the model at four times the pixels, so the search asks it
+    only once no candidate fits: MViTv2 indexes relative-position tables sized for the
+    grid it was built for, which meta tensors do not bound-check."""
     h, w = input_shape[2], input_shape[3]
+    if result.device is Device.CPU and 16 * math.prod(input_shape) > MAX_CPU_INPUT_BYTES:
+        return result  # twice the input would be too large to run on real tensors
     try:
         trace_at_twice(model, input_shape, depth, result.device)
     except ForwardFailed as failed:
