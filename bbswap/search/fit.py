@@ -926,12 +926,7 @@ def fit(
     if on_phase is not None:
         on_phase(Phase.CANDIDATES)
     done, reachable = _search(backbone, source, model, candidates, target, probes, progress)
-    if not any(c.ok for c in done) and _untried_at_twice(source):
-        source = tied_at_twice(source, model, source.input_shape)
-        if source.one_size:  # then only a cut before the stage that ties it can fit
-            tried = {c.label for c in done}
-            cuts = [c for c in cut_candidates(backbone, source, target) if c.label not in tried]
-            done += _evaluate_all(backbone, source, model, cuts, target, probes, None)
+    source, done = _tried_at_twice(backbone, source, model, done, target, probes)
     ranked = _ranked(backbone, target, done, ranking, reachable, source.one_size)
     if like_plan is not None:  # the winner is the first that gives every output
         ranked, like_plan = _with_outputs(backbone, ranked, like_plan)
@@ -940,11 +935,28 @@ def fit(
     )
 
 
-def _untried_at_twice(source: Trace) -> bool:
-    """Whether a model with attention was traced on real tensors, where the tracer does
-    not try it at twice the size (it would run it for real): the search does, once
-    nothing fits, to tell a model of one input size from one no plan fits."""
-    return source.device is Device.CPU and bool(source.attention) and not source.one_size
+def _tried_at_twice(
+    backbone: Backbone,
+    source: Trace,
+    model: Any,
+    done: list[Candidate],
+    target: Target,
+    probes: tuple[Size, ...],
+) -> tuple[Trace, list[Candidate]]:
+    """The source and the candidates, once none fits a model with attention traced on
+    real tensors (which the tracer does not run at twice the size: it would run it for
+    real): the model tried at twice the size, and, where it fails there (a model of one
+    input size), a cut before the stage that ties it evaluated too."""
+    if any(c.ok for c in done) or source.device is not Device.CPU or not source.attention:
+        return source, done
+    if source.one_size:
+        return source, done
+    source = tied_at_twice(source, model, source.input_shape)
+    if not source.one_size:
+        return source, done
+    tried = {c.label for c in done}
+    cuts = [c for c in cut_candidates(backbone, source, target) if c.label not in tried]
+    return source, done + _evaluate_all(backbone, source, model, cuts, target, probes, None)
 
 
 def _check_like_kw(like: str | None, like_kw: Mapping[str, Any] | None) -> None:
